@@ -1,0 +1,331 @@
+"""The plan bundle: what the partitioner hands to both daemons.
+
+A directory holding a versioned ``plan.json`` (validated with pydantic) and safetensors weight files::
+
+    plan.json            format, version, model identity, input spec, stages, boundaries, exits, codec,
+                         split, operating points, and the sha256 of every other file
+    model.safetensors    the model's weights
+    exits.safetensors    the exit heads' weights (absent when the plan has no exits)
+
+Loading never executes pickled code: weights are read with safetensors only, every file's hash is
+checked, and a bundle holding a pickle payload (or anything else unexpected) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from splitinfer.errors import BundleError
+from splitinfer.exits import ExitHead
+from splitinfer.models import build_model
+from splitinfer.staged import StagedModel, stage_model
+
+PLAN_FORMAT = "splitinfer-plan"
+PLAN_VERSION = 1
+PLAN_FILE = "plan.json"
+MODEL_FILE = "model.safetensors"
+EXITS_FILE = "exits.safetensors"
+
+
+class InputSpec(BaseModel):
+    """What one input sample looks like before the model and how raw images are normalised."""
+
+    shape: list[int] = Field(description="per-sample tensor shape [C, H, W]")
+    dtype: Literal["float32"] = "float32"
+    mean: list[float]
+    std: list[float]
+    labels: list[str]
+
+
+class ModelSpec(BaseModel):
+    """Model identity: a registry name or a ``module:factory`` import path, plus its weights."""
+
+    name: str
+    factory: str | None = Field(None, description="module:function building the nn.Module (user models)")
+    num_classes: int
+    params: int
+    weights: str = MODEL_FILE
+
+
+class BoundarySpec(BaseModel):
+    index: int
+    node: str
+    shape: list[int]
+    fp32_bytes: int
+
+
+class StageSpec(BaseModel):
+    index: int
+    macs: int
+    params: int
+    edge_ms: float | None = None
+    server_ms: float | None = None
+
+
+class ExitSpec(BaseModel):
+    """An exit head at a boundary, with its max-softmax threshold and validation figures."""
+
+    boundary: int
+    threshold: float
+    hidden: int = 64
+    macs: int = 0
+    val_exit_rate: float | None = None
+
+
+class CodecSpec(BaseModel):
+    name: str
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+
+class SplitEstimate(BaseModel):
+    """The planner's estimate for one split (every split is listed, the chosen one included)."""
+
+    split: int
+    expected_latency_ms: float
+    edge_ms: float
+    transfer_ms: float
+    server_ms: float
+    bytes_per_offload: int
+    offload_rate: float
+    exits: list[int]
+    expected_energy_j: float | None = None
+
+
+class OperatingPoint(BaseModel):
+    """A network condition and the configuration chosen for it."""
+
+    bandwidth_bps: float
+    rtt_ms: float
+    split: int
+    codec: str
+    exits: list[int]
+    expected_latency_ms: float
+    expected_bytes: float
+    expected_agreement: float | None = None
+
+
+class Plan(BaseModel):
+    """``plan.json``. Versioned: a loader refuses a format or version it does not know."""
+
+    format: Literal["splitinfer-plan"] = PLAN_FORMAT
+    version: Literal[1] = PLAN_VERSION
+    created: str
+    model: ModelSpec
+    input: InputSpec
+    boundaries: list[BoundarySpec]
+    stages: list[StageSpec]
+    exits: list[ExitSpec] = Field(default_factory=list)
+    split: int
+    codec: CodecSpec
+    estimates: list[SplitEstimate] = Field(default_factory=list)
+    operating_points: list[OperatingPoint] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
+    notes: dict[str, str | float | int] = Field(default_factory=dict)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the plan, the staged model and the exit heads (keyed by boundary)."""
+
+    path: Path
+    plan: Plan
+    staged: StagedModel
+    exits: dict[int, ExitHead]
+
+    @property
+    def num_stages(self) -> int:
+        return self.staged.num_stages
+
+    def thresholds(self) -> dict[int, float]:
+        return {e.boundary: e.threshold for e in self.plan.exits}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when the file starts with a plausible safetensors header (u64 length, then a JSON object)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """True for a pickle stream (protocol 2+ opcode, or the usual protocol 0/1 openings) or a torch.save zip."""
+    if is_safetensors(path):
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head[:1] in (b"(", b"]", b"}", b"c") and path.suffix not in (".json", ".txt", ".md", ".yaml"):
+        return True
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith(".pkl") or "/data/" in n for n in zf.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
+def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
+    """Instantiate the architecture named by the plan (registry name, or a trusted ``module:factory``)."""
+    if spec.factory:
+        mod_name, _, fn_name = spec.factory.partition(":")
+        if not mod_name or not fn_name:
+            raise BundleError(f"model factory {spec.factory!r} must look like 'package.module:function'")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise BundleError(f"cannot import model factory {spec.factory!r}: {exc}") from exc
+        return fn()
+    try:
+        return build_model(spec.name, spec.num_classes)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
+
+
+def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead]) -> Path:
+    """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / MODEL_FILE))
+    files = {MODEL_FILE: sha256_file(path / MODEL_FILE)}
+    if exits:
+        tensors = {f"{b}.{k}": v.detach().contiguous() for b, h in exits.items() for k, v in h.state_dict().items()}
+        save_file(tensors, str(path / EXITS_FILE))
+        files[EXITS_FILE] = sha256_file(path / EXITS_FILE)
+    elif (path / EXITS_FILE).exists():
+        (path / EXITS_FILE).unlink()
+    plan = plan.model_copy(update={"files": files})
+    (path / PLAN_FILE).write_text(plan.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read and validate ``plan.json`` only (no weights)."""
+    path = Path(path)
+    plan_path = path / PLAN_FILE if path.is_dir() else path
+    if not plan_path.is_file():
+        raise BundleError(f"no {PLAN_FILE} in bundle {path}")
+    try:
+        raw = json.loads(plan_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{plan_path} is not valid JSON (corrupted bundle?): {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{plan_path} must hold a JSON object")
+    if raw.get("format") != PLAN_FORMAT:
+        raise BundleError(f"{plan_path} is not a splitinfer plan (format {raw.get('format')!r})")
+    if raw.get("version") != PLAN_VERSION:
+        raise BundleError(f"{plan_path} has plan version {raw.get('version')!r}; this build reads version {PLAN_VERSION}")
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{plan_path} does not match the plan schema: {exc}") from exc
+
+
+def _check_files(path: Path, plan: Plan) -> None:
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name != PLAN_FILE and looks_like_pickle(f):
+            raise BundleError(f"refusing bundle {path}: {f.name} is a pickle payload (only safetensors are loaded)")
+    for name, digest in plan.files.items():
+        fp = path / name
+        if Path(name).name != name:
+            raise BundleError(f"plan.json names file {name!r} outside the bundle directory")
+        if not fp.is_file():
+            raise BundleError(f"bundle {path} is missing {name}")
+        if not is_safetensors(fp):
+            raise BundleError(f"bundle file {name} is not a safetensors file (corrupted?)")
+        if sha256_file(fp) != digest:
+            raise BundleError(f"bundle file {name} is corrupted: sha256 does not match plan.json")
+
+
+def _load_safetensors(fp: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(fp))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {fp.name} as safetensors (corrupted?): {exc}") from exc
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load a bundle directory: validate plan.json, check hashes, refuse pickles, build model and exits."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} is not a directory")
+    plan = read_plan(path)
+    for required in (plan.model.weights,):
+        if required not in plan.files:
+            raise BundleError(f"plan.json lists no hash for {required}")
+    _check_files(path, plan)
+    model = build_from_spec(plan.model)
+    state = _load_safetensors(path / plan.model.weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"weights in {plan.model.weights} do not fit model {plan.model.name}: {exc}") from exc
+    model.eval()
+    example = torch.zeros(1, *plan.input.shape)
+    staged = stage_model(model, example)
+    if [b.shape for b in staged.boundaries] != [b.shape for b in plan.boundaries]:
+        raise BundleError("the model's boundaries do not match plan.json (different architecture or version?)")
+    if not 0 <= plan.split <= staged.num_stages:
+        raise BundleError(f"plan split {plan.split} outside 0..{staged.num_stages}")
+    exits: dict[int, ExitHead] = {}
+    if plan.exits:
+        if EXITS_FILE not in plan.files:
+            raise BundleError(f"plan has exits but lists no {EXITS_FILE}")
+        tensors = _load_safetensors(path / EXITS_FILE)
+        for spec in plan.exits:
+            if not 0 < spec.boundary < staged.num_stages:
+                raise BundleError(f"exit at boundary {spec.boundary} outside 1..{staged.num_stages - 1}")
+            head = ExitHead(staged.boundaries[spec.boundary].shape, plan.model.num_classes, spec.hidden)
+            prefix = f"{spec.boundary}."
+            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                head.load_state_dict(sub, strict=True)
+            except RuntimeError as exc:
+                raise BundleError(f"exit weights for boundary {spec.boundary} do not fit: {exc}") from exc
+            exits[spec.boundary] = head.eval()
+    return Bundle(path=path, plan=plan, staged=staged, exits=exits)
+
+
+def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split: int, codec: CodecSpec,
+             exits: list[ExitSpec] | None = None, factory: str | None = None, created: str | None = None,
+             **extra) -> Plan:
+    """Assemble a :class:`Plan` from a staged model (boundaries and stages filled in from it)."""
+    import datetime as _dt
+
+    num_classes = len(input_spec.labels)
+    return Plan(
+        created=created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        model=ModelSpec(name=model_name, factory=factory, num_classes=num_classes,
+                        params=sum(p.numel() for p in staged.model.parameters())),
+        input=input_spec,
+        boundaries=[BoundarySpec(index=b.index, node=b.node, shape=b.shape, fp32_bytes=b.fp32_bytes)
+                    for b in staged.boundaries],
+        stages=[StageSpec(index=s.index, macs=s.macs, params=s.params) for s in staged.stage_info],
+        exits=exits or [],
+        split=split,
+        codec=codec,
+        **extra,
+    )
