@@ -1,0 +1,95 @@
+"""``splitinfer plan ...``: parse arguments and hand off to the partitioner's library code."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Plan a deployment: train the default model, profile, choose splits, write bundles.",
+                  no_args_is_help=True)
+
+DEFAULT_EXIT_BOUNDARIES = "8,11"
+
+
+@app.command("train-default")
+def train_default_cmd(
+    epochs: int = typer.Option(9, help="training epochs for the backbone"),
+    seed: int = typer.Option(20261122, help="random seed (data order, augmentation, initialisation)"),
+    exits: str = typer.Option(DEFAULT_EXIT_BOUNDARIES, help="comma-separated boundaries that get exit heads"),
+    exit_epochs: int = typer.Option(3, help="distillation epochs for the exit heads (backbone frozen)"),
+    threads: int = typer.Option(2, help="torch threads"),
+    out_dir: Path = typer.Option(None, help="where to write the weights (default: the packaged splitinfer/weights)"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    train_limit: int = typer.Option(None, help="use only the first N training images (quick runs)"),
+    test_limit: int = typer.Option(None, help="evaluate on only the first N test images (quick runs)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Train the embedded default model and its exit heads on Fashion-MNIST; write safetensors weights."""
+    import torch
+
+    from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
+    from splitinfer.exits import train_exits
+    from splitinfer.staged import stage_model
+
+    from partitioner.train import TrainConfig, split_train_validation, train_default
+    from partitioner.weights import save_default, weights_dir
+
+    cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit)
+    start = time.perf_counter()
+    model, report = train_default(cfg, data_dir, progress=progress)
+    typer.echo(f"backbone: test accuracy {report['test_accuracy']:.4f}, validation {report['validation_accuracy']:.4f}")
+    boundaries = [int(b) for b in exits.split(",") if b.strip()]
+    staged = stage_model(model, torch.zeros(1, 1, 28, 28))
+    train = load_fashion_mnist("train", data_dir)
+    tr_idx, _ = split_train_validation(len(train), seed)
+    if train_limit:
+        tr_idx = tr_idx[:train_limit]
+    x_tr = to_model_input(train.images[tr_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    heads = train_exits(staged, boundaries, x_tr, num_classes=10, epochs=exit_epochs, seed=seed, progress=progress)
+    report["exit_epochs"] = exit_epochs
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    report["command"] = (f"splitinfer plan train-default --epochs {epochs} --seed {seed} --exits {exits} "
+                         f"--exit-epochs {exit_epochs} --threads {threads}")
+    target = out_dir or weights_dir()
+    save_default(Path(target), model, heads, report)
+    typer.echo(f"wrote weights to {target} in {report['total_seconds']:.0f} s")
+
+
+@app.command("make")
+def make_cmd(
+    out: Path = typer.Option(..., help="bundle directory to write"),
+    model: str = typer.Option("default", help="model to plan (v1: the embedded default)"),
+    bandwidth: str = typer.Option("5mbit", help="uplink bandwidth, e.g. 5mbit, 500kbit"),
+    rtt: str = typer.Option("20ms", help="round-trip time, e.g. 20ms"),
+    device: str = typer.Option(None, help="edge device profile (energy, and its compute slowdown estimate)"),
+    edge_slowdown: float = typer.Option(None, help="edge compute time = this machine's x F (overrides --device's)"),
+    splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
+    max_agreement_drop: float = typer.Option(0.01, help="budget for the exits: agreement with the full model drop"),
+    repeats: int = typer.Option(30, help="timed runs per stage (the median is used)"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
+) -> None:
+    """Profile each stage here, estimate every split's end-to-end latency, write the bundle with the best."""
+    from splitinfer.energy import get_profile
+
+    from partitioner.cost import Link, parse_bandwidth, parse_duration
+    from partitioner.make import make_default_plan
+    from partitioner.report import split_table
+
+    if model != "default":
+        raise typer.BadParameter("v1 plans the embedded default model only", param_hint="--model")
+    try:
+        link = Link(parse_bandwidth(bandwidth), parse_duration(rtt))
+        dev = get_profile(device) if device else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev else 1.0)
+    result = make_default_plan(out, link, dev, slowdown, splits, max_agreement_drop, repeats, data_dir)
+    if as_json:
+        typer.echo(json.dumps({"split": result.chosen.split, "bundle": str(result.path),
+                               "estimates": [e.model_dump() for e in result.estimates]}, indent=2))
+    else:
+        typer.echo(split_table(result))

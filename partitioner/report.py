@@ -1,0 +1,29 @@
+"""Human-readable reports of a plan."""
+
+from __future__ import annotations
+
+from partitioner.make import PlanResult
+
+
+def split_table(result: PlanResult) -> str:
+    """A table of every split with its estimate; the chosen one marked."""
+    plan = result.plan
+    lines = [
+        f"plan for {plan.model.name}: bandwidth {plan.notes['bandwidth_bps'] / 1e6:g} Mbit/s, "
+        f"RTT {plan.notes['rtt_ms']:g} ms, edge = {plan.notes['device']} (x{plan.notes['edge_slowdown']:g} "
+        f"this machine), splits considered: {plan.notes['splits_considered']}",
+        f"exits: " + ", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} (val exit rate {e.val_exit_rate:.1%})"
+                              for e in plan.exits),
+        "",
+        f"{'split':>5} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} {'xfer ms':>8} "
+        f"{'server ms':>9} {'E[lat] ms':>9}  exits",
+    ]
+    for e in result.estimates:
+        shape = "x".join(str(s) for s in plan.boundaries[e.split].shape)
+        mark = " <- chosen" if e.split == result.chosen.split else ""
+        lines.append(f"{e.split:>5} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} {e.edge_ms:>8.2f} "
+                     f"{e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  {e.exits}{mark}")
+    lines.append("")
+    lines.append(f"bundle written to {result.path} (split {result.chosen.split}, validation agreement with the full "
+                 f"model {result.validation_agreement:.4f})")
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""``python -m splitinfer`` is the ``splitinfer`` command."""
+
+from splitinfer.cli import main
+
+main()

@@ -1,0 +1,281 @@
+"""``splitinfer demo``: plan the embedded default, start server and agent as processes, stream the test set.
+
+Everything real: the committed weights are planned for a link and device, the cloud server and the edge
+agent run as separate processes on free loopback ports, each Fashion-MNIST test image is PNG-encoded and
+uploaded to the agent's HTTP API, and the summary is computed from the answers and from both daemons'
+Prometheus endpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+DEMO_BANDWIDTH = "5mbit"
+DEMO_RTT = "20ms"
+DEMO_DEVICE = "raspberry-pi-4"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready within {timeout:.0f} s")
+
+
+def _wait_grpc_health(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cloud server exited with code {proc.returncode} before it was healthy")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"cloud server at {address} did not become healthy within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Flatten Prometheus text exposition into ``{'name{labels}': value}`` (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "count": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    return {"p50": round(float(np.percentile(arr, 50)), 3), "p95": round(float(np.percentile(arr, 95)), 3),
+            "count": len(values)}
+
+
+def summarize(answers: list[dict], labels: np.ndarray, full_pred: np.ndarray, feature_bytes_fp32: int,
+              exits: list[int]) -> dict:
+    """The demo summary from the agent's answers (one per request, in order)."""
+    n = len(answers)
+    pred = np.array([a["label"] for a in answers])
+    decided = [a["decided_by"] for a in answers]
+    degraded = sum(1 for a in answers if a.get("degraded"))
+    offloaded = [a for a in answers if a["decided_by"] == "cloud"]
+    per_exit = {str(b): round(sum(1 for d in decided if d == b) / max(1, n), 5) for b in exits}
+    stages: dict[str, list[float]] = {}
+    for a in answers:
+        for stage, ms in a.get("latency_ms", {}).items():
+            if ms is not None and not (stage == "transfer" and a["decided_by"] != "cloud"):
+                stages.setdefault(stage, []).append(float(ms))
+
+    def energy(a: dict) -> float:
+        e = a.get("energy_j", 0.0)
+        return float(sum(e.values())) if isinstance(e, dict) else float(e)
+
+    return {
+        "requests": n,
+        "accuracy": round(float((pred == labels[:n]).mean()), 5) if n else 0.0,
+        "agreement": round(float((pred == full_pred[:n]).mean()), 5) if n else 0.0,
+        "exit_rate": {"per_exit": per_exit, "total": round(sum(per_exit.values()), 5)},
+        "offloaded": len(offloaded),
+        "degraded": degraded,
+        "bytes_per_offloaded": round(float(np.mean([a["bytes_sent"] for a in offloaded])), 1) if offloaded else 0.0,
+        "feature_bytes_fp32": feature_bytes_fp32,
+        "latency_ms": {k: _percentiles(v) for k, v in sorted(stages.items())},
+        "energy_j_per_request": round(float(np.mean([energy(a) for a in answers])), 6) if n else 0.0,
+    }
+
+
+def format_summary(s: dict) -> str:
+    """The summary as a plain-text table."""
+    rows = [
+        ("requests", f"{s['requests']}"),
+        ("split / codec", f"{s.get('split')} / {s.get('codec')}"),
+        ("accuracy (labels)", f"{s['accuracy']:.4f}"),
+        ("agreement (full model)", f"{s['agreement']:.4f}"),
+        ("exit rate", f"{s['exit_rate']['total']:.1%}  " +
+         ", ".join(f"exit@{b}: {r:.1%}" for b, r in s["exit_rate"]["per_exit"].items())),
+        ("offloaded", f"{s['offloaded']}"),
+        ("degraded", f"{s['degraded']}"),
+        ("bytes per offloaded request", f"{s['bytes_per_offloaded']:.0f} (float32 features: {s['feature_bytes_fp32']} B)"),
+        ("energy per request (model)", f"{s['energy_j_per_request'] * 1e3:.3f} mJ"),
+    ]
+    for stage, p in s["latency_ms"].items():
+        rows.append((f"latency {stage} (ms)", f"p50 {p['p50']:.2f}  p95 {p['p95']:.2f}  (n={p['count']})"))
+    for k, v in s.get("metrics", {}).items():
+        rows.append((f"metric {k}", f"{v:g}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = False, workdir: Path = Path("runs/demo"),
+             data_dir: str | None = None, bandwidth: str = DEMO_BANDWIDTH, rtt: str = DEMO_RTT,
+             device: str = DEMO_DEVICE, progress: bool = True) -> dict:
+    """Run the demo end to end and return the summary dict."""
+    import httpx
+    import torch
+    from tqdm import tqdm
+
+    from partitioner.cost import Link, parse_bandwidth, parse_duration
+    from partitioner.make import make_default_plan
+    from partitioner.report import split_table
+    from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
+    from splitinfer.energy import get_profile
+
+    def say(msg: str) -> None:
+        if not as_json:
+            typer.echo(msg)
+        else:
+            typer.echo(msg, err=True)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    test = load_fashion_mnist("test", data_dir)
+    n = max(1, min(requests, len(test)))
+    dev = get_profile(device)
+    say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device} ...")
+    result = make_default_plan(workdir / "bundle", Link(parse_bandwidth(bandwidth), parse_duration(rtt)), dev,
+                               dev.compute_slowdown, splits="interior", data_dir=data_dir)
+    say(split_table(result))
+    plan = result.plan
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    grpc_port, metrics_port, edge_port = _free_port(), _free_port(), _free_port()
+    server = agent = None
+    logs = []
+    try:
+        cloud_log = open(workdir / "cloud.log", "w")  # noqa: SIM115 - closed in finally
+        logs.append(cloud_log)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cloud_server", "serve", "--bundle", str(result.path), "--host", "127.0.0.1",
+             "--port", str(grpc_port), "--metrics-port", str(metrics_port)],
+            stdout=cloud_log, stderr=subprocess.STDOUT, env=env)
+        _wait_grpc_health(f"127.0.0.1:{grpc_port}", server)
+        edge_log = open(workdir / "edge.log", "w")  # noqa: SIM115 - closed in finally
+        logs.append(edge_log)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--bundle", str(result.path), "--server",
+             f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1", "--port", str(edge_port), "--device", device],
+            stdout=edge_log, stderr=subprocess.STDOUT, env=env)
+        base = f"http://127.0.0.1:{edge_port}"
+        _wait_http(f"{base}/readyz", agent)
+        say(f"cloud server pid {server.pid} on 127.0.0.1:{grpc_port} (metrics :{metrics_port}); "
+            f"edge agent pid {agent.pid} on {base}; logs in {workdir}")
+
+        answers = []
+        with httpx.Client(timeout=30.0) as http:
+            for i in tqdm(range(n), desc="requests", disable=not progress, file=sys.stderr):
+                r = http.post(f"{base}/v1/infer", files={"file": (f"{i}.png", _png(test.images[i]), "image/png")})
+                if r.status_code != 200:
+                    raise RuntimeError(f"request {i} failed: HTTP {r.status_code} {r.text[:200]}")
+                answers.append(r.json())
+            edge_metrics = parse_prometheus(http.get(f"{base}/metrics").text)
+            cloud_metrics = parse_prometheus(http.get(f"http://127.0.0.1:{metrics_port}/metrics").text)
+
+        with torch.inference_mode():
+            x = to_model_input(test.images[:n], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+            from splitinfer.bundle import load_bundle
+
+            staged = load_bundle(result.path).staged
+            full_pred = torch.cat([staged(x[i : i + 1000]).argmax(1) for i in range(0, n, 1000)]).numpy()
+        summary = summarize(answers, test.labels, full_pred, plan.boundaries[plan.split].fp32_bytes,
+                            [e.boundary for e in plan.exits if e.boundary <= plan.split])
+        summary["split"] = plan.split
+        summary["codec"] = plan.codec.name
+        summary["bundle"] = str(result.path)
+        summary["metrics"] = {
+            "edge bytes sent total": sum(v for k, v in edge_metrics.items()
+                                         if k.startswith("splitinfer_edge_bytes_sent_total")),
+            "edge energy joules total": sum(v for k, v in edge_metrics.items()
+                                            if k.startswith("splitinfer_edge_energy_joules_total")),
+            "cloud requests total": sum(v for k, v in cloud_metrics.items()
+                                        if k.startswith("splitinfer_server_requests_total")),
+        }
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            typer.echo("")
+            typer.echo(format_summary(summary))
+        if keep_running:
+            say(f"--keep-running: edge agent at {base} (POST /v1/infer), cloud server at 127.0.0.1:{grpc_port}; "
+                "Ctrl-C to stop")
+            try:
+                while server.poll() is None and agent.poll() is None:
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
+        return summary
+    finally:
+        _stop(agent)
+        _stop(server)
+        for f in logs:
+            f.close()
+
+
+def demo_command(
+    requests: int = typer.Option(10000, help="number of Fashion-MNIST test images to send (max 10,000)"),
+    keep_running: bool = typer.Option(False, help="leave the server and agent up after the summary"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    workdir: Path = typer.Option(Path("runs/demo"), help="where the bundle and logs go"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    bandwidth: str = typer.Option(DEMO_BANDWIDTH, help="link bandwidth to plan for"),
+    rtt: str = typer.Option(DEMO_RTT, help="link RTT to plan for"),
+    device: str = typer.Option(DEMO_DEVICE, help="edge device profile to plan for"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Run the whole system on the embedded default and print a summary."""
+    run_demo(requests, keep_running, as_json, workdir, data_dir, bandwidth, rtt, device, progress)

@@ -1,0 +1,33 @@
+"""The demo path, as a newcomer runs it (on a subset of the test set)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from splitinfer.data import fashion_mnist_dir
+
+pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def test_demo_json_summary(tmp_path):
+    cmd = [sys.executable, "-m", "splitinfer", "demo", "--requests", "300", "--json", "--no-progress",
+           "--workdir", str(tmp_path / "demo")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)
+    for key in ("requests", "accuracy", "agreement", "exit_rate", "offloaded", "degraded", "bytes_per_offloaded",
+                "feature_bytes_fp32", "latency_ms", "energy_j_per_request"):
+        assert key in s, key
+    assert s["requests"] == 300
+    assert s["accuracy"] >= 0.85  # 300 images: the full-set figure (>= 0.91) is measured by the demo itself
+    assert s["exit_rate"]["total"] > 0
+    assert s["offloaded"] > 0
+    assert s["degraded"] == 0
+    assert 0 < s["bytes_per_offloaded"] < s["feature_bytes_fp32"]
+    assert s["energy_j_per_request"] > 0
+    assert {"head", "total"} <= set(s["latency_ms"])
+    # the daemons' own counters agree with the answers
+    assert s["metrics"]["cloud requests total"] >= s["offloaded"]

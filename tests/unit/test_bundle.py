@@ -1,0 +1,89 @@
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from splitinfer.bundle import load_bundle, read_plan
+from splitinfer.errors import BundleError
+from tests.conftest import TEST_EXITS, TEST_SPLIT, make_test_bundle
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return make_test_bundle(tmp_path / "b")
+
+
+def test_roundtrip_preserves_plan_weights_and_exits(bundle):
+    b = load_bundle(bundle)
+    assert b.plan.split == TEST_SPLIT
+    assert sorted(b.exits) == list(TEST_EXITS)
+    torch.manual_seed(0)
+    from splitinfer.models import build_default
+
+    ref = build_default().eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(b.staged(x), ref(x))
+    assert [s.shape for s in b.plan.boundaries] == [s.shape for s in b.staged.boundaries]
+
+
+def test_planted_pickle_is_refused(bundle):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (bundle / "extra.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(bundle)
+
+
+def test_pickle_in_place_of_weights_is_refused(bundle):
+    torch.save({"x": torch.zeros(1)}, bundle / "model.safetensors")  # torch.save = zip with data.pkl
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(bundle)
+
+
+def test_corrupted_weights_refused(bundle):
+    data = bytearray((bundle / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bundle / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupted"):
+        load_bundle(bundle)
+
+
+def test_truncated_weights_refused(bundle):
+    data = (bundle / "exits.safetensors").read_bytes()
+    (bundle / "exits.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError):
+        load_bundle(bundle)
+
+
+def test_corrupted_plan_json_refused(bundle):
+    (bundle / "plan.json").write_text("{ not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle)
+
+
+def test_schema_violation_and_version_refused(bundle):
+    plan = json.loads((bundle / "plan.json").read_text())
+    plan["split"] = "deep"
+    (bundle / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(BundleError, match="schema"):
+        load_bundle(bundle)
+    plan["split"] = 3
+    plan["version"] = 99
+    (bundle / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(BundleError, match="version"):
+        read_plan(bundle)
+
+
+def test_missing_directory_and_file(tmp_path, bundle):
+    with pytest.raises(BundleError):
+        load_bundle(tmp_path / "nope")
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / "exits.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(copy)
