@@ -30,12 +30,11 @@ def train_default_cmd(
     """Train the embedded default model and its exit heads on Fashion-MNIST; write safetensors weights."""
     import torch
 
+    from partitioner.train import TrainConfig, split_train_validation, train_default
+    from partitioner.weights import save_default, weights_dir
     from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
     from splitinfer.exits import train_exits
     from splitinfer.staged import stage_model
-
-    from partitioner.train import TrainConfig, split_train_validation, train_default
-    from partitioner.weights import save_default, weights_dir
 
     cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit)
     start = time.perf_counter()
@@ -73,11 +72,10 @@ def make_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
 ) -> None:
     """Profile each stage here, estimate every split's end-to-end latency, write the bundle with the best."""
-    from splitinfer.energy import get_profile
-
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.report import split_table
+    from splitinfer.energy import get_profile
 
     if model != "default":
         raise typer.BadParameter("v1 plans the embedded default model only", param_hint="--model")

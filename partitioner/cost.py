@@ -15,10 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from partitioner.profile import Profile
 from splitinfer.bundle import SplitEstimate
 from splitinfer.energy import DeviceProfile
-
-from partitioner.profile import Profile
 
 # gRPC/HTTP2/OIP framing per offloaded request (headers, tensor metadata, parameters), measured on our
 # ModelInfer messages: serialized request minus payload is ~150 B, HTTP/2 frames and headers ~250 B.

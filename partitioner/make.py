@@ -7,16 +7,21 @@ from pathlib import Path
 
 import torch
 
-from splitinfer.bundle import CodecSpec, ExitSpec, InputSpec, OperatingPoint, Plan, SplitEstimate, new_plan, save_bundle
-from splitinfer.codec import get_codec
-from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
-from splitinfer.energy import DeviceProfile
-from splitinfer.exits import choose_thresholds, exit_outputs, simulate
-
 from partitioner.cost import Link, estimate_all
 from partitioner.profile import Profile, profile_model
 from partitioner.train import split_train_validation
 from partitioner.weights import load_default
+from splitinfer.bundle import CodecSpec, ExitSpec, InputSpec, OperatingPoint, Plan, SplitEstimate, new_plan, save_bundle
+from splitinfer.codec import get_codec
+from splitinfer.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    to_model_input,
+)
+from splitinfer.energy import DeviceProfile
+from splitinfer.exits import choose_thresholds, exit_outputs, simulate
 
 GRID_BANDWIDTHS = (0.5e6, 2e6, 5e6, 10e6, 50e6, 200e6)
 GRID_RTTS = (0.005, 0.020, 0.050, 0.150)

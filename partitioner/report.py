@@ -12,7 +12,7 @@ def split_table(result: PlanResult) -> str:
         f"plan for {plan.model.name}: bandwidth {plan.notes['bandwidth_bps'] / 1e6:g} Mbit/s, "
         f"RTT {plan.notes['rtt_ms']:g} ms, edge = {plan.notes['device']} (x{plan.notes['edge_slowdown']:g} "
         f"this machine), splits considered: {plan.notes['splits_considered']}",
-        f"exits: " + ", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} (val exit rate {e.val_exit_rate:.1%})"
+        "exits: " + ", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} (val exit rate {e.val_exit_rate:.1%})"
                               for e in plan.exits),
         "",
         f"{'split':>5} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} {'xfer ms':>8} "

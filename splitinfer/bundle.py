@@ -237,7 +237,9 @@ def read_plan(path: str | Path) -> Plan:
     if raw.get("format") != PLAN_FORMAT:
         raise BundleError(f"{plan_path} is not a splitinfer plan (format {raw.get('format')!r})")
     if raw.get("version") != PLAN_VERSION:
-        raise BundleError(f"{plan_path} has plan version {raw.get('version')!r}; this build reads version {PLAN_VERSION}")
+        raise BundleError(
+            f"{plan_path} has plan version {raw.get('version')!r}; this build reads version {PLAN_VERSION}"
+        )
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:

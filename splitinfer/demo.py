@@ -152,7 +152,8 @@ def format_summary(s: dict) -> str:
          ", ".join(f"exit@{b}: {r:.1%}" for b, r in s["exit_rate"]["per_exit"].items())),
         ("offloaded", f"{s['offloaded']}"),
         ("degraded", f"{s['degraded']}"),
-        ("bytes per offloaded request", f"{s['bytes_per_offloaded']:.0f} (float32 features: {s['feature_bytes_fp32']} B)"),
+        ("bytes per offloaded request",
+         f"{s['bytes_per_offloaded']:.0f} (float32 features: {s['feature_bytes_fp32']} B)"),
         ("energy per request (model)", f"{s['energy_j_per_request'] * 1e3:.3f} mJ"),
     ]
     for stage, p in s["latency_ms"].items():
@@ -163,9 +164,9 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = False, workdir: Path = Path("runs/demo"),
-             data_dir: str | None = None, bandwidth: str = DEMO_BANDWIDTH, rtt: str = DEMO_RTT,
-             device: str = DEMO_DEVICE, progress: bool = True) -> dict:
+def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = False,
+             workdir: Path = Path("runs/demo"), data_dir: str | None = None, bandwidth: str = DEMO_BANDWIDTH,
+             rtt: str = DEMO_RTT, device: str = DEMO_DEVICE, progress: bool = True) -> dict:
     """Run the demo end to end and return the summary dict."""
     import httpx
     import torch

@@ -47,7 +47,8 @@ class ExitHead(nn.Module):
         return oh * ow * self.hidden * c * 9 + lin.in_features * lin.out_features
 
 
-def collect(staged: StagedModel, x: torch.Tensor, boundaries: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def collect(staged: StagedModel, x: torch.Tensor,
+            boundaries: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Run the full staged model once; return the tensors at ``boundaries`` and the final logits."""
     feats: dict[int, torch.Tensor] = {}
     h = x

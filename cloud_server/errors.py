@@ -1,0 +1,64 @@
+"""The one place where domain errors become gRPC status codes.
+
+===================  =====================
+exception            gRPC status
+===================  =====================
+InvalidInput         INVALID_ARGUMENT
+NotFound             NOT_FOUND
+Overloaded           RESOURCE_EXHAUSTED
+Unavailable          UNAVAILABLE
+anything else        INTERNAL (traceback logged, details hidden from the client)
+===================  =====================
+
+The server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from splitinfer.errors import InvalidInput, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Overloaded(Unavailable):
+    """Too many requests in flight; the client should back off or go elsewhere."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception to ``(status code, message for the client)``; logs unexpected ones with traceback."""
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    log.error("unexpected error while serving a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
+
+
+async def guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]],
+                  on_status: Callable[[grpc.StatusCode], None] | None = None) -> T:
+    """Await ``call()``; on an exception abort the RPC with the mapped status.
+
+    ``on_status`` (if given) is told the final status code, OK included.
+    """
+    try:
+        result = await call()
+    except Exception as exc:
+        code, message = status_for(exc)
+        if on_status is not None:
+            on_status(code)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises") from exc
+    if on_status is not None:
+        on_status(grpc.StatusCode.OK)
+    return result

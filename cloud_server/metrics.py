@@ -1,0 +1,102 @@
+"""Prometheus metrics of the cloud server, in their own registry, served on ``metrics_port``.
+
+Base units (seconds, bytes), ``_total`` counters, histograms, low-cardinality labels: ``model`` is the
+served model's name or ``unknown`` for any other name a client sends, ``code`` a gRPC status name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNKNOWN_MODEL = "unknown"
+
+
+@dataclass
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP server (a WSGI server on a daemon thread)."""
+
+    host: str
+    port: int
+    _server: object
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()  # type: ignore[attr-defined]
+        self._server.server_close()  # type: ignore[attr-defined]
+
+
+class ServerMetrics:
+    """The server's metric families (see the module docstring for label conventions)."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.model_name = model_name
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "splitinfer_server_request_duration_seconds", "Time to answer one ModelInfer call, from receipt "
+            "to response.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram(
+            "splitinfer_server_queue_duration_seconds", "Time a ModelInfer request waited for a tail worker.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_duration = Histogram(
+            "splitinfer_server_compute_duration_seconds", "Time to decode the features and run the tail "
+            "(or the full model).", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "splitinfer_server_batch_size", "Samples per tail run.", ["model"], buckets=BATCH_BUCKETS,
+            registry=r)
+        self.requests = Counter(
+            "splitinfer_server_requests", "ModelInfer calls answered, by model and gRPC status code.",
+            ["model", "code"], registry=r)
+        self.inflight = Gauge(
+            "splitinfer_server_inflight_requests", "ModelInfer calls being processed now.", registry=r)
+        self.request_bytes = Counter(
+            "splitinfer_server_request_bytes", "Serialized size of received ModelInfer requests, in bytes.",
+            ["model"], registry=r)
+        self.response_bytes = Counter(
+            "splitinfer_server_response_bytes", "Serialized size of sent ModelInfer responses, in bytes.",
+            ["model"], registry=r)
+        # Create the served model's children up front so every family is visible from the first scrape.
+        for fam in (self.request_duration, self.queue_duration, self.compute_duration, self.batch_size,
+                    self.request_bytes, self.response_bytes):
+            fam.labels(model_name)
+        self.requests.labels(model_name, "OK")
+
+    def model_label(self, name: str) -> str:
+        """``name`` when it is the served model, else ``unknown`` (keeps label cardinality bounded)."""
+        return name if name == self.model_name else UNKNOWN_MODEL
+
+    def observe_request(self, model: str, code: str, seconds: float, request_bytes: int,
+                        response_bytes: int) -> None:
+        """Record one finished ModelInfer call (``code`` is the gRPC status name, e.g. ``OK``)."""
+        label = self.model_label(model)
+        self.requests.labels(label, code).inc()
+        self.request_duration.labels(label).observe(seconds)
+        self.request_bytes.labels(label).inc(request_bytes)
+        if response_bytes:
+            self.response_bytes.labels(label).inc(response_bytes)
+
+    def observe_run(self, queue_s: float, compute_s: float, batch: int) -> None:
+        """Record one tail run of the served model."""
+        self.queue_duration.labels(self.model_name).observe(queue_s)
+        self.compute_duration.labels(self.model_name).observe(compute_s)
+        self.batch_size.labels(self.model_name).observe(batch)
+
+    def render(self) -> bytes:
+        """The exposition text of every family (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        """Start the ``/metrics`` HTTP endpoint on ``host:port`` (daemon thread)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = server.server_address[1]
+        log.info("metrics endpoint listening", extra={"fields": {"host": host, "port": bound}})
+        return MetricsEndpoint(host=host, port=bound, _server=server, _thread=thread)

@@ -1,0 +1,112 @@
+"""The tail runtime: decode split features and run the remaining stages (or the whole model).
+
+CPU-bound and synchronous; the data plane calls it from a thread pool. Every check on what a request
+carries (split range, codec name and meta, decoded shape against the plan's boundary, batch size,
+finiteness) happens here or in the codec, and fails with :class:`~splitinfer.errors.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from splitinfer.bundle import Bundle
+from splitinfer.codec import get_codec, shape_from_str
+from splitinfer.errors import InvalidInput
+
+
+class TailRuntime:
+    """Runs ``staged.run(x, split, num_stages)`` for decoded features, or the full model for an input."""
+
+    def __init__(self, bundle: Bundle, max_batch: int = 64):
+        self.bundle = bundle
+        self.plan = bundle.plan
+        self.staged = bundle.staged
+        self.max_batch = max_batch
+        self.staged.eval()
+
+    @property
+    def model_name(self) -> str:
+        return self.plan.model.name
+
+    @property
+    def num_stages(self) -> int:
+        return self.staged.num_stages
+
+    @property
+    def num_classes(self) -> int:
+        return self.plan.model.num_classes
+
+    @property
+    def input_shape(self) -> list[int]:
+        """Per-sample input shape ``[C, H, W]`` from the plan."""
+        return list(self.plan.input.shape)
+
+    def boundary_shape(self, split: int) -> list[int]:
+        """Per-sample shape of the tensor at boundary ``split``."""
+        return list(self.staged.boundaries[split].shape)
+
+    def check_split(self, split: object) -> int:
+        """A valid split is an integer in ``0..num_stages-1`` (the server runs at least one stage)."""
+        if isinstance(split, bool) or not isinstance(split, int | np.integer):
+            raise InvalidInput(f"parameter 'split' must be an integer, got {split!r}")
+        split = int(split)
+        if not 0 <= split < self.num_stages:
+            raise InvalidInput(f"split {split} out of range: this model accepts 0..{self.num_stages - 1}")
+        return split
+
+    def check_batch(self, batch: int, what: str) -> None:
+        """Refuse an empty batch or one above ``max_batch``."""
+        if batch < 1:
+            raise InvalidInput(f"{what} has batch size {batch}; at least 1 sample is needed")
+        if batch > self.max_batch:
+            raise InvalidInput(f"{what} has batch size {batch}, above this server's max_batch "
+                               f"{self.max_batch}")
+
+    def _check_sample_shape(self, shape: list[int], expected: list[int], what: str, where: str) -> None:
+        if len(shape) != len(expected) + 1 or shape[1:] != expected:
+            raise InvalidInput(f"{what} shape {shape} does not match {where}: expected "
+                               f"[B, {', '.join(map(str, expected))}]")
+        self.check_batch(shape[0], what)
+
+    def decode_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
+                        split: int) -> torch.Tensor:
+        """Decode a codec payload and check it is a ``[B, *boundary[split].shape]`` float tensor."""
+        if not isinstance(codec_name, str) or not codec_name:
+            raise InvalidInput(f"parameter 'codec' must name a codec, got {codec_name!r}")
+        codec = get_codec(codec_name)
+        if "shape" in meta:  # cheap check before decoding (and allocating) anything
+            self._check_sample_shape(shape_from_str(meta["shape"]), self.boundary_shape(split), "codec.shape",
+                                     f"boundary {split}")
+        x = codec.decode(payload, dict(meta))
+        self._check_sample_shape(list(x.shape), self.boundary_shape(split), "decoded features",
+                                 f"boundary {split}")
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInput("decoded features contain NaN or infinite values")
+        return x
+
+    def run_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
+                     split: object) -> np.ndarray:
+        """Decode features at ``split`` and run the tail; returns float32 logits ``[B, num_classes]``."""
+        k = self.check_split(split)
+        x = self.decode_features(payload, codec_name, meta, k)
+        return self.run_tail(x, k)
+
+    def run_tail(self, x: torch.Tensor, split: int) -> np.ndarray:
+        """Run stages ``split..N-1`` on an already-validated tensor."""
+        with torch.inference_mode():
+            out = self.staged.run(x, split, self.num_stages)
+        return out.to(torch.float32).contiguous().numpy()
+
+    def run_input(self, x: np.ndarray) -> np.ndarray:
+        """Run the full model on a normalised input ``[B, *plan.input.shape]``."""
+        shape = [int(s) for s in x.shape]
+        self._check_sample_shape(shape, self.input_shape, "input", "the model input")
+        t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidInput("input contains NaN or infinite values")
+        return self.run_tail(t, 0)

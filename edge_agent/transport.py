@@ -1,0 +1,169 @@
+"""The edge agent's gRPC client of the cloud server (Open Inference Protocol v2, see :mod:`splitinfer.wire`).
+
+Synchronous (it is called from a worker thread). Every call carries a deadline and fails fast
+(``wait_for_ready=False``) while the server is down; the channel reconnects by itself with a short backoff,
+so the same client works again once the server is back on the same address.
+
+gRPC status codes become domain errors here: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED
+and connection failures -> :class:`~splitinfer.errors.Unavailable`; INVALID_ARGUMENT ->
+:class:`~splitinfer.errors.InvalidInput`; NOT_FOUND -> :class:`~splitinfer.errors.NotFound`; anything else
+-> :class:`RemoteError` (with the code in the message).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from splitinfer import wire
+from splitinfer.errors import InvalidInput, NotFound, SplitInferError, Unavailable
+from splitinfer.protocol import converters
+from splitinfer.protocol import grpc_service_pb2 as pb
+from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
+from splitinfer.wire import DEFAULT_MAX_MESSAGE_BYTES
+
+READY_TIMEOUT_S = 0.5
+_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+
+
+class RemoteError(SplitInferError):
+    """The server answered with an unexpected status code or a malformed response."""
+
+
+@dataclass
+class CloudResult:
+    """The answer to one inference call, with its sizes and timings."""
+
+    logits: np.ndarray  # float32 [B, num_classes]
+    bytes_sent: int  # serialized request size
+    bytes_received: int  # serialized response size
+    server_queue_ms: float
+    server_compute_ms: float
+    round_trip_s: float  # wall time of the call
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel options: message size limits and a short reconnect backoff (server restarts)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+
+
+def error_from_rpc(exc: grpc.RpcError) -> SplitInferError:
+    """Map a failed call to a domain error (see the module docstring)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code in _UNAVAILABLE_CODES or code is None:
+        name = code.name if code is not None else "connection failure"
+        return Unavailable(f"cloud server unavailable ({name}): {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    return RemoteError(f"cloud server answered {code.name}: {details}")
+
+
+class CloudClient:
+    """A client for one model on one cloud server address (``host:port``). Thread-safe."""
+
+    def __init__(self, address: str, model_name: str, timeout_s: float = 2.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def infer_features(self, payload: bytes, meta: Mapping[str, object], split: int, codec: str,
+                       request_id: str = "") -> CloudResult:
+        """Split inference: send a codec payload taken at boundary ``split``; returns the tail's logits."""
+        params: dict[str, object] = {wire.PARAM_SPLIT: int(split), wire.PARAM_CODEC: codec}
+        params.update({wire.CODEC_META_PREFIX + k: v for k, v in meta.items()})
+        tensor = converters.InferTensor(wire.FEATURES_TENSOR, "UINT8", np.frombuffer(payload, dtype=np.uint8))
+        return self._infer(tensor, params, request_id)
+
+    def infer_input(self, x: np.ndarray, request_id: str = "") -> CloudResult:
+        """Cloud-only inference: send a normalised float32 input ``[B, C, H, W]``; returns the logits."""
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        return self._infer(converters.InferTensor(wire.INPUT_TENSOR, "FP32", arr), {}, request_id)
+
+    def server_ready(self) -> bool:
+        """True when the server answers ServerReady with ready; never raises (short deadline)."""
+        if self._closed:
+            return False
+        try:
+            response = self._stub.ServerReady(pb.ServerReadyRequest(),
+                                              timeout=min(READY_TIMEOUT_S, self.timeout_s),
+                                              wait_for_ready=False)
+        except Exception:  # noqa: BLE001 - by contract this never raises
+            return False
+        return bool(response.ready)
+
+    def close(self) -> None:
+        """Close the channel (idempotent)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._channel.close()
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------- internals
+
+    def _infer(self, tensor: converters.InferTensor, params: Mapping[str, object],
+               request_id: str) -> CloudResult:
+        if self._closed:
+            raise Unavailable("cloud client is closed")
+        request = converters.request_to_proto(converters.InferRequest(
+            model_name=self.model_name, id=request_id, parameters=dict(params), inputs=[tensor]))
+        bytes_sent = request.ByteSize()
+        started = time.perf_counter()
+        try:
+            response = self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        except ValueError as exc:  # e.g. "Cannot invoke RPC on closed channel!"
+            raise Unavailable(f"cloud client cannot call {self.address}: {exc}") from None
+        round_trip = time.perf_counter() - started
+        return self._result(response, bytes_sent, round_trip)
+
+    def _result(self, response: pb.ModelInferResponse, bytes_sent: int, round_trip: float) -> CloudResult:
+        try:
+            parsed = converters.response_from_proto(response)
+        except InvalidInput as exc:
+            raise RemoteError(f"malformed response from the cloud server: {exc}") from None
+        logits = next((t.data for t in parsed.outputs if t.name == wire.OUTPUT_TENSOR), None)
+        if logits is None or logits.ndim != 2:
+            raise RemoteError(f"cloud server response lacks a 2-D {wire.OUTPUT_TENSOR!r} output")
+
+        def param(name: str) -> float:
+            value = parsed.parameters.get(name, 0.0)
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+        return CloudResult(
+            logits=np.array(logits, dtype=np.float32),
+            bytes_sent=bytes_sent,
+            bytes_received=response.ByteSize(),
+            server_queue_ms=param(wire.PARAM_QUEUE_MS),
+            server_compute_ms=param(wire.PARAM_COMPUTE_MS),
+            round_trip_s=round_trip,
+        )
