@@ -1,6 +1,13 @@
 import pytest
 
-from partitioner.cost import PROTOCOL_OVERHEAD_BYTES, Link, estimate_all, estimate_split, parse_bandwidth, parse_duration
+from partitioner.cost import (
+    PROTOCOL_OVERHEAD_BYTES,
+    Link,
+    estimate_all,
+    estimate_split,
+    parse_bandwidth,
+    parse_duration,
+)
 from partitioner.profile import Profile
 
 
