@@ -1,0 +1,403 @@
+"""The edge data plane: head, early exits, offload policy, fallback and energy accounting (no HTTP here).
+
+One request (``x``: ``[1, C, H, W]``, normalised) goes through:
+
+1. the head, stages ``0 .. split-1``, under ``torch.inference_mode``; at every boundary ``b <= split`` that
+   carries an exit head, the exit's max softmax is compared with its threshold and, when confident, the
+   exit answers (``decided_by = b``, outcome ``edge_exit``);
+2. otherwise the split tensor is encoded with the plan's codec and sent to the cloud server
+   (``decided_by = "cloud"``);
+3. when the server fails (unreachable, deadline, bad answer) the request is still answered, degraded: by the
+   deepest exit evaluated in the head (its argmax, even below threshold), or, without one, by running the
+   remaining stages on the device (``decided_by = num_stages``). Outcome ``fallback``.
+
+After a failure the server is considered down: requests are answered on the device without trying it until
+``recheck_interval_s`` has passed; then one request tries again and a success marks the server up again.
+A plan with ``split == num_stages`` runs the whole model on the device (``decided_by = num_stages``).
+
+Energy (``method="model"``): compute = CPU time of the request's own work (``time.thread_time`` deltas in
+the calling thread; torch runs ``torch_threads`` intra-op threads, 1 by default, so the figure is exact) times
+the profile's active-minus-idle watts; radio = bytes sent and the network time of the offload (round trip
+minus the server's queue and compute time; the elapsed time for a failed attempt) through the radio model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_agent.metrics import OUTCOMES, EdgeMetrics
+from edge_agent.settings import EdgeSettings
+from splitinfer.bundle import Bundle, load_bundle
+from splitinfer.codec import get_codec
+from splitinfer.energy import DeviceProfile, get_profile
+from splitinfer.errors import InvalidInput, Unavailable
+
+log = logging.getLogger("edge_agent.runtime")
+
+EWMA_ALPHA = 0.3
+"""Weight of the newest sample in the bandwidth and RTT estimates."""
+
+LATENCY_KEYS = ("head", "exit", "encode", "transfer", "tail", "total")
+
+
+class CloudClientLike(Protocol):
+    """What the runtime needs from :class:`edge_agent.transport.CloudClient`."""
+
+    def infer_features(self, payload: bytes, meta: dict, split: int, codec: str,
+                       request_id: str = "") -> Any: ...
+
+    def server_ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EdgeResult:
+    """The answer to one request, with where it was decided and what it cost."""
+
+    request_id: str
+    label: int
+    class_name: str
+    confidence: float
+    decided_by: int | str
+    """Boundary index of the exit that answered, ``num_stages`` for the full model on the device, or
+    ``"cloud"``."""
+    degraded: bool
+    """True when the server should have answered but could not (answer computed on the device instead)."""
+    outcome: str
+    """``edge_exit``, ``cloud`` or ``fallback`` (the ``outcome`` label of the requests counter)."""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    energy_j: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``request_id`` becomes ``id``; ``outcome`` is internal and dropped)."""
+        d = asdict(self)
+        d["id"] = d.pop("request_id")
+        d.pop("outcome")
+        return d
+
+
+class EdgeRuntime:
+    """Runs requests against a loaded bundle and a cloud client; thread-safe, one worker for the HTTP API."""
+
+    def __init__(self, bundle: Bundle, client: CloudClientLike, settings: EdgeSettings,
+                 metrics: EdgeMetrics | None = None, profile: DeviceProfile | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.bundle = bundle
+        self.plan = bundle.plan
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else EdgeMetrics()
+        self.profile = profile if profile is not None else get_profile(settings.device)
+        self.clock = clock
+        self.split = self.plan.split
+        self.num_stages = bundle.staged.num_stages
+        self.codec_name = self.plan.codec.name
+        self.codec = get_codec(self.codec_name)
+        self.labels = list(self.plan.input.labels)
+        self.thresholds = bundle.thresholds()
+        self.head_exits = sorted(b for b in bundle.exits if 0 < b <= self.split and b in self.thresholds)
+        self.input_shape = [1, *self.plan.input.shape]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._server_up: bool | None = None
+        self._retry_at = 0.0
+        self._last_error = ""
+        self._bandwidth_bps: float | None = None
+        self._rtt_s: float | None = None
+        self._outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._exit_counts = {b: 0 for b in self.head_exits}
+        self.metrics.set_operating_point(self.split, self.codec_name)
+        self.metrics.declare_exits(self.head_exits)
+        self.metrics.server_up.set(0)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, x: torch.Tensor, request_id: str = "") -> Future[EdgeResult]:
+        """Queue ``infer`` on the single inference worker; Unavailable when too many requests wait."""
+        with self._lock:
+            if self._pending >= self.settings.max_pending:
+                raise Unavailable(f"edge agent overloaded: {self._pending} requests already waiting")
+            self._pending += 1
+        try:
+            fut = self._executor.submit(self.infer, x, request_id)
+        except RuntimeError:
+            self._done(None)
+            raise Unavailable("edge agent is shutting down") from None
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: Future | None) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def infer(self, x: torch.Tensor, request_id: str = "") -> EdgeResult:
+        """Answer one request ``x`` (``[1, C, H, W]``, normalised); the policy is in the module docstring."""
+        self._check_input(x)
+        t_start = time.perf_counter()
+        cpu_start = time.thread_time()
+        lat = dict.fromkeys(LATENCY_KEYS, 0.0)
+        ran: set[str] = {"head"}
+        staged = self.bundle.staged
+        deepest: tuple[int, float, int] | None = None
+        with torch.inference_mode():
+            h = x
+            prev = 0
+            for b in self.head_exits:
+                t = time.perf_counter()
+                h = staged.run(h, prev, b)
+                lat["head"] += time.perf_counter() - t
+                prev = b
+                t = time.perf_counter()
+                conf, label = self._top1(self.bundle.exits[b](h))
+                lat["exit"] += time.perf_counter() - t
+                ran.add("exit")
+                deepest = (b, conf, label)
+                if conf >= self.thresholds[b]:
+                    return self._finish(request_id, label, conf, b, False, "edge_exit", lat, ran, t_start,
+                                        time.thread_time() - cpu_start)
+            t = time.perf_counter()
+            h = staged.run(h, prev, self.split)
+            lat["head"] += time.perf_counter() - t
+            if self.split == self.num_stages:
+                conf, label = self._top1(h)
+                return self._finish(request_id, label, conf, self.num_stages, False, "edge_exit", lat, ran,
+                                    t_start, time.thread_time() - cpu_start)
+
+            transfer_s = 0.0
+            transfer_cpu_s = 0.0
+            if self._should_offload():
+                t = time.perf_counter()
+                payload, meta = self.codec.encode(h)
+                lat["encode"] = time.perf_counter() - t
+                ran.update(("encode", "transfer"))
+                cpu_s = time.thread_time() - cpu_start
+                t = time.perf_counter()
+                try:
+                    res = self.client.infer_features(payload, dict(meta), self.split, self.codec_name,
+                                                     request_id)
+                    logits = self._check_logits(res.logits)
+                except Exception as exc:  # any transport failure or bad answer: fall back on the device
+                    transfer_s = time.perf_counter() - t
+                    transfer_cpu_s = time.thread_time() - cpu_start - cpu_s
+                    lat["transfer"] = transfer_s
+                    self._mark_down(exc)
+                else:
+                    lat["transfer"] = time.perf_counter() - t
+                    self._mark_up()
+                    return self._finish_cloud(request_id, logits, res, len(payload), lat, ran, t_start, cpu_s)
+            if deepest is not None:
+                b, conf, label = deepest
+                decided_by: int = b
+            else:
+                t = time.perf_counter()
+                conf, label = self._top1(staged.run(h, self.split, self.num_stages))
+                lat["tail"] = time.perf_counter() - t
+                decided_by = self.num_stages
+            cpu_s = time.thread_time() - cpu_start - transfer_cpu_s  # head/exit/encode (+ local tail) work
+            return self._finish(request_id, label, conf, decided_by, True, "fallback", lat, ran, t_start,
+                                cpu_s, radio_seconds=transfer_s)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidInput(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if list(x.shape) != self.input_shape:
+            raise InvalidInput(f"input has shape {list(x.shape)}, the model takes {self.input_shape}")
+        if x.dtype != torch.float32:
+            raise InvalidInput(f"input has dtype {x.dtype}, the model takes float32")
+
+    def _top1(self, logits: torch.Tensor) -> tuple[float, int]:
+        probs = F.softmax(logits.float(), dim=1)
+        conf, label = probs.max(dim=1)
+        return float(conf[0]), int(label[0])
+
+    def _check_logits(self, logits: Any) -> torch.Tensor:
+        arr = np.asarray(logits, dtype=np.float32)
+        expected = (1, len(self.labels))
+        if arr.shape != expected:
+            raise Unavailable(f"cloud server answered logits of shape {list(arr.shape)}, "
+                              f"expected {list(expected)}")
+        if not np.isfinite(arr).all():
+            raise Unavailable("cloud server answered non-finite logits")
+        return torch.from_numpy(arr.copy())
+
+    def _class_name(self, label: int) -> str:
+        return self.labels[label] if 0 <= label < len(self.labels) else str(label)
+
+    def _finish_cloud(self, request_id: str, logits: torch.Tensor, res: Any, payload_bytes: int,
+                      lat: dict[str, float], ran: set[str], t_start: float, cpu_s: float) -> EdgeResult:
+        sent = int(getattr(res, "bytes_sent", 0) or payload_bytes)
+        received = int(getattr(res, "bytes_received", 0) or 0)
+        server_s = (float(getattr(res, "server_queue_ms", 0.0))
+                    + float(getattr(res, "server_compute_ms", 0.0))) / 1e3
+        round_trip = float(getattr(res, "round_trip_s", 0.0) or lat["transfer"])
+        network_s = max(round_trip - server_s, 1e-6)
+        self._update_estimates(8.0 * (sent + received) / network_s, network_s)
+        self.metrics.bytes_sent.inc(sent)
+        self.metrics.bytes_received.inc(received)
+        conf, label = self._top1(logits)
+        return self._finish(request_id, label, conf, "cloud", False, "cloud", lat, ran, t_start, cpu_s,
+                            bytes_sent=sent, bytes_received=received, radio_seconds=network_s)
+
+    def _finish(self, request_id: str, label: int, conf: float, decided_by: int | str, degraded: bool,
+                outcome: str, lat: dict[str, float], ran: set[str], t_start: float, cpu_s: float,
+                bytes_sent: int = 0, bytes_received: int = 0, radio_seconds: float = 0.0) -> EdgeResult:
+        lat["total"] = time.perf_counter() - t_start
+        ran.add("total")
+        for stage in ("head", "exit", "encode", "transfer", "total"):
+            if stage in ran:
+                self.metrics.duration.labels(stage=stage).observe(lat[stage])
+        energy = {"compute": self.profile.compute_joules(cpu_s),
+                  "radio": self.profile.radio_joules(bytes_sent, radio_seconds) if "transfer" in ran else 0.0}
+        for component, joules in energy.items():
+            self.metrics.energy.labels(component=component, method="model").inc(joules)
+        self.metrics.requests.labels(outcome=outcome).inc()
+        with self._lock:
+            self._outcomes[outcome] += 1
+            if outcome == "edge_exit" and isinstance(decided_by, int):
+                self._exit_counts[decided_by] = self._exit_counts.get(decided_by, 0) + 1
+        if outcome == "edge_exit":
+            self.metrics.exits.labels(exit=str(decided_by)).inc()
+        log.debug("request id=%s outcome=%s decided_by=%s label=%d conf=%.3f total_ms=%.2f", request_id,
+                  outcome, decided_by, label, conf, lat["total"] * 1e3)
+        return EdgeResult(request_id=request_id, label=label, class_name=self._class_name(label),
+                          confidence=conf, decided_by=decided_by, degraded=degraded, outcome=outcome,
+                          latency_ms={k: round(v * 1e3, 4) for k, v in lat.items()}, bytes_sent=bytes_sent,
+                          bytes_received=bytes_received, energy_j=energy)
+
+    def record_error(self) -> None:
+        """Count a request that could not be answered (rejected upload, internal error)."""
+        self.metrics.requests.labels(outcome="error").inc()
+        with self._lock:
+            self._outcomes["error"] += 1
+
+    # ------------------------------------------------------------------ server state
+
+    def _should_offload(self) -> bool:
+        with self._lock:
+            if self._server_up is not False:
+                return True
+            now = self.clock()
+            if now >= self._retry_at:
+                self._retry_at = now + self.settings.recheck_interval_s  # one attempt per interval
+                return True
+            return False
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            was_up = self._server_up
+            self._server_up = False
+            self._retry_at = self.clock() + self.settings.recheck_interval_s
+            self._last_error = f"{type(exc).__name__}: {exc}"
+        self.metrics.server_up.set(0)
+        if was_up is not False:
+            log.warning("cloud server %s unavailable (%s); answering on the device, retry in %.1fs",
+                        self.settings.server, self._last_error, self.settings.recheck_interval_s)
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            was_up = self._server_up
+            self._server_up = True
+            self._last_error = ""
+        self.metrics.server_up.set(1)
+        if was_up is False:
+            log.info("cloud server %s is back; offloading again", self.settings.server)
+
+    def _update_estimates(self, bandwidth_bps: float, rtt_s: float) -> None:
+        with self._lock:
+            if self._bandwidth_bps is None or self._rtt_s is None:
+                self._bandwidth_bps, self._rtt_s = bandwidth_bps, rtt_s
+            else:
+                self._bandwidth_bps += EWMA_ALPHA * (bandwidth_bps - self._bandwidth_bps)
+                self._rtt_s += EWMA_ALPHA * (rtt_s - self._rtt_s)
+            bw, rtt = self._bandwidth_bps, self._rtt_s
+        self.metrics.bandwidth.set(bw / 8.0)  # the gauge is in bytes/s (base unit)
+        self.metrics.rtt.set(rtt)
+
+    def probe_server(self) -> bool:
+        """Ask the server whether it is ready (health check) and update the up/down state accordingly."""
+        try:
+            ready = bool(self.client.server_ready())
+        except Exception as exc:
+            self._mark_down(exc)
+            return False
+        if ready:
+            self._mark_up()
+        else:
+            self._mark_down(Unavailable("server reports not ready"))
+        return ready
+
+    @property
+    def server_up(self) -> bool | None:
+        """True/False after the first offload or probe; None before."""
+        with self._lock:
+            return self._server_up
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary for ``GET /v1/status``."""
+        with self._lock:
+            retry_in = max(0.0, self._retry_at - self.clock()) if self._server_up is False else 0.0
+            server = {"address": self.settings.server, "up": self._server_up,
+                      "last_error": self._last_error or None,
+                      "retry_in_s": round(retry_in, 3), "timeout_s": self.settings.timeout_s,
+                      "recheck_interval_s": self.settings.recheck_interval_s}
+            counters = {"requests": dict(self._outcomes),
+                        "exits": {str(b): n for b, n in self._exit_counts.items()},
+                        "pending": self._pending}
+            estimates = {"bandwidth_bps": self._bandwidth_bps, "rtt_s": self._rtt_s}
+        return {
+            "model": self.plan.model.name,
+            "bundle": str(self.bundle.path),
+            "input_shape": list(self.plan.input.shape),
+            "num_classes": len(self.labels),
+            "num_stages": self.num_stages,
+            "split": self.split,
+            "codec": self.codec_name,
+            "exits": [{"boundary": e.boundary, "threshold": e.threshold,
+                       "in_head": e.boundary in self.head_exits}
+                      for e in sorted(self.plan.exits, key=lambda e: e.boundary)],
+            "server": server,
+            "counters": counters,
+            "estimates": estimates,
+            "device": {"name": self.profile.name, "description": self.profile.description,
+                       "active_watts": self.profile.active_watts, "idle_watts": self.profile.idle_watts,
+                       "radio": self.profile.radio.name, "energy_method": "model"},
+        }
+
+    def close(self) -> None:
+        """Finish queued requests, stop the worker and close the client."""
+        self._executor.shutdown(wait=True)
+        try:
+            self.client.close()
+        except Exception:  # closing is best effort
+            log.debug("closing the cloud client failed", exc_info=True)
+
+
+def build_runtime(settings: EdgeSettings, metrics: EdgeMetrics | None = None) -> EdgeRuntime:
+    """Load the bundle named by ``settings``, connect a :class:`CloudClient` and build the runtime.
+
+    Also sets torch's (process-wide) intra-op thread count to ``settings.torch_threads``, so the CPU time
+    measured per request in the worker thread is all of the request's compute.
+    """
+    from edge_agent.transport import CloudClient
+
+    torch.set_num_threads(settings.torch_threads)
+    bundle = load_bundle(settings.bundle)
+    profile = get_profile(settings.device)
+    client = CloudClient(settings.server, bundle.plan.model.name, timeout_s=settings.timeout_s)
+    return EdgeRuntime(bundle, client, settings, metrics=metrics, profile=profile)

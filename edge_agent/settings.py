@@ -1,0 +1,104 @@
+"""Configuration of the edge agent: one pydantic-settings class.
+
+Values come from (highest priority first) explicit arguments (the CLI), environment variables prefixed
+``SPLITINFER_EDGE_`` (e.g. ``SPLITINFER_EDGE_SERVER=10.0.0.5:8001``), an optional YAML file, then the
+defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from splitinfer.energy import DEFAULT_DEVICE, load_profiles
+
+ENV_PREFIX = "SPLITINFER_EDGE_"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` allowed) into host and port; ValueError when malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server address must look like HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class EdgeSettings(BaseSettings):
+    """Every knob of the edge agent (environment prefix ``SPLITINFER_EDGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    bundle: Path = Field(description="Plan bundle directory written by `splitinfer plan` "
+                                     "(plan.json + weights).")
+    server: str = Field(description="Cloud server gRPC address HOST:PORT (Open Inference Protocol v2).")
+    host: str = Field("127.0.0.1", description="Interface the local HTTP API binds to (loopback by default).")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port of the local HTTP API.")
+    timeout_s: float = Field(1.0, gt=0, description="Deadline of one offload call; past it the agent answers "
+                                                    "degraded from the device.")
+    max_upload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body "
+                                                                     "(bytes); larger uploads get 413.")
+    max_image_pixels: int = Field(4096 * 4096, gt=0,
+                                  description="Largest accepted image (width x height) before decoding: "
+                                              "a decompression-bomb guard.")
+    max_pending: int = Field(64, gt=0, description="Requests allowed to wait for the inference worker; more "
+                                                   "get 503.")
+    device: str = Field(DEFAULT_DEVICE, description="Device power profile (splitinfer/profiles/devices.yaml) "
+                                                    "used for the energy estimates.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the head (1 keeps CPU-time "
+                                                    "accounting per request exact).")
+    recheck_interval_s: float = Field(5.0, gt=0,
+                                      description="After an offload failure, requests are answered on the "
+                                                  "device for this long before the server is tried again.")
+    graceful_shutdown_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may "
+                                                               "take to finish.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Log level of the agent and of uvicorn.")
+
+    @field_validator("server")
+    @classmethod
+    def _check_server(cls, value: str) -> str:
+        parse_address(value)
+        return value.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        known = load_profiles()
+        if value not in known:
+            raise ValueError(f"unknown device profile {value!r}; known: {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> EdgeSettings:
+        """Settings from ``overrides`` (None values ignored), the environment and an optional YAML file."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+
+        class _WithYaml(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(cls_, settings_cls: type[BaseSettings],
+                                           init_settings: PydanticBaseSettingsSource,
+                                           env_settings: PydanticBaseSettingsSource,
+                                           dotenv_settings: PydanticBaseSettingsSource,
+                                           file_secret_settings: PydanticBaseSettingsSource,
+                                           ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=path)
+
+        return cls.model_validate(_WithYaml(**given).model_dump())

@@ -1,0 +1,358 @@
+"""Edge runtime policy (exits, offload, fallback, recheck) with a fake cloud client, and upload decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edge_agent.inputs import (
+    InputTooLarge,
+    UnprocessableInput,
+    UnsupportedMediaType,
+    decode_npy,
+    decode_upload,
+)
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.runtime import EdgeRuntime
+from edge_agent.settings import EdgeSettings
+from splitinfer.bundle import Bundle, ExitSpec, load_bundle
+from splitinfer.codec import get_codec
+from splitinfer.data import to_model_input
+from splitinfer.errors import InvalidInput, Unavailable
+from tests.conftest import TEST_EXITS, make_test_bundle
+
+
+@dataclass
+class FakeResult:
+    logits: np.ndarray
+    bytes_sent: int
+    bytes_received: int
+    server_queue_ms: float
+    server_compute_ms: float
+    round_trip_s: float
+
+
+class FakeClient:
+    """Same shape as edge_agent.transport.CloudClient; runs the tail in-process, or fails on demand."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.calls = 0
+        self.fail: Exception | None = None
+        self.bad_logits = False
+        self.closed = False
+
+    def infer_features(self, payload: bytes, meta: dict, split: int, codec: str,
+                       request_id: str = "") -> FakeResult:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        x = get_codec(codec).decode(payload, meta)
+        with torch.inference_mode():
+            logits = self.bundle.staged.run(x, split, self.bundle.num_stages).numpy()
+        if self.bad_logits:
+            logits = logits[:, :3]
+        return FakeResult(logits, len(payload) + 120, 80, 0.2, 1.5, 0.004)
+
+    def server_ready(self) -> bool:
+        return self.fail is None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory) -> Bundle:
+    return load_bundle(make_test_bundle(tmp_path_factory.mktemp("edge") / "b"))
+
+
+def with_plan(bundle: Bundle, thresholds: tuple[float, float] = (0.5, 0.5),
+              split: int | None = None) -> Bundle:
+    exits = [ExitSpec(boundary=b, threshold=t) for b, t in zip(TEST_EXITS, thresholds, strict=True)]
+    update: dict = {"exits": exits}
+    if split is not None:
+        update["split"] = split
+    return dataclasses.replace(bundle, plan=bundle.plan.model_copy(update=update))
+
+
+def settings(bundle: Bundle, **kw) -> EdgeSettings:
+    return EdgeSettings(bundle=bundle.path, server="127.0.0.1:1", recheck_interval_s=5.0, **kw)
+
+
+def make_runtime(bundle: Bundle, clock: FakeClock | None = None, **kw) -> tuple[EdgeRuntime, FakeClient]:
+    client = FakeClient(bundle)
+    rt = EdgeRuntime(bundle, client, settings(bundle, **kw), metrics=EdgeMetrics(),
+                     clock=clock or FakeClock())
+    return rt, client
+
+
+def sample(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, 28, 28, generator=g)
+
+
+def metric(rt: EdgeRuntime, name: str, **labels: str) -> float:
+    value = rt.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_confident_first_exit_answers_without_the_server(base_bundle):
+    rt, client = make_runtime(with_plan(base_bundle, (0.0, 0.0)))
+    res = rt.infer(sample(), "r1")
+    assert res.decided_by == TEST_EXITS[0]
+    assert not res.degraded and res.outcome == "edge_exit"
+    assert client.calls == 0
+    assert res.bytes_sent == 0 and res.energy_j["radio"] == 0.0
+    assert res.class_name == base_bundle.plan.input.labels[res.label]
+    assert 0.0 <= res.confidence <= 1.0
+    assert metric(rt, "splitinfer_edge_exits_total", exit=str(TEST_EXITS[0])) == 1
+    assert metric(rt, "splitinfer_edge_requests_total", outcome="edge_exit") == 1
+    rt.close()
+
+
+def test_thresholds_above_one_offload_every_request(base_bundle):
+    bundle = with_plan(base_bundle, (1.01, 1.01))
+    rt, client = make_runtime(bundle)
+    for i in range(3):
+        x = sample(i)
+        res = rt.infer(x, f"r{i}")
+        assert res.decided_by == "cloud" and not res.degraded
+        with torch.inference_mode():
+            h = bundle.staged.run(x, 0, bundle.plan.split)
+            payload, meta = get_codec("uint8-affine").encode(h)
+            expected = client.infer_features(payload, meta, bundle.plan.split, "uint8-affine").logits
+        assert res.label == int(expected.argmax())
+        assert res.bytes_sent > 0 and res.bytes_received == 80
+        assert res.energy_j["radio"] > 0 and res.energy_j["compute"] >= 0
+        assert res.latency_ms["transfer"] > 0 and res.latency_ms["total"] >= res.latency_ms["head"]
+    assert client.calls == 6  # 3 by the runtime, 3 by the test
+    assert rt.server_up is True
+    assert metric(rt, "splitinfer_edge_requests_total", outcome="cloud") == 3
+    assert metric(rt, "splitinfer_edge_bytes_sent_total") > 0
+    assert metric(rt, "splitinfer_edge_bandwidth_bytes_per_second") > 0
+    assert metric(rt, "splitinfer_edge_rtt_seconds") > 0
+    assert metric(rt, "splitinfer_edge_server_up") == 1
+    split = str(bundle.plan.split)
+    assert metric(rt, "splitinfer_edge_operating_point", split=split, codec="uint8-affine") == 1
+    assert metric(rt, "splitinfer_edge_energy_joules_total", component="radio", method="model") > 0
+    rt.close()
+
+
+def test_server_failure_degrades_then_skips_then_recovers(base_bundle):
+    clock = FakeClock()
+    rt, client = make_runtime(with_plan(base_bundle, (1.01, 1.01)), clock)
+    client.fail = Unavailable("cloud server down")
+    res = rt.infer(sample(), "a")
+    assert res.degraded and res.outcome == "fallback"
+    assert res.decided_by == max(TEST_EXITS)  # the deepest exit in the head, below its threshold
+    assert client.calls == 1 and rt.server_up is False
+    assert metric(rt, "splitinfer_edge_server_up") == 0
+
+    clock.now += 4.0  # within recheck_interval_s: no new attempt
+    res = rt.infer(sample(1), "b")
+    assert res.degraded and res.decided_by == max(TEST_EXITS)
+    assert client.calls == 1
+    assert rt.status()["server"]["retry_in_s"] == pytest.approx(1.0)
+
+    clock.now += 1.5  # interval passed, server still down: one attempt, then skip again
+    rt.infer(sample(2), "c")
+    assert client.calls == 2
+    rt.infer(sample(3), "d")
+    assert client.calls == 2
+
+    client.fail = None
+    clock.now += 5.0
+    res = rt.infer(sample(4), "e")
+    assert res.decided_by == "cloud" and not res.degraded
+    assert client.calls == 3 and rt.server_up is True
+    res = rt.infer(sample(5), "f")
+    assert res.decided_by == "cloud" and client.calls == 4
+    assert metric(rt, "splitinfer_edge_requests_total", outcome="fallback") == 4
+    assert metric(rt, "splitinfer_edge_requests_total", outcome="cloud") == 2
+    rt.close()
+
+
+def test_any_transport_exception_and_bad_answers_fall_back(base_bundle):
+    rt, client = make_runtime(with_plan(base_bundle, (1.01, 1.01)))
+    client.fail = RuntimeError("grpc exploded")
+    assert rt.infer(sample(), "a").degraded
+    assert "grpc exploded" in rt.status()["server"]["last_error"]
+
+    rt2, client2 = make_runtime(with_plan(base_bundle, (1.01, 1.01)))
+    client2.bad_logits = True
+    res = rt2.infer(sample(), "b")
+    assert res.degraded and res.decided_by == max(TEST_EXITS)
+    rt.close()
+    rt2.close()
+
+
+def test_without_exits_in_the_head_the_tail_runs_locally(base_bundle):
+    bundle = with_plan(base_bundle, (1.01, 1.01), split=3)  # exits at 4 and 8 lie beyond the split
+    rt, client = make_runtime(bundle)
+    client.fail = Unavailable("down")
+    x = sample()
+    res = rt.infer(x, "a")
+    assert res.degraded and res.decided_by == bundle.num_stages
+    with torch.inference_mode():
+        assert res.label == int(bundle.staged(x).argmax())
+    assert res.latency_ms["tail"] > 0 and res.latency_ms["exit"] == 0
+    rt.close()
+
+
+def test_edge_only_split_never_calls_the_server(base_bundle):
+    bundle = with_plan(base_bundle, (1.01, 1.01), split=base_bundle.num_stages)
+    rt, client = make_runtime(bundle)
+    res = rt.infer(sample(), "a")
+    assert res.decided_by == bundle.num_stages and not res.degraded and client.calls == 0
+    rt.close()
+
+
+def test_input_checks_and_worker_submission(base_bundle):
+    rt, _ = make_runtime(with_plan(base_bundle, (0.0, 0.0)))
+    with pytest.raises(InvalidInput, match="shape"):
+        rt.infer(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(InvalidInput, match="dtype"):
+        rt.infer(torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+    res = rt.submit(sample(), "w").result(timeout=60)
+    assert res.request_id == "w" and res.decided_by == TEST_EXITS[0]
+    status = rt.status()
+    assert status["counters"]["requests"]["edge_exit"] == 1 and status["counters"]["pending"] == 0
+    assert [e["boundary"] for e in status["exits"]] == list(TEST_EXITS)
+    rt.close()
+    with pytest.raises(Unavailable):
+        rt.submit(sample(), "late")
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.fixture(scope="module")
+def spec(base_bundle):
+    return base_bundle.plan.input
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def pixels(shape=(28, 28)) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def test_png_grey_matches_the_training_normalisation(spec):
+    img = pixels()
+    x = decode_upload(png_bytes(img), spec)
+    assert x.shape == (1, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.allclose(x, to_model_input(img[None], spec.mean, spec.std))
+
+
+def test_rgb_jpeg_of_another_size_is_converted_and_resized(spec):
+    x = decode_upload(png_bytes(pixels((50, 40, 3)), fmt="JPEG"), spec)
+    assert x.shape == (1, 1, 28, 28) and torch.isfinite(x).all()
+    x = decode_upload(png_bytes(pixels((64, 64, 3))), spec)
+    assert x.shape == (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (1, 28, 28), (1, 1, 28, 28)])
+def test_npy_uint8_shapes(spec, shape):
+    img = pixels((28, 28))
+    x = decode_upload(npy_bytes(img.reshape(shape)), spec)
+    assert torch.allclose(x, to_model_input(img[None], spec.mean, spec.std))
+
+
+def test_npy_float_is_taken_as_normalised(spec):
+    arr = np.random.default_rng(1).standard_normal((1, 28, 28)).astype(np.float64)
+    x = decode_npy(npy_bytes(arr), spec)
+    assert torch.allclose(x, torch.from_numpy(arr.astype(np.float32))[None])
+    fortran = np.asfortranarray(np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32))
+    assert torch.equal(decode_npy(npy_bytes(fortran), spec), torch.from_numpy(np.ascontiguousarray(fortran)))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(("data", "error", "message"), [
+    (b"", InvalidInput, "empty"),
+    (b"hello, this is not an image", UnsupportedMediaType, "not a PNG, JPEG or .npy"),
+    (pickle.dumps(_Evil()), UnsupportedMediaType, "not a PNG"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, InvalidInput, "not an image"),
+    (b"\x93NUMPY\x01\x00garbage", InvalidInput, "malformed .npy header"),
+])
+def test_garbage_is_refused(spec, data, error, message):
+    with pytest.raises(error, match=message):
+        decode_upload(data, spec)
+
+
+def test_truncated_files_are_refused(spec):
+    png = png_bytes(pixels())
+    with pytest.raises(InvalidInput, match="truncated|not an image"):
+        decode_upload(png[: len(png) // 2], spec)
+    jpg = png_bytes(pixels((28, 28, 3)), fmt="JPEG")
+    with pytest.raises(InvalidInput, match="truncated|not an image"):
+        decode_upload(jpg[: len(jpg) // 2], spec)
+    npy = npy_bytes(pixels())
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode_upload(npy[:-10], spec)
+
+
+def test_npy_pickles_wrong_shapes_dtypes_and_nans_are_refused(spec):
+    with pytest.raises(InvalidInput, match="object"):
+        decode_upload(npy_bytes(np.array([_Evil(), 1], dtype=object)), spec)
+    with pytest.raises(UnprocessableInput, match="wrong shape"):
+        decode_upload(npy_bytes(pixels((3, 28, 28))), spec)
+    with pytest.raises(UnprocessableInput, match="wrong shape"):
+        decode_upload(npy_bytes(pixels((28, 27))), spec)
+    with pytest.raises(UnprocessableInput, match="dtype"):
+        decode_upload(npy_bytes(pixels().astype(np.int64)), spec)
+    with pytest.raises(InvalidInput, match="empty"):
+        decode_upload(npy_bytes(np.zeros((0, 28), dtype=np.uint8)), spec)
+    bad = np.zeros((28, 28), dtype=np.float32)
+    bad[3, 4] = np.nan
+    with pytest.raises(UnprocessableInput, match="NaN"):
+        decode_upload(npy_bytes(bad), spec)
+
+
+def test_huge_npy_header_does_not_allocate(spec):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (100000, 100000)})
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode_upload(header.getvalue() + b"\x00" * 64, spec)
+
+
+def test_decompression_bomb_is_refused_before_decoding(spec, tmp_path: Path):
+    bomb = Image.new("1", (20000, 20000))
+    buf = io.BytesIO()
+    bomb.save(buf, format="PNG")
+    data = buf.getvalue()
+    assert len(data) < 200_000
+    with pytest.raises(InputTooLarge, match="too large"):
+        decode_upload(data, spec)
+    with pytest.raises(InputTooLarge, match="too large"):
+        decode_upload(png_bytes(pixels((300, 300))), spec, max_image_pixels=10_000)
