@@ -24,6 +24,11 @@ def split_table(result: PlanResult) -> str:
         lines.append(f"{e.split:>5} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} {e.edge_ms:>8.2f} "
                      f"{e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  {e.exits}{mark}")
     lines.append("")
+    overall = min(result.estimates, key=lambda e: (e.expected_latency_ms, e.split))
+    if overall.split != result.chosen.split:
+        kind = {0: " (cloud-only)", len(result.estimates) - 1: " (edge-only)"}.get(overall.split, "")
+        lines.append(f"note: split {overall.split}{kind} would be faster ({overall.expected_latency_ms:.2f} ms) but "
+                     f"is outside the splits considered ({plan.notes['splits_considered']})")
     lines.append(f"bundle written to {result.path} (split {result.chosen.split}, validation agreement with the full "
                  f"model {result.validation_agreement:.4f})")
     return "\n".join(lines)

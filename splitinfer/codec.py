@@ -75,44 +75,55 @@ class Float32Codec:
 class UInt8AffineCodec:
     """Per-channel affine quantization to uint8.
 
-    Channel ``c`` (dimension 1) is mapped from ``[min_c, max_c]`` onto ``0..255``. The payload is
-    ``C`` float32 minima, ``C`` float32 scales, then the uint8 values in C order; ``meta`` holds the shape.
+    Channel ``c`` (dimension 1) is mapped from ``[min_c, max_c]`` onto ``0..255``. The payload is ``G``
+    float32 minima, ``G`` float32 scales, then the uint8 values in C order; ``meta`` holds the shape and the
+    granularity. ``G`` is the channel count, except where a channel holds fewer than
+    :attr:`min_values_per_channel` values per sample (pooled vectors, ``[B, C]`` features): there 8 bytes of
+    range per channel would cost more than the values themselves, so one range covers the whole tensor
+    (``granularity = "tensor"``, ``G = 1``).
     """
 
     name = "uint8-affine"
+    min_values_per_channel = 16
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
         x = tensor.detach().to(torch.float32)
         if x.ndim < 2:
             raise InvalidInput(f"uint8-affine needs a tensor with a channel dimension, got shape {list(x.shape)}")
         c = x.shape[1]
-        per_channel = x.transpose(0, 1).reshape(c, -1)
-        lo = per_channel.amin(dim=1)
-        hi = per_channel.amax(dim=1)
+        per_channel_values = x[0, 0].numel()
+        granularity = "channel" if per_channel_values >= self.min_values_per_channel else "tensor"
+        groups = c if granularity == "channel" else 1
+        flat = x.transpose(0, 1).reshape(groups, -1)
+        lo = flat.amin(dim=1)
+        hi = flat.amax(dim=1)
         scale = (hi - lo) / 255.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        view = [1, c] + [1] * (x.ndim - 2)
+        view = [1, groups] + [1] * (x.ndim - 2)
         q = torch.round((x - lo.view(view)) / scale.view(view)).clamp_(0, 255).to(torch.uint8)
         payload = b"".join([lo.numpy().astype("<f4").tobytes(), scale.numpy().astype("<f4").tobytes(),
                             q.contiguous().numpy().tobytes()])
-        return payload, {"shape": shape_to_str(x.shape)}
+        return payload, {"shape": shape_to_str(x.shape), "granularity": granularity}
 
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
         shape = shape_from_str(meta.get("shape"))
         if len(shape) < 2:
             raise InvalidInput(f"uint8-affine shape {shape} has no channel dimension")
-        c = shape[1]
+        granularity = meta.get("granularity", "channel")
+        if granularity not in ("channel", "tensor"):
+            raise InvalidInput(f"uint8-affine granularity must be 'channel' or 'tensor', got {granularity!r}")
+        groups = shape[1] if granularity == "channel" else 1
         numel = int(np.prod(shape))
-        expected = 8 * c + numel
+        expected = 8 * groups + numel
         if len(payload) != expected:
             kind = "truncated" if len(payload) < expected else "oversized"
             raise InvalidInput(f"{kind} uint8-affine payload: {len(payload)} bytes, shape {shape} needs {expected}")
-        lo = np.frombuffer(payload, dtype="<f4", count=c, offset=0)
-        scale = np.frombuffer(payload, dtype="<f4", count=c, offset=4 * c)
+        lo = np.frombuffer(payload, dtype="<f4", count=groups, offset=0)
+        scale = np.frombuffer(payload, dtype="<f4", count=groups, offset=4 * groups)
         if not (np.isfinite(lo).all() and np.isfinite(scale).all()):
             raise InvalidInput("garbled uint8-affine payload: non-finite channel minimum or scale")
-        q = np.frombuffer(payload, dtype=np.uint8, offset=8 * c).reshape(shape)
-        view = [1, c] + [1] * (len(shape) - 2)
+        q = np.frombuffer(payload, dtype=np.uint8, offset=8 * groups).reshape(shape)
+        view = [1, groups] + [1] * (len(shape) - 2)
         out = q.astype(np.float32) * scale.reshape(view).astype(np.float32) + lo.reshape(view).astype(np.float32)
         return torch.from_numpy(out)
 

@@ -24,6 +24,8 @@ import typer
 DEMO_BANDWIDTH = "5mbit"
 DEMO_RTT = "20ms"
 DEMO_DEVICE = "raspberry-pi-4"
+OFFLOAD_STAGES = ("encode", "transfer")
+LOCAL_ONLY_STAGES = ("tail",)  # the remaining stages run on the device only in a degraded fallback
 
 
 def _free_port() -> int:
@@ -120,8 +122,11 @@ def summarize(answers: list[dict], labels: np.ndarray, full_pred: np.ndarray, fe
     stages: dict[str, list[float]] = {}
     for a in answers:
         for stage, ms in a.get("latency_ms", {}).items():
-            if ms is not None and not (stage == "transfer" and a["decided_by"] != "cloud"):
-                stages.setdefault(stage, []).append(float(ms))
+            if ms is None or (stage in OFFLOAD_STAGES and a["decided_by"] != "cloud"):
+                continue  # stages a request did not go through are not zero-latency samples
+            if stage in LOCAL_ONLY_STAGES and not ms:
+                continue
+            stages.setdefault(stage, []).append(float(ms))
 
     def energy(a: dict) -> float:
         e = a.get("energy_j", 0.0)

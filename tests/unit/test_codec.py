@@ -61,3 +61,16 @@ def test_float32_roundtrip_exact_and_unknown_codec():
     assert torch.equal(c.decode(*c.encode(x)), x)
     with pytest.raises(InvalidInput, match="unknown codec"):
         get_codec("nope")
+
+
+def test_pooled_vectors_use_one_range_and_stay_smaller_than_float32():
+    codec = UInt8AffineCodec()
+    for shape in [(1, 96, 1, 1), (1, 96), (2, 10, 3)]:
+        x = torch.randn(*shape)
+        payload, meta = codec.encode(x)
+        assert meta["granularity"] == "tensor"
+        assert len(payload) == 8 + x.numel() < 4 * x.numel()
+        y = codec.decode(payload, meta)
+        assert (x - y).abs().max() <= (x.max() - x.min()) / 255 / 2 + 1e-5
+    with pytest.raises(InvalidInput, match="granularity"):
+        codec.decode(payload, {**meta, "granularity": "pixel"})
