@@ -72,6 +72,14 @@ class EdgeMetrics:
                               "Energy spent on the device by component; method says how it was obtained "
                               "(model = estimated from CPU time and bytes with the device profile).",
                               ["component", "method"], registry=r)
+        self.drift_score = Gauge("splitinfer_edge_drift_score",
+                                 "Total-variation distance of live exit behaviour from calibration (0..1).",
+                                 registry=r)
+        self.drift_detected = Gauge("splitinfer_edge_drift_detected",
+                                    "1 while the drift score exceeds its threshold (exit guarantee at risk).",
+                                    registry=r)
+        self.drift_alerts = Counter("splitinfer_edge_drift_alerts_total",
+                                    "Times input drift was newly detected.", registry=r)
         self.server_up = Gauge("splitinfer_edge_server_up",
                                "1 when the cloud server answered the last offload or probe, 0 otherwise.",
                                registry=r)

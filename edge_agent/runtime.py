@@ -24,6 +24,7 @@ minus the server's queue and compute time; the elapsed time for a failed attempt
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -35,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_agent.drift import DriftMonitor
 from edge_agent.metrics import OUTCOMES, EdgeMetrics
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import Bundle, load_bundle
+from splitinfer.calibration import confidence
 from splitinfer.codec import get_codec
 from splitinfer.energy import DeviceProfile, get_profile
 from splitinfer.errors import InvalidInput, Unavailable
@@ -109,6 +112,13 @@ class EdgeRuntime:
         self.labels = list(self.plan.input.labels)
         self.thresholds = bundle.thresholds()
         self.head_exits = sorted(b for b in bundle.exits if 0 < b <= self.split and b in self.thresholds)
+        self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
+        cal = self.plan.exit_calibration
+        first_is_calibrated = bool(cal and self.head_exits and self.head_exits[0] == min(cal.exit_rates, default=-1))
+        self.drift = DriftMonitor(
+            {b: cal.exit_rates.get(b, 0.0) for b in self.head_exits} if cal else {},
+            cal.first_exit_conf_edges if cal and first_is_calibrated else [],
+            window=settings.drift_window, threshold=settings.drift_threshold)
         self.input_shape = [1, *self.plan.input.shape]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
         self._lock = threading.Lock()
@@ -153,6 +163,7 @@ class EdgeRuntime:
         ran: set[str] = {"head"}
         staged = self.bundle.staged
         deepest: tuple[int, float, int] | None = None
+        first_score: float | None = None
         with torch.inference_mode():
             h = x
             prev = 0
@@ -162,13 +173,19 @@ class EdgeRuntime:
                 lat["head"] += time.perf_counter() - t
                 prev = b
                 t = time.perf_counter()
-                conf, label = self._top1(self.bundle.exits[b](h))
+                logits = self.bundle.exits[b](h)
+                conf, label = self._top1(logits)
+                score = float(confidence(logits, self.exit_scores.get(b, "max_softmax"))[0][0])
                 lat["exit"] += time.perf_counter() - t
                 ran.add("exit")
                 deepest = (b, conf, label)
-                if conf >= self.thresholds[b]:
+                if first_score is None:
+                    first_score = score
+                if score >= self.thresholds[b]:
+                    self._observe_drift(first_score, b)
                     return self._finish(request_id, label, conf, b, False, "edge_exit", lat, ran, t_start,
                                         time.thread_time() - cpu_start)
+            self._observe_drift(first_score, None)
             t = time.perf_counter()
             h = staged.run(h, prev, self.split)
             lat["head"] += time.perf_counter() - t
@@ -212,6 +229,13 @@ class EdgeRuntime:
                                 cpu_s, radio_seconds=transfer_s)
 
     # ------------------------------------------------------------------ helpers
+
+    def _observe_drift(self, first_score: float | None, exit_boundary: int | None) -> None:
+        score, new_alert = self.drift.observe(first_score, exit_boundary)
+        self.metrics.drift_score.set(score)
+        self.metrics.drift_detected.set(1 if self.drift.drifting else 0)
+        if new_alert:
+            self.metrics.drift_alerts.inc()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -360,6 +384,7 @@ class EdgeRuntime:
                         "exits": {str(b): n for b, n in self._exit_counts.items()},
                         "pending": self._pending}
             estimates = {"bandwidth_bps": self._bandwidth_bps, "rtt_s": self._rtt_s}
+        cal = self.plan.exit_calibration
         return {
             "model": self.plan.model.name,
             "bundle": str(self.bundle.path),
@@ -368,9 +393,16 @@ class EdgeRuntime:
             "num_stages": self.num_stages,
             "split": self.split,
             "codec": self.codec_name,
-            "exits": [{"boundary": e.boundary, "threshold": e.threshold,
+            "exits": [{"boundary": e.boundary, "score": e.score,
+                       "threshold": e.threshold if math.isfinite(e.threshold) else None,
                        "in_head": e.boundary in self.head_exits}
                       for e in sorted(self.plan.exits, key=lambda e: e.boundary)],
+            "exit_calibration": None if cal is None else {
+                "mode": cal.mode, "epsilon": cal.epsilon, "delta": cal.delta, "upper_bound": cal.upper_bound,
+                "exit_rates": {str(b): r for b, r in cal.exit_rates.items()}},
+            "drift": {"score": round(self.drift.score, 4), "detected": self.drift.drifting,
+                      "alerts": self.drift.alerts, "window": self.drift.window,
+                      "threshold": self.drift.threshold},
             "server": server,
             "counters": counters,
             "estimates": estimates,

@@ -57,6 +57,9 @@ class EdgeSettings(BaseSettings):
     recheck_interval_s: float = Field(5.0, gt=0,
                                       description="After an offload failure, requests are answered on the "
                                                   "device for this long before the server is tried again.")
+    drift_window: int = Field(300, ge=10, description="Requests in the drift monitor's sliding window.")
+    drift_threshold: float = Field(0.2, gt=0, le=1, description="Total-variation distance from the calibration "
+                                   "reference above which input drift is flagged (metric + log line).")
     graceful_shutdown_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may "
                                                                "take to finish.")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(

@@ -11,7 +11,7 @@ import typer
 app = typer.Typer(help="Plan a deployment: train the default model, profile, choose splits, write bundles.",
                   no_args_is_help=True)
 
-DEFAULT_EXIT_BOUNDARIES = "8,11"
+DEFAULT_EXIT_BOUNDARIES = "3,6,8,11"
 
 
 @app.command("train-default")
@@ -66,7 +66,10 @@ def make_cmd(
     device: str = typer.Option(None, help="edge device profile (energy, and its compute slowdown estimate)"),
     edge_slowdown: float = typer.Option(None, help="edge compute time = this machine's x F (overrides --device's)"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
-    max_agreement_drop: float = typer.Option(0.01, help="budget for the exits: agreement with the full model drop"),
+    epsilon: float = typer.Option(0.01, help="exits may disagree with the full model on at most this fraction"),
+    delta: float = typer.Option(0.05, help="... with probability at least 1 - delta (certified mode)"),
+    score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
+    calibration_mode: str = typer.Option("certified", help="'certified' (guarantee) or 'empirical' (none)"),
     repeats: int = typer.Option(30, help="timed runs per stage (the median is used)"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
@@ -76,6 +79,7 @@ def make_cmd(
     from partitioner.make import make_default_plan
     from partitioner.report import split_table
     from splitinfer.energy import get_profile
+    from splitinfer.errors import SplitInferError
 
     if model != "default":
         raise typer.BadParameter("v1 plans the embedded default model only", param_hint="--model")
@@ -85,9 +89,48 @@ def make_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev else 1.0)
-    result = make_default_plan(out, link, dev, slowdown, splits, max_agreement_drop, repeats, data_dir)
+    try:
+        result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir, score=score,
+                                   calibration_mode=calibration_mode)
+    except (ValueError, SplitInferError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps({"split": result.chosen.split, "bundle": str(result.path),
                                "estimates": [e.model_dump() for e in result.estimates]}, indent=2))
     else:
         typer.echo(split_table(result))
+
+
+@app.command("calibrate-exits")
+def calibrate_exits_cmd(
+    bundle: Path = typer.Option(..., help="bundle directory whose exit thresholds are (re)calibrated in place"),
+    epsilon: float = typer.Option(0.01, help="max rate of disagreement with the full model"),
+    delta: float = typer.Option(0.05, help="the bound holds with probability at least 1 - delta"),
+    score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
+    mode: str = typer.Option("certified", help="'certified' (finite-sample guarantee) or 'empirical' (none)"),
+    limit: int = typer.Option(None, help="use only the first N calibration images"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+) -> None:
+    """Choose exit thresholds with a distribution-free guarantee on the disagreement with the full model.
+
+    Calibration images: the validation split carved from the Fashion-MNIST training set (never the test set).
+    """
+    from partitioner.calibrate import recalibrate_bundle
+    from splitinfer.errors import SplitInferError
+
+    try:
+        cal = recalibrate_bundle(bundle, epsilon, delta, score, mode, limit, data_dir)
+    except (ValueError, SplitInferError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{cal.mode} calibration ({cal.score}): epsilon {cal.epsilon}, delta {cal.delta}, "
+               f"{cal.n_path} path + {cal.n_test} test samples")
+    for b, t, r in zip(cal.boundaries, cal.thresholds, cal.exit_rates, strict=True):
+        typer.echo(f"  exit at boundary {b}: threshold {t:.4f}, exit rate {r:.1%}")
+    bound = "" if cal.upper_bound is None else f", {1 - cal.delta:.0%} upper bound {cal.upper_bound:.4f}"
+    typer.echo(f"disagreement on the test part {cal.empirical_disagreement:.4f}{bound}; mean MACs "
+               f"{cal.mean_macs / cal.full_macs:.1%} of the full model")
+    for note in cal.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"updated {bundle / 'plan.json'}")

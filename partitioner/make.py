@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from partitioner.cost import Link, estimate_all
 from partitioner.profile import Profile, profile_model
 from partitioner.train import split_train_validation
 from partitioner.weights import load_default
-from splitinfer.bundle import CodecSpec, ExitSpec, InputSpec, OperatingPoint, Plan, SplitEstimate, new_plan, save_bundle
+from splitinfer.bundle import (
+    CodecSpec,
+    ExitCalibrationSpec,
+    ExitSpec,
+    InputSpec,
+    OperatingPoint,
+    Plan,
+    SplitEstimate,
+    new_plan,
+    save_bundle,
+)
+from splitinfer.calibration import Calibration, ExitScores, calibrate, collect_scores, evaluate
 from splitinfer.codec import get_codec
 from splitinfer.data import (
     FASHION_MNIST_CLASSES,
@@ -21,7 +33,6 @@ from splitinfer.data import (
     to_model_input,
 )
 from splitinfer.energy import DeviceProfile
-from splitinfer.exits import choose_thresholds, exit_outputs, simulate
 
 GRID_BANDWIDTHS = (0.5e6, 2e6, 5e6, 10e6, 50e6, 200e6)
 GRID_RTTS = (0.005, 0.020, 0.050, 0.150)
@@ -51,50 +62,71 @@ def best_split(estimates: list[SplitEstimate], candidates: list[int]) -> SplitEs
     return min(pool, key=lambda e: (e.expected_latency_ms, e.split))
 
 
+def calibration_spec(cal: Calibration, scores: ExitScores) -> ExitCalibrationSpec:
+    """The plan's record of a calibration, with the drift monitor's reference deciles of the first exit."""
+    first = scores.conf[0]
+    edges = [float(v) for v in np.quantile(first, np.linspace(0.1, 0.9, 9))] if first.size else []
+    return ExitCalibrationSpec(
+        mode=cal.mode, score=cal.score, epsilon=cal.epsilon, delta=cal.delta, n_path=cal.n_path, n_test=cal.n_test,
+        disagreements=cal.disagreements, p_value=cal.p_value, upper_bound=cal.upper_bound,
+        exit_rates={b: round(r, 5) for b, r in zip(cal.boundaries, cal.exit_rates, strict=True)},
+        first_exit_conf_edges=edges, notes=cal.notes)
+
+
+def _agreement(scores: ExitScores, thresholds: dict[int, float], active: list[int]) -> float:
+    lam = [thresholds[b] if b in active else math.inf for b in scores.boundaries]
+    return 1.0 - evaluate(scores, lam).disagreement
+
+
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
-                      splits: str = "all", max_agreement_drop: float = 0.01, repeats: int = 30,
+                      splits: str = "all", epsilon: float = 0.01, delta: float = 0.05, repeats: int = 30,
                       data_dir: str | None = None, weights: Path | None = None, codec: str = "uint8-affine",
-                      validation_limit: int | None = None) -> PlanResult:
-    """Plan the embedded default model for one link condition and write the bundle to ``out``."""
+                      validation_limit: int | None = None, score: str = "max_softmax",
+                      calibration_mode: str = "certified") -> PlanResult:
+    """Plan the embedded default model for one link condition and write the bundle to ``out``.
+
+    Exit thresholds are calibrated on the validation images (carved from the training set) so that the
+    disagreement with the full model is at most ``epsilon`` with probability ``1 - delta`` (certified mode).
+    """
     model, staged, exits, info = load_default(weights)
     train = load_fashion_mnist("train", data_dir)
     _, va_idx = split_train_validation(len(train), int(info["config"]["seed"]))
     if validation_limit:
         va_idx = va_idx[:validation_limit]
     x_val = to_model_input(train.images[va_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    with torch.inference_mode():
-        conf, pred, full = exit_outputs(staged, exits, x_val)
-    decision = choose_thresholds(conf, pred, full, max_agreement_drop)
+    scores = collect_scores(staged, exits, x_val, score)
+    cal = calibrate(scores, epsilon, delta, score=score, mode=calibration_mode, seed=int(info["config"]["seed"]))
+    thresholds = dict(zip(cal.boundaries, cal.thresholds, strict=True))
+    exit_rates = dict(zip(cal.boundaries, cal.exit_rates, strict=True))
 
     prof = profile_model(staged, exits, get_codec(codec), x_val[:1], repeats=repeats, threads=1)
-    estimates = estimate_all(prof, prof, decision.exit_rates, link, edge_slowdown, device)
+    estimates = estimate_all(prof, prof, exit_rates, link, edge_slowdown, device)
     chosen = best_split(estimates, _candidates(staged.num_stages, splits))
-    active = set(chosen.exits)
-    agreement = simulate({b: t for b, t in decision.thresholds.items() if b in active}, conf, pred, full).agreement
+    agreement = _agreement(scores, thresholds, chosen.exits)
 
     points = []
     for bw in GRID_BANDWIDTHS:
         for rtt in GRID_RTTS:
-            est = estimate_all(prof, prof, decision.exit_rates, Link(bw, rtt), edge_slowdown, device)
+            est = estimate_all(prof, prof, exit_rates, Link(bw, rtt), edge_slowdown, device)
             best = best_split(est, _candidates(staged.num_stages, splits))
-            pt_agree = simulate({b: t for b, t in decision.thresholds.items() if b in best.exits},
-                                conf, pred, full).agreement
+            pt_agree = _agreement(scores, thresholds, best.exits)
             points.append(OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=best.split, codec=codec,
                                          exits=best.exits, expected_latency_ms=best.expected_latency_ms,
                                          expected_bytes=best.bytes_per_offload * best.offload_rate,
                                          expected_agreement=round(pt_agree, 5)))
 
-    exit_specs = [ExitSpec(boundary=b, threshold=decision.thresholds[b], hidden=exits[b].hidden, macs=exits[b].macs(),
-                           val_exit_rate=round(decision.exit_rates[b], 5)) for b in sorted(exits)]
+    exit_specs = [ExitSpec(boundary=b, threshold=thresholds[b], score=score, hidden=exits[b].hidden,
+                           macs=exits[b].macs(), val_exit_rate=round(exit_rates[b], 5)) for b in sorted(exits)]
     plan = new_plan(
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
         split=chosen.split, codec=CodecSpec(name=codec), exits=exit_specs,
+        exit_calibration=calibration_spec(cal, scores),
         estimates=estimates, operating_points=points,
         notes={
             "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_s * 1e3, "edge_slowdown": edge_slowdown,
             "device": device.name if device else "this machine", "splits_considered": splits,
-            "max_agreement_drop": max_agreement_drop, "validation_images": len(va_idx),
+            "epsilon": epsilon, "delta": delta, "validation_images": len(va_idx),
             "validation_agreement": round(agreement, 5), "profiled_on": prof.machine,
             "weights_test_accuracy": float(info.get("test_accuracy", 0.0)),
         },

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel as _PydanticBase
+from pydantic import ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -36,6 +37,12 @@ PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
 MODEL_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
+
+
+class BaseModel(_PydanticBase):
+    """Plan models: infinite thresholds (an exit that never fires) are written as JSON ``Infinity``."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
 
 class InputSpec(BaseModel):
@@ -74,13 +81,35 @@ class StageSpec(BaseModel):
 
 
 class ExitSpec(BaseModel):
-    """An exit head at a boundary, with its max-softmax threshold and validation figures."""
+    """An exit head at a boundary, with its confidence threshold and calibration figures.
+
+    ``threshold`` may be ``Infinity`` in JSON (the exit never fires, e.g. when nothing could be certified).
+    """
 
     boundary: int
     threshold: float
-    hidden: int = 64
+    score: Literal["max_softmax", "margin", "neg_entropy"] = "max_softmax"
+    hidden: int = 32
     macs: int = 0
     val_exit_rate: float | None = None
+
+
+class ExitCalibrationSpec(BaseModel):
+    """How the exit thresholds were chosen, and the reference the edge's drift monitor compares with."""
+
+    mode: Literal["certified", "empirical"]
+    score: Literal["max_softmax", "margin", "neg_entropy"]
+    epsilon: float
+    delta: float
+    n_path: int
+    n_test: int
+    disagreements: int
+    p_value: float | None = None
+    upper_bound: float | None = Field(None, description="Clopper-Pearson upper bound on the disagreement rate")
+    exit_rates: dict[int, float] = Field(description="fraction of calibration samples answered at each exit")
+    first_exit_conf_edges: list[float] = Field(
+        default_factory=list, description="deciles of the first exit's score on calibration samples")
+    notes: list[str] = Field(default_factory=list)
 
 
 class CodecSpec(BaseModel):
@@ -126,6 +155,7 @@ class Plan(BaseModel):
     boundaries: list[BoundarySpec]
     stages: list[StageSpec]
     exits: list[ExitSpec] = Field(default_factory=list)
+    exit_calibration: ExitCalibrationSpec | None = None
     split: int
     codec: CodecSpec
     estimates: list[SplitEstimate] = Field(default_factory=list)

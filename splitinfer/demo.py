@@ -161,6 +161,11 @@ def format_summary(s: dict) -> str:
          f"{s['bytes_per_offloaded']:.0f} (float32 features: {s['feature_bytes_fp32']} B)"),
         ("energy per request (model)", f"{s['energy_j_per_request'] * 1e3:.3f} mJ"),
     ]
+    cal = s.get("exit_calibration")
+    if cal:
+        rates = ", ".join(f"exit@{b}: {r:.1%}" for b, r in cal["certified_exit_rates"].items())
+        rows.append(("exit calibration", f"{cal['mode']} ({cal['score']}): disagreement <= {cal['epsilon']} with "
+                     f"prob >= {1 - cal['delta']:.2f}; calibration rates {rates}"))
     for stage, p in s["latency_ms"].items():
         rows.append((f"latency {stage} (ms)", f"p50 {p['p50']:.2f}  p95 {p['p95']:.2f}  (n={p['count']})"))
     for k, v in s.get("metrics", {}).items():
@@ -241,6 +246,14 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
         summary = summarize(answers, test.labels, full_pred, plan.boundaries[plan.split].fp32_bytes,
                             [e.boundary for e in plan.exits if e.boundary <= plan.split])
         summary["split"] = plan.split
+        cal = plan.exit_calibration
+        if cal is not None:
+            summary["exit_calibration"] = {
+                "mode": cal.mode, "score": cal.score, "epsilon": cal.epsilon, "delta": cal.delta,
+                "upper_bound": cal.upper_bound,
+                "certified_exit_rates": {str(b): r for b, r in cal.exit_rates.items() if b <= plan.split},
+                "calibration_samples": cal.n_path + cal.n_test,
+            }
         summary["codec"] = plan.codec.name
         summary["bundle"] = str(result.path)
         summary["metrics"] = {

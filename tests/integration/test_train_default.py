@@ -21,7 +21,7 @@ def test_short_training_writes_weights_that_load(tmp_path):
     assert "test accuracy" in proc.stdout
     info = json.loads((out / "default.json").read_text())
     assert info["train_images"] == 2048 and info["test_images"] == 500
-    assert info["exit_boundaries"] == [8, 11]
+    assert info["exit_boundaries"] == [3, 6, 8, 11]
     assert 0.0 <= info["test_accuracy"] <= 1.0
     # two epochs on 2,048 images: the loss falls and the model is far better than chance (10 classes)
     assert info["history"][1]["loss"] < info["history"][0]["loss"]
@@ -29,7 +29,7 @@ def test_short_training_writes_weights_that_load(tmp_path):
     from partitioner.weights import load_default
 
     model, staged, exits, loaded_info = load_default(out)
-    assert sorted(exits) == [8, 11] and loaded_info["sha256"] == info["sha256"]
+    assert sorted(exits) == [3, 6, 8, 11] and loaded_info["sha256"] == info["sha256"]
 
 
 def test_committed_weights_reach_the_accuracy_target():
