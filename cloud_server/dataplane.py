@@ -165,6 +165,9 @@ class DataPlane:
         codec = params[wire.PARAM_CODEC]
         prefix = wire.CODEC_META_PREFIX
         meta = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        self.tail.check_payload_size(int(tensor.data.nbytes), split)
+        if "shape" in meta:  # refuse a mismatched shape before admitting the request
+            self.tail.check_meta_shape(meta["shape"], split)
         payload = tensor.data.tobytes()
 
         def work() -> np.ndarray:

@@ -30,7 +30,7 @@ class CloudSettings(BaseSettings):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
                                    description="Largest gRPC message accepted or sent, in bytes.")
     max_batch: int = Field(64, ge=1, description="Largest batch (first dimension) one request may carry.")
-    max_inflight: int = Field(256, ge=1, description="Requests admitted at once; beyond that the server "
+    max_inflight: int = Field(64, ge=1, description="Requests admitted at once; beyond that the server "
                                                       "answers RESOURCE_EXHAUSTED.")
     workers: int = Field(2, ge=1, description="Threads running the CPU-bound tail (the event loop stays "
                                               "free).")

@@ -71,6 +71,23 @@ class TailRuntime:
                                f"[B, {', '.join(map(str, expected))}]")
         self.check_batch(shape[0], what)
 
+    def check_meta_shape(self, text: object, split: int) -> None:
+        """``codec.shape`` must be ``[B, *boundary[split].shape]`` with 1 <= B <= max_batch."""
+        self._check_sample_shape(shape_from_str(text), self.boundary_shape(split), "codec.shape",
+                                 f"boundary {split}")
+
+    def check_payload_size(self, nbytes: int, split: int) -> None:
+        """Cheap pre-admission check: no codec needs more than float32 values plus 8 bytes per channel."""
+        shape = self.boundary_shape(split)
+        numel = 1
+        for d in shape:
+            numel *= d
+        channels = shape[0] if shape else 1
+        limit = self.max_batch * (4 * numel + 8 * channels) + 1024
+        if nbytes > limit:
+            raise InvalidInput(f"oversized features payload: {nbytes} bytes, more than any codec needs at "
+                               f"boundary {split} for up to {self.max_batch} samples ({limit})")
+
     def decode_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
                         split: int) -> torch.Tensor:
         """Decode a codec payload and check it is a ``[B, *boundary[split].shape]`` float tensor."""
@@ -78,8 +95,7 @@ class TailRuntime:
             raise InvalidInput(f"parameter 'codec' must name a codec, got {codec_name!r}")
         codec = get_codec(codec_name)
         if "shape" in meta:  # cheap check before decoding (and allocating) anything
-            self._check_sample_shape(shape_from_str(meta["shape"]), self.boundary_shape(split), "codec.shape",
-                                     f"boundary {split}")
+            self.check_meta_shape(meta["shape"], split)
         x = codec.decode(payload, dict(meta))
         self._check_sample_shape(list(x.shape), self.boundary_shape(split), "decoded features",
                                  f"boundary {split}")

@@ -157,6 +157,7 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
     owns_runtime = runtime is None
     rt: EdgeRuntime = runtime if runtime is not None else build_runtime(settings)
     state: dict[str, Any] = {"ready": False}
+    decode_slots = asyncio.Semaphore(settings.decode_concurrency)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -216,7 +217,8 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
         """Decode the upload, run head/exits/offload on the inference worker and answer JSON."""
         request_id = _request_id(request)
         data = await _read_upload(request, settings.max_upload_bytes)
-        x = await run_in_threadpool(decode_upload, data, rt.plan.input, settings.max_image_pixels)
+        async with decode_slots:  # bounds the memory of concurrent image decodes
+            x = await run_in_threadpool(decode_upload, data, rt.plan.input, settings.max_image_pixels)
         result = await asyncio.wrap_future(rt.submit(x, request_id))
         body = InferResponse(**result.to_dict()).model_dump()
         return JSONResponse(body, headers={REQUEST_ID_HEADER: request_id})

@@ -43,7 +43,7 @@ from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.calibration import confidence
 from splitinfer.codec import get_codec
 from splitinfer.energy import DeviceProfile, get_profile
-from splitinfer.errors import InvalidInput, Unavailable
+from splitinfer.errors import InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger("edge_agent.runtime")
 
@@ -169,7 +169,7 @@ class EdgeRuntime:
             prev = 0
             for b in self.head_exits:
                 t = time.perf_counter()
-                h = staged.run(h, prev, b)
+                h = self._finite(staged.run(h, prev, b), b)
                 lat["head"] += time.perf_counter() - t
                 prev = b
                 t = time.perf_counter()
@@ -187,7 +187,7 @@ class EdgeRuntime:
                                         time.thread_time() - cpu_start)
             self._observe_drift(first_score, None)
             t = time.perf_counter()
-            h = staged.run(h, prev, self.split)
+            h = self._finite(staged.run(h, prev, self.split), self.split)
             lat["head"] += time.perf_counter() - t
             if self.split == self.num_stages:
                 conf, label = self._top1(h)
@@ -211,7 +211,11 @@ class EdgeRuntime:
                     transfer_s = time.perf_counter() - t
                     transfer_cpu_s = time.thread_time() - cpu_start - cpu_s
                     lat["transfer"] = transfer_s
-                    self._mark_down(exc)
+                    if isinstance(exc, InvalidInput | NotFound):
+                        # the server refused this request (or this model); it is not down
+                        log.warning("cloud server refused request %s: %s; answering on the device", request_id, exc)
+                    else:
+                        self._mark_down(exc)
                 else:
                     lat["transfer"] = time.perf_counter() - t
                     self._mark_up()
@@ -229,6 +233,13 @@ class EdgeRuntime:
                                 cpu_s, radio_seconds=transfer_s)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _finite(h: torch.Tensor, boundary: int) -> torch.Tensor:
+        if not bool(torch.isfinite(h).all()):
+            raise InvalidInput(f"the input drives the model to non-finite values at boundary {boundary}; "
+                               "is it normalised like the plan's input spec?")
+        return h
 
     def _observe_drift(self, first_score: float | None, exit_boundary: int | None) -> None:
         score, new_alert = self.drift.observe(first_score, exit_boundary)

@@ -45,9 +45,11 @@ class EdgeSettings(BaseSettings):
                                                     "degraded from the device.")
     max_upload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body "
                                                                      "(bytes); larger uploads get 413.")
-    max_image_pixels: int = Field(4096 * 4096, gt=0,
+    max_image_pixels: int = Field(2048 * 2048, gt=0,
                                   description="Largest accepted image (width x height) before decoding: "
                                               "a decompression-bomb guard.")
+    decode_concurrency: int = Field(2, ge=1, description="Uploads decoded at the same time (each decoded image "
+                                    "may take up to max_image_pixels x 4 bytes).")
     max_pending: int = Field(64, gt=0, description="Requests allowed to wait for the inference worker; more "
                                                    "get 503.")
     device: str = Field(DEFAULT_DEVICE, description="Device power profile (splitinfer/profiles/devices.yaml) "

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel as _PydanticBase
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -35,6 +37,8 @@ from splitinfer.staged import StagedModel, stage_model
 PLAN_FORMAT = "splitinfer-plan"
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
+MAX_INPUT_ELEMENTS = 50_000_000
+TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
 MODEL_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
 
@@ -53,6 +57,21 @@ class InputSpec(BaseModel):
     mean: list[float]
     std: list[float]
     labels: list[str]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if len(self.shape) != 3 or any(d <= 0 for d in self.shape):
+            raise ValueError(f"input shape must be 3 positive dimensions [C, H, W], got {self.shape}")
+        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input shape {self.shape} exceeds {MAX_INPUT_ELEMENTS} elements")
+        c = self.shape[0]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean and std need one value per channel ({c}); got {len(self.mean)} and {len(self.std)}")
+        if any(not math.isfinite(v) for v in self.mean) or any(not (v > 0 and math.isfinite(v)) for v in self.std):
+            raise ValueError("mean must be finite and std positive")
+        if not self.labels:
+            raise ValueError("labels must not be empty")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -89,7 +108,7 @@ class ExitSpec(BaseModel):
     boundary: int
     threshold: float
     score: Literal["max_softmax", "margin", "neg_entropy"] = "max_softmax"
-    hidden: int = 32
+    hidden: int = Field(32, ge=1, le=4096)
     macs: int = 0
     val_exit_rate: float | None = None
 
@@ -163,6 +182,24 @@ class Plan(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
     notes: dict[str, str | float | int] = Field(default_factory=dict)
 
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: CodecSpec) -> CodecSpec:
+        from splitinfer.codec import CODECS
+
+        if codec.name not in CODECS:
+            raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(sorted(CODECS))}")
+        return codec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if len(self.input.labels) != self.model.num_classes:
+            raise ValueError(f"{len(self.input.labels)} labels for a model with {self.model.num_classes} classes")
+        boundaries = [e.boundary for e in self.exits]
+        if len(set(boundaries)) != len(boundaries):
+            raise ValueError(f"exit boundaries repeat: {boundaries}")
+        return self
+
 
 @dataclass
 class Bundle:
@@ -218,17 +255,26 @@ def looks_like_pickle(path: Path) -> bool:
     return False
 
 
-def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
-    """Instantiate the architecture named by the plan (registry name, or a trusted ``module:factory``)."""
+def build_from_spec(spec: ModelSpec, trust_factory: bool = False) -> torch.nn.Module:
+    """Instantiate the architecture named by the plan: a registry name, or a ``module:factory`` import path.
+
+    A factory imports and calls code named in ``plan.json``, which no hash protects; it is honoured only when
+    ``trust_factory`` is true or ``$SPLITINFER_TRUST_MODEL_FACTORY=1``.
+    """
     if spec.factory:
+        if not (trust_factory or os.environ.get(TRUST_FACTORY_ENV) == "1"):
+            raise BundleError(f"plan.json names the model factory {spec.factory!r}; importing code named by a bundle "
+                              f"needs explicit trust (set {TRUST_FACTORY_ENV}=1)")
         mod_name, _, fn_name = spec.factory.partition(":")
         if not mod_name or not fn_name:
             raise BundleError(f"model factory {spec.factory!r} must look like 'package.module:function'")
         try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise BundleError(f"cannot import model factory {spec.factory!r}: {exc}") from exc
-        return fn()
+            model = getattr(importlib.import_module(mod_name), fn_name)()
+        except Exception as exc:  # user code: any failure is a broken bundle
+            raise BundleError(f"model factory {spec.factory!r} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise BundleError(f"model factory {spec.factory!r} returned {type(model).__name__}, not an nn.Module")
+        return model
     try:
         return build_model(spec.name, spec.num_classes)
     except ValueError as exc:
@@ -299,7 +345,7 @@ def _load_safetensors(fp: Path) -> dict[str, torch.Tensor]:
         raise BundleError(f"cannot read {fp.name} as safetensors (corrupted?): {exc}") from exc
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
     """Load a bundle directory: validate plan.json, check hashes, refuse pickles, build model and exits."""
     path = Path(path)
     if not path.is_dir():
@@ -309,15 +355,18 @@ def load_bundle(path: str | Path) -> Bundle:
         if required not in plan.files:
             raise BundleError(f"plan.json lists no hash for {required}")
     _check_files(path, plan)
-    model = build_from_spec(plan.model)
+    model = build_from_spec(plan.model, trust_factory)
     state = _load_safetensors(path / plan.model.weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"weights in {plan.model.weights} do not fit model {plan.model.name}: {exc}") from exc
     model.eval()
-    example = torch.zeros(1, *plan.input.shape)
-    staged = stage_model(model, example)
+    try:
+        staged = stage_model(model, torch.zeros(1, *plan.input.shape))
+    except Exception as exc:  # shape mismatch with the architecture, untraceable model, ...
+        raise BundleError(f"cannot run model {plan.model.name} on input shape {plan.input.shape}: "
+                          f"{type(exc).__name__}: {exc}") from exc
     if [b.shape for b in staged.boundaries] != [b.shape for b in plan.boundaries]:
         raise BundleError("the model's boundaries do not match plan.json (different architecture or version?)")
     if not 0 <= plan.split <= staged.num_stages:
@@ -330,7 +379,10 @@ def load_bundle(path: str | Path) -> Bundle:
         for spec in plan.exits:
             if not 0 < spec.boundary < staged.num_stages:
                 raise BundleError(f"exit at boundary {spec.boundary} outside 1..{staged.num_stages - 1}")
-            head = ExitHead(staged.boundaries[spec.boundary].shape, plan.model.num_classes, spec.hidden)
+            try:
+                head = ExitHead(staged.boundaries[spec.boundary].shape, plan.model.num_classes, spec.hidden)
+            except ValueError as exc:
+                raise BundleError(f"exit at boundary {spec.boundary}: {exc}") from exc
             prefix = f"{spec.boundary}."
             sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:

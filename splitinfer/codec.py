@@ -12,6 +12,7 @@ raw bytes. ``decode`` validates lengths and refuses truncated, oversized or garb
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from splitinfer.errors import InvalidInput
 
 Meta = dict[str, int | float | str | bool]
+MAX_ELEMENTS = 1 << 28  # 256 M values (1 GiB as float32): far above any split tensor, far below overflow
 
 
 @runtime_checkable
@@ -52,6 +54,8 @@ def shape_from_str(text: object) -> list[int]:
         raise InvalidInput(f"codec shape {text!r} is not a comma-separated list of integers") from None
     if any(d <= 0 for d in dims) or len(dims) > 8:
         raise InvalidInput(f"codec shape {text!r} must have 1..8 positive dimensions")
+    if math.prod(dims) > MAX_ELEMENTS:
+        raise InvalidInput(f"codec shape {text!r} has more than {MAX_ELEMENTS} elements")
     return dims
 
 
@@ -66,7 +70,7 @@ class Float32Codec:
 
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
         shape = shape_from_str(meta.get("shape"))
-        expected = 4 * int(np.prod(shape))
+        expected = 4 * math.prod(shape)
         if len(payload) != expected:
             raise InvalidInput(f"float32 payload has {len(payload)} bytes, shape {shape} needs {expected}")
         return torch.from_numpy(np.frombuffer(payload, dtype="<f4").reshape(shape).astype(np.float32))
@@ -88,6 +92,8 @@ class UInt8AffineCodec:
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
         x = tensor.detach().to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInput("cannot encode features holding NaN or infinite values")
         if x.ndim < 2:
             raise InvalidInput(f"uint8-affine needs a tensor with a channel dimension, got shape {list(x.shape)}")
         c = x.shape[1]
@@ -113,7 +119,7 @@ class UInt8AffineCodec:
         if granularity not in ("channel", "tensor"):
             raise InvalidInput(f"uint8-affine granularity must be 'channel' or 'tensor', got {granularity!r}")
         groups = shape[1] if granularity == "channel" else 1
-        numel = int(np.prod(shape))
+        numel = math.prod(shape)
         expected = 8 * groups + numel
         if len(payload) != expected:
             kind = "truncated" if len(payload) < expected else "oversized"

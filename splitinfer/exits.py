@@ -53,7 +53,7 @@ def collect(staged: StagedModel, x: torch.Tensor,
     h = x
     for k in range(staged.num_stages):
         if k in boundaries:
-            feats[k] = h
+            feats[k] = h.clone()  # the next stage may start with an in-place activation
         h = staged.stages[k](h)
     return feats, h
 

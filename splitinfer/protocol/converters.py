@@ -184,6 +184,10 @@ def datatype_of(array: np.ndarray) -> str:
     raise InvalidInput(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype here")
 
 
+MAX_DIM_SIZE = 1 << 31
+"""Largest size of one dimension (no real tensor needs more; bigger ones could overflow numpy)."""
+
+
 def check_shape(shape: Sequence[int], where: str) -> tuple[list[int], int]:
     """Validate a tensor shape (non-negative dims, at most MAX_DIMS); returns (shape, element count)."""
     dims = [int(d) for d in shape]
@@ -191,6 +195,8 @@ def check_shape(shape: Sequence[int], where: str) -> tuple[list[int], int]:
         raise InvalidInput(f"{where} has {len(dims)} dimensions; at most {MAX_DIMS} are allowed")
     if any(d < 0 for d in dims):
         raise InvalidInput(f"{where} has a negative dimension in shape {dims}")
+    if any(d > MAX_DIM_SIZE for d in dims):
+        raise InvalidInput(f"{where} has a dimension above {MAX_DIM_SIZE} in shape {dims}")
     return dims, math.prod(dims)
 
 

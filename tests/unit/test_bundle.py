@@ -87,3 +87,32 @@ def test_missing_directory_and_file(tmp_path, bundle):
     (copy / "exits.safetensors").unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(copy)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p["input"].update(shape=[2, 28, 28], mean=[0.1, 0.1], std=[0.3, 0.3]), "cannot run model"),
+    (lambda p: p["input"].update(shape=[1, -28, 28]), "positive"),
+    (lambda p: p["input"].update(shape=[1, 100000, 100000]), "exceeds"),
+    (lambda p: p["input"].update(std=[0.0]), "std positive"),
+    (lambda p: p["input"].update(mean=[0.1, 0.2]), "per channel"),
+    (lambda p: p["input"].update(labels=["a", "b"]), "labels"),
+    (lambda p: p["exits"].append(dict(p["exits"][0])), "repeat"),
+    (lambda p: p["exits"][0].update(hidden=10**9), "schema"),
+    (lambda p: p["codec"].update(name="gzip"), "unknown codec"),
+    (lambda p: p["model"].update(factory="os:abort"), "explicit trust"),
+])
+def test_inconsistent_plan_is_refused_with_a_bundle_error(bundle, edit, match):
+    plan = json.loads((bundle / "plan.json").read_text())
+    edit(plan)
+    (bundle / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bundle)
+
+
+def test_trusted_factory_must_return_a_module(bundle, monkeypatch):
+    plan = json.loads((bundle / "plan.json").read_text())
+    plan["model"]["factory"] = "builtins:object"
+    (bundle / "plan.json").write_text(json.dumps(plan))
+    monkeypatch.setenv("SPLITINFER_TRUST_MODEL_FACTORY", "1")
+    with pytest.raises(BundleError, match="not an nn.Module"):
+        load_bundle(bundle)

@@ -356,3 +356,24 @@ def test_decompression_bomb_is_refused_before_decoding(spec, tmp_path: Path):
         decode_upload(data, spec)
     with pytest.raises(InputTooLarge, match="too large"):
         decode_upload(png_bytes(pixels((300, 300))), spec, max_image_pixels=10_000)
+
+
+def test_a_request_the_server_refuses_does_not_mark_it_down(base_bundle):
+    rt, client = make_runtime(with_plan(base_bundle, (1.01, 1.01)))
+    client.fail = InvalidInput("garbled uint8-affine payload")
+    res = rt.infer(sample(), "refused")
+    assert res.degraded and client.calls == 1
+    client.fail = None
+    res = rt.infer(sample(1), "next")  # the next request is offloaded at once: the server was never 'down'
+    assert res.decided_by == "cloud" and not res.degraded and client.calls == 2
+    rt.close()
+
+
+def test_inputs_driving_the_model_to_non_finite_values_are_refused(base_bundle):
+    rt, client = make_runtime(with_plan(base_bundle, (1.01, 1.01)))
+    huge = torch.full((1, 1, 28, 28), 3e38)
+    huge[..., ::2] = -3e38
+    with pytest.raises(InvalidInput, match="non-finite"):
+        rt.infer(huge, "huge")
+    assert client.calls == 0 and rt.status()["server"]["up"] is not False
+    rt.close()
