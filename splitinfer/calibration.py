@@ -14,7 +14,9 @@ Method (see docs/early-exit-calibration.md):
    tested with the exact binomial tail p-value ``P[Binomial(n, epsilon) <= k_j]`` (``k_j`` disagreements
    among ``n`` samples). Fixed-sequence testing rejects while ``p_j <= delta`` and stops at the first
    failure; every rejected configuration is certified with family-wise error ``<= delta``, because the
-   sequence was fixed before looking at the test part. The most aggressive certified one is returned.
+   sequence was fixed before looking at the test part. Among the certified configurations, the most
+   aggressive one whose disagreement on all calibration samples also stays within the test's acceptance
+   rate is returned (any certified one keeps the guarantee; this avoids ending on a lucky plateau).
 
 Assumption: calibration and live samples are exchangeable (i.i.d. from one distribution). Under drift the
 guarantee does not hold; the edge agent's drift monitor watches for it.
@@ -65,8 +67,10 @@ def binom_cdf(k: int, n: int, p: float) -> float:
     """Exact ``P[Binomial(n, p) <= k]`` (log-space sum; fine for n up to millions)."""
     if k < 0:
         return 0.0
-    if k >= n:
+    if k >= n or p <= 0.0:
         return 1.0
+    if p >= 1.0:
+        return 0.0
     logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
             + (n - i) * math.log1p(-p) for i in range(k + 1)]
     m = max(logs)
@@ -189,6 +193,34 @@ def threshold_path(scores: ExitScores, steps: int = 400, max_disagreement: float
     return path
 
 
+def certify_along(path: list[list[float]], test_part: ExitScores, pooled: ExitScores, epsilon: float,
+                  delta: float) -> tuple[int, int, float]:
+    """Fixed-sequence testing along ``path`` on ``test_part``; returns (chosen index, length of the certified
+    prefix, chosen p-value).
+
+    ``path[0]`` (no exit fires) always passes when ``test_part`` is large enough. Every configuration in the
+    certified prefix carries the guarantee, so any of them may be chosen. The last one tends to end a plateau
+    of equal test-part counts, where the true risk has crept up unseen; so the most aggressive certified
+    configuration whose disagreement on all calibration samples (``pooled``) also stays within the test's
+    acceptance rate (largest count with p-value <= delta, over the test-part size) is chosen.
+    """
+    n_test = test_part.n
+    prefix: list[float] = []
+    for lam in path:
+        p = binom_cdf(evaluate(test_part, lam).disagreements, n_test, epsilon)
+        if p > delta:
+            break
+        prefix.append(p)
+    if not prefix:
+        raise CalibrationTooSmall("even 'no exit' cannot be certified: the test part is too small")
+    k_accept = max(k for k in range(n_test + 1) if binom_cdf(k, n_test, epsilon) <= delta)
+    chosen = 0
+    for j in range(len(prefix)):
+        if evaluate(pooled, path[j]).disagreements * n_test <= k_accept * pooled.n:
+            chosen = j
+    return chosen, len(prefix), prefix[chosen]
+
+
 @dataclass
 class Calibration:
     """The chosen thresholds and the evidence behind them."""
@@ -244,16 +276,10 @@ def calibrate(scores: ExitScores, epsilon: float, delta: float, score: str = "ma
     perm = np.random.default_rng(seed).permutation(n)
     path_part, test_part = scores.subset(perm[:n_path]), scores.subset(perm[n_path:])
     path = threshold_path(path_part)
-    chosen = evaluate(test_part, path[0])
-    chosen_p, certified = None, 0
-    for j, lam in enumerate(path):
-        out = evaluate(test_part, lam)
-        p = binom_cdf(out.disagreements, n_test, epsilon)
-        if p > delta:
-            break
-        chosen, chosen_p, certified = out, p, j
+    certified, prefix, chosen_p = certify_along(path, test_part, scores, epsilon, delta)
+    chosen = evaluate(test_part, path[certified])
     notes = []
-    if certified == 0:
+    if prefix == 1:
         notes.append("no exit configuration could be certified; all exits disabled")
     return Calibration("certified", score, epsilon, delta, scores.boundaries, chosen.thresholds, n_path, n_test,
                        chosen.disagreements, chosen_p, binom_upper_bound(chosen.disagreements, n_test, delta),
