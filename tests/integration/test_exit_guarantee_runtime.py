@@ -101,3 +101,21 @@ def test_calibrate_exits_refuses_a_too_small_calibration_set(planned, tmp_path):
     assert plan.exit_calibration.epsilon == 0.02 and plan.exit_calibration.score == "margin"
     assert all(e.score == "margin" for e in plan.exits)
     assert np.isclose(sum(cal.exit_rates), sum(plan.exit_calibration.exit_rates.values()), atol=1e-4)
+
+
+def test_calibrate_exits_cli_refuses_too_small_set_and_says_how_many(planned, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from partitioner.cli import app
+    from splitinfer.calibration import min_calibration_samples
+
+    copy = tmp_path / "cli"
+    shutil.copytree(planned.path, copy)
+    before = (copy / "plan.json").read_text()
+    result = CliRunner().invoke(app, ["calibrate-exits", "--bundle", str(copy), "--limit", "300"])
+    assert result.exit_code == 2
+    need = min_calibration_samples(0.01, 0.05)
+    assert f"needs at least {need} samples in the test part" in result.output
+    assert (copy / "plan.json").read_text() == before  # nothing written on refusal
