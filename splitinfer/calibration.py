@@ -214,10 +214,8 @@ def certify_along(path: list[list[float]], test_part: ExitScores, pooled: ExitSc
     if not prefix:
         raise CalibrationTooSmall("even 'no exit' cannot be certified: the test part is too small")
     k_accept = max(k for k in range(n_test + 1) if binom_cdf(k, n_test, epsilon) <= delta)
-    chosen = 0
-    for j in range(len(prefix)):
-        if evaluate(pooled, path[j]).disagreements * n_test <= k_accept * pooled.n:
-            chosen = j
+    chosen = next((j for j in range(len(prefix) - 1, 0, -1)
+                   if evaluate(pooled, path[j]).disagreements * n_test <= k_accept * pooled.n), 0)
     return chosen, len(prefix), prefix[chosen]
 
 
