@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,20 +28,11 @@ from splitinfer.bundle import load_bundle
 from splitinfer.codec import get_codec
 from splitinfer.errors import Unavailable
 from tests.conftest import make_test_bundle
+from tests.unit.test_edge_runtime import FakeResult as _Result
 
 REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
 MAX_UPLOAD = 256 * 1024
-
-
-@dataclass
-class _Result:
-    logits: np.ndarray
-    bytes_sent: int
-    bytes_received: int
-    server_queue_ms: float
-    server_compute_ms: float
-    round_trip_s: float
 
 
 class FakeCloud:
