@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from splitinfer.bundle import Bundle
-from splitinfer.codec import get_codec, shape_from_str
+from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput
 
 
@@ -91,9 +91,7 @@ class TailRuntime:
     def decode_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
                         split: int) -> torch.Tensor:
         """Decode a codec payload and check it is a ``[B, *boundary[split].shape]`` float tensor."""
-        if not isinstance(codec_name, str) or not codec_name:
-            raise InvalidInput(f"parameter 'codec' must name a codec, got {codec_name!r}")
-        codec = get_codec(codec_name)
+        codec = self.bundle.codec_for(codec_name, split)
         if "shape" in meta:  # cheap check before decoding (and allocating) anything
             self.check_meta_shape(meta["shape"], split)
         x = codec.decode(payload, dict(meta))

@@ -41,7 +41,6 @@ from edge_agent.metrics import OUTCOMES, EdgeMetrics
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.calibration import confidence
-from splitinfer.codec import get_codec
 from splitinfer.energy import DeviceProfile, get_profile
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
 
@@ -108,7 +107,7 @@ class EdgeRuntime:
         self.split = self.plan.split
         self.num_stages = bundle.staged.num_stages
         self.codec_name = self.plan.codec.name
-        self.codec = get_codec(self.codec_name)
+        self.codec = bundle.codec_for(self.codec_name, self.split)
         self.labels = list(self.plan.input.labels)
         self.thresholds = bundle.thresholds()
         self.head_exits = sorted(b for b in bundle.exits if 0 < b <= self.split and b in self.thresholds)

@@ -134,3 +134,82 @@ def calibrate_exits_cmd(
     for note in cal.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"updated {bundle / 'plan.json'}")
+
+
+@app.command("train-bottleneck")
+def train_bottleneck_cmd(
+    boundary: int = typer.Option(8, help="boundary of the default model where the bottleneck sits"),
+    channels: int = typer.Option(8, help="latent channels"),
+    bits: int = typer.Option(3, help="quantization bits per latent value (1-8)"),
+    hidden: int = typer.Option(64, help="hidden channels of encoder and decoder"),
+    stride: int = typer.Option(2, help="spatial downsampling of the latent (1, 2 or 4)"),
+    coder: str = typer.Option("ans", help="entropy coder: ans, zstd or raw"),
+    epochs_float: int = typer.Option(1, help="distillation epochs without rounding"),
+    epochs_qat: int = typer.Option(3, help="quantization-aware distillation epochs (straight-through rounding)"),
+    seed: int = typer.Option(0, help="random seed"),
+    threads: int = typer.Option(2, help="torch threads"),
+    train_limit: int = typer.Option(None, help="use only the first N training images"),
+    test_limit: int = typer.Option(None, help="evaluate on only the first N test images"),
+    out_dir: Path = typer.Option(None, help="where to write it (default: the packaged splitinfer/weights)"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Train the default model's learned bottleneck codec by distillation (no labels) and evaluate it."""
+    from partitioner.codec import save_bottleneck, train_default_bottleneck
+    from partitioner.weights import weights_dir
+    from splitinfer.bottleneck import DistillConfig
+
+    dcfg = DistillConfig(epochs_float=epochs_float, epochs_qat=epochs_qat, seed=seed, threads=threads)
+    try:
+        bn, report = train_default_bottleneck(boundary, channels, bits, dcfg, hidden, stride, coder, train_limit,
+                                              test_limit, data_dir, progress)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    report["command"] = (f"splitinfer plan train-bottleneck --boundary {boundary} --channels {channels} --bits {bits} "
+                         f"--hidden {hidden} --stride {stride} --coder {coder} --epochs-float {epochs_float} "
+                         f"--epochs-qat {epochs_qat} --seed {seed} --threads {threads}")
+    target = Path(out_dir or weights_dir())
+    save_bottleneck(target, bn, report)
+    t = report["test"]
+    typer.echo(f"bottleneck at boundary {boundary}: {t['bytes_mean']:.1f} B/sample "
+               f"({report['fp32_bytes'] / t['bytes_mean']:.0f}x below float32), test accuracy {t['accuracy']:.4f} "
+               f"(uncompressed {t['reference_accuracy']:.4f}), agreement {t['agreement']:.4f}; "
+               f"{report['seconds']:.0f} s; wrote {target}")
+
+
+@app.command("codec-sweep")
+def codec_sweep_cmd(
+    out: Path = typer.Option(..., help="JSON file to write"),
+    boundaries: str = typer.Option("8", help="comma-separated boundaries"),
+    channels: str = typer.Option("4,8", help="comma-separated latent channel counts"),
+    bits: str = typer.Option("2,3,4", help="comma-separated bit widths"),
+    epochs_float: int = typer.Option(1, help="distillation epochs without rounding, per trained bottleneck"),
+    epochs_qat: int = typer.Option(1, help="quantization-aware epochs, per (boundary, channels, bits)"),
+    train_limit: int = typer.Option(20000, help="training images per bottleneck"),
+    test_limit: int = typer.Option(None, help="test images to evaluate on"),
+    threads: int = typer.Option(2, help="torch threads"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    progress: bool = typer.Option(False, help="show progress bars"),
+) -> None:
+    """Rate-accuracy sweep over boundary x channels x bits: bytes per sample vs accuracy and agreement.
+
+    Every point also lists uint8-affine at the same boundary. `splitinfer plan report` plots the result.
+    """
+    from partitioner.sweep import run_sweep
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers") from exc
+
+    try:
+        result = run_sweep(ints(boundaries), ints(channels), ints(bits), epochs_float, epochs_qat, train_limit,
+                           test_limit, threads, data_dir, progress, echo=typer.echo)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(f"wrote {len(result['points'])} points to {out}")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from partitioner.cost import Link, estimate_all
+from partitioner.cost import Link, estimate_all, estimate_split
 from partitioner.profile import Profile, profile_model
 from partitioner.train import split_train_validation
 from partitioner.weights import load_default
+from splitinfer.bottleneck import LearnedCodec
 from splitinfer.bundle import (
     CodecSpec,
     ExitCalibrationSpec,
@@ -57,9 +58,9 @@ def _candidates(n: int, splits: str) -> list[int]:
 
 
 def best_split(estimates: list[SplitEstimate], candidates: list[int]) -> SplitEstimate:
-    """The candidate with the lowest expected latency (ties: the earlier split)."""
+    """The candidate with the lowest expected latency (ties: the earlier split, then fewer bytes)."""
     pool = [e for e in estimates if e.split in candidates]
-    return min(pool, key=lambda e: (e.expected_latency_ms, e.split))
+    return min(pool, key=lambda e: (e.expected_latency_ms, e.split, e.bytes_per_offload))
 
 
 def calibration_spec(cal: Calibration, scores: ExitScores) -> ExitCalibrationSpec:
@@ -78,15 +79,84 @@ def _agreement(scores: ExitScores, thresholds: dict[int, float], active: list[in
     return 1.0 - evaluate(scores, lam).disagreement
 
 
+@dataclass
+class LearnedCandidate:
+    """The committed bottleneck as a planning candidate: its codec, measured costs and validation figures."""
+
+    codec: LearnedCodec
+    profile: Profile | None
+    drop_points: float
+    agreement: float
+    notes: dict[str, float | int | str]
+
+    @property
+    def boundary(self) -> int:
+        return self.codec.boundary
+
+
+def _learned_candidate(staged, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate | None:
+    """Load the committed bottleneck (None when there is none), measure its bytes, time and accuracy on
+    validation images, and return a profile whose costs at its boundary are the learned codec's."""
+    import statistics
+    import time
+
+    from partitioner.codec import evaluate_codec, load_default_bottleneck
+    from splitinfer.errors import BundleError
+
+    try:
+        bn, _ = load_default_bottleneck()
+    except BundleError:
+        return None
+    codec = LearnedCodec(bn)
+    k = codec.boundary
+    n = min(limit, len(x_val))
+    ev = evaluate_codec(staged, codec, k, x_val[:n], np.asarray(y_val[:n], dtype=np.int64))
+    feats = staged.run(x_val[:1], 0, k).detach()
+    enc, dec = [], []
+    for _ in range(max(10, repeats)):
+        t0 = time.perf_counter()
+        payload, meta = codec.encode(feats)
+        t1 = time.perf_counter()
+        codec.decode(payload, meta)
+        enc.append(t1 - t0)
+        dec.append(time.perf_counter() - t1)
+    return LearnedCandidate(codec=codec, profile=None, drop_points=100 * (ev.reference_accuracy - ev.accuracy),
+                            agreement=ev.agreement,
+                            notes={"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
+                                   "validation_accuracy": round(ev.accuracy, 5),
+                                   "validation_agreement": round(ev.agreement, 5),
+                                   "validation_drop_points": round(100 * (ev.reference_accuracy - ev.accuracy), 3),
+                                   "encode_ms": round(statistics.median(enc) * 1e3, 4),
+                                   "decode_ms": round(statistics.median(dec) * 1e3, 4)})
+
+
+def _with_codec_at(prof: Profile, lc: LearnedCandidate) -> Profile:
+    """A copy of ``prof`` whose payload size and codec times at the learned codec's boundary are its own."""
+    import dataclasses
+
+    k = lc.boundary
+    p = dataclasses.replace(prof, encode_ms=list(prof.encode_ms), decode_ms=list(prof.decode_ms),
+                            payload_bytes=list(prof.payload_bytes))
+    p.payload_bytes[k] = int(round(float(lc.notes["bytes_mean"])))
+    p.encode_ms[k] = float(lc.notes["encode_ms"])
+    p.decode_ms[k] = float(lc.notes["decode_ms"])
+    return p
+
+
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
                       splits: str = "all", epsilon: float = 0.01, delta: float = 0.05, repeats: int = 30,
                       data_dir: str | None = None, weights: Path | None = None, codec: str = "uint8-affine",
                       validation_limit: int | None = None, score: str = "max_softmax",
-                      calibration_mode: str = "certified") -> PlanResult:
+                      calibration_mode: str = "certified", learned_codec: bool = True,
+                      max_codec_drop: float = 1.0) -> PlanResult:
     """Plan the embedded default model for one link condition and write the bundle to ``out``.
 
     Exit thresholds are calibrated on the validation images (carved from the training set) so that the
     disagreement with the full model is at most ``epsilon`` with probability ``1 - delta`` (certified mode).
+
+    With ``learned_codec`` the committed bottleneck codec is a candidate at its boundary, next to ``codec``
+    at every boundary, provided its accuracy drop on the validation images is at most ``max_codec_drop``
+    points; the bundle then carries it, whichever split wins.
     """
     model, staged, exits, info = load_default(weights)
     train = load_fashion_mnist("train", data_dir)
@@ -100,17 +170,41 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     exit_rates = dict(zip(cal.boundaries, cal.exit_rates, strict=True))
 
     prof = profile_model(staged, exits, get_codec(codec), x_val[:1], repeats=repeats, threads=1)
-    estimates = estimate_all(prof, prof, exit_rates, link, edge_slowdown, device)
-    chosen = best_split(estimates, _candidates(staged.num_stages, splits))
+    candidates = _candidates(staged.num_stages, splits)
+    lc = _learned_candidate(staged, x_val, train.labels[va_idx], repeats) if learned_codec else None
+    if lc is not None:
+        lc.profile = _with_codec_at(prof, lc)
+    codec_notes: dict[str, str | float | int] = {}
+    if lc is not None:
+        codec_notes = {f"learned_codec_{k}": v for k, v in lc.notes.items()}
+        if lc.drop_points > max_codec_drop or lc.boundary not in candidates:
+            codec_notes["learned_codec_rejected"] = (
+                f"validation accuracy drop {lc.drop_points:.2f} points > {max_codec_drop}"
+                if lc.drop_points > max_codec_drop else f"boundary {lc.boundary} is not a candidate split")
+            lc = None
+
+    def estimate(lk: Link) -> list[SplitEstimate]:
+        est = estimate_all(prof, prof, exit_rates, lk, edge_slowdown, device)
+        for e in est:
+            e.codec = codec
+        if lc is not None:
+            e = estimate_split(lc.boundary, lc.profile, lc.profile, exit_rates, lk, edge_slowdown, device)
+            e.codec = lc.codec.name
+            est.append(e)
+        return est
+
+    estimates = estimate(link)
+    chosen = best_split(estimates, candidates)
     agreement = _agreement(scores, thresholds, chosen.exits)
 
     points = []
     for bw in GRID_BANDWIDTHS:
         for rtt in GRID_RTTS:
-            est = estimate_all(prof, prof, exit_rates, Link(bw, rtt), edge_slowdown, device)
-            best = best_split(est, _candidates(staged.num_stages, splits))
+            best = best_split(estimate(Link(bw, rtt)), candidates)
             pt_agree = _agreement(scores, thresholds, best.exits)
-            points.append(OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=best.split, codec=codec,
+            if best.codec != codec and lc is not None:
+                pt_agree *= lc.agreement  # offloaded samples also pass the learned codec (approximation)
+            points.append(OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=best.split, codec=best.codec,
                                          exits=best.exits, expected_latency_ms=best.expected_latency_ms,
                                          expected_bytes=best.bytes_per_offload * best.offload_rate,
                                          expected_agreement=round(pt_agree, 5)))
@@ -120,7 +214,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     plan = new_plan(
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
-        split=chosen.split, codec=CodecSpec(name=codec), exits=exit_specs,
+        split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs,
+        learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
         exit_calibration=calibration_spec(cal, scores),
         estimates=estimates, operating_points=points,
         notes={
@@ -129,11 +224,13 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
             "epsilon": epsilon, "delta": delta, "validation_images": len(va_idx),
             "validation_agreement": round(agreement, 5), "profiled_on": prof.machine,
             "weights_test_accuracy": float(info.get("test_accuracy", 0.0)),
+            **codec_notes,
         },
     )
     for spec, ms in zip(plan.stages, prof.stage_ms, strict=True):
         spec.edge_ms = round(ms * edge_slowdown, 5)
         spec.server_ms = round(ms, 5)
-    path = save_bundle(out, plan, model, {b: exits[b] for b in sorted(exits)})
+    path = save_bundle(out, plan, model, {b: exits[b] for b in sorted(exits)},
+                       codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None)
     return PlanResult(plan=plan, profile=prof, estimates=estimates, chosen=chosen, validation_agreement=agreement,
                       path=path)

@@ -15,20 +15,24 @@ def split_table(result: PlanResult) -> str:
         "exits: " + ", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} (val exit rate {e.val_exit_rate:.1%})"
                               for e in plan.exits),
         "",
-        f"{'split':>5} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} {'xfer ms':>8} "
-        f"{'server ms':>9} {'E[lat] ms':>9}  exits",
+        f"{'split':>5} {'codec':>12} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} "
+        f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}  exits",
     ]
-    for e in result.estimates:
+    for e in sorted(result.estimates, key=lambda e: (e.split, e.codec)):
         shape = "x".join(str(s) for s in plan.boundaries[e.split].shape)
-        mark = " <- chosen" if e.split == result.chosen.split else ""
-        lines.append(f"{e.split:>5} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} {e.edge_ms:>8.2f} "
-                     f"{e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  {e.exits}{mark}")
+        mark = " <- chosen" if (e.split, e.codec) == (result.chosen.split, result.chosen.codec) else ""
+        lines.append(f"{e.split:>5} {e.codec:>12} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} "
+                     f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  "
+                     f"{e.exits}{mark}")
     lines.append("")
+    if "learned_codec_rejected" in plan.notes:
+        lines.append(f"note: learned codec not used: {plan.notes['learned_codec_rejected']}")
     overall = min(result.estimates, key=lambda e: (e.expected_latency_ms, e.split))
     if overall.split != result.chosen.split:
         kind = {0: " (cloud-only)", len(result.estimates) - 1: " (edge-only)"}.get(overall.split, "")
         lines.append(f"note: split {overall.split}{kind} would be faster ({overall.expected_latency_ms:.2f} ms) but "
                      f"is outside the splits considered ({plan.notes['splits_considered']})")
-    lines.append(f"bundle written to {result.path} (split {result.chosen.split}, validation agreement with the full "
+    lines.append(f"bundle written to {result.path} (split {result.chosen.split}, codec {result.chosen.codec}, "
+                 f"validation agreement of the exits with the full "
                  f"model {result.validation_agreement:.4f})")
     return "\n".join(lines)

@@ -6,6 +6,8 @@ A directory holding a versioned ``plan.json`` (validated with pydantic) and safe
                          split, operating points, and the sha256 of every other file
     model.safetensors    the model's weights
     exits.safetensors    the exit heads' weights (absent when the plan has no exits)
+    codec.safetensors    the learned bottleneck codec (encoder, quantizer ranges, probability tables,
+                         decoder), present when the plan carries one (``learned_codec``)
 
 Loading never executes pickled code: weights are read with safetensors only, every file's hash is
 checked, and a bundle holding a pickle payload (or anything else unexpected) is refused.
@@ -41,6 +43,8 @@ MAX_INPUT_ELEMENTS = 50_000_000
 TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
 MODEL_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
+CODEC_FILE = "codec.safetensors"
+LEARNED_CODECS = ("bottleneck",)
 
 
 class BaseModel(_PydanticBase):
@@ -137,9 +141,10 @@ class CodecSpec(BaseModel):
 
 
 class SplitEstimate(BaseModel):
-    """The planner's estimate for one split (every split is listed, the chosen one included)."""
+    """The planner's estimate for one split and codec (every split is listed, the chosen one included)."""
 
     split: int
+    codec: str = "uint8-affine"
     expected_latency_ms: float
     edge_ms: float
     transfer_ms: float
@@ -177,6 +182,7 @@ class Plan(BaseModel):
     exit_calibration: ExitCalibrationSpec | None = None
     split: int
     codec: CodecSpec
+    learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
     estimates: list[SplitEstimate] = Field(default_factory=list)
     operating_points: list[OperatingPoint] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
@@ -187,8 +193,21 @@ class Plan(BaseModel):
     def _known_codec(cls, codec: CodecSpec) -> CodecSpec:
         from splitinfer.codec import CODECS
 
-        if codec.name not in CODECS:
-            raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(sorted(CODECS))}")
+        known = sorted([*CODECS, *LEARNED_CODECS])
+        if codec.name not in known:
+            raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(known)}")
+        return codec
+
+    @field_validator("learned_codec")
+    @classmethod
+    def _known_learned_codec(cls, codec: CodecSpec | None) -> CodecSpec | None:
+        if codec is None:
+            return None
+        if codec.name not in LEARNED_CODECS:
+            raise ValueError(f"unknown learned codec {codec.name!r}; known: {', '.join(LEARNED_CODECS)}")
+        from splitinfer.bottleneck import BottleneckConfig
+
+        BottleneckConfig.from_params(codec.params)  # raises ValueError on incomplete params
         return codec
 
     @model_validator(mode="after")
@@ -198,6 +217,20 @@ class Plan(BaseModel):
         boundaries = [e.boundary for e in self.exits]
         if len(set(boundaries)) != len(boundaries):
             raise ValueError(f"exit boundaries repeat: {boundaries}")
+        lc = self.learned_codec
+        uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
+        for split, name in uses:
+            if name not in LEARNED_CODECS:
+                continue
+            if lc is None or lc.name != name:
+                raise ValueError(f"the plan uses codec {name!r}, which this bundle does not carry")
+            at = int(lc.params["boundary"])
+            if split != at:
+                raise ValueError(f"the {name} codec works at boundary {at} only; the plan uses it at split {split}")
+        if lc is not None:
+            at = int(lc.params["boundary"])
+            if not 0 < at < len(self.boundaries) - 1:
+                raise ValueError(f"learned codec boundary {at} is not an interior boundary")
         return self
 
 
@@ -209,10 +242,28 @@ class Bundle:
     plan: Plan
     staged: StagedModel
     exits: dict[int, ExitHead]
+    learned_codec: object | None = None  # splitinfer.bottleneck.LearnedCodec when the plan carries one
 
     @property
     def num_stages(self) -> int:
         return self.staged.num_stages
+
+    def codec_for(self, name: object, split: int | None = None):
+        """The codec instance called ``name``: a generic one, or the bundle's learned codec (which only
+        works at its own boundary). Raises InvalidInput for anything else."""
+        from splitinfer.codec import get_codec
+        from splitinfer.errors import InvalidInput
+
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"parameter 'codec' must name a codec, got {name!r}")
+        if name in LEARNED_CODECS:
+            lc = self.learned_codec
+            if lc is None or lc.name != name:
+                raise InvalidInput(f"codec {name!r} is not in this bundle")
+            if split is not None and split != lc.boundary:
+                raise InvalidInput(f"codec {name!r} works at boundary {lc.boundary} only, not at split {split}")
+            return lc
+        return get_codec(name)
 
     def thresholds(self) -> dict[int, float]:
         return {e.boundary: e.threshold for e in self.plan.exits}
@@ -281,8 +332,14 @@ def build_from_spec(spec: ModelSpec, trust_factory: bool = False) -> torch.nn.Mo
         raise BundleError(str(exc)) from exc
 
 
-def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead]) -> Path:
-    """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes."""
+def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead],
+                codec_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes.
+
+    ``codec_state`` holds the learned codec's tensors (required when the plan's codec is a learned one).
+    """
+    if (plan.learned_codec is not None) != (codec_state is not None):
+        raise BundleError("a plan with a learned codec needs its weights (codec_state), and only such a plan")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / MODEL_FILE))
@@ -293,6 +350,11 @@ def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dic
         files[EXITS_FILE] = sha256_file(path / EXITS_FILE)
     elif (path / EXITS_FILE).exists():
         (path / EXITS_FILE).unlink()
+    if codec_state is not None:
+        save_file({k: v.detach().contiguous() for k, v in codec_state.items()}, str(path / CODEC_FILE))
+        files[CODEC_FILE] = sha256_file(path / CODEC_FILE)
+    elif (path / CODEC_FILE).exists():
+        (path / CODEC_FILE).unlink()
     plan = plan.model_copy(update={"files": files})
     (path / PLAN_FILE).write_text(plan.model_dump_json(indent=2) + "\n")
     return path
@@ -390,7 +452,25 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
             except RuntimeError as exc:
                 raise BundleError(f"exit weights for boundary {spec.boundary} do not fit: {exc}") from exc
             exits[spec.boundary] = head.eval()
-    return Bundle(path=path, plan=plan, staged=staged, exits=exits)
+    return Bundle(path=path, plan=plan, staged=staged, exits=exits, learned_codec=_load_learned_codec(path, plan))
+
+
+def _load_learned_codec(path: Path, plan: Plan):
+    """The plan's learned codec built from ``codec.safetensors`` (None when the plan carries none)."""
+    if plan.learned_codec is None:
+        return None
+    from splitinfer.bottleneck import Bottleneck, BottleneckConfig, LearnedCodec
+
+    if CODEC_FILE not in plan.files:
+        raise BundleError(f"plan carries codec {plan.learned_codec.name!r} but lists no {CODEC_FILE}")
+    cfg = BottleneckConfig.from_params(plan.learned_codec.params)
+    if list(cfg.in_shape) != list(plan.boundaries[cfg.boundary].shape):
+        raise BundleError(f"bottleneck input shape {list(cfg.in_shape)} does not match boundary {cfg.boundary} "
+                          f"({plan.boundaries[cfg.boundary].shape})")
+    try:
+        return LearnedCodec(Bottleneck.from_state(cfg, _load_safetensors(path / CODEC_FILE)))
+    except (RuntimeError, ValueError) as exc:
+        raise BundleError(f"codec weights in {CODEC_FILE} do not fit the plan's bottleneck: {exc}") from exc
 
 
 def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split: int, codec: CodecSpec,

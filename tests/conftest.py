@@ -34,6 +34,41 @@ def make_test_bundle(path: Path, split: int = TEST_SPLIT, thresholds: tuple[floa
     return save_bundle(path, plan, model, exits)
 
 
+LEARNED_SPLIT = 8  # boundary [48, 14, 14] after the first residual block
+
+
+def make_learned_bundle(path: Path, seed: int = 0, coder: str = "ans") -> Path:
+    """A bundle of the default architecture (random weights) whose split uses a learned bottleneck codec.
+
+    The bottleneck is not trained (no time in unit tests) but is fully calibrated: quantizer ranges and
+    probability tables are fitted on random inputs, exactly as after training.
+    """
+    from splitinfer.bottleneck import BottleneckConfig, DistillConfig, train_bottleneck
+
+    torch.manual_seed(seed)
+    model = build_default().eval()
+    staged = stage_model(model, torch.zeros(1, 1, 28, 28))
+    exits = {4: ExitHead(staged.boundaries[4].shape, 10).eval()}
+    cfg = BottleneckConfig(boundary=LEARNED_SPLIT, in_shape=tuple(staged.boundaries[LEARNED_SPLIT].shape),
+                           channels=4, bits=3, hidden=16, coder=coder)
+    bn, _ = train_bottleneck(staged, cfg, torch.randn(64, 1, 28, 28), DistillConfig(epochs_float=0, epochs_qat=0),
+                             progress=False)
+    plan = new_plan(
+        "default", staged,
+        InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
+        split=LEARNED_SPLIT, codec=CodecSpec(name="bottleneck"),
+        learned_codec=CodecSpec(name="bottleneck", params=cfg.to_params()),
+        exits=[ExitSpec(boundary=4, threshold=0.999)],
+    )
+    return save_bundle(path, plan, model, exits, codec_state=bn.state_for_bundle())
+
+
+@pytest.fixture(scope="session")
+def learned_bundle_dir(tmp_path_factory) -> Path:
+    """Session-wide bundle with a learned bottleneck codec at split 8 (random weights)."""
+    return make_learned_bundle(tmp_path_factory.mktemp("learned") / "default")
+
+
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
     """Session-wide test bundle (random weights, split 9, exits at 4 and 8 with threshold 0.5)."""
