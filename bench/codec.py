@@ -102,7 +102,8 @@ def codec_timing(codec, feats: torch.Tensor, reps: int = 400) -> dict:
         enc.append(t1 - t0)
         dec.append(t2 - t1)
         both.append(t2 - t0)
-    return {"encode_ms_p50": round(statistics.median(enc) * 1e3, 4), "decode_ms_p50": round(statistics.median(dec) * 1e3, 4),
+    return {"encode_ms_p50": round(statistics.median(enc) * 1e3, 4),
+            "decode_ms_p50": round(statistics.median(dec) * 1e3, 4),
             "encode_decode_ms_p50": round(statistics.median(both) * 1e3, 4)}
 
 
@@ -168,8 +169,7 @@ def resnet50_int8(rounds: int) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     staged = stage_model(model, torch.zeros(1, 3, 224, 224))
-    split = next(b.index for b in staged.boundaries if b.node.startswith("layer2") and b.index
-                 and staged.boundaries[b.index + 1].node.startswith("layer3"))
+    split = max(b.index for b in staged.boundaries if b.node.startswith("layer2_"))  # the end of layer2
     head = torch.nn.Sequential(*staged.stages[:split]).eval()
     calib = [torch.randn(4, 3, 224, 224) for _ in range(4)]
     q = quantize_int8(head, calib)
@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
     model, staged, _, _ = load_default()
     bn, bn_info = load_default_bottleneck()
     k = bn.cfg.boundary
-    n = staged.num_stages
     x_te, y_te = test_images(limit=args.test_limit)
     with torch.inference_mode():
         feats = torch.cat([staged.run(x_te[i : i + 1000], 0, k) for i in range(0, len(x_te), 1000)])
@@ -271,18 +270,19 @@ def main(argv: list[str] | None = None) -> dict:
         ev["ratio_vs_fp32"] = round(fp32_bytes / ev["bytes_mean"], 2)
         rows[name] = ev
         print(f"{name:>24}: {ev['bytes_mean']:9.1f} B  x{ev['ratio_vs_fp32']:>7.1f}  acc {ev['accuracy']:.4f} "
-              f"(drop {ev['drop_points']:+.2f})  agree {ev['agreement']:.4f}  enc+dec {ev['encode_decode_ms_p50']:.3f} ms",
-              flush=True)
+              f"(drop {ev['drop_points']:+.2f})  agree {ev['agreement']:.4f}  "
+              f"enc+dec {ev['encode_decode_ms_p50']:.3f} ms", flush=True)
     images = image_baselines(staged, args.test_limit)
     print(f"{'png':>24}: {images['png']['bytes_mean']:9.1f} B   jpeg q90: {images['jpeg_q90']['bytes_mean']:.1f} B "
           f"acc {images['jpeg_q90']['accuracy']:.4f}", flush=True)
     heads = default_heads(staged, model, k, x_te, y_te, args.prune_ratio, args.prune_epochs, args.prune_train)
-    print(f"default head: int8 drop {heads['int8']['drop_points']:+.2f} pt, x{heads['int8']['speedup']:.2f}; pruned "
-          f"{heads['pruned']['mac_reduction']:.1%} fewer MACs, drop {heads['pruned']['drop_points']:+.2f} pt", flush=True)
+    print(f"default head: int8 drop {heads['int8']['drop_points']:+.2f} pt, x{heads['int8']['speedup']:.2f}; "
+          f"pruned {heads['pruned']['mac_reduction']:.1%} fewer MACs, drop {heads['pruned']['drop_points']:+.2f} pt",
+          flush=True)
     r50 = None if args.skip_resnet50 else resnet50_int8(rounds=5)
     if r50:
-        print(f"resnet50 head (split {r50['split']}): fp32 {r50['fp32_ms_p50']:.2f} ms, int8 {r50['int8_ms_p50']:.2f} ms,"
-              f" x{r50['speedup']:.2f}", flush=True)
+        print(f"resnet50 head (split {r50['split']}): fp32 {r50['fp32_ms_p50']:.2f} ms, "
+              f"int8 {r50['int8_ms_p50']:.2f} ms, x{r50['speedup']:.2f}", flush=True)
 
     ours = {n_: r for n_, r in rows.items() if n_.startswith("ours_")}
     within = {n_: r for n_, r in ours.items() if r["drop_points"] <= 1.0}

@@ -71,10 +71,13 @@ def make_cmd(
     score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
     calibration_mode: str = typer.Option("certified", help="'certified' (guarantee) or 'empirical' (none)"),
     repeats: int = typer.Option(30, help="timed runs per stage (the median is used)"),
+    learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
+    max_codec_drop: float = typer.Option(1.0, help="accept the learned codec only if its validation accuracy drop "
+                                                   "is at most this many points"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
 ) -> None:
-    """Profile each stage here, estimate every split's end-to-end latency, write the bundle with the best."""
+    """Profile each stage here, estimate every (split, codec)'s end-to-end latency, write the bundle with the best."""
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.report import split_table
@@ -91,12 +94,13 @@ def make_cmd(
     slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev else 1.0)
     try:
         result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir, score=score,
-                                   calibration_mode=calibration_mode)
+                                   calibration_mode=calibration_mode, learned_codec=learned_codec,
+                                   max_codec_drop=max_codec_drop)
     except (ValueError, SplitInferError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
-        typer.echo(json.dumps({"split": result.chosen.split, "bundle": str(result.path),
+        typer.echo(json.dumps({"split": result.chosen.split, "codec": result.chosen.codec, "bundle": str(result.path),
                                "estimates": [e.model_dump() for e in result.estimates]}, indent=2))
     else:
         typer.echo(split_table(result))
@@ -213,3 +217,39 @@ def codec_sweep_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"wrote {len(result['points'])} points to {out}")
+
+
+@app.command("report")
+def report_cmd(
+    directory: Path = typer.Argument(..., help="a bundle directory and/or a folder holding codec_sweep.json"),
+    out: Path = typer.Option(None, help="where to write the PNGs (default: DIRECTORY)"),
+) -> None:
+    """Print a bundle's operating points and write PNG plots: bytes per boundary, and rate vs accuracy of a
+    codec sweep (``codec_sweep.json`` in DIRECTORY, from ``splitinfer plan codec-sweep``)."""
+    from partitioner.plots import bytes_per_boundary_plot, rate_accuracy_plot
+    from splitinfer.bundle import PLAN_FILE, read_plan
+    from splitinfer.errors import BundleError
+
+    out = out or directory
+    out.mkdir(parents=True, exist_ok=True)
+    wrote = []
+    if (directory / PLAN_FILE).is_file():
+        try:
+            plan = read_plan(directory)
+        except BundleError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(f"{'bandwidth':>10} {'RTT ms':>7} {'split':>5} {'codec':>12} {'E[lat] ms':>9} "
+                   f"{'E[bytes]':>9}  exits")
+        for p in plan.operating_points:
+            typer.echo(f"{p.bandwidth_bps / 1e6:>7g} Mb {p.rtt_ms:>7g} {p.split:>5} {p.codec:>12} "
+                       f"{p.expected_latency_ms:>9.2f} {p.expected_bytes:>9.1f}  {p.exits}")
+        wrote.append(bytes_per_boundary_plot(plan, out / "bytes_per_boundary.png"))
+    sweep_path = directory / "codec_sweep.json"
+    if sweep_path.is_file():
+        wrote.append(rate_accuracy_plot(json.loads(sweep_path.read_text()), out / "rate_accuracy.png"))
+    if not wrote:
+        typer.echo(f"error: {directory} holds neither plan.json nor codec_sweep.json", err=True)
+        raise typer.Exit(2)
+    for p in wrote:
+        typer.echo(f"wrote {p}")

@@ -25,7 +25,6 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import load_bundle
-from splitinfer.codec import get_codec
 from splitinfer.errors import Unavailable
 from tests.conftest import make_test_bundle
 from tests.unit.test_edge_runtime import FakeResult as _Result
@@ -47,7 +46,7 @@ class FakeCloud:
         if self.down:
             raise Unavailable("fake server down")
         with torch.inference_mode():
-            x = get_codec(codec).decode(payload, meta)
+            x = self.bundle.codec_for(codec, split).decode(payload, meta)
             logits = self.bundle.staged.run(x, split, self.bundle.num_stages).numpy()
         return _Result(logits, len(payload) + 100, 60, 0.1, 0.9, 0.003)
 

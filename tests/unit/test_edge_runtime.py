@@ -55,7 +55,7 @@ class FakeClient:
         self.calls += 1
         if self.fail is not None:
             raise self.fail
-        x = get_codec(codec).decode(payload, meta)
+        x = self.bundle.codec_for(codec, split).decode(payload, meta)
         with torch.inference_mode():
             logits = self.bundle.staged.run(x, split, self.bundle.num_stages).numpy()
         if self.bad_logits:

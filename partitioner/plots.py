@@ -1,0 +1,68 @@
+"""PNG plots for ``splitinfer plan report`` (matplotlib, Agg backend; nothing is shown on screen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from splitinfer.bundle import Plan
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def rate_accuracy_plot(sweep: dict, path: Path) -> Path:
+    """Bytes per sample (log) vs accuracy for every sweep point (PTQ and QAT) and the references."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("ptq", "o"), ("qat", "s")):
+        pts = [(p[kind]["bytes_mean"], p[kind]["accuracy"], p) for p in sweep["points"] if kind in p]
+        if pts:
+            ax.scatter([b for b, _, _ in pts], [a for _, a, _ in pts], marker=marker, label=f"learned ({kind})")
+            for b, a, p in pts:
+                ax.annotate(f"b{p['boundary']} c{p['channels']} {p['bits']}bit", (b, a), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    for ref in sweep.get("references", []):
+        ax.scatter([ref["bytes_mean"]], [ref["accuracy"]], marker="x", color="k")
+        ax.annotate(f"{ref['codec']} @{ref['boundary']}", (ref["bytes_mean"], ref["accuracy"]), fontsize=6)
+        ax.scatter([ref["fp32_bytes"]], [ref["reference_accuracy"]], marker="^", color="gray")
+        ax.annotate(f"float32 @{ref['boundary']}", (ref["fp32_bytes"], ref["reference_accuracy"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per offloaded sample")
+    ax.set_ylabel("top-1 accuracy (test)")
+    ax.set_title("rate vs accuracy of feature codecs (default model)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def bytes_per_boundary_plot(plan: Plan, path: Path) -> Path:
+    """float32 bytes and the planned payload bytes at every boundary (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    idx = [b.index for b in plan.boundaries]
+    ax.semilogy(idx, [b.fp32_bytes for b in plan.boundaries], "o-", label="float32")
+    by_codec: dict[str, list[tuple[int, int]]] = {}
+    for e in plan.estimates:
+        if e.bytes_per_offload:
+            by_codec.setdefault(e.codec, []).append((e.split, e.bytes_per_offload))
+    for name, pts in sorted(by_codec.items()):
+        pts.sort()
+        ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "s" if len(pts) == 1 else "x-", label=name)
+    ax.set_xlabel("boundary")
+    ax.set_ylabel("bytes per sample")
+    ax.set_title(f"bytes per boundary ({plan.model.name})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
