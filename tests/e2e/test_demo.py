@@ -27,6 +27,10 @@ def test_demo_json_summary(tmp_path):
     assert s["offloaded"] > 0
     assert s["degraded"] == 0
     assert 0 < s["bytes_per_offloaded"] < s["feature_bytes_fp32"]
+    # the plan carries the committed learned codec and the planner picks it for the demo's link and device:
+    # even with gRPC framing, an offloaded request is >= 64x smaller than its float32 features
+    assert s["codec"] == "bottleneck"
+    assert s["bytes_per_offloaded"] * 64 <= s["feature_bytes_fp32"]
     assert s["energy_j_per_request"] > 0
     assert {"head", "total"} <= set(s["latency_ms"])
     # the daemons' own counters agree with the answers
