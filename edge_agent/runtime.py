@@ -111,6 +111,7 @@ class EdgeRuntime:
         self.labels = list(self.plan.input.labels)
         self.thresholds = bundle.thresholds()
         self.head_exits = sorted(b for b in bundle.exits if 0 < b <= self.split and b in self.thresholds)
+        self.head = bundle.edge_head()  # the staged model (fp32) or an int8 head cut at the exits and the split
         self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
         cal = self.plan.exit_calibration
         first_is_calibrated = bool(cal and self.head_exits and self.head_exits[0] == min(cal.exit_rates, default=-1))
@@ -168,7 +169,7 @@ class EdgeRuntime:
             prev = 0
             for b in self.head_exits:
                 t = time.perf_counter()
-                h = self._finite(staged.run(h, prev, b), b)
+                h = self._finite(self.head.run(h, prev, b), b)
                 lat["head"] += time.perf_counter() - t
                 prev = b
                 t = time.perf_counter()
@@ -186,7 +187,7 @@ class EdgeRuntime:
                                         time.thread_time() - cpu_start)
             self._observe_drift(first_score, None)
             t = time.perf_counter()
-            h = self._finite(staged.run(h, prev, self.split), self.split)
+            h = self._finite(self.head.run(h, prev, self.split), self.split)
             lat["head"] += time.perf_counter() - t
             if self.split == self.num_stages:
                 conf, label = self._top1(h)

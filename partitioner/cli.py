@@ -74,6 +74,9 @@ def make_cmd(
     learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
     max_codec_drop: float = typer.Option(1.0, help="accept the learned codec only if its validation accuracy drop "
                                                    "is at most this many points"),
+    head: str = typer.Option("fp32", help="edge head: fp32, int8 (post-training quantized), or auto (int8 when "
+                                          "faster here and within --max-head-drop)"),
+    max_head_drop: float = typer.Option(0.5, help="max validation accuracy drop (points) of an int8 head for auto"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
 ) -> None:
@@ -95,7 +98,7 @@ def make_cmd(
     try:
         result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir, score=score,
                                    calibration_mode=calibration_mode, learned_codec=learned_codec,
-                                   max_codec_drop=max_codec_drop)
+                                   max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop)
     except (ValueError, SplitInferError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -143,12 +143,59 @@ def _with_codec_at(prof: Profile, lc: LearnedCandidate) -> Profile:
     return p
 
 
+def choose_head(staged, plan: Plan, x_val, y_val, head: str, max_drop: float, data_dir: str | None, seed: int,
+                calibration_images: int = 256, limit: int = 2000):
+    """Quantize the plan's head to int8 (segments at its exits and split), measure its validation accuracy and
+    batch-1 time against fp32; returns the HeadSpec to record and the calibration inputs."""
+    import statistics
+    import time
+
+    import torch
+
+    from splitinfer.bundle import HeadSpec
+    from splitinfer.compress import int8_head
+
+    train = load_fashion_mnist("train", data_dir)
+    tr_idx, _ = split_train_validation(len(train), seed)
+    calib = to_model_input(train.images[tr_idx[:calibration_images]], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    cuts = sorted({0, plan.split, *(e.boundary for e in plan.exits if e.boundary < plan.split)})
+    q = int8_head(staged, plan.split, calib, cuts)
+    n, k = min(limit, len(x_val)), plan.split
+    y = np.asarray(y_val[:n])
+    with torch.inference_mode():
+        ref = staged.run(staged.run(x_val[:n], 0, k), k, staged.num_stages).argmax(1).numpy()
+        out = staged.run(q(x_val[:n]), k, staged.num_stages).argmax(1).numpy()
+        fp32_head = torch.nn.Sequential(*staged.stages[:k])
+        times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(5):
+                for name, fn in (("fp32", fp32_head), ("int8", q)):
+                    t0 = time.perf_counter()
+                    for i in range(20):
+                        fn(x_val[i : i + 1])
+                    times[name].append((time.perf_counter() - t0) / 20)
+        finally:
+            torch.set_num_threads(prev)
+    drop = 100 * (float((ref == y).mean()) - float((out == y).mean()))
+    fp_ms, q_ms = (statistics.median(times[n_]) * 1e3 for n_ in ("fp32", "int8"))
+    notes = {"validation_drop_points": round(drop, 3), "agreement": round(float((out == ref).mean()), 5),
+             "fp32_ms": round(fp_ms, 4), "int8_ms": round(q_ms, 4), "speedup": round(fp_ms / q_ms, 3)}
+    use = head == "int8" or (drop <= max_drop and fp_ms / q_ms >= 1.05)
+    if head == "auto" and not use:
+        notes["rejected"] = f"drop {drop:.2f} points (max {max_drop}), speed-up x{fp_ms / q_ms:.2f} (min x1.05)"
+    if not use:
+        return HeadSpec(kind="fp32", notes=notes), None
+    return HeadSpec(kind="int8", cuts=cuts, calibration_images=len(calib), notes=notes), calib
+
+
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
                       splits: str = "all", epsilon: float = 0.01, delta: float = 0.05, repeats: int = 30,
                       data_dir: str | None = None, weights: Path | None = None, codec: str = "uint8-affine",
                       validation_limit: int | None = None, score: str = "max_softmax",
                       calibration_mode: str = "certified", learned_codec: bool = True,
-                      max_codec_drop: float = 1.0) -> PlanResult:
+                      max_codec_drop: float = 1.0, head: str = "fp32", max_head_drop: float = 0.5) -> PlanResult:
     """Plan the embedded default model for one link condition and write the bundle to ``out``.
 
     Exit thresholds are calibrated on the validation images (carved from the training set) so that the
@@ -157,7 +204,12 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     With ``learned_codec`` the committed bottleneck codec is a candidate at its boundary, next to ``codec``
     at every boundary, provided its accuracy drop on the validation images is at most ``max_codec_drop``
     points; the bundle then carries it, whichever split wins.
+
+    ``head``: ``fp32``, ``int8`` (quantize the chosen split's head), or ``auto`` (int8 when it is measured
+    faster here and its validation accuracy drop is at most ``max_head_drop`` points).
     """
+    if head not in ("fp32", "int8", "auto"):
+        raise ValueError(f"head must be fp32, int8 or auto, not {head!r}")
     model, staged, exits, info = load_default(weights)
     train = load_fashion_mnist("train", data_dir)
     _, va_idx = split_train_validation(len(train), int(info["config"]["seed"]))
@@ -230,7 +282,13 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     for spec, ms in zip(plan.stages, prof.stage_ms, strict=True):
         spec.edge_ms = round(ms * edge_slowdown, 5)
         spec.server_ms = round(ms, 5)
+    calib = None
+    if head != "fp32" and chosen.split > 0:
+        spec, calib = choose_head(staged, plan, x_val, train.labels[va_idx], head, max_head_drop, data_dir,
+                                  int(info["config"]["seed"]))
+        plan = plan.model_copy(update={"head": spec})
     path = save_bundle(out, plan, model, {b: exits[b] for b in sorted(exits)},
-                       codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None)
+                       codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None,
+                       head_calibration=calib if plan.head.kind == "int8" else None)
     return PlanResult(plan=plan, profile=prof, estimates=estimates, chosen=chosen, validation_agreement=agreement,
                       path=path)

@@ -25,6 +25,12 @@ def split_table(result: PlanResult) -> str:
                      f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  "
                      f"{e.exits}{mark}")
     lines.append("")
+    if plan.head.kind != "fp32" or plan.head.notes:
+        hn = plan.head.notes
+        lines.append(f"edge head: {plan.head.kind}" + (f" (int8 measured x{hn['speedup']} vs fp32 here, validation "
+                                                        f"drop {hn['validation_drop_points']} points"
+                                                        + (f"; not used: {hn['rejected']}" if "rejected" in hn else "")
+                                                        + ")" if "speedup" in hn else ""))
     if "learned_codec_rejected" in plan.notes:
         lines.append(f"note: learned codec not used: {plan.notes['learned_codec_rejected']}")
     overall = min(result.estimates, key=lambda e: (e.expected_latency_ms, e.split))

@@ -8,6 +8,9 @@ A directory holding a versioned ``plan.json`` (validated with pydantic) and safe
     exits.safetensors    the exit heads' weights (absent when the plan has no exits)
     codec.safetensors    the learned bottleneck codec (encoder, quantizer ranges, probability tables,
                          decoder), present when the plan carries one (``learned_codec``)
+    head_calibration.safetensors
+                         calibration inputs of an int8 head (``head.kind == "int8"``): the edge quantizes
+                         its head from them at start-up (quantized tensors do not fit safetensors)
 
 Loading never executes pickled code: weights are read with safetensors only, every file's hash is
 checked, and a bundle holding a pickle payload (or anything else unexpected) is refused.
@@ -44,6 +47,7 @@ TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
 MODEL_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
 CODEC_FILE = "codec.safetensors"
+HEAD_CALIBRATION_FILE = "head_calibration.safetensors"
 LEARNED_CODECS = ("bottleneck",)
 
 
@@ -168,6 +172,16 @@ class OperatingPoint(BaseModel):
     expected_agreement: float | None = None
 
 
+class HeadSpec(BaseModel):
+    """How the edge runs its head: float32 as trained, or int8 (post-training static quantization, per
+    segment between ``cuts``: 0, every exit boundary before the split, and the split)."""
+
+    kind: Literal["fp32", "int8"] = "fp32"
+    cuts: list[int] = Field(default_factory=list)
+    calibration_images: int = 0
+    notes: dict[str, float | int | str] = Field(default_factory=dict)
+
+
 class Plan(BaseModel):
     """``plan.json``. Versioned: a loader refuses a format or version it does not know."""
 
@@ -183,6 +197,7 @@ class Plan(BaseModel):
     split: int
     codec: CodecSpec
     learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
+    head: HeadSpec = Field(default_factory=HeadSpec)
     estimates: list[SplitEstimate] = Field(default_factory=list)
     operating_points: list[OperatingPoint] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
@@ -231,6 +246,11 @@ class Plan(BaseModel):
             at = int(lc.params["boundary"])
             if not 0 < at < len(self.boundaries) - 1:
                 raise ValueError(f"learned codec boundary {at} is not an interior boundary")
+        if self.head.kind == "int8":
+            expected = sorted({0, self.split, *(e.boundary for e in self.exits if e.boundary < self.split)})
+            if self.head.cuts != expected:
+                raise ValueError(f"int8 head cuts {self.head.cuts} must be {expected} (0, exits before the split, "
+                                 "the split)")
         return self
 
 
@@ -243,6 +263,23 @@ class Bundle:
     staged: StagedModel
     exits: dict[int, ExitHead]
     learned_codec: object | None = None  # splitinfer.bottleneck.LearnedCodec when the plan carries one
+    _edge_head: object | None = None
+
+    def edge_head(self):
+        """What the edge runs its head with: the staged model itself (fp32), or for an int8 plan a
+        :class:`~splitinfer.compress.SegmentedHead` quantized now from the bundled calibration inputs (built
+        once, a few seconds). Both offer ``run(x, start, end)`` between the plan's exit boundaries and split."""
+        if self.plan.head.kind == "fp32":
+            return self.staged
+        if self._edge_head is None:
+            from splitinfer.compress import int8_head
+
+            calib = _load_safetensors(self.path / HEAD_CALIBRATION_FILE).get("x")
+            if calib is None or list(calib.shape[1:]) != list(self.plan.input.shape):
+                raise BundleError(f"{HEAD_CALIBRATION_FILE} must hold a tensor 'x' of shape [N, "
+                                  f"{', '.join(map(str, self.plan.input.shape))}]")
+            self._edge_head = int8_head(self.staged, self.plan.split, calib.to(torch.float32), self.plan.head.cuts)
+        return self._edge_head
 
     @property
     def num_stages(self) -> int:
@@ -333,11 +370,15 @@ def build_from_spec(spec: ModelSpec, trust_factory: bool = False) -> torch.nn.Mo
 
 
 def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead],
-                codec_state: dict[str, torch.Tensor] | None = None) -> Path:
+                codec_state: dict[str, torch.Tensor] | None = None,
+                head_calibration: torch.Tensor | None = None) -> Path:
     """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes.
 
-    ``codec_state`` holds the learned codec's tensors (required when the plan's codec is a learned one).
+    ``codec_state`` holds the learned codec's tensors (required when the plan carries a learned codec);
+    ``head_calibration`` the int8 head's calibration inputs (required when ``plan.head.kind == "int8"``).
     """
+    if (plan.head.kind == "int8") != (head_calibration is not None):
+        raise BundleError("an int8 head needs its calibration inputs (head_calibration), and only an int8 head")
     if (plan.learned_codec is not None) != (codec_state is not None):
         raise BundleError("a plan with a learned codec needs its weights (codec_state), and only such a plan")
     path = Path(path)
@@ -355,6 +396,11 @@ def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dic
         files[CODEC_FILE] = sha256_file(path / CODEC_FILE)
     elif (path / CODEC_FILE).exists():
         (path / CODEC_FILE).unlink()
+    if head_calibration is not None:
+        save_file({"x": head_calibration.detach().to(torch.float32).contiguous()}, str(path / HEAD_CALIBRATION_FILE))
+        files[HEAD_CALIBRATION_FILE] = sha256_file(path / HEAD_CALIBRATION_FILE)
+    elif (path / HEAD_CALIBRATION_FILE).exists():
+        (path / HEAD_CALIBRATION_FILE).unlink()
     plan = plan.model_copy(update={"files": files})
     (path / PLAN_FILE).write_text(plan.model_dump_json(indent=2) + "\n")
     return path
@@ -452,6 +498,8 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
             except RuntimeError as exc:
                 raise BundleError(f"exit weights for boundary {spec.boundary} do not fit: {exc}") from exc
             exits[spec.boundary] = head.eval()
+    if plan.head.kind == "int8" and HEAD_CALIBRATION_FILE not in plan.files:
+        raise BundleError(f"plan has an int8 head but lists no {HEAD_CALIBRATION_FILE}")
     return Bundle(path=path, plan=plan, staged=staged, exits=exits, learned_codec=_load_learned_codec(path, plan))
 
 
