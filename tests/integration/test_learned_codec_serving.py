@@ -78,3 +78,12 @@ def test_edge_runtime_offloads_with_the_learned_codec(learned_bundle_dir, server
     assert cloud, [r.outcome for r in results]
     uint8_bytes = bundle.staged.boundaries[LEARNED_SPLIT].numel + 8 * 48
     assert all(r.bytes_sent < uint8_bytes // 4 for r in cloud)
+
+
+def test_server_refuses_batches_above_its_limit_from_the_payload_header(learned_bundle_dir, client):
+    bundle = load_bundle(learned_bundle_dir)
+    codec = bundle.codec_for("bottleneck", LEARNED_SPLIT)
+    with torch.inference_mode():
+        payload, meta = codec.encode(bundle.staged.run(torch.randn(5, 1, 28, 28), 0, LEARNED_SPLIT))
+    with pytest.raises(InvalidInput, match="batch 5 outside 1..4"):  # the test server runs with max_batch 4
+        client.infer_features(payload, meta, LEARNED_SPLIT, "bottleneck")
