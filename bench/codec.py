@@ -11,8 +11,9 @@ treated as offloaded and encoded on its own (batch 1):
 Per codec: mean bytes per sample, top-1 accuracy, agreement with the uncompressed model, encode and decode
 time (median per sample, 1 torch thread). "Drop" is in accuracy points versus the uncompressed model.
 
-Heads (split at the bottleneck's boundary for the default model; resnet50 at 224x224 cut after ``layer2``,
-random weights): fp32, int8 (FX post-training quantization, x86), and for the default model a pruned head
+Heads (default model: split ``--head-split``, 8 by default: stem, downsampling and the 14x14 residual block;
+the head before the codec's boundary 6 has no stage-internal channels to prune. resnet50 at 224x224 cut after
+``layer2``, random weights): fp32, int8 (FX post-training quantization, x86), and for the default model a pruned head
 (stage-internal channels removed, then distillation fine-tuning): accuracy, MACs, size, latency (batch 1,
 1 thread, medians; fp32 and int8 alternate in the same run).
 
@@ -189,7 +190,7 @@ def default_heads(staged, model, split: int, x_te, y_te, prune_ratio: float, pru
     """fp32, int8 and pruned heads of the default model at ``split`` (tail fp32, unchanged)."""
     n = staged.num_stages
     calib = default_train_images(limit=512)
-    q = int8_head(staged, split, calib, cuts=[3, 6])
+    q = int8_head(staged, split, calib, cuts=[3, 6])  # the default exits before the split stay float
     head = torch.nn.Sequential(*staged.stages[:split]).eval()
 
     def accuracy(run_head) -> tuple[float, float]:
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--test-limit", type=int, default=None, help="test images (default: all 10,000)")
     ap.add_argument("--bits", default="2,4,6", help="extra bit widths for the re-quantized rate points")
+    ap.add_argument("--head-split", type=int, default=8, help="split of the default model's compressed heads")
     ap.add_argument("--prune-ratio", type=float, default=0.67)
     ap.add_argument("--prune-epochs", type=int, default=2)
     ap.add_argument("--prune-train", type=int, default=None, help="training images for the pruned head's distillation")
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = image_baselines(staged, args.test_limit)
     print(f"{'png':>24}: {images['png']['bytes_mean']:9.1f} B   jpeg q90: {images['jpeg_q90']['bytes_mean']:.1f} B "
           f"acc {images['jpeg_q90']['accuracy']:.4f}", flush=True)
-    heads = default_heads(staged, model, k, x_te, y_te, args.prune_ratio, args.prune_epochs, args.prune_train)
+    heads = default_heads(staged, model, args.head_split, x_te, y_te, args.prune_ratio, args.prune_epochs,
+                          args.prune_train)
     print(f"default head: int8 drop {heads['int8']['drop_points']:+.2f} pt, x{heads['int8']['speedup']:.2f}; "
           f"pruned {heads['pruned']['mac_reduction']:.1%} fewer MACs, drop {heads['pruned']['drop_points']:+.2f} pt",
           flush=True)

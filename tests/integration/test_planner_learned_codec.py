@@ -1,0 +1,39 @@
+"""The planner with the committed learned codec: a candidate at its boundary, carried by the bundle, and
+rejected when its measured accuracy drop exceeds the limit."""
+
+import pytest
+
+from partitioner.cost import Link
+from partitioner.make import make_default_plan
+from splitinfer.bundle import load_bundle
+from splitinfer.data import fashion_mnist_dir
+
+pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def test_plan_considers_and_carries_the_learned_codec(tmp_path):
+    result = make_default_plan(tmp_path / "b", Link(0.5e6, 0.005), splits="interior", repeats=3,
+                               validation_limit=1000)
+    plan = result.plan
+    assert plan.learned_codec is not None
+    at = int(plan.learned_codec.params["boundary"])
+    learned = [e for e in result.estimates if e.codec == "bottleneck"]
+    generic = {e.split: e for e in result.estimates if e.codec == "uint8-affine"}
+    assert [e.split for e in learned] == [at]
+    assert learned[0].bytes_per_offload * 20 < generic[at].bytes_per_offload
+    assert 0 <= plan.notes["learned_codec_validation_drop_points"] <= 1.0
+    assert any(p.codec == "bottleneck" for p in plan.operating_points)
+    bundle = load_bundle(result.path)
+    assert bundle.learned_codec is not None and bundle.learned_codec.boundary == at
+    if plan.codec.name == "bottleneck":
+        assert plan.split == at
+
+
+def test_learned_codec_is_rejected_above_the_accuracy_limit(tmp_path):
+    result = make_default_plan(tmp_path / "b", Link(0.5e6, 0.005), splits="interior", repeats=3,
+                               validation_limit=1000, max_codec_drop=-100.0)
+    assert result.plan.learned_codec is None
+    assert "accuracy drop" in result.plan.notes["learned_codec_rejected"]
+    assert all(e.codec == "uint8-affine" for e in result.estimates)
+    assert load_bundle(result.path).learned_codec is None
