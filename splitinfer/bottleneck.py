@@ -221,41 +221,68 @@ class LearnedCodec:
 
     ``meta`` carries nothing but the codec version: shapes are fixed by the bundle and the batch size is in
     the payload header.
+
+    ``backend``: ``"onnxruntime"`` runs the (folded) encoder and decoder with ONNX Runtime, exported in memory
+    when the codec is built — about 4x faster than eager torch for these tiny networks at batch 1, which
+    keeps encode + decode under a millisecond; ``"torch"`` runs them eagerly; ``"auto"`` (default) takes ONNX
+    Runtime when it imports and exports, else torch. Symbols can differ between backends only where a latent
+    value lies within float rounding of a quantization step's midpoint.
     """
 
     name = CODEC_NAME
 
-    def __init__(self, bottleneck: Bottleneck, max_batch: int = 1024):
+    def __init__(self, bottleneck: Bottleneck, max_batch: int = 1024, backend: str = "auto"):
+        if backend not in ("auto", "onnxruntime", "torch"):
+            raise ValueError(f"backend must be auto, onnxruntime or torch, not {backend!r}")
         self.bottleneck = bottleneck.eval()
         self.cfg = bottleneck.cfg
+        self.levels = bottleneck.quantizer.levels
         self._encoder = fuse_bn(bottleneck.encoder)
         self._decoder = fuse_bn(bottleneck.decoder)
         self._fold_quantizer()
         self.coder = SymbolCoder(self.cfg.latent_shape, self.cfg.bits, bottleneck.tables.numpy(), self.cfg.coder,
                                  max_batch=max_batch)
+        self._ort_encoder = self._ort_decoder = None
+        self.backend = "torch"
+        if backend != "torch":
+            try:
+                self._ort_encoder = _ort_session(self._encoder, torch.zeros(1, *self.cfg.in_shape))
+                self._ort_decoder = _ort_session(self._decoder, torch.zeros(1, *self.cfg.latent_shape))
+                self.backend = "onnxruntime"
+            except Exception:  # onnxruntime missing or export unsupported here: eager torch still works
+                if backend == "onnxruntime":
+                    raise
 
     @property
     def boundary(self) -> int:
         return self.cfg.boundary
 
-    @torch.inference_mode()
+    def _latent(self, x: torch.Tensor) -> np.ndarray:
+        """Encoder output in quantizer units (see _fold_quantizer), as float32 numpy."""
+        if self._ort_encoder is not None:
+            return self._ort_encoder.run(None, {"x": x.contiguous().numpy()})[0]
+        with torch.inference_mode():
+            return self._encoder(x).numpy()
+
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
         x = tensor.detach().to(torch.float32)
         if list(x.shape[1:]) != list(self.cfg.in_shape):
             raise InvalidInput(f"bottleneck at boundary {self.cfg.boundary} takes [B, "
                                f"{', '.join(map(str, self.cfg.in_shape))}] features, got {list(x.shape)}")
-        u = self._encoder(x)  # already in quantizer units (see _fold_quantizer)
+        u = self._latent(x)
         if not math.isfinite(float(u.sum())):  # NaN/inf in the features propagate to the latent's sum
             raise InvalidInput("cannot encode features holding NaN or infinite values")
-        sym = u.clamp_(0, self.bottleneck.quantizer.levels - 1).round_().to(torch.uint8)
-        return self.coder.encode(sym.numpy()), {"v": 1}
+        sym = np.rint(np.clip(u, 0, self.levels - 1)).astype(np.uint8)
+        return self.coder.encode(sym), {"v": 1}
 
-    @torch.inference_mode()
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
         if meta.get("v", 1) != 1:
             raise InvalidInput(f"bottleneck codec meta version {meta.get('v')!r} is not 1")
-        sym = torch.from_numpy(self.coder.decode(payload).astype(np.float32))
-        return self._decoder(sym)  # de-quantization is folded into the decoder's first convolution
+        sym = self.coder.decode(payload).astype(np.float32)
+        if self._ort_decoder is not None:  # de-quantization is folded into the decoder's first convolution
+            return torch.from_numpy(self._ort_decoder.run(None, {"x": sym})[0])
+        with torch.inference_mode():
+            return self._decoder(torch.from_numpy(sym))
 
     def _fold_quantizer(self) -> None:
         """Fold the quantizer's per-channel affine maps into the adjacent 1x1 convolutions: the encoder's last
@@ -274,9 +301,27 @@ class LearnedCodec:
 
     def symbols(self, x: torch.Tensor) -> np.ndarray:
         """Quantized symbols of features ``x`` (for rate measurement)."""
-        with torch.inference_mode():
-            u = self._encoder(x)
-            return u.clamp_(0, self.bottleneck.quantizer.levels - 1).round_().to(torch.uint8).numpy()
+        return np.rint(np.clip(self._latent(x.detach().to(torch.float32)), 0, self.levels - 1)).astype(np.uint8)
+
+
+def _ort_session(module: nn.Module, example: torch.Tensor):
+    """An ONNX Runtime session (1 thread) for ``module``, exported in memory with a dynamic batch dimension."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a bundle
+        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
 
 def fuse_bn(module: nn.Module) -> nn.Module:

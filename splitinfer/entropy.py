@@ -88,10 +88,13 @@ class SymbolCoder:
         if tables is not None:
             # one probability row per symbol of one sample, in C order (channel-major)
             spatial = self.per_sample // self.sample_shape[0]
-            self._rows = np.repeat(tables.astype(np.float32), spatial, axis=0)
+            self._rows = np.ascontiguousarray(np.repeat(tables.astype(np.float32), spatial, axis=0))
         else:
             self._rows = None
         self._ans_model = None
+
+    def _rows_for(self, batch: int) -> np.ndarray:
+        return self._rows if batch == 1 else np.tile(self._rows, (batch, 1))
 
     # ---------------------------------------------------------------- encode
 
@@ -103,7 +106,7 @@ class SymbolCoder:
         if not 1 <= batch <= min(self.max_batch, 0xFFFF):
             raise InvalidInput(f"batch {batch} outside 1..{min(self.max_batch, 0xFFFF)}")
         flat = symbols.reshape(-1)
-        if flat.min() < 0 or flat.max() >= self.levels:
+        if (flat.dtype != np.uint8 and flat.min() < 0) or flat.max() >= self.levels:
             raise InvalidInput(f"symbols outside 0..{self.levels - 1}")
         if self.coder == "raw":
             body = self._pack(flat.astype(np.uint8))
@@ -113,8 +116,8 @@ class SymbolCoder:
             import constriction
 
             enc = constriction.stream.stack.AnsCoder()
-            enc.encode_reverse(flat.astype(np.int32), self._model(), np.tile(self._rows, (batch, 1)))
-            body = enc.get_compressed().astype("<u4").tobytes()
+            enc.encode_reverse(flat.astype(np.int32), self._model(), self._rows_for(batch))
+            body = enc.get_compressed().tobytes()  # uint32 words, little endian on every supported machine
         head = HEADER.pack(MAGIC, PAYLOAD_VERSION, CODERS[self.coder], batch, 0)[:5]
         return head + zlib.crc32(body, zlib.crc32(head)).to_bytes(4, "little") + body
 
@@ -186,10 +189,10 @@ class SymbolCoder:
 
         if len(body) % 4:
             raise InvalidInput(f"ans payload body has {len(body)} bytes, not a whole number of 32-bit words")
-        words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
+        words = np.frombuffer(body, dtype=np.uint32)
         dec = constriction.stream.stack.AnsCoder(words)
         try:
-            flat = dec.decode(self._model(), np.tile(self._rows, (batch, 1)))
+            flat = dec.decode(self._model(), self._rows_for(batch))
         except Exception as exc:  # constriction raises ValueError/AssertionError on inconsistent streams
             raise InvalidInput(f"garbled ans payload: {exc}") from None
         if not dec.is_empty():

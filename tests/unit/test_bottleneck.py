@@ -57,7 +57,7 @@ def test_folded_inference_codec_matches_the_training_graph(shape, stride):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
-    codec = LearnedCodec(bn)
+    codec = LearnedCodec(bn, backend="torch")
     x = torch.randn(3, *shape)
     with torch.no_grad():
         sym_ref = bn.quantizer.to_symbols(bn.encoder(x))
@@ -67,6 +67,22 @@ def test_folded_inference_codec_matches_the_training_graph(shape, stride):
     out = codec.decode(payload, meta)
     assert out.shape == (3, *shape)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_onnxruntime_backend_matches_eager_torch():
+    torch.manual_seed(2)
+    bn = Bottleneck(BottleneckConfig(boundary=6, in_shape=(48, 14, 14), channels=8, bits=3, hidden=16)).eval()
+    ort_codec, torch_codec = LearnedCodec(bn, backend="onnxruntime"), LearnedCodec(bn, backend="torch")
+    assert (ort_codec.backend, torch_codec.backend) == ("onnxruntime", "torch")
+    assert LearnedCodec(bn).backend == "onnxruntime"  # auto picks it when it is installed
+    x = torch.rand(4, 48, 14, 14)
+    s_ort, s_torch = ort_codec.symbols(x), torch_codec.symbols(x)
+    assert (s_ort != s_torch).mean() < 0.01  # only values within float rounding of a step midpoint may differ
+    payload, meta = torch_codec.encode(x)
+    torch.testing.assert_close(ort_codec.decode(payload, meta), torch_codec.decode(payload, meta),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        LearnedCodec(bn, backend="tvm")
 
 
 def test_encode_refuses_wrong_shapes_and_non_finite_features():
