@@ -16,6 +16,19 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend the axes, write the PNG and close the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def rate_accuracy_plot(sweep: dict, path: Path) -> Path:
     """Bytes per sample (log) vs accuracy for every sweep point (PTQ and QAT) and the references."""
     plt = _pyplot()
@@ -33,15 +46,8 @@ def rate_accuracy_plot(sweep: dict, path: Path) -> Path:
         ax.scatter([ref["fp32_bytes"]], [ref["reference_accuracy"]], marker="^", color="gray")
         ax.annotate(f"float32 @{ref['boundary']}", (ref["fp32_bytes"], ref["reference_accuracy"]), fontsize=6)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes per offloaded sample")
-    ax.set_ylabel("top-1 accuracy (test)")
-    ax.set_title("rate vs accuracy of feature codecs (default model)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "bytes per offloaded sample", "top-1 accuracy (test)",
+                 "rate vs accuracy of feature codecs (default model)")
 
 
 def bytes_per_boundary_plot(plan: Plan, path: Path) -> Path:
@@ -57,12 +63,4 @@ def bytes_per_boundary_plot(plan: Plan, path: Path) -> Path:
     for name, pts in sorted(by_codec.items()):
         pts.sort()
         ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "s" if len(pts) == 1 else "x-", label=name)
-    ax.set_xlabel("boundary")
-    ax.set_ylabel("bytes per sample")
-    ax.set_title(f"bytes per boundary ({plan.model.name})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "boundary", "bytes per sample", f"bytes per boundary ({plan.model.name})")

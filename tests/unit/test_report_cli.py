@@ -1,0 +1,43 @@
+"""`splitinfer plan report`: operating-point table and PNG plots from a bundle and a codec sweep."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from partitioner.cli import app
+from splitinfer.bundle import OperatingPoint, SplitEstimate, read_plan
+from tests.conftest import make_learned_bundle
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _sweep() -> dict:
+    ev = {"bytes_mean": 100.0, "accuracy": 0.91, "agreement": 0.96, "reference_accuracy": 0.93, "drop_points": 2.0}
+    return {"points": [{"boundary": 6, "channels": 8, "bits": 2, "fp32_bytes": 37632, "ptq": ev,
+                        "qat": {**ev, "accuracy": 0.92}}],
+            "references": [{"boundary": 6, "codec": "uint8-affine", "fp32_bytes": 37632, **ev, "bytes_mean": 9792.0}]}
+
+
+def test_report_writes_pngs_and_prints_operating_points(tmp_path):
+    d = make_learned_bundle(tmp_path / "b")
+    plan = read_plan(d)
+    plan = plan.model_copy(update={
+        "estimates": [SplitEstimate(split=6, codec="uint8-affine", expected_latency_ms=9.0, edge_ms=1, transfer_ms=2,
+                                    server_ms=1, bytes_per_offload=9792, offload_rate=0.5, exits=[])],
+        "operating_points": [OperatingPoint(bandwidth_bps=5e6, rtt_ms=20, split=8, codec="bottleneck", exits=[4],
+                                            expected_latency_ms=12.5, expected_bytes=60.0)]})
+    (d / "plan.json").write_text(plan.model_dump_json())
+    (d / "codec_sweep.json").write_text(json.dumps(_sweep()))
+    result = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "bottleneck" in result.output and "12.50" in result.output
+    for name in ("bytes_per_boundary.png", "rate_accuracy.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_on_an_empty_folder_fails_clearly(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "neither plan.json nor codec_sweep.json" in result.output
