@@ -87,3 +87,21 @@ def test_server_refuses_batches_above_its_limit_from_the_payload_header(learned_
         payload, meta = codec.encode(bundle.staged.run(torch.randn(5, 1, 28, 28), 0, LEARNED_SPLIT))
     with pytest.raises(InvalidInput, match="batch 5 outside 1..4"):  # the test server runs with max_batch 4
         client.infer_features(payload, meta, LEARNED_SPLIT, "bottleneck")
+
+
+def test_grpc_through_the_link_emulator(learned_bundle_dir, server):
+    from partitioner.linkemu import LinkSettings, start_in_thread
+
+    bundle = load_bundle(learned_bundle_dir)
+    codec = bundle.codec_for("bottleneck", LEARNED_SPLIT)
+    with torch.inference_mode():
+        payload, meta = codec.encode(bundle.staged.run(torch.randn(1, 1, 28, 28), 0, LEARNED_SPLIT))
+    with start_in_thread("127.0.0.1", server.port, LinkSettings(rate_bps=2e6, delay_s=0.02)) as emu:
+        c = CloudClient(f"127.0.0.1:{emu.port}", "default", timeout_s=10.0)
+        try:
+            results = [c.infer_features(payload, meta, LEARNED_SPLIT, "bottleneck") for _ in range(3)]
+        finally:
+            c.close()
+        assert emu.stats.bytes_up > 3 * len(payload)
+    assert all(r.logits.shape == (1, 10) for r in results)
+    assert min(r.round_trip_s for r in results) >= 0.04 * 0.98  # two one-way delays at least
