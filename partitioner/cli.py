@@ -188,7 +188,7 @@ def train_bottleneck_cmd(
 @app.command("codec-sweep")
 def codec_sweep_cmd(
     out: Path = typer.Option(..., help="JSON file to write"),
-    boundaries: str = typer.Option("8", help="comma-separated boundaries"),
+    boundaries: str = typer.Option("6", help="comma-separated boundaries"),
     channels: str = typer.Option("4,8", help="comma-separated latent channel counts"),
     bits: str = typer.Option("2,3,4", help="comma-separated bit widths"),
     epochs_float: int = typer.Option(1, help="distillation epochs without rounding, per trained bottleneck"),

@@ -17,7 +17,7 @@ import torch
 
 from partitioner.codec import default_train_images, evaluate_codec, test_images
 from partitioner.weights import load_default
-from splitinfer.bottleneck import BottleneckConfig, DistillConfig, LearnedCodec, train_bottleneck
+from splitinfer.bottleneck import BottleneckConfig, DistillConfig, LearnedCodec, requantize, train_bottleneck
 from splitinfer.codec import UInt8AffineCodec
 
 
@@ -41,6 +41,8 @@ def run_sweep(boundaries: list[int], channels: list[int], bits: list[int], epoch
     references: list[dict] = []
     for b in boundaries:
         shape = tuple(staged.boundaries[b].shape)
+        with torch.no_grad():
+            feats = torch.cat([staged.run(x_tr[i : i + 512], 0, b).clone() for i in range(0, len(x_tr), 512)])
         ref = evaluate_codec(staged, UInt8AffineCodec(), b, x_te, y_te).to_dict()
         references.append({"boundary": b, "codec": "uint8-affine", "fp32_bytes": staged.boundaries[b].fp32_bytes,
                            **ref})
@@ -51,8 +53,7 @@ def run_sweep(boundaries: list[int], channels: list[int], bits: list[int], epoch
             for q in bits:
                 cfg = replace(base_cfg, bits=q)
                 entry = {"boundary": b, "channels": c, "bits": q, "fp32_bytes": staged.boundaries[b].fp32_bytes}
-                ptq, _ = train_bottleneck(staged, cfg, x_tr, DistillConfig(epochs_float=0, epochs_qat=0),
-                                          progress=False, init=base)
+                ptq = requantize(base, q, feats)
                 entry["ptq"] = evaluate_codec(staged, LearnedCodec(ptq), b, x_te, y_te).to_dict()
                 if epochs_qat > 0:
                     qat, _ = train_bottleneck(staged, cfg, x_tr, DistillConfig(epochs_float=0, epochs_qat=epochs_qat),

@@ -192,6 +192,22 @@ class Bottleneck(nn.Module):
             z = self.quantizer(z)
         return self.decoder(z)
 
+    @torch.no_grad()
+    def latents(self, feats: torch.Tensor, batch: int = 512) -> torch.Tensor:
+        """Continuous encoder outputs for boundary features ``feats`` (in batches, no gradients)."""
+        return torch.cat([self.encoder(feats[i : i + batch]) for i in range(0, len(feats), batch)])
+
+    @torch.no_grad()
+    def calibrate(self, feats: torch.Tensor, ranges: bool = True) -> np.ndarray:
+        """Fit the quantizer's per-channel ranges (unless ``ranges`` is false) and the probability tables on
+        ``feats``; returns the symbols they produce."""
+        z = self.latents(feats)
+        if ranges:
+            self.quantizer.calibrate(z)
+        sym = self.quantizer.to_symbols(z).to(torch.uint8).numpy()
+        self.tables.copy_(torch.from_numpy(fit_tables(sym, self.quantizer.levels)))
+        return sym
+
     def macs(self) -> tuple[int, int]:
         """(encoder, decoder) multiply-accumulates per sample."""
         cin, _, _ = self.cfg.in_shape
@@ -415,10 +431,13 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
     if init is not None:
         keep = {k: v for k, v in init.state_dict().items() if k.startswith(("encoder.", "decoder."))}
         bn.load_state_dict(keep, strict=False)
-    with torch.no_grad():
-        tgt_feat = torch.cat([staged.run(feats[i : i + 512].clone(), k, m) for i in range(0, len(feats), 512)])
-        tgt_logits = torch.cat([staged.run(tgt_feat[i : i + 512].clone(), m, n) for i in range(0, len(feats), 512)])
-    feat_scale = float(tgt_feat.pow(2).mean()) or 1.0
+    tgt_feat = tgt_logits = torch.empty(0)
+    if dcfg.epochs_float + dcfg.epochs_qat > 0:  # teacher targets are needed only to train
+        with torch.no_grad():
+            tgt_feat = torch.cat([staged.run(feats[i : i + 512].clone(), k, m) for i in range(0, len(feats), 512)])
+            tgt_logits = torch.cat([staged.run(tgt_feat[i : i + 512].clone(), m, n)
+                                    for i in range(0, len(feats), 512)])
+    feat_scale = float(tgt_feat.pow(2).mean()) if tgt_feat.numel() else 1.0
     history = []
     total_epochs = dcfg.epochs_float + dcfg.epochs_qat
     steps_per_epoch = math.ceil(len(feats) / dcfg.batch_size)
@@ -430,9 +449,7 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
                 continue
             if phase == "qat":
                 bn.eval()
-                with torch.no_grad():
-                    bn.quantizer.calibrate(torch.cat([bn.encoder(feats[i : i + 512])
-                                                      for i in range(0, len(feats), 512)]))
+                bn.quantizer.calibrate(bn.latents(feats))
             bn.quantize = phase == "qat"
             lr = dcfg.lr if phase == "float" else dcfg.lr / 2
             opt = torch.optim.AdamW(bn.parameters(), lr=lr, weight_decay=1e-4)
@@ -457,14 +474,8 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
                 history.append({"phase": phase, "epoch": epoch + 1, "loss": round(total / count, 5)})
         bn.eval()
         bn.quantize = True
-        if dcfg.epochs_qat <= 0:  # post-training quantization only
-            with torch.no_grad():
-                bn.quantizer.calibrate(torch.cat([bn.encoder(feats[i : i + 512]) for i in range(0, len(feats), 512)]))
-        with torch.no_grad():
-            sym = torch.cat([bn.quantizer.to_symbols(bn.encoder(feats[i : i + 512]))
-                             for i in range(0, len(feats), 512)]).to(torch.uint8).numpy()
-        tables = fit_tables(sym, 1 << cfg.bits)
-        bn.tables.copy_(torch.from_numpy(tables))
+        sym = bn.calibrate(feats, ranges=dcfg.epochs_qat <= 0)  # QAT calibrated its ranges before fine-tuning
+        tables = bn.tables.numpy()
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
@@ -484,9 +495,5 @@ def requantize(bn: Bottleneck, bits: int, feats: torch.Tensor) -> Bottleneck:
     state = {k: v for k, v in bn.state_dict().items() if not k.startswith("quantizer.") and k != "tables"}
     out.load_state_dict(state, strict=False)
     out.eval()
-    with torch.no_grad():
-        z = torch.cat([out.encoder(feats[i : i + 512]) for i in range(0, len(feats), 512)])
-        out.quantizer.calibrate(z)
-        sym = out.quantizer.to_symbols(z).to(torch.uint8).numpy()
-    out.tables.copy_(torch.from_numpy(fit_tables(sym, 1 << bits)))
+    out.calibrate(feats)
     return out
