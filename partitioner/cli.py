@@ -57,15 +57,81 @@ def train_default_cmd(
     typer.echo(f"wrote weights to {target} in {report['total_seconds']:.0f} s")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} must be comma-separated integers") from exc
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@app.command("profile")
+def profile_cmd(
+    model: str = typer.Option("default", help="default, a torchvision name (resnet18, resnet50, mobilenet_v2, "
+                                              "mobilenet_v3_large, efficientnet_b0, vgg16) or package.module:function"),
+    out: Path = typer.Option(None, help="write the profile JSON here"),
+    threads: int = typer.Option(1, help="torch threads (1 for an edge profile; the server's worker threads)"),
+    batch_sizes: str = typer.Option("1", help="comma-separated batch sizes to time (a server: e.g. 1,2,4,8,16)"),
+    repeats: int = typer.Option(30, help="timed runs at batch 1 (after warm-up); larger batches use fewer"),
+    checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
+    codec: str = typer.Option("uint8-affine", help="codec timed at every boundary"),
+    as_json: bool = typer.Option(False, "--json", help="print the profile as JSON on stdout"),
+    progress: bool = typer.Option(True, help="show a progress bar (on stderr)"),
+) -> None:
+    """Measure a model on this machine: per-stage latency distributions (and per batch size), per-boundary
+    bytes and codec times, MACs and parameters per stage, the head's peak memory; machine and threads."""
+    from partitioner.profile import profile_model, save_profile
+    from partitioner.target import load_target
+    from splitinfer.codec import get_codec
+    from splitinfer.errors import SplitInferError
+
+    if threads < 1 or repeats < 1:
+        raise typer.BadParameter("threads and repeats must be at least 1")
+    try:
+        target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
+        prof = profile_model(target.staged, target.exits, get_codec(codec), target.example(), repeats=repeats,
+                             threads=threads, batch_sizes=tuple(_ints(batch_sizes)), model_name=target.name,
+                             progress=progress)
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    if out is not None:
+        save_profile(prof, out)
+    if as_json:
+        typer.echo(json.dumps(prof.to_dict(), indent=1))
+    else:
+        typer.echo(f"{target.name}: {prof.num_stages} stages, {prof.total_params:,} parameters, "
+                   f"{prof.total_macs / 1e9:.3f} GMACs, {sum(prof.stage_ms):.2f} ms at batch 1 "
+                   f"({threads} thread(s), {prof.machine})" + (f"; wrote {out}" if out else ""))
+
+
 @app.command("make")
 def make_cmd(
     out: Path = typer.Option(..., help="bundle directory to write"),
-    model: str = typer.Option("default", help="model to plan (v1: the embedded default)"),
+    model: str = typer.Option("default", help="default, a torchvision name or package.module:function"),
     bandwidth: str = typer.Option("5mbit", help="uplink bandwidth, e.g. 5mbit, 500kbit"),
     rtt: str = typer.Option("20ms", help="round-trip time, e.g. 20ms"),
+    loss: float = typer.Option(0.0, help="per-packet loss probability of the link (each loss costs ~one RTO)"),
+    overhead: int = typer.Option(None, help="per-request protocol overhead in bytes (`plan probe` measures it)"),
     device: str = typer.Option(None, help="edge device profile (energy, and its compute slowdown estimate)"),
-    edge_slowdown: float = typer.Option(None, help="edge compute time = this machine's x F (overrides --device's)"),
+    edge_slowdown: float = typer.Option(None, help="edge compute time = the edge profile's x F (overrides "
+                                                   "--device's; a quick estimate for a device you are not on)"),
+    edge_profile: Path = typer.Option(None, help="profile JSON measured on the edge device (default: measure here)"),
+    server_profile: Path = typer.Option(None, help="profile JSON measured on the server (default: measure here)"),
+    server_load: float = typer.Option(0.0, help="offloaded requests/s the server receives from all clients "
+                                                "(M/D/1 queueing)"),
+    objective: str = typer.Option("latency", help="latency, energy, bytes or weighted"),
+    weights: str = typer.Option(None, help="for --objective weighted: e.g. latency=1,energy=0.5,bytes=0.1"),
+    max_accuracy_drop: float = typer.Option(None, help="constraint: max estimated accuracy drop (points)"),
+    max_edge_memory: int = typer.Option(None, help="constraint: max edge memory (bytes: head weights + activations)"),
+    max_bytes: int = typer.Option(None, help="constraint: max payload bytes per offloaded request"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
+    checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
+    input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: 3,224,224)"),
     epsilon: float = typer.Option(0.01, help="exits may disagree with the full model on at most this fraction"),
     delta: float = typer.Option(0.05, help="... with probability at least 1 - delta (certified mode)"),
     score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
@@ -78,33 +144,56 @@ def make_cmd(
                                           "faster here and within --max-head-drop)"),
     max_head_drop: float = typer.Option(0.5, help="max validation accuracy drop (points) of an int8 head for auto"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+    progress: bool = typer.Option(True, help="show progress bars (on stderr)"),
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
 ) -> None:
-    """Profile each stage here, estimate every (split, codec)'s end-to-end latency, write the bundle with the best."""
-    from partitioner.cost import Link, parse_bandwidth, parse_duration
-    from partitioner.make import make_default_plan
+    """Profile (or read profiles), estimate every (split, codec, exits) configuration, choose one under the
+    objective and constraints, tabulate operating points over bandwidth x RTT, and write the bundle."""
+    from partitioner.cost import PROTOCOL_OVERHEAD_BYTES, Link, parse_bandwidth, parse_duration
+    from partitioner.make import PlanOptions, make_default_plan, make_model_plan
+    from partitioner.profile import load_profile
     from partitioner.report import split_table
-    from splitinfer.energy import get_profile
+    from partitioner.search import Constraints, Objective
+    from partitioner.target import load_target
+    from splitinfer.energy import DEFAULT_DEVICE, get_profile
     from splitinfer.errors import SplitInferError
 
-    if model != "default":
-        raise typer.BadParameter("v1 plans the embedded default model only", param_hint="--model")
     try:
-        link = Link(parse_bandwidth(bandwidth), parse_duration(rtt))
+        link = Link(parse_bandwidth(bandwidth), parse_duration(rtt), loss=loss,
+                    request_overhead=PROTOCOL_OVERHEAD_BYTES if overhead is None else overhead)
+        obj = Objective.parse(objective, weights)
         dev = get_profile(device) if device else None
+        if dev is None and (obj.kind == "energy" or "energy" in dict(obj.weights)):
+            dev = get_profile(DEFAULT_DEVICE)
+        cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev else 1.0)
+    slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev and not edge_profile
+                                                                else 1.0)
     try:
-        result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir, score=score,
-                                   calibration_mode=calibration_mode, learned_codec=learned_codec,
-                                   max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop)
+        eprof = load_profile(edge_profile) if edge_profile else None
+        sprof = load_profile(server_profile) if server_profile else None
+        if model == "default":
+            result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir,
+                                       score=score, calibration_mode=calibration_mode, learned_codec=learned_codec,
+                                       max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop,
+                                       objective=obj, constraints=cons, server_load_rps=server_load,
+                                       edge_profile=eprof, server_profile=sprof, progress=progress)
+        else:
+            if head != "fp32":
+                raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
+            target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
+            opts = PlanOptions(link=link, device=dev, edge_slowdown=slowdown, splits=splits, objective=obj,
+                               constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress)
+            result = make_model_plan(out, target, opts, eprof, sprof)
     except (ValueError, SplitInferError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(exc) from exc
     if as_json:
-        typer.echo(json.dumps({"split": result.chosen.split, "codec": result.chosen.codec, "bundle": str(result.path),
-                               "estimates": [e.model_dump() for e in result.estimates]}, indent=2))
+        typer.echo(json.dumps({"split": result.chosen.split, "codec": result.chosen.codec,
+                               "exits": result.chosen.exits, "bundle": str(result.path),
+                               "chosen": result.chosen.model_dump(),
+                               "estimates": [e.model_dump() for e in result.estimates],
+                               "pareto": [e.model_dump() for e in result.pareto or []]}, indent=2))
     else:
         typer.echo(split_table(result))
 

@@ -2,16 +2,26 @@
 
 For split ``k`` the edge runs stages ``[:k]`` and the exit heads at boundaries ``<= k`` (exits beyond the
 split are not on the device). A sample answered by exit ``b`` costs the head up to ``b`` plus every exit
-evaluated so far. The rest (fraction ``q``) also pays the remaining head, the encoding, the transfer
-(payload + protocol overhead at the link bandwidth), one RTT, decoding and the tail on the server::
+evaluated so far. The rest (fraction ``q``) also pays the remaining head, the encoding, the uplink transfer
+of the request (payload + per-message protocol overhead), one RTT, queueing and decoding and the tail on
+the server, and the downlink transfer of the response (the logits + overhead)::
 
-    E[latency] = sum_b p_b * t_b + q * (t_head(k) + t_exits(<=k) + encode + transfer + rtt + decode + tail)
+    E[latency] = sum_b p_b * t_b + q * (t_head(k) + t_exits(<=k) + encode + up + rtt + loss + wait + decode
+                                         + tail + down)
 
-Edge compute times are scaled by ``edge_slowdown`` (1 when planning for this machine).
+* ``loss``: with per-packet loss probability ``p`` a message of ``m`` packets is hit with probability
+  ``1 - (1 - p)^m``; each hit costs about one retransmission timeout (``max(200 ms, 2 RTT)``; TCP's minimum
+  RTO on Linux is 200 ms).
+* ``wait``: server queueing at a given load of ``lambda`` offloaded requests per second from all clients, an
+  M/D/1 queue with the tail's measured service time ``S``: ``rho S / (2 (1 - rho))``, ``rho = lambda S``
+  (no estimate when ``rho >= 1``: the server cannot keep up).
+
+Edge compute times are scaled by ``edge_slowdown`` (1 when the edge profile was measured on the edge).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -21,18 +31,55 @@ from splitinfer.energy import DeviceProfile
 
 # gRPC/HTTP2/OIP framing per offloaded request (headers, tensor metadata, parameters), measured on our
 # ModelInfer messages: serialized request minus payload is ~150 B, HTTP/2 frames and headers ~250 B.
+# `splitinfer plan probe` measures it on a real connection.
 PROTOCOL_OVERHEAD_BYTES = 400
+RESPONSE_OVERHEAD_BYTES = 300
+MSS_BYTES = 1448
+MIN_RTO_S = 0.2
 
 
 @dataclass(frozen=True)
 class Link:
-    """A network condition: uplink bandwidth (bit/s) and round-trip time (s)."""
+    """A network condition: uplink bandwidth (bit/s), round-trip time (s), per-packet loss probability,
+    downlink bandwidth (None: the same as the uplink) and per-message protocol overheads (bytes)."""
 
     bandwidth_bps: float
     rtt_s: float
+    loss: float = 0.0
+    down_bps: float | None = None
+    request_overhead: int = PROTOCOL_OVERHEAD_BYTES
+    response_overhead: int = RESPONSE_OVERHEAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0 or (self.down_bps is not None and not self.down_bps > 0):
+            raise ValueError("bandwidth must be positive")
+        if self.rtt_s < 0 or not 0 <= self.loss < 1:
+            raise ValueError("rtt must be >= 0 and loss within [0, 1)")
 
     def transfer_s(self, nbytes: int) -> float:
-        return (nbytes + PROTOCOL_OVERHEAD_BYTES) * 8 / self.bandwidth_bps
+        """Uplink serialization time of a request carrying ``nbytes`` of payload."""
+        return (nbytes + self.request_overhead) * 8 / self.bandwidth_bps
+
+    def response_s(self, nbytes: int) -> float:
+        """Downlink serialization time of a response carrying ``nbytes`` of payload."""
+        return (nbytes + self.response_overhead) * 8 / (self.down_bps or self.bandwidth_bps)
+
+    def loss_s(self, nbytes: int) -> float:
+        """Expected retransmission delay of one exchange moving ``nbytes`` in total."""
+        if self.loss <= 0:
+            return 0.0
+        packets = max(1, math.ceil(nbytes / MSS_BYTES))
+        return (1 - (1 - self.loss) ** packets) * max(MIN_RTO_S, 2 * self.rtt_s)
+
+
+def queue_wait_s(service_s: float, load_rps: float) -> float:
+    """M/D/1 mean waiting time at arrival rate ``load_rps``; ``inf`` when the server is saturated."""
+    if load_rps <= 0 or service_s <= 0:
+        return 0.0
+    rho = load_rps * service_s
+    if rho >= 1:
+        return math.inf
+    return rho * service_s / (2 * (1 - rho))
 
 
 _RATE = re.compile(r"^\s*([0-9.]+)\s*([kmg]?)(bit|bps|b)?(/s)?\s*$", re.IGNORECASE)
@@ -60,9 +107,10 @@ def parse_duration(text: str) -> float:
 
 
 def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int, float], link: Link,
-                   edge_slowdown: float = 1.0, device: DeviceProfile | None = None) -> SplitEstimate:
+                   edge_slowdown: float = 1.0, device: DeviceProfile | None = None,
+                   server_load_rps: float = 0.0) -> SplitEstimate:
     """Expected latency (ms), bytes and edge energy for split ``k`` given per-exit rates (fractions of all
-    samples answered at each exit, in boundary order)."""
+    samples answered at each exit, in boundary order) and the server's load (offloaded requests/s)."""
     n = len(edge.stage_ms)
     active = sorted(b for b in exit_rates if 0 < b <= k and b < n and b in edge.exit_ms)
     s = edge_slowdown
@@ -88,9 +136,13 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
     else:
         payload = edge.payload_bytes[k]
         enc_ms = s * edge.encode_ms[k]
+        out_bytes = server.output_bytes or edge.output_bytes
         transfer_ms = link.transfer_s(payload) * 1e3
-        server_ms = server.decode_ms[k] + sum(server.stage_ms[k:])
-        offload_ms = edge_ms + enc_ms + transfer_ms + link.rtt_s * 1e3 + server_ms
+        service_ms = server.decode_ms[k] + sum(server.stage_ms[k:])
+        server_ms = service_ms + queue_wait_s(service_ms / 1e3, server_load_rps) * 1e3
+        network_ms = (transfer_ms + link.rtt_s * 1e3 + link.response_s(out_bytes) * 1e3
+                      + link.loss_s(payload + out_bytes + link.request_overhead + link.response_overhead) * 1e3)
+        offload_ms = edge_ms + enc_ms + network_ms + server_ms
     expected += q * offload_ms
     compute_s += q * (edge_ms + enc_ms) / 1e3
     energy = None
@@ -105,7 +157,9 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
 
 
 def estimate_all(edge: Profile, server: Profile, exit_rates: dict[int, float], link: Link,
-                 edge_slowdown: float = 1.0, device: DeviceProfile | None = None) -> list[SplitEstimate]:
+                 edge_slowdown: float = 1.0, device: DeviceProfile | None = None,
+                 server_load_rps: float = 0.0) -> list[SplitEstimate]:
     """Estimates for every split 0..N."""
     n = len(edge.stage_ms)
-    return [estimate_split(k, edge, server, exit_rates, link, edge_slowdown, device) for k in range(n + 1)]
+    return [estimate_split(k, edge, server, exit_rates, link, edge_slowdown, device, server_load_rps)
+            for k in range(n + 1)]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from partitioner.cost import Link, estimate_all, estimate_split
+from partitioner.cost import Link
 from partitioner.profile import Profile, profile_model
+from partitioner.search import CodecOption, Constraints, ExitConfig, Objective, Planner, best
 from partitioner.train import split_train_validation
 from partitioner.weights import load_default
 from splitinfer.bottleneck import LearnedCodec
@@ -24,7 +25,7 @@ from splitinfer.bundle import (
     new_plan,
     save_bundle,
 )
-from splitinfer.calibration import Calibration, ExitScores, calibrate, collect_scores, evaluate
+from splitinfer.calibration import Calibration, ExitScores, apply, calibrate, collect_scores, evaluate
 from splitinfer.codec import get_codec
 from splitinfer.data import (
     FASHION_MNIST_CLASSES,
@@ -35,8 +36,8 @@ from splitinfer.data import (
 )
 from splitinfer.energy import DeviceProfile
 
-GRID_BANDWIDTHS = (0.5e6, 2e6, 5e6, 10e6, 50e6, 200e6)
-GRID_RTTS = (0.005, 0.020, 0.050, 0.150)
+GRID_BANDWIDTHS = (0.5e6, 1e6, 2e6, 5e6, 10e6, 20e6, 50e6, 100e6, 200e6)
+GRID_RTTS = (0.005, 0.020, 0.050, 0.100, 0.150)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class PlanResult:
     chosen: SplitEstimate
     validation_agreement: float
     path: Path
+    server_profile: Profile | None = None
+    pareto: list[SplitEstimate] | None = None
 
 
 def _candidates(n: int, splits: str) -> list[int]:
@@ -57,10 +60,33 @@ def _candidates(n: int, splits: str) -> list[int]:
     raise ValueError("splits must be 'all' or 'interior'")
 
 
-def best_split(estimates: list[SplitEstimate], candidates: list[int]) -> SplitEstimate:
-    """The candidate with the lowest expected latency (ties: the earlier split, then fewer bytes)."""
-    pool = [e for e in estimates if e.split in candidates]
-    return min(pool, key=lambda e: (e.expected_latency_ms, e.split, e.bytes_per_offload))
+def per_split(planner: Planner, link: Link, objective: Objective, constraints: Constraints) -> list[SplitEstimate]:
+    """For every (split, codec): its best exit subset under ``objective`` (feasible ones first)."""
+    groups: dict[tuple[int, str], list[SplitEstimate]] = {}
+    for e in planner.evaluate(link):
+        groups.setdefault((e.split, e.codec), []).append(e)
+    out = []
+    for key in sorted(groups):
+        ok = [e for e in groups[key] if constraints.admits(e)]
+        out.append(best(ok or groups[key], objective))
+    return out
+
+
+def exit_config_fn(scores: ExitScores, thresholds: dict[int, float], labels: np.ndarray):
+    """Exit rates, accuracy drop (points) and agreement of any subset of the calibrated exits, on validation
+    data (exits outside the subset never fire)."""
+    y = np.asarray(labels)
+    full_acc = float((scores.full_pred == y).mean())
+
+    def config(subset: tuple[int, ...]) -> ExitConfig:
+        lam = [thresholds[b] if b in subset else math.inf for b in scores.boundaries]
+        out = evaluate(scores, lam)
+        _, answer = apply(scores, lam)
+        rates = {b: r for b, r in zip(scores.boundaries, out.exit_rates, strict=True) if b in subset}
+        return ExitConfig(exits=subset, rates=rates, drop_points=100 * (full_acc - float((answer == y).mean())),
+                          agreement=1.0 - out.disagreement)
+
+    return config
 
 
 def calibration_spec(cal: Calibration, scores: ExitScores) -> ExitCalibrationSpec:
@@ -190,16 +216,98 @@ def choose_head(staged, plan: Plan, x_val, y_val, head: str, max_drop: float, da
     return HeadSpec(kind="int8", cuts=cuts, calibration_images=len(calib), notes=notes), calib
 
 
+@dataclass
+class PlanOptions:
+    """How to plan: the link, the edge device, objective and constraints, server load, candidate splits."""
+
+    link: Link
+    device: DeviceProfile | None = None
+    edge_slowdown: float = 1.0
+    splits: str = "all"
+    objective: Objective = Objective()
+    constraints: Constraints = Constraints()
+    server_load_rps: float = 0.0
+    repeats: int = 30
+    progress: bool = False
+
+
+def _profiles(staged, exits, codec: str, example, opts: PlanOptions, edge_profile: Profile | None,
+              server_profile: Profile | None, model_name: str) -> tuple[Profile, Profile]:
+    """The edge and server profiles: given (checked against the model) or measured here (1 thread, batch 1)."""
+    for p in (edge_profile, server_profile):
+        if p is not None:
+            p.check_matches(staged)
+    if edge_profile is None or server_profile is None:
+        here = profile_model(staged, exits, get_codec(codec), example, repeats=opts.repeats, threads=1,
+                             model_name=model_name, progress=opts.progress)
+        edge_profile = edge_profile or here
+        server_profile = server_profile or here
+    if edge_profile.codec and edge_profile.codec != codec:
+        raise ValueError(f"edge profile measured codec {edge_profile.codec!r}, the plan uses {codec!r}")
+    return edge_profile, server_profile
+
+
+def _tables(planner: Planner, opts: PlanOptions) -> tuple[SplitEstimate, list[SplitEstimate], list[SplitEstimate],
+                                                          list[OperatingPoint]]:
+    chosen = planner.choose(opts.link, opts.objective, opts.constraints)
+    estimates = per_split(planner, opts.link, opts.objective, opts.constraints)
+    pareto = planner.pareto(opts.link, opts.constraints)
+    points = planner.grid(GRID_BANDWIDTHS, GRID_RTTS, opts.objective, opts.constraints, base=opts.link)
+    return chosen, estimates, pareto, points
+
+
+def _objective_record(opts: PlanOptions) -> dict[str, str | float]:
+    return {"objective": opts.objective.describe(), "server_load_rps": opts.server_load_rps,
+            **{k: float(v) for k, v in opts.constraints.to_dict().items()}}
+
+
+def _link_notes(opts: PlanOptions, edge: Profile, server: Profile) -> dict[str, str | float | int]:
+    return {"bandwidth_bps": opts.link.bandwidth_bps, "rtt_ms": opts.link.rtt_s * 1e3, "loss": opts.link.loss,
+            "request_overhead_bytes": opts.link.request_overhead, "edge_slowdown": opts.edge_slowdown,
+            "device": opts.device.name if opts.device else "none (no energy estimate)",
+            "splits_considered": opts.splits, "edge_profiled_on": f"{edge.machine}, {edge.threads} thread(s)",
+            "server_profiled_on": f"{server.machine}, {server.threads} thread(s)"}
+
+
+def _stage_times(plan: Plan, edge: Profile, server: Profile, slowdown: float) -> None:
+    for spec, e_ms, s_ms in zip(plan.stages, edge.stage_ms, server.stage_ms, strict=True):
+        spec.edge_ms = round(e_ms * slowdown, 5)
+        spec.server_ms = round(s_ms, 5)
+
+
+def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile | None = None,
+                    server_profile: Profile | None = None, codec: str = "uint8-affine") -> PlanResult:
+    """Plan a model without exits or validation data (torchvision or a user's model; random weights are fine
+    for timing) and write its bundle."""
+    staged = target.staged
+    edge, server = _profiles(staged, {}, codec, target.example(), opts, edge_profile, server_profile, target.name)
+    planner = Planner([CodecOption(codec, edge, server)], _candidates(staged.num_stages, opts.splits),
+                      device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
+    chosen, estimates, pareto, points = _tables(planner, opts)
+    plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=codec),
+                    factory=target.factory, estimates=estimates, operating_points=points, pareto=pareto,
+                    objective=_objective_record(opts),
+                    notes={**_link_notes(opts, edge, server), "weights": target.weights_note})
+    _stage_times(plan, edge, server, opts.edge_slowdown)
+    path = save_bundle(out, plan, target.model, {})
+    return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=1.0,
+                      path=path, server_profile=server, pareto=pareto)
+
+
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
                       splits: str = "all", epsilon: float = 0.01, delta: float = 0.05, repeats: int = 30,
                       data_dir: str | None = None, weights: Path | None = None, codec: str = "uint8-affine",
                       validation_limit: int | None = None, score: str = "max_softmax",
                       calibration_mode: str = "certified", learned_codec: bool = True,
-                      max_codec_drop: float = 1.0, head: str = "fp32", max_head_drop: float = 0.5) -> PlanResult:
+                      max_codec_drop: float = 1.0, head: str = "fp32", max_head_drop: float = 0.5,
+                      objective: Objective = Objective(), constraints: Constraints = Constraints(),
+                      server_load_rps: float = 0.0, edge_profile: Profile | None = None,
+                      server_profile: Profile | None = None, progress: bool = False) -> PlanResult:
     """Plan the embedded default model for one link condition and write the bundle to ``out``.
 
     Exit thresholds are calibrated on the validation images (carved from the training set) so that the
     disagreement with the full model is at most ``epsilon`` with probability ``1 - delta`` (certified mode).
+    Every subset of the exits is a candidate (a left-out exit never fires, so the guarantee still holds).
 
     With ``learned_codec`` the committed bottleneck codec is a candidate at its boundary, next to ``codec``
     at every boundary, provided its accuracy drop on the validation images is at most ``max_codec_drop``
@@ -207,25 +315,27 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
 
     ``head``: ``fp32``, ``int8`` (quantize the chosen split's head), or ``auto`` (int8 when it is measured
     faster here and its validation accuracy drop is at most ``max_head_drop`` points).
+
+    ``edge_profile``/``server_profile``: profiles measured on the two machines (default: measured here).
     """
     if head not in ("fp32", "int8", "auto"):
         raise ValueError(f"head must be fp32, int8 or auto, not {head!r}")
+    opts = PlanOptions(link=link, device=device, edge_slowdown=edge_slowdown, splits=splits, objective=objective,
+                       constraints=constraints, server_load_rps=server_load_rps, repeats=repeats, progress=progress)
     model, staged, exits, info = load_default(weights)
     train = load_fashion_mnist("train", data_dir)
     _, va_idx = split_train_validation(len(train), int(info["config"]["seed"]))
     if validation_limit:
         va_idx = va_idx[:validation_limit]
     x_val = to_model_input(train.images[va_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    y_val = np.asarray(train.labels[va_idx])
     scores = collect_scores(staged, exits, x_val, score)
     cal = calibrate(scores, epsilon, delta, score=score, mode=calibration_mode, seed=int(info["config"]["seed"]))
     thresholds = dict(zip(cal.boundaries, cal.thresholds, strict=True))
-    exit_rates = dict(zip(cal.boundaries, cal.exit_rates, strict=True))
 
-    prof = profile_model(staged, exits, get_codec(codec), x_val[:1], repeats=repeats, threads=1)
+    edge, server = _profiles(staged, exits, codec, x_val[:1], opts, edge_profile, server_profile, "default")
     candidates = _candidates(staged.num_stages, splits)
-    lc = _learned_candidate(staged, x_val, train.labels[va_idx], repeats) if learned_codec else None
-    if lc is not None:
-        lc.profile = _with_codec_at(prof, lc)
+    lc = _learned_candidate(staged, x_val, y_val, repeats) if learned_codec else None
     codec_notes: dict[str, str | float | int] = {}
     if lc is not None:
         codec_notes = {f"learned_codec_{k}": v for k, v in lc.notes.items()}
@@ -234,61 +344,41 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                 f"validation accuracy drop {lc.drop_points:.2f} points > {max_codec_drop}"
                 if lc.drop_points > max_codec_drop else f"boundary {lc.boundary} is not a candidate split")
             lc = None
-
-    def estimate(lk: Link) -> list[SplitEstimate]:
-        est = estimate_all(prof, prof, exit_rates, lk, edge_slowdown, device)
-        for e in est:
-            e.codec = codec
-        if lc is not None:
-            e = estimate_split(lc.boundary, lc.profile, lc.profile, exit_rates, lk, edge_slowdown, device)
-            e.codec = lc.codec.name
-            est.append(e)
-        return est
-
-    estimates = estimate(link)
-    chosen = best_split(estimates, candidates)
+    codecs = [CodecOption(codec, edge, server)]
+    if lc is not None:
+        codecs.append(CodecOption(lc.codec.name, _with_codec_at(edge, lc), _with_codec_at(server, lc),
+                                  frozenset({lc.boundary}), lc.drop_points, lc.agreement))
+    planner = Planner(codecs, candidates, exit_config_fn(scores, thresholds, y_val), sorted(exits), device,
+                      edge_slowdown, server_load_rps)
+    chosen, estimates, pareto, points = _tables(planner, opts)
     agreement = _agreement(scores, thresholds, chosen.exits)
 
-    points = []
-    for bw in GRID_BANDWIDTHS:
-        for rtt in GRID_RTTS:
-            best = best_split(estimate(Link(bw, rtt)), candidates)
-            pt_agree = _agreement(scores, thresholds, best.exits)
-            if best.codec != codec and lc is not None:
-                pt_agree *= lc.agreement  # offloaded samples also pass the learned codec (approximation)
-            points.append(OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=best.split, codec=best.codec,
-                                         exits=best.exits, expected_latency_ms=best.expected_latency_ms,
-                                         expected_bytes=best.bytes_per_offload * best.offload_rate,
-                                         expected_agreement=round(pt_agree, 5)))
-
     exit_specs = [ExitSpec(boundary=b, threshold=thresholds[b], score=score, hidden=exits[b].hidden,
-                           macs=exits[b].macs(), val_exit_rate=round(exit_rates[b], 5)) for b in sorted(exits)]
+                           macs=exits[b].macs(), val_exit_rate=round(r, 5))
+                  for b, r in zip(cal.boundaries, cal.exit_rates, strict=True)]
     plan = new_plan(
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
-        split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs,
+        split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
         learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
         exit_calibration=calibration_spec(cal, scores),
-        estimates=estimates, operating_points=points,
+        estimates=estimates, operating_points=points, pareto=pareto, objective=_objective_record(opts),
         notes={
-            "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_s * 1e3, "edge_slowdown": edge_slowdown,
-            "device": device.name if device else "this machine", "splits_considered": splits,
-            "epsilon": epsilon, "delta": delta, "validation_images": len(va_idx),
-            "validation_agreement": round(agreement, 5), "profiled_on": prof.machine,
+            **_link_notes(opts, edge, server), "epsilon": epsilon, "delta": delta,
+            "validation_images": len(va_idx), "validation_agreement": round(agreement, 5),
+            "chosen_exits": ",".join(str(b) for b in chosen.exits),
             "weights_test_accuracy": float(info.get("test_accuracy", 0.0)),
             **codec_notes,
         },
     )
-    for spec, ms in zip(plan.stages, prof.stage_ms, strict=True):
-        spec.edge_ms = round(ms * edge_slowdown, 5)
-        spec.server_ms = round(ms, 5)
+    _stage_times(plan, edge, server, edge_slowdown)
     calib = None
     if head != "fp32" and chosen.split > 0:
-        spec, calib = choose_head(staged, plan, x_val, train.labels[va_idx], head, max_head_drop, data_dir,
+        spec, calib = choose_head(staged, plan, x_val, y_val, head, max_head_drop, data_dir,
                                   int(info["config"]["seed"]))
         plan = plan.model_copy(update={"head": spec})
     path = save_bundle(out, plan, model, {b: exits[b] for b in sorted(exits)},
                        codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None,
                        head_calibration=calib if plan.head.kind == "int8" else None)
-    return PlanResult(plan=plan, profile=prof, estimates=estimates, chosen=chosen, validation_agreement=agreement,
-                      path=path)
+    return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=agreement,
+                      path=path, server_profile=server, pareto=pareto)

@@ -12,15 +12,16 @@ def split_table(result: PlanResult) -> str:
         f"plan for {plan.model.name}: bandwidth {plan.notes['bandwidth_bps'] / 1e6:g} Mbit/s, "
         f"RTT {plan.notes['rtt_ms']:g} ms, edge = {plan.notes['device']} (x{plan.notes['edge_slowdown']:g} "
         f"this machine), splits considered: {plan.notes['splits_considered']}",
-        "exits: " + ", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} (val exit rate {e.val_exit_rate:.1%})"
-                              for e in plan.exits),
+        "exits: " + (", ".join(f"boundary {e.boundary} threshold {e.threshold:.3f} "
+                               f"(val exit rate {e.val_exit_rate:.1%})" for e in plan.exits) or "none"),
         "",
         f"{'split':>5} {'codec':>12} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} "
         f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}  exits",
     ]
     for e in sorted(result.estimates, key=lambda e: (e.split, e.codec)):
         shape = "x".join(str(s) for s in plan.boundaries[e.split].shape)
-        mark = " <- chosen" if (e.split, e.codec) == (result.chosen.split, result.chosen.codec) else ""
+        mark = " <- chosen" if (e.split, e.codec, e.exits) == (result.chosen.split, result.chosen.codec,
+                                                               result.chosen.exits) else ""
         lines.append(f"{e.split:>5} {e.codec:>12} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} "
                      f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  "
                      f"{e.exits}{mark}")
@@ -33,11 +34,24 @@ def split_table(result: PlanResult) -> str:
                                                         + ")" if "speedup" in hn else ""))
     if "learned_codec_rejected" in plan.notes:
         lines.append(f"note: learned codec not used: {plan.notes['learned_codec_rejected']}")
-    overall = min(result.estimates, key=lambda e: (e.expected_latency_ms, e.split))
-    if overall.split != result.chosen.split:
-        kind = {0: " (cloud-only)", len(result.estimates) - 1: " (edge-only)"}.get(overall.split, "")
-        lines.append(f"note: split {overall.split}{kind} would be faster ({overall.expected_latency_ms:.2f} ms) but "
-                     f"is outside the splits considered ({plan.notes['splits_considered']})")
+    obj = plan.objective
+    if obj:
+        cons = ", ".join(f"{k} {v:g}" for k, v in obj.items() if k.startswith("max_")) or "none"
+        lines.append(f"objective: {obj.get('objective', 'latency')}; constraints: {cons}; server load "
+                     f"{obj.get('server_load_rps', 0):g} req/s")
+    c = result.chosen
+    energy = "" if c.expected_energy_j is None else f", {c.expected_energy_j * 1e3:.2f} mJ"
+    lines.append(f"chosen: split {c.split}, codec {c.codec}, exits {c.exits}: {c.expected_latency_ms:.2f} ms"
+                 f"{energy}, {c.expected_bytes or 0:.0f} B/request, est. accuracy drop "
+                 f"{c.accuracy_drop_points or 0:.2f} points")
+    if result.pareto:
+        lines.append(f"Pareto set (latency, energy, bytes, accuracy drop): {len(result.pareto)} configurations")
+        for e in result.pareto[:12]:
+            en = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:7.2f} mJ"
+            lines.append(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} {e.expected_latency_ms:9.2f} ms"
+                         f"{en} {e.expected_bytes or 0:9.0f} B  drop {e.accuracy_drop_points or 0:.2f}")
+        if len(result.pareto) > 12:
+            lines.append(f"  ... {len(result.pareto) - 12} more in plan.json")
     lines.append(f"bundle written to {result.path} (split {result.chosen.split}, codec {result.chosen.codec}, "
                  f"validation agreement of the exits with the full "
                  f"model {result.validation_agreement:.4f})")

@@ -157,6 +157,10 @@ class SplitEstimate(BaseModel):
     offload_rate: float
     exits: list[int]
     expected_energy_j: float | None = None
+    expected_bytes: float | None = Field(None, description="bytes sent per request (offload rate x payload)")
+    accuracy_drop_points: float | None = Field(None, description="estimated validation accuracy drop vs the full "
+                                                                 "model (exits and codec), in points")
+    edge_memory_bytes: int | None = Field(None, description="head weights + peak activations on the edge")
 
 
 class OperatingPoint(BaseModel):
@@ -170,6 +174,7 @@ class OperatingPoint(BaseModel):
     expected_latency_ms: float
     expected_bytes: float
     expected_agreement: float | None = None
+    expected_energy_j: float | None = None
 
 
 class HeadSpec(BaseModel):
@@ -196,10 +201,15 @@ class Plan(BaseModel):
     exit_calibration: ExitCalibrationSpec | None = None
     split: int
     codec: CodecSpec
+    active_exits: list[int] | None = Field(None, description="exits the edge evaluates at the chosen split "
+                                           "(None: every exit before the split)")
     learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
     head: HeadSpec = Field(default_factory=HeadSpec)
     estimates: list[SplitEstimate] = Field(default_factory=list)
     operating_points: list[OperatingPoint] = Field(default_factory=list)
+    pareto: list[SplitEstimate] = Field(default_factory=list, description="configurations not dominated in "
+                                        "latency, edge energy and bytes at the planned link (within constraints)")
+    objective: dict[str, str | float] = Field(default_factory=dict, description="objective, weights, constraints")
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
     notes: dict[str, str | float | int] = Field(default_factory=dict)
 
@@ -303,7 +313,9 @@ class Bundle:
         return get_codec(name)
 
     def thresholds(self) -> dict[int, float]:
-        return {e.boundary: e.threshold for e in self.plan.exits}
+        """Certified threshold of every exit the plan enables (``active_exits``; all when unset)."""
+        active = self.plan.active_exits
+        return {e.boundary: e.threshold for e in self.plan.exits if active is None or e.boundary in active}
 
 
 def sha256_file(path: Path) -> str:

@@ -48,6 +48,7 @@ class StageInfo:
     macs: int
     params: int
     modules: list[str] = field(default_factory=list)
+    peak_activation_bytes: int = 0  # largest set of simultaneously live tensors while the stage runs (batch 1)
 
 
 def _macs_of_module(mod: nn.Module, out_shape: torch.Size) -> int:
@@ -108,6 +109,17 @@ class StagedModel(nn.Module):
     def _check_k(self, k: int) -> None:
         if not 0 <= k <= self.num_stages:
             raise IndexError(f"split {k} outside 0..{self.num_stages}")
+
+
+def _tensor_bytes(node: fx.Node) -> int:
+    """Bytes of one sample of the tensor a traced node produces (0 for non-tensors), from its shape metadata."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
+        return 0
+    n = 1
+    for d in list(meta.shape)[1:]:
+        n *= int(d)
+    return n * torch.empty((), dtype=meta.dtype).element_size()
 
 
 def _users_after(graph_nodes: list[fx.Node]) -> dict[fx.Node, int]:
@@ -177,15 +189,22 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
         macs = 0
         mods: list[str] = []
         seg = compute[lo + 1 : hi + 1]
+        live: dict[fx.Node, int] = {compute[lo]: _tensor_bytes(compute[lo])}
+        peak = live[compute[lo]]
         for n in seg:
             env[n] = g.node_copy(n, lookup)
             if n.op == "call_module":
                 mods.append(str(n.target))
                 macs += _macs_of_module(named_modules[n.target], n.meta["tensor_meta"].shape)
+            live[n] = _tensor_bytes(n)
+            peak = max(peak, sum(live.values()))
+            i = pos[n]
+            for m in [m for m in live if last_use[m] <= i and m is not n]:
+                del live[m]
         g.output(env[compute[hi]])
         stage = fx.GraphModule(gm, g, class_name=f"Stage{s}")
         params = sum(p.numel() for p in stage.parameters())
         stages.append(stage)
-        infos.append(StageInfo(index=s, nodes=[n.name for n in seg], macs=int(macs), params=int(params), modules=mods))
-    del pos
+        infos.append(StageInfo(index=s, nodes=[n.name for n in seg], macs=int(macs), params=int(params), modules=mods,
+                               peak_activation_bytes=int(peak)))
     return StagedModel(model, stages, infos, boundaries)

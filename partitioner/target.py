@@ -1,0 +1,113 @@
+"""What is being planned: a model (the default, a torchvision architecture, or a user's ``module:factory``),
+its weights, its staged form, its exit heads and its input specification."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitinfer.bundle import InputSpec, is_safetensors
+from splitinfer.errors import BundleError
+from splitinfer.exits import ExitHead
+from splitinfer.models import TORCHVISION_MODELS, build_model
+from splitinfer.staged import StagedModel, stage_model
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class PlanTarget:
+    """A model ready to profile and plan."""
+
+    name: str
+    model: nn.Module
+    staged: StagedModel
+    input_spec: InputSpec
+    exits: dict[int, ExitHead] = field(default_factory=dict)
+    factory: str | None = None
+    weights_note: str = ""
+    info: dict = field(default_factory=dict)
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        """A deterministic example input (profiling does not depend on the values)."""
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch, *self.input_spec.shape, generator=g)
+
+
+def _load_checkpoint(model: nn.Module, checkpoint: Path) -> None:
+    if not checkpoint.is_file():
+        raise BundleError(f"checkpoint {checkpoint} does not exist")
+    if not is_safetensors(checkpoint):
+        raise BundleError(f"checkpoint {checkpoint} is not a safetensors file; pickled checkpoints are refused "
+                          "(convert with safetensors.torch.save_file(model.state_dict(), ...))")
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(checkpoint)), strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"checkpoint {checkpoint} does not fit the model: {exc}") from exc
+
+
+def _build_factory(spec: str) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"model {spec!r} must be a registry name or 'package.module:function'")
+    try:
+        model = getattr(importlib.import_module(mod_name), fn_name)()
+    except Exception as exc:  # user code
+        raise ValueError(f"model factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_target(model: str, checkpoint: Path | None = None, input_shape: list[int] | None = None,
+                weights: Path | None = None) -> PlanTarget:
+    """Load ``model``: ``default`` (the committed weights and exits), a torchvision name (random weights unless
+    ``checkpoint``, a safetensors state dict), or ``module:factory`` (a user's model; ``input_shape`` [C, H, W]
+    required)."""
+    if model == "default":
+        from partitioner.weights import load_default
+        from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+        m, staged, exits, info = load_default(weights)
+        spec = InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+                         labels=FASHION_MNIST_CLASSES)
+        return PlanTarget("default", m, staged, spec, exits, weights_note="committed default weights", info=info)
+    factory = None
+    if model in TORCHVISION_MODELS:
+        m = build_model(model)
+        shape = input_shape or [3, 224, 224]
+    elif ":" in model:
+        if not input_shape:
+            raise ValueError(f"model {model!r} needs --input-shape C,H,W")
+        factory = model
+        m = _build_factory(model)
+        shape = input_shape
+    else:
+        raise ValueError(f"unknown model {model!r}; choose default, {', '.join(TORCHVISION_MODELS)} "
+                         "or package.module:function")
+    if checkpoint is not None:
+        _load_checkpoint(m, Path(checkpoint))
+    m.eval()
+    if len(shape) != 3 or any(d <= 0 for d in shape):
+        raise ValueError(f"input shape must be C,H,W with positive sizes, got {shape}")
+    try:
+        staged = stage_model(m, torch.zeros(1, *shape))
+    except Exception as exc:
+        raise ValueError(f"cannot stage {model!r} on input {shape}: {type(exc).__name__}: {exc}") from exc
+    out = staged.boundaries[-1].shape
+    num_classes = int(out[0]) if len(out) == 1 else 0
+    if num_classes < 1:
+        raise ValueError(f"model {model!r} must output a [N, classes] tensor; got per-sample shape {out}")
+    c = shape[0]
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ([0.0] * c, [1.0] * c)
+    spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=[f"class_{i}" for i in range(num_classes)])
+    note = f"checkpoint {checkpoint}" if checkpoint else "random initialisation (timing only)"
+    return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
+                      factory=factory, weights_note=note)
