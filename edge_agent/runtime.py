@@ -116,7 +116,7 @@ class EdgeRuntime:
         cal = self.plan.exit_calibration
         first_is_calibrated = bool(cal and self.head_exits and self.head_exits[0] == min(cal.exit_rates, default=-1))
         self.drift = DriftMonitor(
-            {b: cal.exit_rates.get(b, 0.0) for b in self.head_exits} if cal else {},
+            {b: self._reference_rates().get(b, 0.0) for b in self.head_exits} if cal else {},
             cal.first_exit_conf_edges if cal and first_is_calibrated else [],
             window=settings.drift_window, threshold=settings.drift_threshold)
         self.input_shape = [1, *self.plan.input.shape]
@@ -233,6 +233,13 @@ class EdgeRuntime:
                                 cpu_s, radio_seconds=transfer_s)
 
     # ------------------------------------------------------------------ helpers
+
+    def _reference_rates(self) -> dict[int, float]:
+        """Validation exit rates of the exits this plan runs (measured for that subset when the plan has it)."""
+        plan = self.plan
+        if plan.active_exit_rates is not None and set(plan.active_exit_rates) >= set(self.head_exits):
+            return dict(plan.active_exit_rates)
+        return dict(plan.exit_calibration.exit_rates) if plan.exit_calibration else {}
 
     @staticmethod
     def _finite(h: torch.Tensor, boundary: int) -> torch.Tensor:

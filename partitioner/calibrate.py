@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from partitioner.make import calibration_spec
+import numpy as np
+
+from partitioner.make import calibration_spec, exit_config_fn
 from partitioner.train import split_train_validation
 from partitioner.weights import load_default
 from splitinfer.bundle import PLAN_FILE, load_bundle
@@ -34,6 +36,11 @@ def recalibrate_bundle(path: Path, epsilon: float, delta: float, score: str = "m
     rates = dict(zip(cal.boundaries, cal.exit_rates, strict=True))
     exits = [e.model_copy(update={"threshold": thresholds[e.boundary], "score": score,
                                   "val_exit_rate": round(rates[e.boundary], 5)}) for e in plan.exits]
-    new_plan = plan.model_copy(update={"exits": exits, "exit_calibration": calibration_spec(cal, scores)})
+    update = {"exits": exits, "exit_calibration": calibration_spec(cal, scores)}
+    if plan.active_exits is not None:  # the drift reference: rates of the enabled exits used together
+        y = np.asarray(train.labels[va_idx])
+        cfg = exit_config_fn(scores, thresholds, y)(tuple(sorted(plan.active_exits)))
+        update["active_exit_rates"] = {b: round(r, 5) for b, r in cfg.rates.items()}
+    new_plan = plan.model_copy(update=update)
     (path / PLAN_FILE).write_text(new_plan.model_dump_json(indent=2) + "\n")
     return cal

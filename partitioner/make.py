@@ -360,6 +360,7 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
         split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
+        active_exit_rates={b: round(r, 5) for b, r in planner.exit_rates(tuple(chosen.exits)).items()},
         learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
         exit_calibration=calibration_spec(cal, scores),
         estimates=estimates, operating_points=points, pareto=pareto, objective=_objective_record(opts),

@@ -139,6 +139,10 @@ class Planner:
                 self._exit_cache[subset] = self.exit_config(subset)
         return self._exit_cache[subset]
 
+    def exit_rates(self, subset: tuple[int, ...]) -> dict[int, float]:
+        """Validation exit rates of ``subset`` used together."""
+        return dict(self._exits(subset).rates)
+
     def _subsets(self, k: int) -> Iterable[tuple[int, ...]]:
         usable = [b for b in sorted(self.exit_boundaries) if 0 < b <= k]
         for r in range(len(usable) + 1):

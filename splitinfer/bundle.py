@@ -203,6 +203,8 @@ class Plan(BaseModel):
     codec: CodecSpec
     active_exits: list[int] | None = Field(None, description="exits the edge evaluates at the chosen split "
                                            "(None: every exit before the split)")
+    active_exit_rates: dict[int, float] | None = Field(None, description="validation exit rates of the active "
+                                                       "exits used together (the drift monitor's reference)")
     learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
     head: HeadSpec = Field(default_factory=HeadSpec)
     estimates: list[SplitEstimate] = Field(default_factory=list)

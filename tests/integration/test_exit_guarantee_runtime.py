@@ -38,9 +38,13 @@ def test_plan_records_certified_calibration_and_uses_its_rates(planned):
     assert cal is not None and cal.mode == "certified" and cal.epsilon == 0.01 and cal.delta == 0.05
     assert cal.p_value is not None and cal.p_value <= cal.delta
     assert sum(cal.exit_rates.values()) > 0
-    # the cost model's offload rate at the chosen split is 1 - the certified rates of the exits in the head
-    head_rate = sum(r for b, r in cal.exit_rates.items() if b <= plan.split)
+    # the cost model's offload rate at the chosen split is 1 - the rates of the exits the plan enables
+    assert set(plan.active_exits) == set(plan.active_exit_rates) == set(planned.chosen.exits)
+    assert all(b <= plan.split for b in plan.active_exits)
+    head_rate = sum(plan.active_exit_rates.values())
     assert planned.chosen.offload_rate == pytest.approx(1 - head_rate, abs=1e-3)
+    if set(plan.active_exits) == {b for b in cal.exit_rates if b <= plan.split}:
+        assert plan.active_exit_rates == pytest.approx({b: cal.exit_rates[b] for b in plan.active_exits}, abs=1e-4)
     assert {e.boundary: e.val_exit_rate for e in plan.exits} == pytest.approx(cal.exit_rates, abs=1e-4)
 
 
