@@ -104,21 +104,13 @@ class EdgeRuntime:
         self.metrics = metrics if metrics is not None else EdgeMetrics()
         self.profile = profile if profile is not None else get_profile(settings.device)
         self.clock = clock
-        self.split = self.plan.split
         self.num_stages = bundle.staged.num_stages
-        self.codec_name = self.plan.codec.name
-        self.codec = bundle.codec_for(self.codec_name, self.split)
         self.labels = list(self.plan.input.labels)
-        self.thresholds = bundle.thresholds()
-        self.head_exits = sorted(b for b in bundle.exits if 0 < b <= self.split and b in self.thresholds)
-        self.head = bundle.edge_head()  # the staged model (fp32) or an int8 head cut at the exits and the split
         self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
-        cal = self.plan.exit_calibration
-        first_is_calibrated = bool(cal and self.head_exits and self.head_exits[0] == min(cal.exit_rates, default=-1))
-        self.drift = DriftMonitor(
-            {b: self._reference_rates().get(b, 0.0) for b in self.head_exits} if cal else {},
-            cal.first_exit_conf_edges if cal and first_is_calibrated else [],
-            window=settings.drift_window, threshold=settings.drift_threshold)
+        self._op_lock = threading.Lock()
+        self.split = self.plan.split
+        self.codec_name = self.plan.codec.name
+        self._apply_operating_point(self.plan.split, self.plan.codec.name, self.plan.active_exits)
         self.input_shape = [1, *self.plan.input.shape]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
         self._lock = threading.Lock()
@@ -130,9 +122,54 @@ class EdgeRuntime:
         self._rtt_s: float | None = None
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._exit_counts = {b: 0 for b in self.head_exits}
-        self.metrics.set_operating_point(self.split, self.codec_name)
-        self.metrics.declare_exits(self.head_exits)
         self.metrics.server_up.set(0)
+
+    # ------------------------------------------------------------------ operating point
+
+    def set_operating_point(self, split: int, codec: str | None = None, exits: list[int] | None = None) -> None:
+        """Switch to another (split, codec, exits) of the bundle between requests (thread-safe).
+
+        ``codec`` defaults to the plan's codec if it applies at ``split``, else uint8-affine; ``exits`` to every
+        exit before the split. Raises InvalidInput for a split, codec or exit the bundle cannot run.
+        """
+        if not 0 <= split <= self.num_stages:
+            raise InvalidInput(f"split {split} outside 0..{self.num_stages}")
+        if codec is None:
+            codec = self.plan.codec.name
+            try:
+                self.bundle.codec_for(codec, split)
+            except Exception:
+                codec = "uint8-affine"
+        known = {e.boundary for e in self.plan.exits}
+        if exits is not None and not set(exits) <= known:
+            raise InvalidInput(f"exits {sorted(set(exits) - known)} are not in the bundle (it has {sorted(known)})")
+        with self._op_lock:
+            self._apply_operating_point(split, codec, exits)
+
+    def _apply_operating_point(self, split: int, codec_name: str, exits: list[int] | None) -> None:
+        try:
+            codec = self.bundle.codec_for(codec_name, split) if split < self.num_stages else None
+        except Exception as exc:
+            raise InvalidInput(f"codec {codec_name!r} cannot be used at split {split}: {exc}") from exc
+        certified = {e.boundary: e.threshold for e in self.plan.exits}
+        enabled = sorted(certified) if exits is None else sorted(exits)
+        head_exits = [b for b in enabled if 0 < b <= split and b in self.bundle.exits]
+        # an int8 head is quantized for the planned split; elsewhere the float32 stages run
+        head = self.bundle.edge_head() if split == self.plan.split else self.bundle.staged
+        self.split, self.codec_name, self.codec = split, codec_name, codec
+        self.thresholds = {b: certified[b] for b in head_exits}
+        self.head_exits = head_exits
+        self.head = head
+        self._exit_counts = {b: getattr(self, "_exit_counts", {}).get(b, 0) for b in head_exits}
+        cal = self.plan.exit_calibration
+        planned = head_exits == sorted(b for b in self.bundle.thresholds() if b <= self.plan.split) \
+            and split == self.plan.split
+        rates = ({b: self._reference_rates().get(b, 0.0) for b in head_exits} if cal and planned else {})
+        first_is_calibrated = bool(cal and head_exits and head_exits[0] == min(cal.exit_rates, default=-1))
+        self.drift = DriftMonitor(rates, cal.first_exit_conf_edges if cal and first_is_calibrated else [],
+                                  window=self.settings.drift_window, threshold=self.settings.drift_threshold)
+        self.metrics.set_operating_point(split, codec_name)
+        self.metrics.declare_exits(head_exits)
 
     # ------------------------------------------------------------------ requests
 
@@ -157,6 +194,10 @@ class EdgeRuntime:
     def infer(self, x: torch.Tensor, request_id: str = "") -> EdgeResult:
         """Answer one request ``x`` (``[1, C, H, W]``, normalised); the policy is in the module docstring."""
         self._check_input(x)
+        with self._op_lock:  # the operating point does not change under a request
+            return self._infer(x, request_id)
+
+    def _infer(self, x: torch.Tensor, request_id: str) -> EdgeResult:
         t_start = time.perf_counter()
         cpu_start = time.thread_time()
         lat = dict.fromkeys(LATENCY_KEYS, 0.0)

@@ -24,6 +24,7 @@ import typer
 DEMO_BANDWIDTH = "5mbit"
 DEMO_RTT = "20ms"
 DEMO_DEVICE = "raspberry-pi-4"
+DEMO_OBJECTIVE = ("weighted", "latency=1,energy=1")  # a battery-powered device: latency and energy count alike
 OFFLOAD_STAGES = ("encode", "transfer")
 LOCAL_ONLY_STAGES = ("tail",)  # the remaining stages run on the device only in a degraded fallback
 
@@ -198,9 +199,13 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
     test = load_fashion_mnist("test", data_dir)
     n = max(1, min(requests, len(test)))
     dev = get_profile(device)
-    say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device} ...")
+    say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device}, objective "
+        f"{DEMO_OBJECTIVE[0]} {DEMO_OBJECTIVE[1]} ...")
+    from partitioner.search import Objective
+
     result = make_default_plan(workdir / "bundle", Link(parse_bandwidth(bandwidth), parse_duration(rtt)), dev,
-                               dev.compute_slowdown, splits="interior", data_dir=data_dir)
+                               dev.compute_slowdown, splits="interior", data_dir=data_dir,
+                               objective=Objective.parse(*DEMO_OBJECTIVE))
     say(split_table(result))
     plan = result.plan
 

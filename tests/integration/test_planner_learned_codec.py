@@ -5,6 +5,7 @@ import pytest
 
 from partitioner.cost import Link
 from partitioner.make import make_default_plan
+from partitioner.search import Objective
 from splitinfer.bundle import load_bundle
 from splitinfer.data import fashion_mnist_dir
 
@@ -13,14 +14,20 @@ pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ub
 
 
 def test_plan_considers_and_carries_the_learned_codec(tmp_path):
-    result = make_default_plan(tmp_path / "b", Link(0.5e6, 0.005), splits="interior", repeats=3,
-                               validation_limit=1000)
+    # on the demo's device and objective (latency and energy alike) the codec wins somewhere on the grid
+    from splitinfer.energy import get_profile
+
+    dev = get_profile("raspberry-pi-4")
+    result = make_default_plan(tmp_path / "b", Link(0.5e6, 0.005), dev, dev.compute_slowdown, splits="interior",
+                               repeats=3, validation_limit=1000,
+                               objective=Objective.parse("weighted", "latency=1,energy=1"))
     plan = result.plan
     assert plan.learned_codec is not None
     at = int(plan.learned_codec.params["boundary"])
     learned = [e for e in result.estimates if e.codec == "bottleneck"]
     generic = {e.split: e for e in result.estimates if e.codec == "uint8-affine"}
     assert [e.split for e in learned] == [at]
+    assert any(e.codec == "bottleneck" for e in result.pareto)
     assert learned[0].bytes_per_offload * 20 < generic[at].bytes_per_offload
     assert 0 <= plan.notes["learned_codec_validation_drop_points"] <= 1.0
     assert any(p.codec == "bottleneck" for p in plan.operating_points)

@@ -377,3 +377,29 @@ def test_inputs_driving_the_model_to_non_finite_values_are_refused(base_bundle):
         rt.infer(huge, "huge")
     assert client.calls == 0 and rt.status()["server"]["up"] is not False
     rt.close()
+
+
+def test_operating_point_switches_split_codec_and_exits(base_bundle):
+    bundle = with_plan(base_bundle, (1.01, 1.01), split=10)
+    bundle = dataclasses.replace(bundle, plan=bundle.plan.model_copy(update={"active_exits": [8]}))
+    rt, client = make_runtime(bundle)
+    assert rt.head_exits == [8] and rt.split == 10  # the plan enables only exit 8
+    rt.set_operating_point(6)
+    assert rt.split == 6 and rt.head_exits == [4] and rt.codec_name == bundle.plan.codec.name
+    res = rt.infer(sample(), "r")
+    assert res.decided_by == "cloud" and client.calls == 1
+    rt.set_operating_point(12, exits=[])
+    assert rt.head_exits == []
+    rt.set_operating_point(bundle.num_stages)  # edge-only: nothing is sent
+    res = rt.infer(sample(1), "r2")
+    assert res.decided_by == bundle.num_stages and client.calls == 1
+    assert metric(rt, "splitinfer_edge_operating_point", split=str(bundle.num_stages),
+                  codec=bundle.plan.codec.name) == 1
+    with pytest.raises(InvalidInput, match="outside"):
+        rt.set_operating_point(bundle.num_stages + 1)
+    with pytest.raises(InvalidInput, match="not in the bundle"):
+        rt.set_operating_point(5, exits=[3])
+    with pytest.raises(InvalidInput, match="cannot be used"):
+        rt.set_operating_point(5, codec="no-such-codec")
+    assert rt.split == bundle.num_stages  # a refused switch changes nothing
+    rt.close()
