@@ -109,6 +109,30 @@ def profile_cmd(
                    f"({threads} thread(s), {prof.machine})" + (f"; wrote {out}" if out else ""))
 
 
+@app.command("probe")
+def probe_cmd(
+    server: str = typer.Option(..., help="cloud server gRPC address HOST:PORT"),
+    target_ms: float = typer.Option(200.0, help="grow the probe message until its transfer takes this long"),
+    max_bytes: int = typer.Option(8 << 20, help="largest probe message (bytes)"),
+    as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
+) -> None:
+    """Measure RTT, throughput and per-message overhead to a running cloud server with real gRPC calls."""
+    from partitioner.probe import probe
+
+    try:
+        res = probe(server, target_s=target_ms / 1e3, max_bytes=max_bytes)
+    except (ConnectionError, ValueError) as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=1))
+        return
+    bw = "n/a" if res.bandwidth_bps is None else f"{res.bandwidth_bps / 1e6:.3f} Mbit/s"
+    typer.echo(f"{server}: RTT {res.rtt_ms:.2f} ms (median of {len(res.rtt_ms_samples)}), throughput {bw} "
+               f"(messages of {res.sizes[0]:,} to {res.sizes[-1]:,} B), request overhead "
+               f"{res.request_overhead_bytes} B")
+    typer.echo(f"plan with: splitinfer plan make {res.make_flags()} ...")
+
+
 @app.command("make")
 def make_cmd(
     out: Path = typer.Option(..., help="bundle directory to write"),

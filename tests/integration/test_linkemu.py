@@ -136,3 +136,72 @@ def test_a_dead_server_closes_the_client_connection():
                 data = b""
             assert data == b""
         assert emu.stats.errors and "connect" in emu.stats.errors[0]
+
+
+class SinkServer:
+    """Accepts one connection, reads until EOF, and records when the first and the last byte arrived."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.first = self.last = None
+        self.received = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            while data := conn.recv(65536):
+                now = time.perf_counter()
+                self.first = self.first or now
+                self.last = now
+                self.received += len(data)
+        self.done.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("rate", [2e6, 20e6])
+def test_achieved_rate_is_within_ten_percent_of_the_setting(rate):
+    """The emulator's accuracy is what is under test here (the issue's acceptance bar): the receiver's
+    throughput, first to last byte, within 10 % of the set rate; best of three tries on a noisy machine."""
+    nbytes = int(rate / 8 * 1.0)  # about one second of traffic
+    ratios = []
+    for _ in range(3):
+        sink = SinkServer()
+        with (start_in_thread("127.0.0.1", sink.port, LinkSettings(rate_bps=rate)) as emu,
+              socket.create_connection(("127.0.0.1", emu.port), timeout=30) as s):
+            s.sendall(b"\0" * nbytes)
+            s.shutdown(socket.SHUT_WR)
+            assert sink.done.wait(30)
+        assert sink.received == nbytes
+        achieved = (nbytes - 16 * 1024) * 8 / (sink.last - sink.first)  # the first chunk starts the clock
+        ratios.append(achieved / rate)
+        if abs(ratios[-1] - 1) <= 0.10:
+            break
+    assert min(abs(r - 1) for r in ratios) <= 0.10, ratios
+
+
+def test_added_delay_is_within_ten_percent_or_two_ms(echo):
+    """Round trips through the emulator minus direct round trips, halved: the one-way delay it adds."""
+    def median_rtt(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            samples = []
+            for i in range(12):
+                t0 = time.perf_counter()
+                s.sendall(b"p%d" % i)
+                assert s.recv(100) == b"p%d" % i
+                samples.append(time.perf_counter() - t0)
+        return sorted(samples)[len(samples) // 2]
+
+    for delay in (0.005, 0.025, 0.075):
+        errors = []
+        for _ in range(3):
+            direct = median_rtt(echo.port)
+            with start_in_thread("127.0.0.1", echo.port, LinkSettings(delay_s=delay)) as emu:
+                added = (median_rtt(emu.port) - direct) / 2
+            errors.append(abs(added - delay))
+            if errors[-1] <= max(0.1 * delay, 0.002):
+                break
+        assert min(errors) <= max(0.1 * delay, 0.002), (delay, errors)
