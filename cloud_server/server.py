@@ -25,6 +25,7 @@ from cloud_server.metrics import MetricsEndpoint, ServerMetrics
 from cloud_server.servicer import InferenceServicer
 from cloud_server.settings import CloudSettings
 from cloud_server.tail import TailRuntime
+from splitinfer.allocator import tune_allocator
 from splitinfer.bundle import load_bundle
 from splitinfer.errors import BundleError
 from splitinfer.protocol import grpc_service_pb2 as pb
@@ -151,6 +152,7 @@ async def run(settings: CloudSettings) -> None:
 def serve(settings: CloudSettings) -> int:
     """Run the server until a signal; returns the process exit code (0 on a clean shutdown)."""
     configure_logging(settings.log_level)
+    tune_allocator()
     try:
         asyncio.run(run(settings))
     except (BundleError, OSError) as exc:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from edge_agent.drift import DriftMonitor
 from edge_agent.metrics import OUTCOMES, EdgeMetrics
 from edge_agent.settings import EdgeSettings
+from splitinfer.allocator import tune_allocator
 from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.calibration import confidence
 from splitinfer.energy import DeviceProfile, get_profile
@@ -487,6 +488,7 @@ def build_runtime(settings: EdgeSettings, metrics: EdgeMetrics | None = None) ->
     """
     from edge_agent.transport import CloudClient
 
+    tune_allocator()
     torch.set_num_threads(settings.torch_threads)
     bundle = load_bundle(settings.bundle)
     profile = get_profile(settings.device)

@@ -50,6 +50,7 @@ class PlanResult:
     path: Path
     server_profile: Profile | None = None
     pareto: list[SplitEstimate] | None = None
+    planner: Planner | None = None
 
 
 def _candidates(n: int, splits: str) -> list[int]:
@@ -291,7 +292,7 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
     _stage_times(plan, edge, server, opts.edge_slowdown)
     path = save_bundle(out, plan, target.model, {})
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=1.0,
-                      path=path, server_profile=server, pareto=pareto)
+                      path=path, server_profile=server, pareto=pareto, planner=planner)
 
 
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
@@ -382,4 +383,4 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                        codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None,
                        head_calibration=calib if plan.head.kind == "int8" else None)
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=agreement,
-                      path=path, server_profile=server, pareto=pareto)
+                      path=path, server_profile=server, pareto=pareto, planner=planner)
