@@ -3,12 +3,20 @@
 For each model (``default`` with its exits and learned codec; ``resnet50`` and ``mobilenet_v2`` with random
 weights, for timing) and each cell of bandwidths x RTTs:
 
-1. The planner plans the cell from profiles measured at the start of this run (edge: this process, 1 torch
-   thread; server: the same machine, 1 thread) and the cell's link (bandwidth, RTT). For every split it also
-   names the configuration (codec, exits) it would use there.
+1. The planner plans the cell as a user would: from profiles measured at the start of this run (edge: this
+   process, 1 torch thread; server: the same machine, 1 thread), the edge agent's own per-request overhead (its
+   ``agent_overhead_ms``, measured on edge-only requests before any cell), and the link as ``plan probe``
+   measures it through the emulator (RTT of ``ServerLive`` calls, throughput from growing messages; one probe
+   per cell, shared by the models). For every split it also names the configuration (codec, exits) it would
+   use there.
 2. A real cloud server (``python -m cloud_server serve``, 1 torch thread, 1 worker) serves the model's bundle;
-   the real edge runtime (:class:`edge_agent.runtime.EdgeRuntime`, 1 torch thread) talks to it through the link
-   emulator (``python -m partitioner.linkemu``, a separate process: rate each way, one-way delay RTT/2).
+   the real edge runtime (:class:`edge_agent.runtime.EdgeRuntime`, 1 torch thread, in ``bench.edge_worker``)
+   talks to it through the link emulator (``python -m partitioner.linkemu``, a separate process: the rate each
+   way, one-way delay RTT/2). For resnet50 and mobilenet_v2 the edge process runs in a cgroup limited to a
+   quarter of one CPU (a CFS quota of 1 ms per 4 ms period): a device ~4-5x slower than the server, as edge
+   devices are (with an edge as fast as the server, edge-only would win every cell). The default model's edge
+   is not throttled (see EDGE_CPU). The edge profile the planner uses is measured inside that cgroup
+   ("measured on the device").
 3. Every split is measured, the planner's choice first and edge-only second, the rest by predicted latency:
    the mean end-to-end latency of ``--requests`` requests (after warm-up). A split is skipped when a lower bound
    of its mean latency already exceeds the best mean measured in the cell: the offloaded fraction ``q`` of
@@ -28,6 +36,7 @@ Run: ``python -m bench.planner --out FILE.json [--models default,resnet50,mobile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -43,8 +52,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("default", "resnet50", "mobilenet_v2")
-REQUESTS = {"default": 100, "resnet50": 6, "mobilenet_v2": 12}
+REQUESTS = {"default": 100, "resnet50": 4, "mobilenet_v2": 12}
 WARMUP = 2
+# The edge's CPU share per model. The default model's whole request takes ~1.5 ms of CPU, shorter than the
+# smallest CFS quota (1 ms) plus its period; a quota would quantize its latency to periods instead of slowing
+# it down uniformly, so it runs unthrottled (edge and server equally fast: edge-only should win every cell).
+EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25}
 CONTENDER_MARGIN = 1.10
 
 
@@ -137,28 +150,121 @@ def plan_model(name: str, workdir: Path, repeats: int) -> ModelSetup:
     return ModelSetup(name, result, x)
 
 
-def measure(runtime, inputs: torch.Tensor, split: int, codec: str, exits: list[int]) -> list[float]:
-    """End-to-end latency (ms) of each input at one operating point, after warm-up."""
-    runtime.set_operating_point(split, codec, exits)
-    for i in range(WARMUP):
-        runtime.infer(inputs[i : i + 1], "warmup")
-    out = []
-    for i in range(len(inputs)):
-        t0 = time.perf_counter()
-        res = runtime.infer(inputs[i : i + 1], f"r{i}")
-        out.append((time.perf_counter() - t0) * 1e3)
-        if res.degraded:
-            raise RuntimeError(f"request degraded at split {split} ({codec}): the server did not answer in time")
-    return out
+class CpuLimit:
+    """A cgroup (v1 ``cpu`` controller, or v2) limiting its processes to ``fraction`` of one CPU."""
+
+    QUOTA_US = 1_000  # the smallest CFS quota: short periods keep stalls short, so the slowdown is nearly uniform
+
+    def __init__(self, fraction: float, name: str = "splitinfer_bench_edge"):
+        self.fraction = fraction
+        self.path: Path | None = None
+        if fraction >= 1:
+            return
+        quota = self.QUOTA_US
+        period = int(round(quota / fraction))
+        v1 = Path("/sys/fs/cgroup/cpu")
+        v2 = Path("/sys/fs/cgroup")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.path = v1 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.cfs_period_us").write_text(str(period))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        elif (v2 / "cgroup.controllers").exists():
+            self.path = v2 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            raise RuntimeError("no cgroup cpu controller here: run with --edge-cpu 1")
+
+    def add(self, pid: int) -> None:
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
 
 
-def run_cell(setup: ModelSetup, runtime, bw: float, rtt: float) -> dict:
+class EdgeWorker:
+    """``bench.edge_worker`` as a child process, driven by JSON lines."""
+
+    def __init__(self, bundle: Path, n_inputs: int, log_path: Path, limit: CpuLimit):
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.edge_worker", "--bundle", str(bundle),
+                                      "--inputs", str(n_inputs)], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        limit.add(self.proc.pid)
+
+    def call(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"edge worker died (exit {self.proc.poll()}); see its log")
+        out = json.loads(line)
+        if not out.get("ok"):
+            raise RuntimeError(f"edge worker: {out.get('error')}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
+                self.call(cmd="quit")
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def measure(worker: EdgeWorker, n: int, split: int, codec: str, exits: list[int]) -> list[float]:
+    """End-to-end latency (ms) of ``n`` requests at one operating point, after warm-up."""
+    worker.call(cmd="set", split=split, codec=codec, exits=exits)
+    out = worker.call(cmd="run", n=n, warmup=WARMUP)
+    if out["degraded"]:
+        raise RuntimeError(f"{out['degraded']} requests degraded at split {split} ({codec}): no server answer")
+    return out["wall_ms"]
+
+
+def edge_planner(result, edge_profile):
+    """The plan's planner with the edge profile measured on the (CPU-limited) edge; a learned codec keeps its
+    payload size, and its encode time is scaled like the edge's compute."""
+    import dataclasses
+
+    from partitioner.profile import Profile
+
+    planner = result.planner
+    base = planner.codecs[0].edge
+    scale = sum(edge_profile.stage_ms) / max(1e-9, sum(base.stage_ms))
+    codecs = []
+    for c in planner.codecs:
+        if c.boundaries is None:
+            codecs.append(dataclasses.replace(c, edge=edge_profile))
+            continue
+        e: Profile = dataclasses.replace(edge_profile, encode_ms=list(edge_profile.encode_ms),
+                                         payload_bytes=list(edge_profile.payload_bytes))
+        for k in c.boundaries:
+            e.encode_ms[k] = c.edge.encode_ms[k] * scale
+            e.payload_bytes[k] = c.edge.payload_bytes[k]
+        codecs.append(dataclasses.replace(c, edge=e))
+    return dataclasses.replace(planner, codecs=codecs), scale
+
+
+def probe_link(port: int) -> dict:
+    from partitioner.probe import probe
+
+    res = probe(f"127.0.0.1:{port}", rtt_calls=8, size_calls=2, target_s=0.25, max_bytes=4 << 20)
+    return {"rtt_ms": res.rtt_ms, "bandwidth_bps": res.bandwidth_bps, "sizes": res.sizes, "call_ms": res.call_ms}
+
+
+def run_cell(setup: ModelSetup, planner, worker: EdgeWorker, bw: float, rtt: float, probed: dict) -> dict:
     from partitioner.cost import Link
     from partitioner.make import per_split
     from partitioner.search import Constraints, Objective
 
-    planner = setup.result.planner
-    link = Link(bw, rtt)
+    link = Link(probed["bandwidth_bps"] or bw, probed["rtt_ms"] / 1e3)
     obj, cons = Objective(), Constraints()
     chosen = planner.choose(link, obj, cons)
     by_split: dict[int, object] = {}
@@ -179,17 +285,17 @@ def run_cell(setup: ModelSetup, runtime, bw: float, rtt: float) -> dict:
             if bound >= best and k != chosen.split:
                 skipped.append(k)
                 continue
-        samples[k] = measure(runtime, setup.inputs, k, e.codec, e.exits)
+        samples[k] = measure(worker, REQUESTS[setup.name], k, e.codec, e.exits)
         best = min(best, statistics.fmean(samples[k]))
     contenders = [k for k, v in samples.items() if statistics.fmean(v) <= CONTENDER_MARGIN * best]
     for k in sorted(set(contenders) | {chosen.split}):
         e = by_split[k]
-        samples[k] += measure(runtime, setup.inputs, k, e.codec, e.exits)
+        samples[k] += measure(worker, REQUESTS[setup.name], k, e.codec, e.exits)
     means = {k: statistics.fmean(v) for k, v in samples.items()}
     oracle = min(means, key=means.get)
     measured_choice = means[chosen.split]
     return {
-        "bandwidth_mbps": bw / 1e6, "rtt_ms": rtt * 1e3,
+        "bandwidth_mbps": bw / 1e6, "rtt_ms": rtt * 1e3, "probed": probed,
         "choice": {"split": chosen.split, "codec": chosen.codec, "exits": chosen.exits,
                    "predicted_ms": round(chosen.expected_latency_ms, 3), "measured_ms": round(measured_choice, 3)},
         "oracle": {"split": oracle, "codec": by_split[oracle].codec, "exits": by_split[oracle].exits,
@@ -206,33 +312,39 @@ def run_cell(setup: ModelSetup, runtime, bw: float, rtt: float) -> dict:
     }
 
 
-def run_model(name: str, bandwidths: list[float], rtts: list[float], workdir: Path, repeats: int) -> list[dict]:
-    from edge_agent.metrics import EdgeMetrics
-    from edge_agent.runtime import EdgeRuntime
-    from edge_agent.settings import EdgeSettings
-    from edge_agent.transport import CloudClient
-    from splitinfer.bundle import load_bundle
-
+def run_model(name: str, bandwidths: list[float], rtts: list[float], workdir: Path, repeats: int,
+              probes: dict, limit: CpuLimit) -> tuple[list[dict], dict]:
     wd = workdir / name
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = plan_model(name, workdir, repeats)
     _log(f"{name}: planned in {time.perf_counter() - t0:.1f} s; {setup.result.plan.boundaries[-1].index} stages")
-    bundle = load_bundle(setup.result.path)
+    from partitioner.profile import Profile
+
+    worker = EdgeWorker(setup.result.path, REQUESTS[name] + WARMUP, wd / "edge.log", limit)
     server, port = start_server(setup.result.path, wd)
     cells = []
     try:
+        edge_prof = Profile.from_dict(worker.call(cmd="profile", repeats=repeats)["profile"])
+        planner, scale = edge_planner(setup.result, edge_prof)
+        overhead = worker.call(cmd="overhead", n=30 if name != "resnet50" else 8)["overhead_ms"]
+        for c in planner.codecs:
+            c.edge.request_overhead_ms = max(0.0, overhead)
+        info = {"edge_slowdown_measured": round(scale, 3), "agent_overhead_ms": round(overhead, 4),
+                "edge_total_ms": round(sum(edge_prof.stage_ms), 3),
+                "server_total_ms": round(sum(setup.result.profile.stage_ms), 3)}
+        _log(f"{name}: edge profile {info['edge_total_ms']} ms (x{scale:.2f} the server's), agent overhead "
+             f"{overhead:.3f} ms")
         for bw in bandwidths:
             for rtt in rtts:
                 emu, eport = start_emulator(port, bw, rtt, wd)
-                client = CloudClient(f"127.0.0.1:{eport}", bundle.plan.model.name, timeout_s=60.0)
-                settings = EdgeSettings(bundle=setup.result.path, server=f"127.0.0.1:{eport}", timeout_s=60.0)
-                runtime = EdgeRuntime(bundle, client, settings, metrics=EdgeMetrics())
                 try:
                     t1 = time.perf_counter()
-                    cell = run_cell(setup, runtime, bw, rtt)
+                    if (bw, rtt) not in probes:
+                        probes[(bw, rtt)] = probe_link(eport)
+                    worker.call(cmd="connect", address=f"127.0.0.1:{eport}")
+                    cell = run_cell(setup, planner, worker, bw, rtt, probes[(bw, rtt)])
                 finally:
-                    runtime.close()
                     emu.stop()
                 cell["model"] = name
                 cell["seconds"] = round(time.perf_counter() - t1, 1)
@@ -243,8 +355,9 @@ def run_model(name: str, bandwidths: list[float], rtts: list[float], workdir: Pa
                      f"{len(cell['measured_splits'])} measured / {len(cell['skipped_splits'])} skipped, "
                      f"{cell['seconds']} s")
     finally:
+        worker.close()
         server.stop()
-    return cells
+    return cells, info
 
 
 def summarize(cells: list[dict]) -> dict:
@@ -277,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rtts", default="5,50,150", help="ms")
     ap.add_argument("--repeats", type=int, default=30, help="profiling runs per stage")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_planner"))
+    ap.add_argument("--edge-cpu", type=float, default=None, help="CPU share of the edge process (cgroup) for every "
+                                                                  "model; default: per model (EDGE_CPU); 1 = none")
     args = ap.parse_args(argv)
     from splitinfer.allocator import tune_allocator
 
@@ -286,13 +401,26 @@ def main(argv: list[str] | None = None) -> None:
     rtts = [float(v) / 1e3 for v in args.rtts.split(",")]
     started = time.perf_counter()
     cells: list[dict] = []
-    for name in args.models.split(","):
-        cells += run_model(name.strip(), bandwidths, rtts, args.workdir, args.repeats)
+    probes: dict = {}
+    models: dict[str, dict] = {}
+    for name in (n.strip() for n in args.models.split(",")):
+        share = args.edge_cpu if args.edge_cpu is not None else EDGE_CPU.get(name, 0.25)
+        limit = CpuLimit(share)
+        try:
+            c, info = run_model(name, bandwidths, rtts, args.workdir, args.repeats, probes, limit)
+        finally:
+            limit.close()
+        info["edge_cpu_share"] = share
+        cells += c
+        models[name] = info
     per_model = {m: summarize([c for c in cells if c["model"] == m]) for m in dict.fromkeys(c["model"] for c in cells)}
+    for m, info in models.items():
+        per_model.setdefault(m, {}).update(info)
     out = {"summary": summarize(cells), "per_model": per_model, "cells": cells,
            "settings": {"bandwidths_mbps": [b / 1e6 for b in bandwidths], "rtts_ms": [r * 1e3 for r in rtts],
                         "requests": {m: REQUESTS[m] for m in per_model}, "warmup": WARMUP,
                         "edge_threads": 1, "server_threads": 1, "profile_repeats": args.repeats,
+                        "edge_cpu_share": {m: i["edge_cpu_share"] for m, i in models.items()},
                         "machine": os.uname().nodename, "cpus": os.cpu_count()},
            "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,7 @@ class EdgeRuntime:
         self._server_up: bool | None = None
         self._retry_at = 0.0
         self._last_error = ""
+        self._overhead_ms: float | None = None
         self._bandwidth_bps: float | None = None
         self._rtt_s: float | None = None
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -195,8 +196,15 @@ class EdgeRuntime:
     def infer(self, x: torch.Tensor, request_id: str = "") -> EdgeResult:
         """Answer one request ``x`` (``[1, C, H, W]``, normalised); the policy is in the module docstring."""
         self._check_input(x)
+        t0 = time.perf_counter()
         with self._op_lock:  # the operating point does not change under a request
-            return self._infer(x, request_id)
+            res = self._infer(x, request_id)
+        parts = sum(v for k, v in res.latency_ms.items() if k != "total")
+        overhead = max(0.0, (time.perf_counter() - t0) * 1e3 - parts)
+        with self._lock:
+            self._overhead_ms = overhead if self._overhead_ms is None else \
+                self._overhead_ms + EWMA_ALPHA * (overhead - self._overhead_ms)
+        return res
 
     def _infer(self, x: torch.Tensor, request_id: str) -> EdgeResult:
         t_start = time.perf_counter()
@@ -443,7 +451,8 @@ class EdgeRuntime:
             counters = {"requests": dict(self._outcomes),
                         "exits": {str(b): n for b, n in self._exit_counts.items()},
                         "pending": self._pending}
-            estimates = {"bandwidth_bps": self._bandwidth_bps, "rtt_s": self._rtt_s}
+            estimates = {"bandwidth_bps": self._bandwidth_bps, "rtt_s": self._rtt_s,
+                         "agent_overhead_ms": None if self._overhead_ms is None else round(self._overhead_ms, 4)}
         cal = self.plan.exit_calibration
         return {
             "model": self.plan.model.name,

@@ -146,6 +146,8 @@ def make_cmd(
                                                    "--device's; a quick estimate for a device you are not on)"),
     edge_profile: Path = typer.Option(None, help="profile JSON measured on the edge device (default: measure here)"),
     server_profile: Path = typer.Option(None, help="profile JSON measured on the server (default: measure here)"),
+    agent_overhead_ms: float = typer.Option(None, help="the edge agent's own per-request work in ms (its "
+                                                       "/v1/status reports agent_overhead_ms)"),
     server_load: float = typer.Option(0.0, help="offloaded requests/s the server receives from all clients "
                                                 "(M/D/1 queueing)"),
     objective: str = typer.Option("latency", help="latency, energy, bytes or weighted"),
@@ -196,6 +198,12 @@ def make_cmd(
                                                                 else 1.0)
     try:
         eprof = load_profile(edge_profile) if edge_profile else None
+        if agent_overhead_ms is not None:
+            if agent_overhead_ms < 0:
+                raise ValueError("--agent-overhead-ms must not be negative")
+            if eprof is None:
+                raise ValueError("--agent-overhead-ms applies to an edge profile: give --edge-profile")
+            eprof.request_overhead_ms = agent_overhead_ms
         sprof = load_profile(server_profile) if server_profile else None
         if model == "default":
             result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir,

@@ -16,6 +16,8 @@ the server, and the downlink transfer of the response (the logits + overhead)::
   M/D/1 queue with the tail's measured service time ``S``: ``rho S / (2 (1 - rho))``, ``rho = lambda S``
   (no estimate when ``rho >= 1``: the server cannot keep up).
 
+Every request also pays the agent's own per-request work (``request_overhead_ms`` of the edge profile: input
+checks, scoring, metrics; the edge agent reports it as ``agent_overhead_ms`` in ``/v1/status``).
 Edge compute times are scaled by ``edge_slowdown`` (1 when the edge profile was measured on the edge).
 """
 
@@ -29,11 +31,11 @@ from partitioner.profile import Profile
 from splitinfer.bundle import SplitEstimate
 from splitinfer.energy import DeviceProfile
 
-# gRPC/HTTP2/OIP framing per offloaded request (headers, tensor metadata, parameters), measured on our
-# ModelInfer messages: serialized request minus payload is ~150 B, HTTP/2 frames and headers ~250 B.
-# `splitinfer plan probe` measures it on a real connection.
-PROTOCOL_OVERHEAD_BYTES = 400
-RESPONSE_OVERHEAD_BYTES = 300
+# gRPC/HTTP2/OIP bytes per offloaded request beyond its payload, counted on the wire by the link emulator on
+# our ModelInfer messages: 212-259 B (median 231; ~155 B protobuf: model name, id, parameters, tensor metadata;
+# the rest HTTP/2 and gRPC framing). Responses carrying 10 logits: 178-238 B in total. `plan probe` reports it.
+PROTOCOL_OVERHEAD_BYTES = 240
+RESPONSE_OVERHEAD_BYTES = 200
 MSS_BYTES = 1448
 MIN_RTO_S = 0.2
 
@@ -129,6 +131,7 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
         compute_s += exit_rates[b] * t / 1e3
         answered += exit_rates[b]
     q = max(0.0, 1.0 - answered)
+    expected += s * edge.request_overhead_ms  # the agent's own per-request work, whoever answers
     edge_ms = head_ms(k) + exits_ms
     if k == n:  # edge-only: nothing is sent
         payload, transfer_ms, server_ms, enc_ms = 0, 0.0, 0.0, 0.0

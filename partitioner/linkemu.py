@@ -11,7 +11,9 @@ no burst) and is delivered ``delay_s`` later, in order. TCP never loses bytes, s
 its effect on a TCP stream: with probability ``stall_prob`` per chunk the link stalls for ``stall_s``
 (a retransmission timeout's head-of-line blocking). With probability ``drop_prob`` per chunk the connection
 is reset (both sides closed), which is what a middlebox or a dying server does. Reading stops while
-``max_queue`` chunks wait, so a fast sender is slowed down by TCP flow control, as by a real bottleneck.
+``max_queue`` chunks wait to be serialized (the bottleneck's buffer), so a fast sender is slowed down by TCP
+flow control, as by a real bottleneck; bytes already serialized and propagating (up to bandwidth x delay)
+do not count against that buffer.
 
 Use :class:`LinkEmulator` from asyncio, or :func:`start_in_thread` from synchronous code (tests, benchmarks)::
 
@@ -142,8 +144,9 @@ class LinkEmulator:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: LinkSchedule,
                     direction: str, reset, conn: dict) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(self.max_queue)
+        queue: asyncio.Queue = asyncio.Queue()  # chunks in the buffer or propagating: bounded below
         settings = link.settings
+        buffer_s = self.max_queue * CHUNK * 8 / settings.rate_bps if settings.rate_bps else 0.0
 
         async def deliver() -> None:
             while True:
@@ -164,6 +167,11 @@ class LinkEmulator:
         sender = asyncio.create_task(deliver())
         try:
             while not conn["closed"]:
+                backlog = link.free_at - loop.time()  # serialization time of what waits in the buffer
+                if backlog > buffer_s:
+                    await asyncio.sleep(backlog - buffer_s)
+                elif not settings.rate_bps and queue.qsize() > 4 * self.max_queue + 1024:
+                    await asyncio.sleep(0.001)  # an unlimited link: keep memory bounded all the same
                 data = await reader.read(CHUNK)
                 if not data:
                     await queue.put((0.0, None))

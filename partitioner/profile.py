@@ -2,9 +2,11 @@
 
 A profile holds, for one model on one machine and thread count:
 
-* per-stage latency distributions at batch 1 (median, p5, p95, mean of ``repeats`` timed runs, after warm-up),
+* per-stage latency distributions at batch 1 (median, p5, p95, mean of ``repeats`` timed runs, after warm-up;
+  the cost model uses the mean, the expectation it needs: on a device whose CPU is shared or throttled, stalls
+  land in a few stages and a median would miss them),
   and for a server profile the per-stage time of whole batches at each of ``batch_sizes``;
-* per-boundary tensor bytes (float32) and the codec's payload bytes and encode/decode medians;
+* per-boundary tensor bytes (float32) and the codec's payload bytes and encode/decode means;
 * multiply-accumulates and parameters per stage (with model totals ``total_macs`` / ``total_params``);
 * the head's peak memory per split: weights of stages ``[:k]`` plus the largest set of simultaneously live
   activations while they run (from the traced graph's tensor shapes; the allocator's overhead is not counted);
@@ -29,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from splitinfer.allocator import tune_allocator
+from splitinfer.calibration import confidence
 from splitinfer.codec import Codec
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
@@ -85,6 +88,7 @@ class Profile:
     cpu: str = ""
     torch_version: str = ""
     output_bytes: int = 0
+    request_overhead_ms: float = 0.0  # the serving agent's own per-request work (set from the agent's figure)
 
     @property
     def num_stages(self) -> int:
@@ -146,6 +150,7 @@ class Profile:
                 model=str(d.get("model", "")), input_shape=[int(v) for v in d.get("input_shape", [])],
                 codec=str(d.get("codec", "")), cpu=str(d.get("cpu", "")),
                 torch_version=str(d.get("torch_version", "")), output_bytes=int(d.get("output_bytes", 0)),
+                request_overhead_ms=float(d.get("request_overhead_ms", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed profile: {exc!r}") from exc
@@ -248,7 +253,9 @@ def _time_stages(staged: StagedModel, exits: dict[int, ExitHead], x0: torch.Tens
         for k in range(n):
             if k in exits:
                 t0 = time.perf_counter()
-                exits[k](x)
+                logits = exits[k](x)
+                confidence(logits)  # the agent scores every exit it evaluates, and takes its top-1
+                torch.softmax(logits, 1).max(1)
                 if r >= warmup:
                     exit_t[k].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -284,7 +291,7 @@ def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec,
         for b in big:
             xb = example.expand(b, *example.shape[1:]).contiguous()
             bt, _, _ = _time_stages(staged, {}, xb, batch_runs[b], 2, bar)
-            batch_stage_ms[b] = [round(statistics.median(s) * 1e3, 5) for s in bt]
+            batch_stage_ms[b] = [round(statistics.fmean(s) * 1e3, 5) for s in bt]
         enc_ms, dec_ms, sizes = [], [], []
         for t in boundary_tensors:
             e, d = [], []
@@ -297,8 +304,8 @@ def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec,
                 t2 = time.perf_counter()
                 e.append(t1 - t0)
                 d.append(t2 - t1)
-            enc_ms.append(round(statistics.median(e) * 1e3, 5))
-            dec_ms.append(round(statistics.median(d) * 1e3, 5))
+            enc_ms.append(round(statistics.fmean(e) * 1e3, 5))
+            dec_ms.append(round(statistics.fmean(d) * 1e3, 5))
             sizes.append(len(payload))
             bar.update(1)
     finally:
@@ -309,8 +316,8 @@ def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec,
     out = boundary_tensors[-1]
     return Profile(
         machine=machine, cpu=cpu, torch_version=torch.__version__, threads=threads, repeats=repeats,
-        stage_ms=[s.p50 for s in stats], stage_ms_stats=stats,
-        exit_ms={b: round(statistics.median(v) * 1e3, 5) for b, v in exit_t.items()},
+        stage_ms=[s.mean for s in stats], stage_ms_stats=stats,
+        exit_ms={b: round(statistics.fmean(v) * 1e3, 5) for b, v in exit_t.items()},
         encode_ms=enc_ms, decode_ms=dec_ms, payload_bytes=sizes,
         fp32_bytes=[b.fp32_bytes for b in staged.boundaries],
         stage_macs=[s.macs for s in staged.stage_info], stage_params=[s.params for s in staged.stage_info],

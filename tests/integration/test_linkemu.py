@@ -161,15 +161,16 @@ class SinkServer:
         self.sock.close()
 
 
-@pytest.mark.parametrize("rate", [2e6, 20e6])
-def test_achieved_rate_is_within_ten_percent_of_the_setting(rate):
+@pytest.mark.parametrize(("rate", "delay"), [(2e6, 0.0), (20e6, 0.0), (50e6, 0.075)])
+def test_achieved_rate_is_within_ten_percent_of_the_setting(rate, delay):
     """The emulator's accuracy is what is under test here (the issue's acceptance bar): the receiver's
-    throughput, first to last byte, within 10 % of the set rate; best of three tries on a noisy machine."""
+    throughput, first to last byte, within 10 % of the set rate; best of three tries on a noisy machine.
+    50 Mbit/s with 75 ms one-way delay keeps ~470 KB in flight, far more than the bottleneck buffer."""
     nbytes = int(rate / 8 * 1.0)  # about one second of traffic
     ratios = []
     for _ in range(3):
         sink = SinkServer()
-        with (start_in_thread("127.0.0.1", sink.port, LinkSettings(rate_bps=rate)) as emu,
+        with (start_in_thread("127.0.0.1", sink.port, LinkSettings(rate_bps=rate, delay_s=delay)) as emu,
               socket.create_connection(("127.0.0.1", emu.port), timeout=30) as s):
             s.sendall(b"\0" * nbytes)
             s.shutdown(socket.SHUT_WR)
