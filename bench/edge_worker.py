@@ -7,7 +7,8 @@ Commands (one JSON object per line; one JSON answer per line on stdout):
 * ``{"cmd": "connect", "address": "HOST:PORT"}``: (re)build the runtime against a server address
 * ``{"cmd": "set", "split": k, "codec": c, "exits": [...]}``: switch the operating point
 * ``{"cmd": "run", "n": N, "warmup": W}``: answer inputs ``0..N-1`` -> wall ms per request, latency parts, flags
-* ``{"cmd": "overhead", "n": N}``: edge-only, no exits: median of wall - sum(profiled stage times)
+* ``{"cmd": "overhead", "n": N}``: edge-only with every exit: the median over requests of wall time minus the
+  profiled cost of the path the request took (stages up to where it was answered, plus the exits evaluated)
 * ``{"cmd": "quit"}``
 
 Inputs: the Fashion-MNIST test images for the default model, seeded random tensors otherwise.
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = _inputs(bundle, args.inputs)
     runtime: EdgeRuntime | None = None
     stage_ms: list[float] = []
+    exit_ms: dict[int, float] = {}
 
     def connect(address: str) -> EdgeRuntime:
         client = CloudClient(address, bundle.plan.model.name, timeout_s=120.0)
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                                      inputs[:1], repeats=int(msg.get("repeats", 30)), threads=1,
                                      model_name=bundle.plan.model.name)
                 stage_ms = list(prof.stage_ms)
+                exit_ms = dict(prof.exit_ms)
                 answer({"ok": True, "profile": prof.to_dict()})
             elif cmd == "connect":
                 if runtime is not None:
@@ -101,14 +104,18 @@ def main(argv: list[str] | None = None) -> None:
                 n = int(msg.get("n", 30))
                 if runtime is None:
                     runtime = connect("127.0.0.1:1")  # edge-only requests never call the server
-                runtime.set_operating_point(bundle.staged.num_stages, exits=[])
+                n_stages = bundle.staged.num_stages
+                runtime.set_operating_point(n_stages, exits=sorted(bundle.exits))
                 for i in range(3):
                     runtime.infer(inputs[i : i + 1], "warmup")
                 extra = []
                 for i in range(n):
                     t0 = time.perf_counter()
-                    runtime.infer(inputs[i % len(inputs) : i % len(inputs) + 1], f"o{i}")
-                    extra.append((time.perf_counter() - t0) * 1e3 - sum(stage_ms))
+                    res = runtime.infer(inputs[i % len(inputs) : i % len(inputs) + 1], f"o{i}")
+                    wall = (time.perf_counter() - t0) * 1e3
+                    upto = res.decided_by if isinstance(res.decided_by, int) else n_stages
+                    path = sum(stage_ms[:upto]) + sum(v for b, v in exit_ms.items() if b <= upto)
+                    extra.append(wall - path)
                 answer({"ok": True, "overhead_ms": statistics.median(extra)})
             else:
                 answer({"ok": False, "error": f"unknown command {cmd!r}"})

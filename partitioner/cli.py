@@ -348,9 +348,15 @@ def report_cmd(
     directory: Path = typer.Argument(..., help="a bundle directory and/or a folder holding codec_sweep.json"),
     out: Path = typer.Option(None, help="where to write the PNGs (default: DIRECTORY)"),
 ) -> None:
-    """Print a bundle's operating points and write PNG plots: bytes per boundary, and rate vs accuracy of a
+    """Print a bundle's operating points and Pareto set and write PNG plots: latency vs split at several
+    bandwidths, bytes per boundary, the operating-point map over bandwidth x RTT, and rate vs accuracy of a
     codec sweep (``codec_sweep.json`` in DIRECTORY, from ``splitinfer plan codec-sweep``)."""
-    from partitioner.plots import bytes_per_boundary_plot, rate_accuracy_plot
+    from partitioner.plots import (
+        bytes_per_boundary_plot,
+        latency_vs_split_plot,
+        operating_point_map,
+        rate_accuracy_plot,
+    )
     from splitinfer.bundle import PLAN_FILE, read_plan
     from splitinfer.errors import BundleError
 
@@ -368,7 +374,18 @@ def report_cmd(
         for p in plan.operating_points:
             typer.echo(f"{p.bandwidth_bps / 1e6:>7g} Mb {p.rtt_ms:>7g} {p.split:>5} {p.codec:>12} "
                        f"{p.expected_latency_ms:>9.2f} {p.expected_bytes:>9.1f}  {p.exits}")
+        if plan.pareto:
+            typer.echo(f"Pareto set at the planned link ({plan.objective.get('objective', 'latency')} objective):")
+            for e in plan.pareto:
+                energy = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:8.2f} mJ"
+                typer.echo(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} "
+                           f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B "
+                           f"drop {e.accuracy_drop_points or 0:.2f}")
         wrote.append(bytes_per_boundary_plot(plan, out / "bytes_per_boundary.png"))
+        if plan.latency_curves:
+            wrote.append(latency_vs_split_plot(plan, out / "latency_vs_split.png"))
+        if plan.operating_points:
+            wrote.append(operating_point_map(plan, out / "operating_points.png"))
     sweep_path = directory / "codec_sweep.json"
     if sweep_path.is_file():
         wrote.append(rate_accuracy_plot(json.loads(sweep_path.read_text()), out / "rate_accuracy.png"))

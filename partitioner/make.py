@@ -19,6 +19,7 @@ from splitinfer.bundle import (
     ExitCalibrationSpec,
     ExitSpec,
     InputSpec,
+    LatencyCurve,
     OperatingPoint,
     Plan,
     SplitEstimate,
@@ -248,6 +249,26 @@ def _profiles(staged, exits, codec: str, example, opts: PlanOptions, edge_profil
     return edge_profile, server_profile
 
 
+CURVE_BANDWIDTHS = (0.5e6, 2e6, 10e6, 50e6, 200e6)
+
+
+def latency_curves(planner: Planner, opts: PlanOptions) -> list[LatencyCurve]:
+    """Latency vs split (best codec and exits per split, by latency) at several bandwidths, the planned RTT."""
+    import dataclasses
+
+    curves = []
+    for bw in CURVE_BANDWIDTHS:
+        link = dataclasses.replace(opts.link, bandwidth_bps=bw, down_bps=None)
+        best_at: dict[int, float] = {}
+        for e in planner.evaluate(link):
+            if opts.constraints.admits(e):
+                best_at[e.split] = min(best_at.get(e.split, math.inf), e.expected_latency_ms)
+        splits = sorted(best_at)
+        curves.append(LatencyCurve(bandwidth_bps=bw, rtt_ms=opts.link.rtt_s * 1e3, splits=splits,
+                                   latency_ms=[round(best_at[k], 4) for k in splits]))
+    return curves
+
+
 def _tables(planner: Planner, opts: PlanOptions) -> tuple[SplitEstimate, list[SplitEstimate], list[SplitEstimate],
                                                           list[OperatingPoint]]:
     chosen = planner.choose(opts.link, opts.objective, opts.constraints)
@@ -287,7 +308,7 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
     chosen, estimates, pareto, points = _tables(planner, opts)
     plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=codec),
                     factory=target.factory, estimates=estimates, operating_points=points, pareto=pareto,
-                    objective=_objective_record(opts),
+                    objective=_objective_record(opts), latency_curves=latency_curves(planner, opts),
                     notes={**_link_notes(opts, edge, server), "weights": target.weights_note})
     _stage_times(plan, edge, server, opts.edge_slowdown)
     path = save_bundle(out, plan, target.model, {})
@@ -365,6 +386,7 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
         exit_calibration=calibration_spec(cal, scores),
         estimates=estimates, operating_points=points, pareto=pareto, objective=_objective_record(opts),
+        latency_curves=latency_curves(planner, opts),
         notes={
             **_link_notes(opts, edge, server), "epsilon": epsilon, "delta": delta,
             "validation_images": len(va_idx), "validation_agreement": round(agreement, 5),

@@ -64,3 +64,49 @@ def bytes_per_boundary_plot(plan: Plan, path: Path) -> Path:
         pts.sort()
         ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "s" if len(pts) == 1 else "x-", label=name)
     return _save(plt, fig, ax, path, "boundary", "bytes per sample", f"bytes per boundary ({plan.model.name})")
+
+
+def latency_vs_split_plot(plan: Plan, path: Path) -> Path:
+    """Expected end-to-end latency of every split at several bandwidths (the plan's ``latency_curves``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in plan.latency_curves:
+        ax.plot(c.splits, c.latency_ms, "o-", markersize=3, label=f"{c.bandwidth_bps / 1e6:g} Mbit/s")
+        k = min(range(len(c.splits)), key=lambda i: c.latency_ms[i])
+        ax.scatter([c.splits[k]], [c.latency_ms[k]], marker="*", s=120, color="k", zorder=3)
+    n = plan.boundaries[-1].index
+    ax.axvline(0, color="gray", lw=0.8, ls=":")
+    ax.axvline(n, color="gray", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    rtt = plan.latency_curves[0].rtt_ms if plan.latency_curves else 0
+    return _save(plt, fig, ax, path, f"split (0 = cloud-only, {n} = edge-only)",
+                 "expected end-to-end latency (ms, log scale)",
+                 f"latency vs split, {plan.model.name}, RTT {rtt:g} ms (* = best per bandwidth)")
+
+
+def operating_point_map(plan: Plan, path: Path) -> Path:
+    """The chosen split over the bandwidth x RTT grid (color), annotated with split, codec and latency."""
+    import numpy as np
+
+    plt = _pyplot()
+    bws = sorted({p.bandwidth_bps for p in plan.operating_points})
+    rtts = sorted({p.rtt_ms for p in plan.operating_points})
+    grid = np.full((len(rtts), len(bws)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.1 * len(bws) + 2.5, 0.7 * len(rtts) + 2))
+    for p in plan.operating_points:
+        i, j = rtts.index(p.rtt_ms), bws.index(p.bandwidth_bps)
+        grid[i, j] = p.split
+        tag = "B" if p.codec == "bottleneck" else ""
+        ax.text(j, i, f"{p.split}{tag}\n{p.expected_latency_ms:.3g} ms", ha="center", va="center", fontsize=7)
+    n = plan.boundaries[-1].index
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=n)
+    fig.colorbar(im, ax=ax, label=f"split (0 = cloud-only, {n} = edge-only)")
+    ax.set_xticks(range(len(bws)), [f"{b / 1e6:g}" for b in bws])
+    ax.set_yticks(range(len(rtts)), [f"{r:g}" for r in rtts])
+    ax.set_xlabel("uplink bandwidth (Mbit/s)")
+    ax.set_ylabel("round-trip time (ms)")
+    ax.set_title(f"operating points, {plan.model.name} (B = learned bottleneck codec)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

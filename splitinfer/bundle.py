@@ -177,6 +177,15 @@ class OperatingPoint(BaseModel):
     expected_energy_j: float | None = None
 
 
+class LatencyCurve(BaseModel):
+    """Expected latency of every split (its best codec and exits) at one bandwidth and RTT."""
+
+    bandwidth_bps: float
+    rtt_ms: float
+    splits: list[int]
+    latency_ms: list[float]
+
+
 class HeadSpec(BaseModel):
     """How the edge runs its head: float32 as trained, or int8 (post-training static quantization, per
     segment between ``cuts``: 0, every exit boundary before the split, and the split)."""
@@ -212,6 +221,8 @@ class Plan(BaseModel):
     pareto: list[SplitEstimate] = Field(default_factory=list, description="configurations not dominated in "
                                         "latency, edge energy and bytes at the planned link (within constraints)")
     objective: dict[str, str | float] = Field(default_factory=dict, description="objective, weights, constraints")
+    latency_curves: list[LatencyCurve] = Field(default_factory=list, description="latency vs split at several "
+                                               "bandwidths (the planned RTT), for reports")
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
     notes: dict[str, str | float | int] = Field(default_factory=dict)
 

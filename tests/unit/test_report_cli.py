@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from partitioner.cli import app
-from splitinfer.bundle import OperatingPoint, SplitEstimate, read_plan
+from splitinfer.bundle import LatencyCurve, OperatingPoint, SplitEstimate, read_plan
 from tests.conftest import make_learned_bundle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,14 +26,22 @@ def test_report_writes_pngs_and_prints_operating_points(tmp_path):
     plan = plan.model_copy(update={
         "estimates": [SplitEstimate(split=6, codec="uint8-affine", expected_latency_ms=9.0, edge_ms=1, transfer_ms=2,
                                     server_ms=1, bytes_per_offload=9792, offload_rate=0.5, exits=[])],
-        "operating_points": [OperatingPoint(bandwidth_bps=5e6, rtt_ms=20, split=8, codec="bottleneck", exits=[4],
-                                            expected_latency_ms=12.5, expected_bytes=60.0)]})
+        "operating_points": [OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt, split=8 if bw < 10e6 else 2,
+                                            codec="bottleneck" if bw < 10e6 else "uint8-affine", exits=[4],
+                                            expected_latency_ms=12.5 if bw < 10e6 else 7.25, expected_bytes=60.0)
+                             for bw in (5e6, 50e6) for rtt in (20, 100)],
+        "latency_curves": [LatencyCurve(bandwidth_bps=bw, rtt_ms=20, splits=[0, 2, 8],
+                                        latency_ms=[30 * 5e6 / bw, 9, 12]) for bw in (5e6, 50e6)],
+        "pareto": [SplitEstimate(split=8, codec="bottleneck", expected_latency_ms=12.5, edge_ms=1, transfer_ms=2,
+                                 server_ms=1, bytes_per_offload=60, offload_rate=0.5, exits=[4],
+                                 expected_bytes=30.0, accuracy_drop_points=0.4)]})
     (d / "plan.json").write_text(plan.model_dump_json())
     (d / "codec_sweep.json").write_text(json.dumps(_sweep()))
     result = CliRunner().invoke(app, ["report", str(d), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "bottleneck" in result.output and "12.50" in result.output
-    for name in ("bytes_per_boundary.png", "rate_accuracy.png"):
+    assert "bottleneck" in result.output and "12.50" in result.output and "7.25" in result.output
+    assert "Pareto set" in result.output and "drop 0.40" in result.output
+    for name in ("bytes_per_boundary.png", "rate_accuracy.png", "latency_vs_split.png", "operating_points.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
 
 
