@@ -22,8 +22,10 @@ weights, for timing) and each cell of bandwidths x RTTs:
    of its mean latency already exceeds the best mean measured in the cell: the offloaded fraction ``q`` of
    requests each pays at least the uplink transfer (payload / bandwidth) and the emulated RTT, so its mean is
    at least ``q * (transfer + RTT)``.
-4. Configurations within 10 % of the cell's best (the choice included) are measured again and their samples
-   pooled, so the oracle (the measured best) and the choice are compared on the same footing.
+4. The first pass measures ``SCREEN`` requests per split (after one warm-up request at the new operating
+   point). Configurations within 15 % of the cell's best first-pass mean, and the choice, are then measured
+   with ``REQUESTS`` more and their samples pooled, so the oracle (the measured best) and the choice are
+   compared on the same footing with the most samples.
 
 Per cell: the choice, the oracle, measured(choice) / measured(oracle), and the cost model's prediction error
 for the choice, ``|predicted - measured| / measured``. ``summary``: ``cells``, ``frac_within_5pct``,
@@ -53,12 +55,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("default", "resnet50", "mobilenet_v2")
 REQUESTS = {"default": 100, "resnet50": 4, "mobilenet_v2": 12}
-WARMUP = 2
+SCREEN = {"default": 34, "resnet50": 2, "mobilenet_v2": 4}  # first pass; contenders get REQUESTS more
+WARMUP = 1
 # The edge's CPU share per model. The default model's whole request takes ~1.5 ms of CPU, shorter than the
 # smallest CFS quota (1 ms) plus its period; a quota would quantize its latency to periods instead of slowing
 # it down uniformly, so it runs unthrottled (edge and server equally fast: edge-only should win every cell).
 EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25}
-CONTENDER_MARGIN = 1.10
+CONTENDER_MARGIN = 1.15
 
 
 def _free_port() -> int:
@@ -285,7 +288,7 @@ def run_cell(setup: ModelSetup, planner, worker: EdgeWorker, bw: float, rtt: flo
             if bound >= best and k != chosen.split:
                 skipped.append(k)
                 continue
-        samples[k] = measure(worker, REQUESTS[setup.name], k, e.codec, e.exits)
+        samples[k] = measure(worker, SCREEN[setup.name], k, e.codec, e.exits)
         best = min(best, statistics.fmean(samples[k]))
     contenders = [k for k, v in samples.items() if statistics.fmean(v) <= CONTENDER_MARGIN * best]
     for k in sorted(set(contenders) | {chosen.split}):
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {"summary": summarize(cells), "per_model": per_model, "cells": cells,
            "settings": {"bandwidths_mbps": [b / 1e6 for b in bandwidths], "rtts_ms": [r * 1e3 for r in rtts],
                         "requests": {m: REQUESTS[m] for m in per_model}, "warmup": WARMUP,
+                        "screen": {m: SCREEN[m] for m in per_model},
                         "edge_threads": 1, "server_threads": 1, "profile_repeats": args.repeats,
                         "edge_cpu_share": {m: i["edge_cpu_share"] for m, i in models.items()},
                         "machine": os.uname().nodename, "cpus": os.cpu_count()},

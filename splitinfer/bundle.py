@@ -255,6 +255,13 @@ class Plan(BaseModel):
         boundaries = [e.boundary for e in self.exits]
         if len(set(boundaries)) != len(boundaries):
             raise ValueError(f"exit boundaries repeat: {boundaries}")
+        points = [("the plan", self.active_exits)] + [(f"operating point at split {p.split}", p.exits)
+                                                      for p in self.operating_points]
+        for where, active in points:
+            if active is not None and not set(active) <= set(boundaries):
+                raise ValueError(f"{where} enables exits {sorted(set(active) - set(boundaries))} the plan lacks")
+        if self.active_exit_rates is not None and not set(self.active_exit_rates) <= set(self.active_exits or []):
+            raise ValueError("active_exit_rates names exits that are not active")
         lc = self.learned_codec
         uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
         for split, name in uses:

@@ -100,6 +100,8 @@ def test_missing_directory_and_file(tmp_path, bundle):
     (lambda p: p["exits"][0].update(hidden=10**9), "schema"),
     (lambda p: p["codec"].update(name="gzip"), "unknown codec"),
     (lambda p: p["model"].update(factory="os:abort"), "explicit trust"),
+    (lambda p: p.update(active_exits=[99]), "enables exits"),
+    (lambda p: p.update(active_exits=[], active_exit_rates={"4": 0.5}), "not active"),
 ])
 def test_inconsistent_plan_is_refused_with_a_bundle_error(bundle, edit, match):
     plan = json.loads((bundle / "plan.json").read_text())
