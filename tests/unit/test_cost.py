@@ -81,3 +81,15 @@ def test_edge_only_and_cloud_only_and_slowdown():
     slow = estimate_all(p, p, {2: 0.5}, link, edge_slowdown=10)
     assert slow[4].expected_latency_ms == pytest.approx(10 * est[4].expected_latency_ms)
     assert slow[0].expected_latency_ms == pytest.approx(est[0].expected_latency_ms + 9 * 0.1)
+
+
+def test_agent_overhead_is_paid_by_every_request_and_scaled_with_the_edge():
+    p = _profile()
+    link = Link(8e6, 0.01)
+    base = estimate_all(p, p, {2: 0.5}, link)
+    p.request_overhead_ms = 0.7
+    more = estimate_all(p, p, {2: 0.5}, link, edge_slowdown=2)
+    slow = estimate_all(_profile(), _profile(), {2: 0.5}, link, edge_slowdown=2)
+    for a, b in zip(slow, more, strict=True):
+        assert b.expected_latency_ms - a.expected_latency_ms == pytest.approx(1.4, abs=1e-3)
+    assert len(base) == len(more)
