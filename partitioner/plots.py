@@ -78,6 +78,9 @@ def latency_vs_split_plot(plan: Plan, path: Path) -> Path:
     ax.axvline(0, color="gray", lw=0.8, ls=":")
     ax.axvline(n, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     rtt = plan.latency_curves[0].rtt_ms if plan.latency_curves else 0
     return _save(plt, fig, ax, path, f"split (0 = cloud-only, {n} = edge-only)",
                  "expected end-to-end latency (ms, log scale)",
@@ -92,13 +95,14 @@ def operating_point_map(plan: Plan, path: Path) -> Path:
     bws = sorted({p.bandwidth_bps for p in plan.operating_points})
     rtts = sorted({p.rtt_ms for p in plan.operating_points})
     grid = np.full((len(rtts), len(bws)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.1 * len(bws) + 2.5, 0.7 * len(rtts) + 2))
+    fig, ax = plt.subplots(figsize=(0.95 * len(bws) + 2.5, 0.75 * len(rtts) + 2))
+    n = plan.boundaries[-1].index
     for p in plan.operating_points:
         i, j = rtts.index(p.rtt_ms), bws.index(p.bandwidth_bps)
         grid[i, j] = p.split
         tag = "B" if p.codec == "bottleneck" else ""
-        ax.text(j, i, f"{p.split}{tag}\n{p.expected_latency_ms:.3g} ms", ha="center", va="center", fontsize=7)
-    n = plan.boundaries[-1].index
+        ax.text(j, i, f"{p.split}{tag}\n{p.expected_latency_ms:.3g} ms", ha="center", va="center", fontsize=7,
+                color="white" if p.split < 0.5 * n else "black")  # readable on viridis' dark and light ends
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=n)
     fig.colorbar(im, ax=ax, label=f"split (0 = cloud-only, {n} = edge-only)")
     ax.set_xticks(range(len(bws)), [f"{b / 1e6:g}" for b in bws])

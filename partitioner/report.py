@@ -52,7 +52,8 @@ def split_table(result: PlanResult) -> str:
                          f"{en} {e.expected_bytes or 0:9.0f} B  drop {e.accuracy_drop_points or 0:.2f}")
         if len(result.pareto) > 12:
             lines.append(f"  ... {len(result.pareto) - 12} more in plan.json")
-    lines.append(f"bundle written to {result.path} (split {result.chosen.split}, codec {result.chosen.codec}, "
-                 f"validation agreement of the exits with the full "
-                 f"model {result.validation_agreement:.4f})")
+    agreement = (f", validation agreement of the exits with the full model {result.validation_agreement:.4f}"
+                 if plan.exits else "")
+    lines.append(f"bundle written to {result.path} (split {result.chosen.split}, codec {result.chosen.codec}"
+                 f"{agreement})")
     return "\n".join(lines)
