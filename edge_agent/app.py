@@ -159,6 +159,16 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
     state: dict[str, Any] = {"ready": False}
     decode_slots = asyncio.Semaphore(settings.decode_concurrency)
 
+    async def _probe_when_idle() -> None:
+        """Measure the link when no offload has for a while (e.g. while running edge-only)."""
+        while True:
+            await asyncio.sleep(min(1.0, settings.probe_interval_s))
+            if rt.needs_probe():
+                try:
+                    await run_in_threadpool(rt.probe_link)
+                except Exception:  # never let the prober die
+                    log.warning("link probe failed", exc_info=True)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -168,9 +178,12 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
         state["ready"] = True
         log.info("edge agent ready: model=%s split=%d codec=%s server=%s up=%s", rt.plan.model.name, rt.split,
                  rt.codec_name, settings.server, rt.server_up)
+        prober = asyncio.create_task(_probe_when_idle()) if settings.adaptive else None
         try:
             yield
         finally:
+            if prober is not None:
+                prober.cancel()
             state["ready"] = False
             log.info("edge agent draining")
             if owns_runtime:

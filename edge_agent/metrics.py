@@ -13,6 +13,8 @@ name                                                        type       labels
 ``splitinfer_edge_bandwidth_bytes_per_second``              gauge      (smoothed estimate)
 ``splitinfer_edge_rtt_seconds``                             gauge      (smoothed estimate)
 ``splitinfer_edge_operating_point``                         gauge      ``split``, ``codec`` (1 = current)
+``splitinfer_edge_operating_point_switches_total``          counter    (adaptive switches)
+``splitinfer_edge_link_changes_total``                      counter    (step changes of the link estimate)
 ``splitinfer_edge_energy_joules_total``                     counter    ``component``: compute, radio;
                                                                        ``method``: model
 ``splitinfer_edge_server_up``                               gauge      (1 reachable, 0 not)
@@ -60,14 +62,18 @@ class EdgeMetrics:
         self.bytes_received = Counter("splitinfer_edge_bytes_received_total",
                                       "Bytes received from the cloud server.", registry=r)
         self.bandwidth = Gauge("splitinfer_edge_bandwidth_bytes_per_second",
-                               "Smoothed estimate of the link throughput from real offloads "
-                               "(bytes moved / network time).", registry=r)
+                               "Smoothed estimate of the link throughput from real offloads and probes "
+                               "(bytes moved / (network time - RTT)).", registry=r)
         self.rtt = Gauge("splitinfer_edge_rtt_seconds",
                          "Smoothed estimate of the network round trip (round trip minus server queue and "
                          "compute time).", registry=r)
         self.operating_point = Gauge("splitinfer_edge_operating_point",
                                      "The operating point in use (value 1), by split boundary and codec.",
                                      ["split", "codec"], registry=r)
+        self.switches = Counter("splitinfer_edge_operating_point_switches_total",
+                                "Operating-point switches made by the adaptive controller.", registry=r)
+        self.link_changes = Counter("splitinfer_edge_link_changes_total",
+                                    "Step changes detected in the link estimate (bandwidth or RTT).", registry=r)
         self.energy = Counter("splitinfer_edge_energy_joules_total",
                               "Energy spent on the device by component; method says how it was obtained "
                               "(model = estimated from CPU time and bytes with the device profile).",

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_agent.adapt import OperatingPointSelector
 from edge_agent.drift import DriftMonitor
+from edge_agent.linkest import LinkEstimator
 from edge_agent.metrics import OUTCOMES, EdgeMetrics
 from edge_agent.settings import EdgeSettings
 from splitinfer.allocator import tune_allocator
@@ -120,8 +122,18 @@ class EdgeRuntime:
         self._retry_at = 0.0
         self._last_error = ""
         self._overhead_ms: float | None = None
-        self._bandwidth_bps: float | None = None
-        self._rtt_s: float | None = None
+        self.link = LinkEstimator(clock=clock)
+        self._link_changes_seen = 0
+        self._last_link_sample = clock()
+        self.selector: OperatingPointSelector | None = None
+        if settings.adaptive and self.plan.operating_points:
+            self.selector = OperatingPointSelector(self.plan.operating_points, settings.adapt_margin,
+                                                   settings.adapt_min_dwell_s, clock)
+            current = [p for p in self.plan.operating_points if p.split == self.split
+                       and p.codec == self.codec_name and (self.plan.active_exits is None
+                                                           or sorted(p.exits) == sorted(self.plan.active_exits))]
+            if current:
+                self.selector.start_at(current[0])
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._exit_counts = {b: 0 for b in self.head_exits}
         self.metrics.server_up.set(0)
@@ -204,7 +216,72 @@ class EdgeRuntime:
         with self._lock:
             self._overhead_ms = overhead if self._overhead_ms is None else \
                 self._overhead_ms + EWMA_ALPHA * (overhead - self._overhead_ms)
+        self.adapt()
         return res
+
+    # ------------------------------------------------------------------ adaptation
+
+    def adapt(self) -> bool:
+        """Switch operating point if the link estimate calls for it (logged and counted); True if switched."""
+        if self.selector is None:
+            return False
+        decision = self.selector.update(self.link.bandwidth_bps, self.link.rtt_s)
+        if decision is None:
+            return False
+        p = decision.point
+        try:
+            self.set_operating_point(p.split, p.codec, list(p.exits))
+        except InvalidInput as exc:  # a table entry this bundle cannot run: keep the current point
+            log.warning("cannot switch to split %d (%s): %s", p.split, p.codec, exc)
+            return False
+        self.metrics.switches.inc()
+        log.info("operating point -> split %d, codec %s, exits %s (%s)", p.split, p.codec, list(p.exits),
+                 decision.reason)
+        return True
+
+    def needs_probe(self) -> bool:
+        """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
+        for ``probe_interval_s``."""
+        with self._lock:
+            return self.clock() - self._last_link_sample >= self.settings.probe_interval_s
+
+    def probe_link(self) -> bool:
+        """Active probes: the RTT (ServerReady) and, when no offload measured the bandwidth for
+        ``probe_interval_s`` (idle, or running edge-only), the throughput (a ``probe_bytes`` message). Feeds the
+        estimator and may switch the operating point. False when the server could not be reached."""
+        probe_rtt = getattr(self.client, "probe_rtt", None)
+        probe_transfer = getattr(self.client, "probe_transfer", None)
+        if probe_rtt is None or probe_transfer is None:
+            return False
+        last_bw = self.link.last_bandwidth_sample
+        idle = last_bw is None or self.clock() - last_bw >= self.settings.probe_interval_s
+        try:
+            self.link.observe_rtt(probe_rtt())
+            measured = probe_transfer(self.settings.probe_bytes) if idle else None
+        except Exception as exc:  # a failed probe marks the server down like a failed offload
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        if measured is not None:
+            self._observe_link(measured[0] + 64, measured[1])
+        with self._lock:
+            self._last_link_sample = self.clock()
+        self.adapt()
+        return True
+
+    def _observe_link(self, nbytes: int, network_s: float) -> None:
+        self.link.observe_transfer(nbytes, network_s)
+        snap = self.link.snapshot()
+        if snap["bandwidth_bps"]:
+            self.metrics.bandwidth.set(float(snap["bandwidth_bps"]) / 8.0)  # the gauge is in bytes/s
+        if snap["rtt_s"] is not None:
+            self.metrics.rtt.set(float(snap["rtt_s"]))
+        new = int(snap["changes"] or 0) - self._link_changes_seen
+        if new > 0:
+            self._link_changes_seen += new
+            self.metrics.link_changes.inc(new)
+            log.info("link change detected: %.3g Mbit/s, RTT %.3g ms", (snap["bandwidth_bps"] or 0) / 1e6,
+                     (snap["rtt_s"] or 0) * 1e3)
 
     def _infer(self, x: torch.Tensor, request_id: str) -> EdgeResult:
         t_start = time.perf_counter()
@@ -339,7 +416,7 @@ class EdgeRuntime:
                     + float(getattr(res, "server_compute_ms", 0.0))) / 1e3
         round_trip = float(getattr(res, "round_trip_s", 0.0) or lat["transfer"])
         network_s = max(round_trip - server_s, 1e-6)
-        self._update_estimates(8.0 * (sent + received) / network_s, network_s)
+        self._observe_link(sent + received, network_s)
         self.metrics.bytes_sent.inc(sent)
         self.metrics.bytes_received.inc(received)
         conf, label = self._top1(logits)
@@ -410,17 +487,6 @@ class EdgeRuntime:
         if was_up is False:
             log.info("cloud server %s is back; offloading again", self.settings.server)
 
-    def _update_estimates(self, bandwidth_bps: float, rtt_s: float) -> None:
-        with self._lock:
-            if self._bandwidth_bps is None or self._rtt_s is None:
-                self._bandwidth_bps, self._rtt_s = bandwidth_bps, rtt_s
-            else:
-                self._bandwidth_bps += EWMA_ALPHA * (bandwidth_bps - self._bandwidth_bps)
-                self._rtt_s += EWMA_ALPHA * (rtt_s - self._rtt_s)
-            bw, rtt = self._bandwidth_bps, self._rtt_s
-        self.metrics.bandwidth.set(bw / 8.0)  # the gauge is in bytes/s (base unit)
-        self.metrics.rtt.set(rtt)
-
     def probe_server(self) -> bool:
         """Ask the server whether it is ready (health check) and update the up/down state accordingly."""
         try:
@@ -451,8 +517,13 @@ class EdgeRuntime:
             counters = {"requests": dict(self._outcomes),
                         "exits": {str(b): n for b, n in self._exit_counts.items()},
                         "pending": self._pending}
-            estimates = {"bandwidth_bps": self._bandwidth_bps, "rtt_s": self._rtt_s,
+            estimates = {**self.link.snapshot(),
                          "agent_overhead_ms": None if self._overhead_ms is None else round(self._overhead_ms, 4)}
+        adaptive = None if self.selector is None else {
+            "switches": self.selector.switches,
+            "cell": None if self.selector.current is None else
+            {"bandwidth_bps": self.selector.current.bandwidth_bps, "rtt_ms": self.selector.current.rtt_ms},
+            "margin": self.selector.margin, "min_dwell_s": self.selector.min_dwell_s}
         cal = self.plan.exit_calibration
         return {
             "model": self.plan.model.name,
@@ -475,6 +546,7 @@ class EdgeRuntime:
             "server": server,
             "counters": counters,
             "estimates": estimates,
+            "adaptive": adaptive,
             "device": {"name": self.profile.name, "description": self.profile.description,
                        "active_watts": self.profile.active_watts, "idle_watts": self.profile.idle_watts,
                        "radio": self.profile.radio.name, "energy_method": "model"},

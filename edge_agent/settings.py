@@ -59,6 +59,15 @@ class EdgeSettings(BaseSettings):
     recheck_interval_s: float = Field(5.0, gt=0,
                                       description="After an offload failure, requests are answered on the "
                                                   "device for this long before the server is tried again.")
+    adaptive: bool = Field(True, description="Switch between the bundle's operating points as the link "
+                                             "estimate moves (edge_agent/adapt.py).")
+    adapt_margin: float = Field(0.1, ge=0, description="Hysteresis: the new grid cell must be nearer than the "
+                                "current one by this much in log(bandwidth), log(RTT) space (0.1 ~ 10 %).")
+    adapt_min_dwell_s: float = Field(2.0, ge=0, description="Minimum time between two operating-point switches.")
+    probe_interval_s: float = Field(5.0, gt=0, description="When no offload has measured the link for this "
+                                    "long, probe it (RTT with ServerReady, throughput with a small message).")
+    probe_bytes: int = Field(32 * 1024, ge=1024, le=4 * 1024 * 1024,
+                             description="Size of the throughput probe message.")
     drift_window: int = Field(300, ge=10, description="Requests in the drift monitor's sliding window.")
     drift_threshold: float = Field(0.2, gt=0, le=1, description="Total-variation distance from the calibration "
                                    "reference above which input drift is flagged (metric + log line).")

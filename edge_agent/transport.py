@@ -114,6 +114,29 @@ class CloudClient:
             return False
         return bool(response.ready)
 
+    def probe_rtt(self) -> float:
+        """Round-trip time of one ServerReady call (seconds); raises Unavailable when it fails."""
+        t0 = time.perf_counter()
+        try:
+            self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout_s, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return time.perf_counter() - t0
+
+    def probe_transfer(self, nbytes: int) -> tuple[int, float]:
+        """Send ``nbytes`` to a model no server has (it answers NOT_FOUND once the whole message arrived);
+        returns (bytes on the wire, seconds). Raises Unavailable when the server cannot be reached."""
+        tensor = converters.InferTensor(wire.FEATURES_TENSOR, "UINT8", np.zeros(nbytes, dtype=np.uint8))
+        request = converters.request_to_proto(converters.InferRequest(
+            model_name=wire.PROBE_MODEL, id="probe", parameters={}, inputs=[tensor]))
+        t0 = time.perf_counter()
+        try:
+            self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise error_from_rpc(exc) from None
+        return request.ByteSize(), time.perf_counter() - t0
+
     def close(self) -> None:
         """Close the channel (idempotent)."""
         with self._lock:

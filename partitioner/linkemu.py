@@ -55,7 +55,7 @@ class LinkSettings:
                 raise ValueError(f"{name} must be within [0, 1]")
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: live schedules are kept in sets
 class LinkSchedule:
     """Departure and delivery times of one direction (pure logic: no sockets, no clock)."""
 
@@ -97,6 +97,15 @@ class LinkEmulator:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._live: dict[str, set[LinkSchedule]] = {"up": set(), "down": set()}
+
+    def update(self, up: LinkSettings, down: LinkSettings | None = None) -> None:
+        """Change the link's behaviour for new and open connections (from the next chunk on)."""
+        self.up, self.down = up, down or up
+        for link in list(self._live["up"]):
+            link.settings = self.up
+        for link in list(self._live["down"]):
+            link.settings = self.down
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, *self.listen)
@@ -145,8 +154,7 @@ class LinkEmulator:
                     direction: str, reset, conn: dict) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()  # chunks in the buffer or propagating: bounded below
-        settings = link.settings
-        buffer_s = self.max_queue * CHUNK * 8 / settings.rate_bps if settings.rate_bps else 0.0
+        self._live[direction].add(link)
 
         async def deliver() -> None:
             while True:
@@ -167,6 +175,8 @@ class LinkEmulator:
         sender = asyncio.create_task(deliver())
         try:
             while not conn["closed"]:
+                settings = link.settings  # update() may change it between chunks
+                buffer_s = self.max_queue * CHUNK * 8 / settings.rate_bps if settings.rate_bps else 0.0
                 backlog = link.free_at - loop.time()  # serialization time of what waits in the buffer
                 if backlog > buffer_s:
                     await asyncio.sleep(backlog - buffer_s)
@@ -192,6 +202,7 @@ class LinkEmulator:
             reset()
         finally:
             sender.cancel()
+            self._live[direction].discard(link)
 
 
 class RunningEmulator:
@@ -219,6 +230,10 @@ class RunningEmulator:
     @property
     def stats(self) -> LinkStats:
         return self.emulator.stats
+
+    def update(self, up: LinkSettings, down: LinkSettings | None = None) -> None:
+        """Change the settings (thread-safe; applies from the next chunk of every connection)."""
+        self._loop.call_soon_threadsafe(self.emulator.update, up, down)
 
     def stop(self) -> None:
         if self._loop.is_closed():

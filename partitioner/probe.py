@@ -26,7 +26,7 @@ from splitinfer.protocol import converters
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 
-PROBE_MODEL = "__splitinfer_link_probe__"
+PROBE_MODEL = wire.PROBE_MODEL
 HEADERS_BYTES = 60
 DATA_FRAME = 16 * 1024
 

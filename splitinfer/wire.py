@@ -23,3 +23,6 @@ PARAM_QUEUE_MS = "server_queue_ms"
 PARAM_COMPUTE_MS = "server_compute_ms"
 MODEL_VERSION = "1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Link probes (`plan probe`, the edge agent) send ModelInfer requests to this model name, which no server
+# has: the server answers NOT_FOUND once the whole message arrived, so the call times the transfer.
+PROBE_MODEL = "__splitinfer_link_probe__"

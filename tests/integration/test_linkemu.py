@@ -206,3 +206,16 @@ def test_added_delay_is_within_ten_percent_or_two_ms(echo):
             if errors[-1] <= max(0.1 * delay, 0.002):
                 break
         assert min(errors) <= max(0.1 * delay, 0.002), (delay, errors)
+
+
+def test_settings_can_change_while_connections_are_open(echo):
+    with (start_in_thread("127.0.0.1", echo.port, LinkSettings(delay_s=0.0)) as emu,
+          socket.create_connection(("127.0.0.1", emu.port), timeout=10) as s):
+        s.sendall(b"a")
+        assert s.recv(10) == b"a"
+        emu.update(LinkSettings(delay_s=0.05))
+        time.sleep(0.05)  # the update is applied on the emulator's loop
+        t0 = time.perf_counter()
+        s.sendall(b"b")
+        assert s.recv(10) == b"b"
+        assert time.perf_counter() - t0 >= 0.1 * 0.98  # both directions now delay 50 ms
