@@ -210,6 +210,8 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
     plan = result.plan
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The daemons talk over loopback, not the planned link: an adaptive agent would measure loopback and
+    # leave the planned operating point, so the demo pins it (adaptation is tested through the emulator).
     grpc_port, metrics_port, edge_port = _free_port(), _free_port(), _free_port()
     server = agent = None
     logs = []
@@ -226,7 +228,7 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
         agent = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--bundle", str(result.path), "--server",
              f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1", "--port", str(edge_port), "--device", device],
-            stdout=edge_log, stderr=subprocess.STDOUT, env=env)
+            stdout=edge_log, stderr=subprocess.STDOUT, env={**env, "SPLITINFER_EDGE_ADAPTIVE": "false"})
         base = f"http://127.0.0.1:{edge_port}"
         _wait_http(f"{base}/readyz", agent)
         say(f"cloud server pid {server.pid} on 127.0.0.1:{grpc_port} (metrics :{metrics_port}); "
