@@ -46,6 +46,7 @@ from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.calibration import confidence
 from splitinfer.energy import DeviceProfile, get_profile
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
+from splitinfer.power import RaplMeter, find_meter
 
 log = logging.getLogger("edge_agent.runtime")
 
@@ -99,7 +100,7 @@ class EdgeRuntime:
 
     def __init__(self, bundle: Bundle, client: CloudClientLike, settings: EdgeSettings,
                  metrics: EdgeMetrics | None = None, profile: DeviceProfile | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, meter: RaplMeter | None = None) -> None:
         self.bundle = bundle
         self.plan = bundle.plan
         self.client = client
@@ -107,6 +108,8 @@ class EdgeRuntime:
         self.metrics = metrics if metrics is not None else EdgeMetrics()
         self.profile = profile if profile is not None else get_profile(settings.device)
         self.clock = clock
+        self.meter = meter  # a measured energy source (RAPL), or None: the power model
+        self._energy_start: list[int] | None = None
         self.num_stages = bundle.staged.num_stages
         self.labels = list(self.plan.input.labels)
         self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
@@ -284,6 +287,7 @@ class EdgeRuntime:
                      (snap["rtt_s"] or 0) * 1e3)
 
     def _infer(self, x: torch.Tensor, request_id: str) -> EdgeResult:
+        self._energy_start = self.meter.read_uj() if self.meter is not None else None
         t_start = time.perf_counter()
         cpu_start = time.thread_time()
         lat = dict.fromkeys(LATENCY_KEYS, 0.0)
@@ -433,8 +437,15 @@ class EdgeRuntime:
                 self.metrics.duration.labels(stage=stage).observe(lat[stage])
         energy = {"compute": self.profile.compute_joules(cpu_s),
                   "radio": self.profile.radio_joules(bytes_sent, radio_seconds) if "transfer" in ran else 0.0}
+        methods = {"compute": "model", "radio": "model"}
+        if self.meter is not None and self._energy_start is not None:
+            try:  # measured package energy over the request (the radio stays modelled: RAPL cannot see it)
+                energy["compute"] = self.meter.joules_between(self._energy_start, self.meter.read_uj())
+                methods["compute"] = self.meter.method
+            except (OSError, ValueError):
+                log.warning("energy meter unreadable; using the power model", exc_info=True)
         for component, joules in energy.items():
-            self.metrics.energy.labels(component=component, method="model").inc(joules)
+            self.metrics.energy.labels(component=component, method=methods[component]).inc(joules)
         self.metrics.requests.labels(outcome=outcome).inc()
         with self._lock:
             self._outcomes[outcome] += 1
@@ -549,7 +560,9 @@ class EdgeRuntime:
             "adaptive": adaptive,
             "device": {"name": self.profile.name, "description": self.profile.description,
                        "active_watts": self.profile.active_watts, "idle_watts": self.profile.idle_watts,
-                       "radio": self.profile.radio.name, "energy_method": "model"},
+                       "radio": self.profile.radio.name,
+                       "energy_method": "model" if self.meter is None else f"{self.meter.method} (compute), "
+                                                                           "model (radio)"},
         }
 
     def close(self) -> None:
@@ -574,4 +587,7 @@ def build_runtime(settings: EdgeSettings, metrics: EdgeMetrics | None = None) ->
     bundle = load_bundle(settings.bundle)
     profile = get_profile(settings.device)
     client = CloudClient(settings.server, bundle.plan.model.name, timeout_s=settings.timeout_s)
-    return EdgeRuntime(bundle, client, settings, metrics=metrics, profile=profile)
+    meter = find_meter() if settings.energy_meter == "auto" else None
+    if meter is not None:
+        log.info("measuring compute energy with %s", meter.describe())
+    return EdgeRuntime(bundle, client, settings, metrics=metrics, profile=profile, meter=meter)

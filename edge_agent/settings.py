@@ -59,6 +59,8 @@ class EdgeSettings(BaseSettings):
     recheck_interval_s: float = Field(5.0, gt=0,
                                       description="After an offload failure, requests are answered on the "
                                                   "device for this long before the server is tried again.")
+    energy_meter: Literal["auto", "model"] = Field("auto", description="auto: measure compute energy with RAPL "
+                                                   "(powercap) where readable, else the device's power model.")
     adaptive: bool = Field(True, description="Switch between the bundle's operating points as the link "
                                              "estimate moves (edge_agent/adapt.py).")
     adapt_margin: float = Field(0.1, ge=0, description="Hysteresis: the new grid cell must be nearer than the "

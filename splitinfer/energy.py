@@ -1,7 +1,8 @@
 """Edge energy: a documented power model per device profile, driven by measured CPU time and bytes.
 
-No power sensor is assumed. Where Linux powercap/RAPL exists it could be read instead; this module reports
-``method="model"`` for every figure it estimates so metrics say how a number was obtained.
+No power sensor is assumed. Where Linux powercap/RAPL is readable the edge agent measures compute energy with
+it instead (:mod:`splitinfer.power`, ``method="rapl"``); this module's figures are ``method="model"``, so
+metrics say how a number was obtained.
 """
 
 from __future__ import annotations
