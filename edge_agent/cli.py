@@ -55,3 +55,74 @@ def run(
     except SplitInferError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _batch_runtime(bundle: Path | None, server: str | None, config: Path | None):
+    from edge_agent.runtime import build_runtime
+    from edge_agent.settings import EdgeSettings
+
+    try:
+        settings = EdgeSettings.load(config, bundle=bundle, server=server or None)
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: invalid edge agent settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from splitinfer.errors import SplitInferError
+
+    try:
+        rt = build_runtime(settings)
+    except SplitInferError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    rt.probe_server()  # offload when the server is up; otherwise answer on the device (degraded)
+    return rt, settings
+
+
+@app.command("classify")
+def classify(
+    files: list[Path] = typer.Argument(..., help="PNG, JPEG or .npy files"),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Plan bundle directory (env SPLITINFER_EDGE_BUNDLE)."),
+    server: str | None = typer.Option(None, "--server", help="Cloud server HOST:PORT (env SPLITINFER_EDGE_SERVER)."),
+    config: Path | None = typer.Option(None, "--config", help="Optional YAML file with any EdgeSettings field."),
+) -> None:
+    """Classify files and write one JSON line per file on stdout (exit 1 if any file failed)."""
+    import sys
+
+    from edge_agent.sources import classify_files
+
+    rt, settings = _batch_runtime(bundle, server, config)
+    try:
+        _, failed = classify_files(rt, files, sys.stdout, settings.max_upload_bytes, settings.max_image_pixels)
+    finally:
+        rt.close()
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch_cmd(
+    directory: Path = typer.Argument(..., help="directory to watch for new PNG, JPEG or .npy files"),
+    out: Path | None = typer.Option(None, "--out", help="append JSON lines here (default: stdout)"),
+    interval_s: float = typer.Option(0.5, help="seconds between polls"),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Plan bundle directory (env SPLITINFER_EDGE_BUNDLE)."),
+    server: str | None = typer.Option(None, "--server", help="Cloud server HOST:PORT (env SPLITINFER_EDGE_SERVER)."),
+    config: Path | None = typer.Option(None, "--config", help="Optional YAML file with any EdgeSettings field."),
+) -> None:
+    """Classify every file that appears in DIRECTORY (once each), as JSON lines, until interrupted."""
+    import contextlib
+    import sys
+
+    from edge_agent.sources import watch
+
+    if not directory.is_dir():
+        typer.echo(f"error: {directory} is not a directory", err=True)
+        raise typer.Exit(2)
+    rt, settings = _batch_runtime(bundle, server, config)
+    sink = open(out, "a") if out else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            for _ in watch(rt, directory, sink, settings.max_upload_bytes, settings.max_image_pixels, interval_s):
+                pass
+    finally:
+        rt.close()
+        if out:
+            sink.close()
