@@ -127,8 +127,7 @@ def start_emulator(target_port: int, rate_bps: float, rtt_s: float, workdir: Pat
 @dataclass
 class ModelSetup:
     name: str
-    result: object  # partitioner.make.PlanResult
-    inputs: torch.Tensor
+    result: object  # partitioner.make.PlanResult (the edge worker loads its own inputs)
 
 
 def plan_model(name: str, workdir: Path, repeats: int) -> ModelSetup:
@@ -140,17 +139,10 @@ def plan_model(name: str, workdir: Path, repeats: int) -> ModelSetup:
     out = workdir / name / "bundle"
     link = Link(10e6, 0.05)
     if name == "default":
-        from splitinfer.data import load_fashion_mnist, to_model_input
-
         result = make_default_plan(out, link, repeats=repeats, progress=True)
-        test = load_fashion_mnist("test")
-        x = to_model_input(test.images[:REQUESTS[name]], result.plan.input.mean, result.plan.input.std)
     else:
-        target = load_target(name)
-        result = make_model_plan(out, target, PlanOptions(link=link, repeats=repeats, progress=True))
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(REQUESTS[name], *target.input_spec.shape, generator=g)
-    return ModelSetup(name, result, x)
+        result = make_model_plan(out, load_target(name), PlanOptions(link=link, repeats=repeats, progress=True))
+    return ModelSetup(name, result)
 
 
 class CpuLimit:

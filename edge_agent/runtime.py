@@ -51,6 +51,7 @@ from splitinfer.power import RaplMeter, find_meter
 log = logging.getLogger("edge_agent.runtime")
 
 EWMA_ALPHA = 0.3
+PROBE_ANSWER_BYTES = 64  # a NOT_FOUND status and its message, roughly
 """Weight of the newest sample in the bandwidth and RTT estimates."""
 
 LATENCY_KEYS = ("head", "exit", "encode", "transfer", "tail", "total")
@@ -114,8 +115,7 @@ class EdgeRuntime:
         self.labels = list(self.plan.input.labels)
         self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
         self._op_lock = threading.Lock()
-        self.split = self.plan.split
-        self.codec_name = self.plan.codec.name
+        self._exit_counts: dict[int, int] = {}
         self._apply_operating_point(self.plan.split, self.plan.codec.name, self.plan.active_exits)
         self.input_shape = [1, *self.plan.input.shape]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
@@ -127,7 +127,7 @@ class EdgeRuntime:
         self._overhead_ms: float | None = None
         self.link = LinkEstimator(clock=clock)
         self._link_changes_seen = 0
-        self._last_link_sample = clock()
+        self._last_probe = clock()
         self.selector: OperatingPointSelector | None = None
         if settings.adaptive and self.plan.operating_points:
             self.selector = OperatingPointSelector(self.plan.operating_points, settings.adapt_margin,
@@ -138,7 +138,6 @@ class EdgeRuntime:
             if current:
                 self.selector.start_at(current[0])
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
-        self._exit_counts = {b: 0 for b in self.head_exits}
         self.metrics.server_up.set(0)
 
     # ------------------------------------------------------------------ operating point
@@ -177,7 +176,8 @@ class EdgeRuntime:
         self.thresholds = {b: certified[b] for b in head_exits}
         self.head_exits = head_exits
         self.head = head
-        self._exit_counts = {b: getattr(self, "_exit_counts", {}).get(b, 0) for b in head_exits}
+        for b in head_exits:  # counts survive switches
+            self._exit_counts.setdefault(b, 0)
         cal = self.plan.exit_calibration
         planned = head_exits == sorted(b for b in self.bundle.thresholds() if b <= self.plan.split) \
             and split == self.plan.split
@@ -246,7 +246,7 @@ class EdgeRuntime:
         """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
         for ``probe_interval_s``."""
         with self._lock:
-            return self.clock() - self._last_link_sample >= self.settings.probe_interval_s
+            return self.clock() - self._last_probe >= self.settings.probe_interval_s
 
     def probe_link(self) -> bool:
         """Active probes: the RTT (ServerReady) and, when no offload measured the bandwidth for
@@ -265,15 +265,16 @@ class EdgeRuntime:
             self._mark_down(exc)
             return False
         self._mark_up()
-        if measured is not None:
-            self._observe_link(measured[0] + 64, measured[1])
+        if measured is not None:  # request bytes + the small NOT_FOUND answer
+            self.link.observe_transfer(measured[0] + PROBE_ANSWER_BYTES, measured[1])
+        self._publish_link()
         with self._lock:
-            self._last_link_sample = self.clock()
+            self._last_probe = self.clock()
         self.adapt()
         return True
 
-    def _observe_link(self, nbytes: int, network_s: float) -> None:
-        self.link.observe_transfer(nbytes, network_s)
+    def _publish_link(self) -> None:
+        """Copy the link estimate to the gauges; count and log newly detected step changes."""
         snap = self.link.snapshot()
         if snap["bandwidth_bps"]:
             self.metrics.bandwidth.set(float(snap["bandwidth_bps"]) / 8.0)  # the gauge is in bytes/s
@@ -420,7 +421,8 @@ class EdgeRuntime:
                     + float(getattr(res, "server_compute_ms", 0.0))) / 1e3
         round_trip = float(getattr(res, "round_trip_s", 0.0) or lat["transfer"])
         network_s = max(round_trip - server_s, 1e-6)
-        self._observe_link(sent + received, network_s)
+        self.link.observe_transfer(sent + received, network_s)
+        self._publish_link()
         self.metrics.bytes_sent.inc(sent)
         self.metrics.bytes_received.inc(received)
         conf, label = self._top1(logits)

@@ -39,7 +39,6 @@ from splitinfer.staged import StagedModel
 
 PROFILE_FORMAT = "splitinfer-profile"
 PROFILE_VERSION = 1
-WARMUP_S = 2.0
 
 
 @dataclass
@@ -225,28 +224,12 @@ def head_peak_bytes(staged: StagedModel, exits: dict[int, ExitHead] | None = Non
     return out
 
 
-def _pass_once(staged: StagedModel, exits: dict[int, ExitHead], x: torch.Tensor) -> None:
-    kept = [x]
-    for k in range(staged.num_stages):
-        if k in exits:
-            exits[k](x)
-        x = staged.stages[k](x)
-        kept.append(x)
-
-
 def _time_stages(staged: StagedModel, exits: dict[int, ExitHead], x0: torch.Tensor, runs: int, warmup: int,
                  bar: tqdm | None) -> tuple[list[list[float]], dict[int, list[float]], list[torch.Tensor]]:
     n = staged.num_stages
     stage_t: list[list[float]] = [[] for _ in range(n)]
     exit_t: dict[int, list[float]] = {b: [] for b in exits}
     tensors: list[torch.Tensor] = []
-    # Warm-up: ``warmup`` passes and at least WARMUP_S of them. The first ~20 passes that keep every boundary
-    # tensor alive run up to 1.7x slower here (the allocator settling), whatever ran before.
-    deadline = time.perf_counter() + (WARMUP_S if warmup else 0.0)
-    extra = 0
-    while time.perf_counter() < deadline and extra < 200:
-        _pass_once(staged, exits, x0)
-        extra += 1
     for r in range(warmup + runs):
         x = x0
         tensors = [x]
