@@ -11,18 +11,47 @@ Commands (one JSON object per line; one JSON answer per line on stdout):
   profiled cost of the path the request took (stages up to where it was answered, plus the exits evaluated)
 * ``{"cmd": "quit"}``
 
-Inputs: the Fashion-MNIST test images for the default model, seeded random tensors otherwise.
+Added for ``bench.e2e`` (named runtimes next to the one above, each with its own settings and client):
+
+* ``{"cmd": "load", "bundle": DIR}``: load another bundle (same inputs); closes every runtime
+* ``{"cmd": "open", "name": N, "address": A, "settings": {...}, "prober": bool}``: a runtime ``N`` built with
+  these EdgeSettings fields; ``prober`` runs the agent's idle-link prober beside it (as ``edge_agent.app`` does:
+  every ``min(1 s, probe_interval_s)``, ``probe_link()`` when ``needs_probe()``)
+* ``{"cmd": "op", "name": N, "split": k, "codec": c, "exits": [...]}``: set runtime ``N``'s operating point
+* ``{"cmd": "pause", "name": N, "paused": bool}``: pause / resume runtime ``N``'s prober
+* ``{"cmd": "ready", "name": N}``: ``probe_server()`` (the agent's start-up check; not a link observation)
+* ``{"cmd": "probe", "name": N}``: one ``probe_link()`` now
+* ``{"cmd": "requests", "name": N, "indices": [...], "warmup": W, "raw": bool}``: answer those inputs -> one
+  record each; with ``raw`` each request also carries the file a user would upload (PNG for grey inputs, JPEG
+  quality 90 for colour), as ``edge_agent.app`` passes it (``infer(raw=...)``: the ``image`` operating point
+  forwards it); ``warmup`` and ``trace`` take ``raw`` too
+* ``{"cmd": "warmup", "name": N, "indices": [...], "min_s": S, "max_s": M, "stable_n": K, "max_n": R}``:
+  requests (cycling over ``indices``) until the operating point has stayed the same for the last ``K`` requests
+  and ``min_s`` have passed (or ``max_s`` / ``max_n``)
+* ``{"cmd": "trace", "name": N, "indices": [...], "duration_s": D}``: requests back to back for ``D`` seconds;
+  records carry ``time.monotonic()`` start times (comparable across processes) and the link estimate
+* ``{"cmd": "cloud", "address": A, "indices": [...], "fmt": "png"|"jpeg", "quality": Q, "timeout_s": T,
+  "warmup": W}``: cloud-only as a user sends it: encode the pixels (``--pixels``) as PNG/JPEG and call the
+  server's ``image`` codec at split 0 -> one record each (energy from the device power model)
+* ``{"cmd": "status", "name": N}``, ``{"cmd": "close", "name": N}``
+
+Inputs: the Fashion-MNIST test images for the default model, seeded random tensors otherwise; or, with
+``--pixels FILE.npy`` (uint8 ``[N, H, W]`` or ``[N, H, W, 3]``), those images normalised with the plan's input
+spec (the ``cloud`` command encodes the same pixels).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -36,11 +65,257 @@ def _inputs(bundle, n: int) -> torch.Tensor:
     return torch.randn(n, *bundle.plan.input.shape, generator=g)
 
 
+def _pixel_inputs(bundle, pixels: np.ndarray) -> torch.Tensor:
+    from splitinfer.data import to_model_input
+
+    return to_model_input(pixels, bundle.plan.input.mean, bundle.plan.input.std)
+
+
+# ---------------------------------------------------------------------------------------------- bench.e2e
+
+E2E_COMMANDS = ("load", "open", "op", "pause", "ready", "probe", "requests", "warmup", "trace", "cloud", "status",
+                "close")
+
+
+class _Named:
+    """A runtime built for ``bench.e2e``, with the agent's idle-link prober beside it (optional) and counters of
+    the probes it sent."""
+
+    def __init__(self, bundle, bundle_dir: Path, address: str, settings: dict, prober: bool):
+        from edge_agent.metrics import EdgeMetrics
+        from edge_agent.runtime import EdgeRuntime
+        from edge_agent.settings import EdgeSettings
+        from edge_agent.transport import CloudClient
+
+        self.settings = EdgeSettings(bundle=bundle_dir, server=address, **settings)
+        client = CloudClient(address, bundle.plan.model.name, timeout_s=self.settings.timeout_s)
+        self.probes = {"rtt": 0, "transfer": 0, "transfer_bytes": 0}
+        rtt, transfer = client.probe_rtt, client.probe_transfer
+
+        def probe_rtt() -> float:
+            self.probes["rtt"] += 1
+            return rtt()
+
+        def probe_transfer(nbytes: int) -> tuple[int, float]:
+            out = transfer(nbytes)
+            self.probes["transfer"] += 1
+            self.probes["transfer_bytes"] += int(out[0])
+            return out
+
+        client.probe_rtt, client.probe_transfer = probe_rtt, probe_transfer  # counted, same calls
+        self.runtime = EdgeRuntime(bundle, client, self.settings, metrics=EdgeMetrics())
+        self.paused = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        if prober:
+            self._thread = threading.Thread(target=self._probe_when_idle, name="e2e-prober", daemon=True)
+            self._thread.start()
+
+    def _probe_when_idle(self) -> None:
+        """``edge_agent.app``'s prober: every ``min(1 s, probe_interval_s)``, probe when ``needs_probe()``."""
+        rt = self.runtime
+        while not self._stop.wait(min(1.0, self.settings.probe_interval_s)):
+            if self.paused.is_set() or not rt.needs_probe():
+                continue
+            try:
+                rt.probe_link()
+            except Exception:  # never let the prober die (as in the app)
+                logging.getLogger("bench.edge_worker").warning("link probe failed", exc_info=True)
+
+    def op(self) -> list:
+        rt = self.runtime
+        return [rt.split, rt.codec_name, list(rt.head_exits)]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.runtime.close()
+
+
+def _record(named: _Named, res, t0: float, wall_ms: float, op_before: list) -> dict:
+    rt = named.runtime
+    return {"t": round(t0, 6), "wall_ms": round(wall_ms, 4), "label": int(res.label),
+            "decided_by": res.decided_by, "degraded": bool(res.degraded), "outcome": res.outcome,
+            "op": op_before, "op_after": named.op(), "bytes_sent": int(res.bytes_sent),
+            "bytes_received": int(res.bytes_received),
+            "energy_j": {k: float(v) for k, v in res.energy_j.items()},
+            "latency_ms": {k: float(v) for k, v in res.latency_ms.items()},
+            "bw_bps": rt.link.bandwidth_bps, "rtt_s": rt.link.rtt_s}
+
+
+class _Files:
+    """The file a user would upload for input ``i`` (PNG for grey, JPEG quality 90 for colour: what ``cloud``
+    sends), made once per input; passed to ``EdgeRuntime.infer(raw=...)`` as the agent's HTTP API does."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, bytes] = {}
+        self.codec = None
+
+    def reset(self, bundle) -> None:
+        from splitinfer.imaging import ImageCodec
+
+        self.cache.clear()
+        spec = bundle.plan.input
+        self.codec = ImageCodec(spec, fmt="png" if int(spec.shape[0]) == 1 else "jpeg", quality=90)
+
+    def get(self, pixels: np.ndarray | None, i: int) -> bytes | None:
+        if pixels is None or self.codec is None:
+            return None
+        if i not in self.cache:
+            self.cache[i] = self.codec.encode(pixels[i])[0]
+        return self.cache[i]
+
+
+FILES = _Files()
+
+
+def _serve_one(named: _Named, inputs: torch.Tensor, i: int, rid: str, raw: bytes | None = None) -> dict:
+    op_before = named.op()
+    t0 = time.monotonic()
+    p0 = time.perf_counter()
+    res = named.runtime.infer(inputs[i : i + 1], rid, raw=raw) if raw is not None else \
+        named.runtime.infer(inputs[i : i + 1], rid)
+    rec = _record(named, res, t0, (time.perf_counter() - p0) * 1e3, op_before)
+    rec["index"] = i
+    return rec
+
+
+def _cloud_only(msg: dict, bundle, pixels: np.ndarray | None) -> dict:
+    """Cloud-only as a user sends it: PNG/JPEG of the pixels to the server's ``image`` codec at split 0.
+
+    Latency: encode + call + argmax (wall). Energy: the device power model the runtime uses, with the same
+    accounting (compute: CPU time of the edge's own work before the call, here the encoding; radio: bytes sent
+    and the network time, i.e. the round trip minus the server's queue and compute time)."""
+    from edge_agent.transport import CloudClient
+    from splitinfer.energy import DEFAULT_DEVICE, get_profile
+    from splitinfer.imaging import ImageCodec
+
+    if pixels is None:
+        raise ValueError("the cloud command needs --pixels")
+    fmt = msg.get("fmt", "png")
+    codec = ImageCodec(bundle.plan.input, fmt=fmt, quality=int(msg.get("quality", 90)))
+    profile = get_profile(msg.get("device", DEFAULT_DEVICE))
+    records = []
+    with CloudClient(msg["address"], bundle.plan.model.name, timeout_s=float(msg.get("timeout_s", 60.0))) as client:
+        indices = [int(i) for i in msg["indices"]]
+        warm = int(msg.get("warmup", 0))
+        for j, i in enumerate(indices[:warm] + indices):
+            t0 = time.monotonic()
+            p0 = time.perf_counter()
+            c0 = time.thread_time()
+            payload, meta = codec.encode(pixels[i])
+            cpu_s = time.thread_time() - c0
+            encode_ms = (time.perf_counter() - p0) * 1e3
+            res = client.infer_features(payload, meta, 0, "image", f"c{j}")
+            label = int(np.argmax(res.logits[0]))
+            wall_ms = (time.perf_counter() - p0) * 1e3
+            if j < warm:
+                continue
+            server_s = (res.server_queue_ms + res.server_compute_ms) / 1e3
+            network_s = max(res.round_trip_s - server_s, 1e-6)
+            records.append({"t": round(t0, 6), "wall_ms": round(wall_ms, 4), "label": label, "index": i,
+                            "decided_by": "cloud", "degraded": False, "outcome": "cloud", "op": [0, "image", []],
+                            "bytes_sent": int(res.bytes_sent), "bytes_received": int(res.bytes_received),
+                            "payload_bytes": len(payload),
+                            "energy_j": {"compute": profile.compute_joules(cpu_s),
+                                         "radio": profile.radio_joules(int(res.bytes_sent), network_s)},
+                            "latency_ms": {"encode": round(encode_ms, 4),
+                                           "transfer": round(res.round_trip_s * 1e3, 4),
+                                           "server": round(server_s * 1e3, 4), "total": round(wall_ms, 4)}})
+    return {"ok": True, "records": records}
+
+
+def _e2e_command(cmd: str, msg: dict, bundle, bundle_dir: Path, inputs: torch.Tensor,
+                 pixels: np.ndarray | None, named: dict[str, _Named]) -> dict:
+    if cmd == "cloud":
+        return _cloud_only(msg, bundle, pixels)
+    name = msg.get("name", "main")
+    if cmd == "open":
+        if name in named:
+            named.pop(name).close()
+        named[name] = _Named(bundle, bundle_dir, msg["address"], dict(msg.get("settings", {})),
+                             bool(msg.get("prober", False)))
+        return {"ok": True, "op": named[name].op()}
+    item = named[name]
+    rt = item.runtime
+    if cmd == "close":
+        named.pop(name).close()
+        return {"ok": True}
+    if cmd == "op":
+        rt.set_operating_point(int(msg["split"]), msg.get("codec"), msg.get("exits"))
+        return {"ok": True, "op": item.op()}
+    if cmd == "pause":
+        (item.paused.set if msg.get("paused", True) else item.paused.clear)()
+        return {"ok": True}
+    if cmd == "ready":  # what the agent does at start-up (edge_agent.app's lifespan): connects the channel
+        return {"ok": True, "ready": bool(rt.probe_server())}
+    if cmd == "probe":
+        return {"ok": True, "probed": bool(rt.probe_link()), "op": item.op(),
+                "bw_bps": rt.link.bandwidth_bps, "rtt_s": rt.link.rtt_s}
+    if cmd == "status":
+        return {"ok": True, "status": json.loads(json.dumps(rt.status(), default=str)), "probes": item.probes,
+                "op": item.op()}
+    indices = [int(i) for i in msg.get("indices", [])]
+    with_raw = bool(msg.get("raw", False))
+    if with_raw and FILES.codec is None:
+        FILES.reset(bundle)
+
+    def raw(i: int) -> bytes | None:
+        return FILES.get(pixels, i) if with_raw else None
+
+    if cmd == "requests":
+        warm = int(msg.get("warmup", 0))
+        for j in range(warm):
+            i = indices[j % len(indices)]
+            _serve_one(item, inputs, i, "warmup", raw(i))
+        return {"ok": True, "records": [_serve_one(item, inputs, i, f"r{i}", raw(i)) for i in indices]}
+    if cmd == "warmup":
+        min_s, max_s = float(msg.get("min_s", 6.0)), float(msg.get("max_s", 60.0))
+        stable_n, max_n = int(msg.get("stable_n", 5)), int(msg.get("max_n", 100_000))
+        t_start = time.monotonic()
+        records: list[dict] = []
+        ops: list[list] = []
+        j = 0
+        while True:
+            i = indices[j % len(indices)]
+            rec = _serve_one(item, inputs, i, f"w{j}", raw(i))
+            j += 1
+            ops.append(rec["op_after"])
+            keep = len(records) < 2000  # the first ones (the op changes are all there)
+            if keep or rec["op_after"] != rec["op"]:
+                records.append(rec)
+            elapsed = time.monotonic() - t_start
+            stable = len(ops) >= stable_n and all(o == ops[-1] for o in ops[-stable_n:])
+            if (elapsed >= min_s and stable) or elapsed >= max_s or j >= max_n:
+                break
+        return {"ok": True, "n": j, "seconds": round(time.monotonic() - t_start, 3), "stable": stable,
+                "op": item.op(), "switches": rt.selector.switches if rt.selector else 0,
+                "changes": [{"t": r["t"], "from": r["op"], "to": r["op_after"], "bw_bps": r["bw_bps"],
+                             "rtt_s": r["rtt_s"]} for r in records if r["op"] != r["op_after"]],
+                "bw_bps": rt.link.bandwidth_bps, "rtt_s": rt.link.rtt_s}
+    if cmd == "trace":
+        duration = float(msg["duration_s"])
+        t_end = time.monotonic() + duration
+        records = []
+        j = 0
+        while time.monotonic() < t_end:
+            i = indices[j % len(indices)]
+            records.append(_serve_one(item, inputs, i, f"t{j}", raw(i)))
+            j += 1
+        return {"ok": True, "records": records}
+    return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--inputs", type=int, default=100)
+    ap.add_argument("--pixels", type=Path, default=None, help="uint8 images (.npy) to use as inputs")
+    ap.add_argument("--log-level", default="warning", help="log level of the runtime's loggers (to stderr)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from edge_agent.metrics import EdgeMetrics
     from edge_agent.runtime import EdgeRuntime
@@ -52,8 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     tune_allocator()
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle)
-    inputs = _inputs(bundle, args.inputs)
+    pixels = np.load(args.pixels) if args.pixels is not None else None
+    inputs = _inputs(bundle, args.inputs) if pixels is None else _pixel_inputs(bundle, pixels)
     runtime: EdgeRuntime | None = None
+    named: dict[str, _Named] = {}
     stage_ms: list[float] = []
     exit_ms: dict[int, float] = {}
 
@@ -117,10 +394,27 @@ def main(argv: list[str] | None = None) -> None:
                     path = sum(stage_ms[:upto]) + sum(v for b, v in exit_ms.items() if b <= upto)
                     extra.append(wall - path)
                 answer({"ok": True, "overhead_ms": statistics.median(extra)})
+            elif cmd in E2E_COMMANDS:
+                if cmd == "load":
+                    for item in named.values():
+                        item.close()
+                    named.clear()
+                    if runtime is not None:
+                        runtime.close()
+                        runtime = None
+                    args.bundle = Path(msg["bundle"])
+                    bundle = load_bundle(args.bundle)
+                    FILES.reset(bundle)
+                    inputs = _inputs(bundle, args.inputs) if pixels is None else _pixel_inputs(bundle, pixels)
+                    answer({"ok": True})
+                else:
+                    answer(_e2e_command(cmd, msg, bundle, args.bundle, inputs, pixels, named))
             else:
                 answer({"ok": False, "error": f"unknown command {cmd!r}"})
         except Exception as exc:  # report to the driver, keep serving
             answer({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    for item in named.values():
+        item.close()
     if runtime is not None:
         runtime.close()
 

@@ -20,22 +20,102 @@ def _root() -> None:
 def serve(
     bundle: Path | None = typer.Option(None, "--bundle",
                                        help="Plan bundle directory (or env SPLITINFER_CLOUD_BUNDLE)."),
+    model_repository: Path | None = typer.Option(
+        None, "--model-repository", help="Repository directory ROOT/<model>/<version>/ of bundles, instead of "
+                                         "--bundle (or env SPLITINFER_CLOUD_MODEL_REPOSITORY)."),
     host: str | None = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="gRPC port (default 8001; 0 picks a free one)."),
     metrics_port: int | None = typer.Option(None, "--metrics-port",
                                             help="Prometheus /metrics port (default 8002; 0 disables)."),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch per request (default 64)."),
+    batch_max_size: int | None = typer.Option(None, "--batch-max-size",
+                                              help="Dynamic batching: most samples per tail run (default 32; "
+                                                   "1 turns batching off)."),
+    batch_max_delay_ms: float | None = typer.Option(None, "--batch-max-delay-ms",
+                                                    help="Dynamic batching: longest wait for a batch to fill "
+                                                         "(default 2)."),
+    workers: int | None = typer.Option(None, "--workers", help="Batches computed at once (default 2)."),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch intra-op threads."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM server certificate (TLS on)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    tls_client_ca: Path | None = typer.Option(None, "--tls-client-ca",
+                                              help="PEM CA of client certificates (mutual TLS)."),
+    auth_tokens_file: Path | None = typer.Option(None, "--auth-tokens-file",
+                                                 help="Bearer tokens file (TOKEN or NAME:TOKEN per line)."),
     log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
-    """Serve the tail of BUNDLE's model (Open Inference Protocol v2 over gRPC) until SIGTERM/SIGINT."""
+    """Serve model tails (Open Inference Protocol v2 over gRPC) until SIGTERM/SIGINT, then drain.
+
+    Every option can also come from the environment (SPLITINFER_CLOUD_<OPTION>); see docs/cloud-server.md."""
     from cloud_server.server import serve as run_server
     from cloud_server.settings import CloudSettings
 
-    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port,
-                 "max_batch": max_batch, "log_level": log_level.upper() if log_level else None}
+    overrides = {"bundle": bundle, "model_repository": model_repository, "host": host, "port": port,
+                 "metrics_port": metrics_port, "max_batch": max_batch, "batch_max_size": batch_max_size,
+                 "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "torch_threads": torch_threads,
+                 "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
+                 "auth_tokens_file": auth_tokens_file, "log_level": log_level.upper() if log_level else None}
     try:
         settings = CloudSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_server(settings))
+
+
+@app.command("export-triton")
+def export_triton(
+    bundle: Path = typer.Argument(..., help="Plan bundle directory."),
+    out: Path = typer.Argument(..., help="Triton model repository to write into (created if needed)."),
+    split: int | None = typer.Option(None, "--split",
+                                     help="Export stages SPLIT..N-1 (0: the whole model; default: the plan's split)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (onnxruntime_onnx) or torchscript (pytorch_libtorch)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Triton max_batch_size (dynamic batching)."),
+    model_name: str | None = typer.Option(None, "--model-name",
+                                          help="Model name (default: NAME_tailK; the plan's model name for split 0)."),
+    decoder: bool | None = typer.Option(None, "--decoder/--no-decoder",
+                                        help="Put the learned bottleneck's decoder in front of the tail (default: "
+                                             "when the bundle's learned codec sits at the split)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT/<model name> if it exists."),
+) -> None:
+    """Write OUT/<model name>/{config.pbtxt,1/model.onnx|model.pt} so Triton or KServe can run BUNDLE's tail.
+
+    Input: the DECODED boundary tensor, FP32 'features' [-1, *boundary shape] ('input' for split 0). Output: 'logits'.
+
+    Codec decoding stays with the caller: decode the uint8-affine/float32 payload before calling the model.
+
+    At the learned codec's split the model includes the bottleneck decoder and takes entropy-decoded UINT8 'symbols'.
+
+    The written model is run on a batch of 3 and compared with the torch tail before it is moved into place.
+
+    Exit status 2: bad bundle or option; 1: the export or its check failed (nothing is written).
+    """
+    from cloud_server.export_triton import ExportCheckFailed
+    from cloud_server.export_triton import export_triton as run_export
+    from splitinfer.errors import SplitInferError
+
+    try:
+        r = run_export(bundle, out, split=split, fmt=fmt, max_batch=max_batch, model_name=model_name,
+                       decoder=decoder, force=force)
+    except ExportCheckFailed as exc:
+        typer.echo(f"export failed, nothing written: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except SplitInferError as exc:
+        typer.echo(f"cannot export: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"cannot export: {exc}", err=True)
+        raise typer.Exit(1) from None
+    dims = ", ".join(map(str, r.input_dims))
+    typer.echo(f"wrote {r.model_dir}/ (model {r.model_name!r}, {r.platform}): {r.model_dir / 'config.pbtxt'}, "
+               f"{r.model_file}")
+    what = "decoder + tail" if r.with_decoder else ("whole model" if r.split == 0 else "tail")
+    typer.echo(f"{what} from split {r.split} of {r.num_stages}: input {r.input_name!r} {r.input_dtype} [-1, {dims}] "
+               f"-> 'logits' TYPE_FP32 [-1, {r.num_classes}]")
+    typer.echo(f"check: exported model vs torch tail on a batch of 3: max abs diff {r.max_abs_diff:.3g} "
+               f"(tolerance {r.tolerance:.3g}) OK")
+    if r.config_parsed is None:
+        typer.echo("config.pbtxt not parsed: tritonclient is not installed")
+    else:
+        typer.echo("config.pbtxt parses as a Triton ModelConfig")
+    typer.echo(f"serve: tritonserver --model-repository {out}")

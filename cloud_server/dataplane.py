@@ -2,27 +2,35 @@
 
 The servicer converts messages with :mod:`splitinfer.protocol.converters` and calls this class; it
 raises domain errors (:class:`~splitinfer.errors.InvalidInput`, :class:`~splitinfer.errors.NotFound`,
-:class:`~splitinfer.errors.Unavailable`) that :mod:`cloud_server.errors` maps to status codes.
+:class:`~splitinfer.errors.Unavailable`, ...) that :mod:`cloud_server.errors` maps to status codes.
 
-A ModelInfer request carries exactly one input: ``features`` (split inference; see :mod:`splitinfer.wire`)
-or ``input`` (cloud-only inference). The CPU-bound work runs in a thread pool so the event loop keeps
-answering health checks and other calls while a tail runs.
+Models come from a :class:`~cloud_server.repository.ModelRepository` (one bundle, or a directory of bundles
+and versions). A ModelInfer request carries exactly one input: ``features`` (split inference; see
+:mod:`splitinfer.wire`) or ``input`` (cloud-only inference). Cheap checks run on the event loop; decoding
+and the tail run in the model's :class:`~cloud_server.batcher.Batcher`, batched with other requests for the
+same split, in a thread pool, so the event loop keeps answering health checks and other calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 import splitinfer
+from cloud_server.auth import ClientLimiter
+from cloud_server.batcher import Batcher, Job
 from cloud_server.errors import Overloaded
 from cloud_server.metrics import ServerMetrics
+from cloud_server.repository import IndexEntry, ModelFactory, ModelRepository, ServedModel
 from cloud_server.tail import TailRuntime
 from splitinfer import wire
+from splitinfer.bundle import load_bundle
+from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
 from splitinfer.protocol.converters import (
     InferRequest,
@@ -35,34 +43,64 @@ from splitinfer.protocol.converters import (
 
 SERVER_NAME = "splitinfer"
 PLATFORM = "pytorch_splitinfer"
+EXTENSIONS = ["model_repository", "parameters", "binary_tensor_data"]
 _INPUT_NAMES = (wire.FEATURES_TENSOR, wire.INPUT_TENSOR)
 
 
 @dataclass
-class RunResult:
-    """What one tail run produced, with its timings."""
+class BatchPolicy:
+    """Dynamic batching settings of every served model (``max_batch_size=1``: no batching)."""
 
-    logits: np.ndarray
-    queue_s: float
-    compute_s: float
-    batch: int
+    max_batch_size: int = 32
+    max_delay_s: float = 0.001
+    max_queue: int = 256
+    workers: int = 1
+
+
+def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_batch: int = 64,
+                         metrics: ServerMetrics | None = None) -> ModelFactory:
+    """Builds a :class:`ServedModel` (tail + batcher on ``executor``) from a bundle directory."""
+
+    def build(name: str, version: str, path: Path) -> ServedModel:
+        tail = TailRuntime(load_bundle(path), max_batch=max_request_batch)
+        depth = batch = None
+        if metrics is not None:
+            metrics.add_model(name)
+            depth = metrics.queue_depth.labels(name).set
+            batch = lambda samples, seconds: metrics.observe_batch(name, samples, seconds)  # noqa: E731
+        batcher = Batcher(lambda key, x: tail.run_tail(x, key[1]), executor,
+                          max_batch_size=policy.max_batch_size, max_delay_s=policy.max_delay_s,
+                          max_queue=policy.max_queue, workers=policy.workers, on_queue_depth=depth,
+                          on_batch=batch)
+        return ServedModel(name=name, version=version, tail=tail, batcher=batcher)
+
+    return build
 
 
 class DataPlane:
-    """Request logic for the one model of a bundle."""
+    """Request logic over the models of a repository."""
 
-    def __init__(self, tail: TailRuntime, executor: Executor, metrics: ServerMetrics | None = None,
-                 max_inflight: int = 256):
-        self.tail = tail
-        self.executor = executor
+    def __init__(self, repository: ModelRepository, metrics: ServerMetrics | None = None,
+                 max_inflight: int = 256, limiter: ClientLimiter | None = None):
+        self.repository = repository
         self.metrics = metrics
         self.max_inflight = max_inflight
+        self.limiter = limiter or ClientLimiter(0)
         self.inflight = 0
+        self.admitted = 0  # requests that passed admission (each is answered: result or error)
+        self.completed = 0  # of those, answered with a result
         self.draining = False
+        self.drain_started: asyncio.Event | None = None
 
-    @property
-    def model_name(self) -> str:
-        return self.tail.model_name
+    @classmethod
+    async def for_bundle(cls, bundle: Path, executor: Executor, policy: BatchPolicy | None = None,
+                         max_request_batch: int = 64, **kwargs) -> DataPlane:
+        """A data plane serving one bundle, loaded (handy for tests and embedding)."""
+        factory = served_model_factory(executor, policy or BatchPolicy(), max_request_batch,
+                                       kwargs.get("metrics"))
+        repository = ModelRepository(factory, bundle=bundle)
+        await repository.load_all()
+        return cls(repository, **kwargs)
 
     # ------------------------------------------------------------------------------------------- health
 
@@ -71,73 +109,114 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready for inference: not draining."""
-        return not self.draining
+        """Ready for inference: not draining and at least one model loaded."""
+        return not self.draining and bool(self.repository.models)
 
-    def _check_model(self, name: str, version: str) -> None:
-        if name != self.model_name:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
-        if version not in ("", wire.MODEL_VERSION):
-            raise NotFound(f"unknown version {version!r} of model {name!r}; available: {wire.MODEL_VERSION}")
+    def begin_drain(self) -> None:
+        """Refuse new inference from now on (UNAVAILABLE); streams end once their requests are answered."""
+        self.draining = True
+        if self.drain_started is not None:
+            self.drain_started.set()
+
+    async def wait_drain(self) -> None:
+        """Return once draining has begun (open streams use it to stop reading and close)."""
+        if self.drain_started is None:
+            self.drain_started = asyncio.Event()
+        if self.draining:
+            return
+        await self.drain_started.wait()
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """True for the served model while not draining; NotFound for any other model or version."""
-        self._check_model(name, version)
+        """True for a loaded model while not draining; False for one on disk but not loaded; else NotFound."""
+        try:
+            self.repository.get(name, version)
+        except NotFound:
+            if any(e.name == name and (not version or e.version == version) for e in self.repository.index()):
+                return False
+            raise
         return self.ready()
 
     # ----------------------------------------------------------------------------------------- metadata
 
     def server_metadata(self) -> ServerMetadata:
-        """Server name, version and protocol extensions (none)."""
-        return ServerMetadata(name=SERVER_NAME, version=splitinfer.__version__, extensions=[])
+        """Server name, version and protocol extensions."""
+        return ServerMetadata(name=SERVER_NAME, version=splitinfer.__version__, extensions=list(EXTENSIONS))
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         """Inputs ``features`` (UINT8 [-1]) and ``input`` (FP32 [-1, C, H, W]); output ``logits``."""
-        self._check_model(name, version)
+        model = self.repository.get(name, version)
+        versions = sorted(self.repository.models.get(model.name, {}), key=int)
         return ModelMetadata(
-            name=self.model_name,
-            versions=[wire.MODEL_VERSION],
+            name=model.name,
+            versions=versions if not version else [model.version],
             platform=PLATFORM,
             inputs=[
                 TensorMetadata(wire.FEATURES_TENSOR, "UINT8", [-1]),
-                TensorMetadata(wire.INPUT_TENSOR, "FP32", [-1, *self.tail.input_shape]),
+                TensorMetadata(wire.INPUT_TENSOR, "FP32", [-1, *model.tail.input_shape]),
             ],
-            outputs=[TensorMetadata(wire.OUTPUT_TENSOR, "FP32", [-1, self.tail.num_classes])],
+            outputs=[TensorMetadata(wire.OUTPUT_TENSOR, "FP32", [-1, model.tail.num_classes])],
         )
+
+    # --------------------------------------------------------------------------------------- repository
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model version on disk or loaded, with its state."""
+        return self.repository.index(ready_only)
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load a model from the repository."""
+        if self.draining:
+            raise Unavailable("server is shutting down")
+        await self.repository.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Unload a model after its queued requests are answered."""
+        await self.repository.unload(name)
 
     # -------------------------------------------------------------------------------------------- infer
 
-    async def infer(self, req: InferRequest) -> InferResponse:
-        """Validate a request, run the tail in the executor and build the response."""
+    async def infer(self, req: InferRequest, client: str = "", timeout_s: float | None = None) -> InferResponse:
+        """Validate a request, queue it for its model's batcher and build the response.
+
+        ``client`` is the caller's identity (per-client concurrency limit); ``timeout_s`` what is left of
+        the caller's deadline: a request still queued when it passes is dropped before compute.
+        """
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
-        self._check_model(req.model_name, req.model_version)
+        model = self.repository.get(req.model_name, req.model_version)
         for name in req.outputs:
             if name != wire.OUTPUT_TENSOR:
                 raise InvalidInput(f"unknown requested output {name!r}; this model outputs "
                                    f"{wire.OUTPUT_TENSOR!r}")
-        work = self._prepare(req)
+        job = self._job(model.tail, req)
+        if timeout_s is not None:
+            job.deadline = job.arrived + max(0.0, timeout_s)
         if self.inflight >= self.max_inflight:
             raise Overloaded(f"too many requests in flight ({self.inflight}); retry later")
-        self.inflight += 1
-        try:
-            arrived = time.perf_counter()
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, work, arrived)
-        finally:
-            self.inflight -= 1
+        with self.limiter.slot(client):
+            self.inflight += 1
+            self.admitted += 1
+            try:
+                result = await model.batcher.submit(job)
+            finally:
+                self.inflight -= 1
+        if not np.isfinite(result.logits).all():
+            raise InvalidInput("the features decode to values the tail cannot handle: non-finite logits "
+                               "(corrupted or out-of-range payload)")
+        self.completed += 1
         if self.metrics is not None:
-            self.metrics.observe_run(result.queue_s, result.compute_s, result.batch)
+            self.metrics.observe_queue(model.name, result.queue_s)
         return InferResponse(
-            model_name=self.model_name,
-            model_version=wire.MODEL_VERSION,
+            model_name=model.name,
+            model_version=model.version,
             id=req.id,
             parameters={wire.PARAM_QUEUE_MS: result.queue_s * 1e3,
                         wire.PARAM_COMPUTE_MS: result.compute_s * 1e3},
             outputs=[InferTensor(wire.OUTPUT_TENSOR, "FP32", result.logits)],
         )
 
-    def _prepare(self, req: InferRequest):
-        """Cheap validation on the event loop; returns a zero-argument callable doing the heavy work."""
+    def _job(self, tail: TailRuntime, req: InferRequest) -> Job:
+        """Cheap validation on the event loop; the returned job decodes in a worker thread."""
         if not req.inputs:
             raise InvalidInput(f"request has no inputs; send exactly one of {_INPUT_NAMES}")
         if len(req.inputs) > 1:
@@ -145,12 +224,13 @@ class DataPlane:
             raise InvalidInput(f"request has {len(names)} inputs {names}; send exactly one of {_INPUT_NAMES}")
         tensor = req.inputs[0]
         if tensor.name == wire.FEATURES_TENSOR:
-            return self._prepare_features(req, tensor)
+            return self._features_job(tail, req, tensor)
         if tensor.name == wire.INPUT_TENSOR:
-            return self._prepare_input(tensor)
+            return self._input_job(tail, tensor)
         raise InvalidInput(f"unknown input {tensor.name!r}; this model takes one of {_INPUT_NAMES}")
 
-    def _prepare_features(self, req: InferRequest, tensor: InferTensor):
+    @staticmethod
+    def _features_job(tail: TailRuntime, req: InferRequest, tensor: InferTensor) -> Job:
         if tensor.datatype != "UINT8":
             raise InvalidInput(f"input {tensor.name!r} must be UINT8 (codec payload bytes), "
                                f"got {tensor.datatype}")
@@ -161,35 +241,32 @@ class DataPlane:
             raise InvalidInput(f"split inference needs the int64 parameter {wire.PARAM_SPLIT!r}")
         if wire.PARAM_CODEC not in params:
             raise InvalidInput(f"split inference needs the string parameter {wire.PARAM_CODEC!r}")
-        split = self.tail.check_split(params[wire.PARAM_SPLIT])
+        split = tail.check_split(params[wire.PARAM_SPLIT])
         codec = params[wire.PARAM_CODEC]
         prefix = wire.CODEC_META_PREFIX
         meta = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-        self.tail.check_payload_size(int(tensor.data.nbytes), split)
+        tail.check_payload_size(int(tensor.data.nbytes), split)
+        samples = 1
         if "shape" in meta:  # refuse a mismatched shape before admitting the request
-            self.tail.check_meta_shape(meta["shape"], split)
+            tail.check_meta_shape(meta["shape"], split)
+            samples = shape_from_str(meta["shape"])[0]
         payload = tensor.data.tobytes()
 
-        def work() -> np.ndarray:
-            x = self.tail.decode_features(payload, codec, meta, split)
-            return self.tail.run_tail(x, split)
+        def prepare() -> torch.Tensor:
+            return tail.decode_features(payload, codec, meta, split)
 
-        return work
+        return Job(key=(wire.FEATURES_TENSOR, split), samples=samples, prepare=prepare)
 
-    def _prepare_input(self, tensor: InferTensor):
+    @staticmethod
+    def _input_job(tail: TailRuntime, tensor: InferTensor) -> Job:
         if tensor.datatype != "FP32":
             raise InvalidInput(f"input {tensor.name!r} must be FP32, got {tensor.datatype}")
-        data = tensor.data
+        data: np.ndarray = tensor.data
+        samples = tail.check_input_shape(data)
 
-        def work() -> np.ndarray:
-            return self.tail.run_input(data)
+        def prepare() -> torch.Tensor:
+            return tail.input_tensor(data)
 
-        return work
+        return Job(key=(wire.INPUT_TENSOR, 0), samples=samples, prepare=prepare)
 
-    def _run(self, work, arrived: float) -> RunResult:
-        """Executed in a worker thread: time the queue wait and the compute."""
-        started = time.perf_counter()
-        logits = work()
-        done = time.perf_counter()
-        return RunResult(logits=logits, queue_s=started - arrived, compute_s=done - started,
-                         batch=int(logits.shape[0]))
+

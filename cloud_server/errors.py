@@ -7,6 +7,9 @@ InvalidInput         INVALID_ARGUMENT
 NotFound             NOT_FOUND
 Overloaded           RESOURCE_EXHAUSTED
 Unavailable          UNAVAILABLE
+DeadlineExceeded     DEADLINE_EXCEEDED
+Unauthenticated      UNAUTHENTICATED
+BundleError          FAILED_PRECONDITION (a model in the repository cannot be loaded)
 anything else        INTERNAL (traceback logged, details hidden from the client)
 ===================  =====================
 
@@ -21,7 +24,14 @@ from typing import TypeVar
 
 import grpc
 
-from splitinfer.errors import InvalidInput, NotFound, Unavailable
+from splitinfer.errors import (
+    BundleError,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +51,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, BundleError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     log.error("unexpected error while serving a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 

@@ -37,46 +37,56 @@ class MetricsEndpoint:
 class ServerMetrics:
     """The server's metric families (see the module docstring for label conventions)."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
-        self.model_name = model_name
+    def __init__(self, model_names: str | list[str] = (), registry: CollectorRegistry | None = None):
+        self.models: set[str] = set()
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
-            "splitinfer_server_request_duration_seconds", "Time to answer one ModelInfer call, from receipt "
-            "to response.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            "splitinfer_server_request_duration_seconds", "Time to answer one inference request (ModelInfer "
+            "call or stream message), from receipt to response.", ["model"], buckets=LATENCY_BUCKETS,
+            registry=r)
         self.queue_duration = Histogram(
-            "splitinfer_server_queue_duration_seconds", "Time a ModelInfer request waited for a tail worker.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            "splitinfer_server_queue_duration_seconds", "Time a request waited in the batch queue before its "
+            "batch started.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_duration = Histogram(
             "splitinfer_server_compute_duration_seconds", "Time to decode the features and run the tail "
-            "(or the full model).", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            "(or the full model) for one batch.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
-            "splitinfer_server_batch_size", "Samples per tail run.", ["model"], buckets=BATCH_BUCKETS,
-            registry=r)
+            "splitinfer_server_batch_size", "Samples per tail run (one run serves a whole batch).", ["model"],
+            buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "splitinfer_server_queue_depth", "Requests waiting in the batch queue now.", ["model"], registry=r)
         self.requests = Counter(
-            "splitinfer_server_requests", "ModelInfer calls answered, by model and gRPC status code.",
+            "splitinfer_server_requests", "Inference requests answered, by model and gRPC status code.",
             ["model", "code"], registry=r)
         self.inflight = Gauge(
-            "splitinfer_server_inflight_requests", "ModelInfer calls being processed now.", registry=r)
+            "splitinfer_server_inflight_requests", "Inference requests being processed now.", registry=r)
         self.request_bytes = Counter(
-            "splitinfer_server_request_bytes", "Serialized size of received ModelInfer requests, in bytes.",
+            "splitinfer_server_request_bytes", "Serialized size of received inference requests, in bytes.",
             ["model"], registry=r)
         self.response_bytes = Counter(
-            "splitinfer_server_response_bytes", "Serialized size of sent ModelInfer responses, in bytes.",
+            "splitinfer_server_response_bytes", "Serialized size of sent inference responses, in bytes.",
             ["model"], registry=r)
-        # Create the served model's children up front so every family is visible from the first scrape.
+        for name in [model_names] if isinstance(model_names, str) else model_names:
+            self.add_model(name)
+
+    def add_model(self, name: str) -> None:
+        """Start labelling ``name`` by name, with every family visible from the next scrape."""
+        if name in self.models:
+            return
+        self.models.add(name)
         for fam in (self.request_duration, self.queue_duration, self.compute_duration, self.batch_size,
-                    self.request_bytes, self.response_bytes):
-            fam.labels(model_name)
-        self.requests.labels(model_name, "OK")
+                    self.queue_depth, self.request_bytes, self.response_bytes):
+            fam.labels(name)
+        self.requests.labels(name, "OK")
 
     def model_label(self, name: str) -> str:
-        """``name`` when it is the served model, else ``unknown`` (keeps label cardinality bounded)."""
-        return name if name == self.model_name else UNKNOWN_MODEL
+        """``name`` when it is a served model, else ``unknown`` (keeps label cardinality bounded)."""
+        return name if name in self.models else UNKNOWN_MODEL
 
     def observe_request(self, model: str, code: str, seconds: float, request_bytes: int,
                         response_bytes: int) -> None:
-        """Record one finished ModelInfer call (``code`` is the gRPC status name, e.g. ``OK``)."""
+        """Record one answered request (``code`` is the gRPC status name, e.g. ``OK``)."""
         label = self.model_label(model)
         self.requests.labels(label, code).inc()
         self.request_duration.labels(label).observe(seconds)
@@ -84,11 +94,15 @@ class ServerMetrics:
         if response_bytes:
             self.response_bytes.labels(label).inc(response_bytes)
 
-    def observe_run(self, queue_s: float, compute_s: float, batch: int) -> None:
-        """Record one tail run of the served model."""
-        self.queue_duration.labels(self.model_name).observe(queue_s)
-        self.compute_duration.labels(self.model_name).observe(compute_s)
-        self.batch_size.labels(self.model_name).observe(batch)
+    def observe_queue(self, model: str, queue_s: float) -> None:
+        """Record how long one request waited for its batch."""
+        self.queue_duration.labels(self.model_label(model)).observe(queue_s)
+
+    def observe_batch(self, model: str, samples: int, compute_s: float) -> None:
+        """Record one tail run over a batch of ``samples``."""
+        label = self.model_label(model)
+        self.compute_duration.labels(label).observe(compute_s)
+        self.batch_size.labels(label).observe(samples)
 
     def render(self) -> bytes:
         """The exposition text of every family (what ``/metrics`` serves)."""

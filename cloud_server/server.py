@@ -1,8 +1,10 @@
-"""The cloud server process: grpc.aio server, health, reflection, metrics endpoint, signals, logging.
+"""The cloud server process: grpc.aio server, TLS, health, reflection, metrics endpoint, signals, logging.
 
-:func:`serve` is what ``splitinfer cloud serve`` hands off to. On SIGTERM or SIGINT the server marks
-itself NOT_SERVING (health and ServerReady), refuses new inference with UNAVAILABLE, lets in-flight
-requests finish within ``grace_s`` and exits.
+:func:`serve` is what ``splitinfer cloud serve`` hands off to. With ``tls_cert``/``tls_key`` only a TLS port
+is opened (plaintext clients fail the handshake); ``tls_client_ca`` adds mutual TLS. On SIGTERM or SIGINT the
+server marks itself NOT_SERVING (health and ServerReady), refuses new inference with UNAVAILABLE, ends open
+streams once their pending requests are answered, waits up to ``grace_s`` for every accepted request to be
+answered, and exits.
 """
 
 from __future__ import annotations
@@ -14,20 +16,21 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud_server.dataplane import DataPlane
+from cloud_server.auth import Authenticator, ClientLimiter, load_tokens
+from cloud_server.dataplane import BatchPolicy, DataPlane, served_model_factory
 from cloud_server.metrics import MetricsEndpoint, ServerMetrics
+from cloud_server.repository import ModelRepository
 from cloud_server.servicer import InferenceServicer
 from cloud_server.settings import CloudSettings
-from cloud_server.tail import TailRuntime
 from splitinfer.allocator import tune_allocator
-from splitinfer.bundle import load_bundle
-from splitinfer.errors import BundleError
+from splitinfer.errors import BundleError, ConfigError
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 
@@ -64,71 +67,122 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{what} {path} is not PEM")
+    return data
+
+
+def server_credentials(settings: CloudSettings) -> grpc.ServerCredentials | None:
+    """TLS (and, with ``tls_client_ca``, mutual TLS) credentials from settings; None for plaintext."""
+    if settings.tls_cert is None:
+        return None
+    cert = _read_pem(settings.tls_cert, "TLS certificate")
+    key = _read_pem(settings.tls_key, "TLS private key")
+    client_ca = _read_pem(settings.tls_client_ca, "client CA bundle") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 class CloudServer:
     """A configured, not yet started server; ``await start()``, then ``await stop()``."""
 
     def __init__(self, settings: CloudSettings):
-        if settings.bundle is None:
-            raise BundleError("no bundle given: pass --bundle DIR or set SPLITINFER_CLOUD_BUNDLE")
+        if settings.bundle is None and settings.model_repository is None:
+            raise BundleError("no model given: pass --bundle DIR or --model-repository DIR (or set "
+                              "SPLITINFER_CLOUD_BUNDLE / SPLITINFER_CLOUD_MODEL_REPOSITORY)")
         self.settings = settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.bundle = load_bundle(settings.bundle)
-        self.tail = TailRuntime(self.bundle, max_batch=settings.max_batch)
-        self.metrics = ServerMetrics(self.tail.model_name)
+        self.credentials = server_credentials(settings)
+        tokens = load_tokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        self.auth = Authenticator(tokens)
+        self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="tail")
-        self.dataplane = DataPlane(self.tail, self.executor, self.metrics, max_inflight=settings.max_inflight)
+        policy = BatchPolicy(max_batch_size=settings.batch_max_size, max_delay_s=settings.batch_max_delay_ms / 1e3,
+                             max_queue=settings.batch_max_queue, workers=settings.workers)
+        factory = served_model_factory(self.executor, policy, settings.max_batch, self.metrics)
+        self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
+        self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
+                                   limiter=ClientLimiter(settings.max_concurrency_per_client))
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
-        """Bind, start serving and mark every service SERVING; returns the bound gRPC port."""
+        """Load the models, bind, start serving and mark every service SERVING; returns the bound gRPC port."""
         s = self.settings
+        await self.repository.load_all()
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # persistent streams: accept the edge's keepalive pings (every 30 s) instead of answering
+            # GOAWAY too_many_pings after two of them
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
         server = grpc.aio.server(options=options)
-        servicer = InferenceServicer(self.dataplane, self.metrics)
+        servicer = InferenceServicer(self.dataplane, self.metrics, self.auth)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         address = f"{s.host}:{s.port}"
         try:
-            port = server.add_insecure_port(address)
+            if self.credentials is not None:
+                port = server.add_secure_port(address, self.credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
         if port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
+        if self.auth.required and self.credentials is None and s.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("bearer tokens are configured without TLS on a non-loopback address: tokens travel in "
+                        "the clear", extra={"fields": {"host": s.host}})
         if s.metrics_port:
             self.metrics_endpoint = self.metrics.serve(s.host, s.metrics_port)
         await server.start()
         self.server, self.port = server, port
-        for service in ("", INFERENCE_SERVICE, self.tail.model_name):
+        for service in ("", INFERENCE_SERVICE, *self.repository.names()):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("cloud server ready", extra={"fields": {
-            "host": s.host, "port": port,
+            "host": s.host, "port": port, "tls": self.credentials is not None,
+            "mutual_tls": s.tls_client_ca is not None, "auth": self.auth.required,
             "metrics_port": self.metrics_endpoint.port if self.metrics_endpoint else None,
-            "model": self.tail.model_name, "stages": self.tail.num_stages, "bundle": str(s.bundle),
-            "max_batch": s.max_batch, "workers": s.workers, "torch_threads": torch.get_num_threads()}})
+            "models": {n: sorted(v, key=int) for n, v in self.repository.models.items()},
+            "source": str(s.model_repository or s.bundle), "max_batch": s.max_batch,
+            "batch_max_size": s.batch_max_size, "batch_max_delay_ms": s.batch_max_delay_ms,
+            "workers": s.workers, "torch_threads": torch.get_num_threads()}})
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new inference, let in-flight requests finish, then stop everything."""
+        """Drain: NOT_SERVING, refuse new inference, answer every accepted request, then stop everything."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         log.info("draining", extra={"fields": {"grace_s": grace, "inflight": self.dataplane.inflight}})
-        self.dataplane.draining = True
+        self.dataplane.begin_drain()
         await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace
+        while self.dataplane.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self.server is not None:
-            await self.server.stop(grace)
-        self.executor.shutdown(wait=True, cancel_futures=True)
+            await self.server.stop(max(0.0, deadline - time.monotonic()))
+        try:  # queued work of unloaded or reloading models; bounded so a stuck batch cannot hold the exit
+            await asyncio.wait_for(self.repository.close(), max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.error("batches still running at the end of the grace period", extra={"fields": {}})
+        self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        log.info("stopped", extra={"fields": {}})
+        log.info("stopped", extra={"fields": {"unanswered": self.dataplane.inflight,
+                                              "admitted": self.dataplane.admitted,
+                                              "completed": self.dataplane.completed}})
 
     async def wait_for_termination(self) -> None:
         """Wait until the server stops (used after ``start``)."""
@@ -155,7 +209,7 @@ def serve(settings: CloudSettings) -> int:
     tune_allocator()
     try:
         asyncio.run(run(settings))
-    except (BundleError, OSError) as exc:
+    except (BundleError, ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc, extra={"fields": {"error": type(exc).__name__}})
         return 2
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from splitinfer.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -20,8 +20,12 @@ class CloudSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SPLITINFER_CLOUD_", extra="forbid")
 
-    bundle: Path | None = Field(None, description="Plan bundle directory whose tail this server runs "
-                                                  "(required).")
+    bundle: Path | None = Field(None, description="Plan bundle directory whose tail this server runs (served as "
+                                                  "its plan's model name, version 1). Give this or "
+                                                  "model_repository.")
+    model_repository: Path | None = Field(None, description="Model repository directory: ROOT/<model>/<version>/"
+                                                            " bundles (Triton's layout); every version is "
+                                                            "loaded at start.")
     host: str = Field("127.0.0.1", description="Address the gRPC and metrics servers bind to. Loopback by "
                                                "default; use 0.0.0.0 to accept remote clients.")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one, logged at start).")
@@ -30,12 +34,40 @@ class CloudSettings(BaseSettings):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
                                    description="Largest gRPC message accepted or sent, in bytes.")
     max_batch: int = Field(64, ge=1, description="Largest batch (first dimension) one request may carry.")
-    max_inflight: int = Field(64, ge=1, description="Requests admitted at once; beyond that the server "
-                                                      "answers RESOURCE_EXHAUSTED.")
-    workers: int = Field(2, ge=1, description="Threads running the CPU-bound tail (the event loop stays "
-                                              "free).")
+    max_inflight: int = Field(512, ge=1, description="Requests admitted at once (queued or running); beyond "
+                                                       "that the server answers RESOURCE_EXHAUSTED.")
+    batch_max_size: int = Field(32, ge=1, description="Dynamic batching: most samples in one tail run "
+                                                      "(1 turns batching off).")
+    batch_max_delay_ms: float = Field(2.0, ge=0, description="Dynamic batching: longest a request waits for "
+                                                             "others to fill its batch.")
+    batch_max_queue: int = Field(256, ge=1, description="Requests waiting per model; a full queue answers "
+                                                        "RESOURCE_EXHAUSTED.")
+    workers: int = Field(2, ge=1, description="Batches computed at once, each in its own thread (the event "
+                                              "loop stays free).")
+    max_concurrency_per_client: int = Field(0, ge=0, description="Requests one client (bearer token name, or "
+                                                                 "peer host without tokens) may have in "
+                                                                 "flight; 0: unlimited.")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (chain); with tls_key turns TLS "
+                                                    "on, and plaintext connections are then refused.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a "
+                                                         "certificate it signed (mutual TLS).")
+    auth_tokens_file: Path | None = Field(None, description="File of bearer tokens (TOKEN or NAME:TOKEN per "
+                                                            "line); when set, inference and repository calls "
+                                                            "without a valid 'authorization: Bearer' get "
+                                                            "UNAUTHENTICATED.")
     torch_threads: int | None = Field(None, ge=1,
                                       description="torch intra-op threads (None: torch's default).")
-    grace_s: float = Field(5.0, ge=0,
+    grace_s: float = Field(10.0, ge=0,
                            description="On SIGTERM/SIGINT, seconds in-flight requests get to finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CloudSettings:
+        if self.bundle is not None and self.model_repository is not None:
+            raise ValueError("give either bundle or model_repository, not both")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self

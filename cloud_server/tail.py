@@ -118,11 +118,20 @@ class TailRuntime:
             out = self.staged.run(x, split, self.num_stages)
         return out.to(torch.float32).contiguous().numpy()
 
-    def run_input(self, x: np.ndarray) -> np.ndarray:
-        """Run the full model on a normalised input ``[B, *plan.input.shape]``."""
+    def check_input_shape(self, x: np.ndarray) -> int:
+        """Refuse an input that is not ``[B, *plan.input.shape]`` with 1 <= B <= max_batch; returns B."""
         shape = [int(s) for s in x.shape]
         self._check_sample_shape(shape, self.input_shape, "input", "the model input")
+        return shape[0]
+
+    def input_tensor(self, x: np.ndarray) -> torch.Tensor:
+        """A validated float32 copy of a normalised input ``[B, *plan.input.shape]``."""
+        self.check_input_shape(x)
         t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
         if not bool(torch.isfinite(t).all()):
             raise InvalidInput("input contains NaN or infinite values")
-        return self.run_tail(t, 0)
+        return t
+
+    def run_input(self, x: np.ndarray) -> np.ndarray:
+        """Run the full model on a normalised input ``[B, *plan.input.shape]``."""
+        return self.run_tail(self.input_tensor(x), 0)

@@ -35,12 +35,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from edge_agent.inputs import InputTooLarge, UnprocessableInput, UnsupportedMediaType, decode_upload
 from edge_agent.metrics import CONTENT_TYPE
 from edge_agent.runtime import EdgeRuntime, build_runtime
 from edge_agent.settings import EdgeSettings
 from splitinfer import __version__
 from splitinfer.errors import InvalidInput, NotFound, SplitInferError, Unavailable
+from splitinfer.imaging import InputTooLarge, UnprocessableInput, UnsupportedMediaType, decode_upload
 
 log = logging.getLogger("edge_agent.app")
 
@@ -232,7 +232,7 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
         data = await _read_upload(request, settings.max_upload_bytes)
         async with decode_slots:  # bounds the memory of concurrent image decodes
             x = await run_in_threadpool(decode_upload, data, rt.plan.input, settings.max_image_pixels)
-        result = await asyncio.wrap_future(rt.submit(x, request_id))
+        result = await asyncio.wrap_future(rt.submit(x, request_id, raw=data))
         body = InferResponse(**result.to_dict()).model_dump()
         return JSONResponse(body, headers={REQUEST_ID_HEADER: request_id})
 

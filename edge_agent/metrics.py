@@ -89,6 +89,12 @@ class EdgeMetrics:
         self.server_up = Gauge("splitinfer_edge_server_up",
                                "1 when the cloud server answered the last offload or probe, 0 otherwise.",
                                registry=r)
+        self.retries = Counter("splitinfer_edge_retries_total",
+                               "Offloads retried on another server replica after an availability error.",
+                               registry=r)
+        self.replicas_open = Gauge("splitinfer_edge_replicas_open",
+                                   "Server replicas whose circuit breaker is open (no calls go to them).",
+                                   registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
         for component in ENERGY_COMPONENTS:

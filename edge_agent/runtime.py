@@ -40,12 +40,13 @@ from edge_agent.adapt import OperatingPointSelector
 from edge_agent.drift import DriftMonitor
 from edge_agent.linkest import LinkEstimator
 from edge_agent.metrics import OUTCOMES, EdgeMetrics
-from edge_agent.settings import EdgeSettings
+from edge_agent.settings import EdgeSettings, parse_address
 from splitinfer.allocator import tune_allocator
 from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.calibration import confidence
 from splitinfer.energy import DeviceProfile, get_profile
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
+from splitinfer.imaging import JPEG_MAGIC, PNG_MAGIC, ImageCodec, sniff_format
 from splitinfer.power import RaplMeter, find_meter
 
 log = logging.getLogger("edge_agent.runtime")
@@ -109,13 +110,18 @@ class EdgeRuntime:
         self.metrics = metrics if metrics is not None else EdgeMetrics()
         self.profile = profile if profile is not None else get_profile(settings.device)
         self.clock = clock
-        self.meter = meter  # a measured energy source (RAPL), or None: the power model
+        self.meter = meter  # a measured energy source (RAPL or INA3221), or None: the power model
         self._energy_start: list[int] | None = None
         self.num_stages = bundle.staged.num_stages
         self.labels = list(self.plan.input.labels)
         self.exit_scores = {e.boundary: e.score for e in self.plan.exits}
         self._op_lock = threading.Lock()
         self._exit_counts: dict[int, int] = {}
+        self._onnx = None  # an ONNX Runtime head (head_backend=onnx), or None: torch
+        self.exit_heads = bundle.exits
+        if settings.head_backend == "onnx":
+            self._onnx = load_onnx_head(bundle, settings)
+            self.exit_heads = self._onnx.exits
         self._apply_operating_point(self.plan.split, self.plan.codec.name, self.plan.active_exits)
         self.input_shape = [1, *self.plan.input.shape]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
@@ -129,6 +135,7 @@ class EdgeRuntime:
         self._link_changes_seen = 0
         self._last_probe = clock()
         self.selector: OperatingPointSelector | None = None
+        self._adapted_for: tuple[float | None, float | None] | None = None
         if settings.adaptive and self.plan.operating_points:
             self.selector = OperatingPointSelector(self.plan.operating_points, settings.adapt_margin,
                                                    settings.adapt_min_dwell_s, clock)
@@ -172,6 +179,10 @@ class EdgeRuntime:
         head_exits = [b for b in enabled if 0 < b <= split and b in self.bundle.exits]
         # an int8 head is quantized for the planned split; elsewhere the float32 stages run
         head = self.bundle.edge_head() if split == self.plan.split else self.bundle.staged
+        if self._onnx is not None:
+            if not self._onnx.head.supports(split, head_exits):
+                raise InvalidInput(f"the ONNX head was not exported for split {split} with exits {head_exits}")
+            head = self._onnx
         self.split, self.codec_name, self.codec = split, codec_name, codec
         self.thresholds = {b: certified[b] for b in head_exits}
         self.head_exits = head_exits
@@ -190,14 +201,14 @@ class EdgeRuntime:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, x: torch.Tensor, request_id: str = "") -> Future[EdgeResult]:
+    def submit(self, x: torch.Tensor, request_id: str = "", raw: bytes | None = None) -> Future[EdgeResult]:
         """Queue ``infer`` on the single inference worker; Unavailable when too many requests wait."""
         with self._lock:
             if self._pending >= self.settings.max_pending:
                 raise Unavailable(f"edge agent overloaded: {self._pending} requests already waiting")
             self._pending += 1
         try:
-            fut = self._executor.submit(self.infer, x, request_id)
+            fut = self._executor.submit(self.infer, x, request_id, raw)
         except RuntimeError:
             self._done(None)
             raise Unavailable("edge agent is shutting down") from None
@@ -208,12 +219,15 @@ class EdgeRuntime:
         with self._lock:
             self._pending -= 1
 
-    def infer(self, x: torch.Tensor, request_id: str = "") -> EdgeResult:
-        """Answer one request ``x`` (``[1, C, H, W]``, normalised); the policy is in the module docstring."""
+    def infer(self, x: torch.Tensor, request_id: str = "", raw: bytes | None = None) -> EdgeResult:
+        """Answer one request ``x`` (``[1, C, H, W]``, normalised); the policy is in the module docstring.
+
+        ``raw`` is the file ``x`` was decoded from, if any: at the ``image`` operating point (cloud-only, split
+        0) a PNG/JPEG upload is forwarded as it came instead of being encoded again."""
         self._check_input(x)
         t0 = time.perf_counter()
         with self._op_lock:  # the operating point does not change under a request
-            res = self._infer(x, request_id)
+            res = self._infer(x, request_id, raw)
         parts = sum(v for k, v in res.latency_ms.items() if k != "total")
         overhead = max(0.0, (time.perf_counter() - t0) * 1e3 - parts)
         with self._lock:
@@ -228,7 +242,13 @@ class EdgeRuntime:
         """Switch operating point if the link estimate calls for it (logged and counted); True if switched."""
         if self.selector is None:
             return False
-        decision = self.selector.update(self.link.bandwidth_bps, self.link.rtt_s)
+        estimate = (self.link.bandwidth_bps, self.link.rtt_s)
+        if estimate == self._adapted_for:  # nothing new (e.g. edge-only between probes): skip the grid search
+            return False
+        decision = self.selector.update(*estimate)
+        sel = self.selector
+        dwelling = sel.last_switch is not None and sel.clock() - sel.last_switch < sel.min_dwell_s
+        self._adapted_for = None if dwelling else estimate  # a switch held back by dwell is retried later
         if decision is None:
             return False
         p = decision.point
@@ -287,13 +307,18 @@ class EdgeRuntime:
             log.info("link change detected: %.3g Mbit/s, RTT %.3g ms", (snap["bandwidth_bps"] or 0) / 1e6,
                      (snap["rtt_s"] or 0) * 1e3)
 
-    def _infer(self, x: torch.Tensor, request_id: str) -> EdgeResult:
-        self._energy_start = self.meter.read_uj() if self.meter is not None else None
+    def _infer(self, x: torch.Tensor, request_id: str, raw: bytes | None = None) -> EdgeResult:
+        self._energy_start = None
+        if self.meter is not None:
+            try:
+                self._energy_start = self.meter.read_uj()
+            except (OSError, ValueError):  # a failed sensor read costs the measurement, not the request
+                log.debug("energy meter read failed; this request's compute energy is modelled", exc_info=True)
         t_start = time.perf_counter()
         cpu_start = time.thread_time()
         lat = dict.fromkeys(LATENCY_KEYS, 0.0)
         ran: set[str] = {"head"}
-        staged = self.bundle.staged
+        staged = self.bundle.staged  # the on-device tail (degraded answers) always runs in torch
         deepest: tuple[int, float, int] | None = None
         first_score: float | None = None
         with torch.inference_mode():
@@ -305,7 +330,7 @@ class EdgeRuntime:
                 lat["head"] += time.perf_counter() - t
                 prev = b
                 t = time.perf_counter()
-                logits = self.bundle.exits[b](h)
+                logits = self.exit_heads[b](h)
                 conf, label = self._top1(logits)
                 score = float(confidence(logits, self.exit_scores.get(b, "max_softmax"))[0][0])
                 lat["exit"] += time.perf_counter() - t
@@ -330,7 +355,7 @@ class EdgeRuntime:
             transfer_cpu_s = 0.0
             if self._should_offload():
                 t = time.perf_counter()
-                payload, meta = self.codec.encode(h)
+                payload, meta = self._image_payload(x, raw) if self.codec_name == "image" else self.codec.encode(h)
                 lat["encode"] = time.perf_counter() - t
                 ran.update(("encode", "transfer"))
                 cpu_s = time.thread_time() - cpu_start
@@ -365,6 +390,19 @@ class EdgeRuntime:
                                 cpu_s, radio_seconds=transfer_s)
 
     # ------------------------------------------------------------------ helpers
+
+    def _image_payload(self, x: torch.Tensor, raw: bytes | None) -> tuple[bytes, dict[str, str]]:
+        """The ``image`` codec's payload: the uploaded PNG/JPEG as it came, or ``x`` encoded again (PNG for
+        grey inputs, JPEG quality 90 for colour) after undoing the plan's normalisation."""
+        if raw is not None and raw[:3] in (PNG_MAGIC[:3], JPEG_MAGIC[:3]):
+            return raw, {"format": sniff_format(raw)}
+        spec = self.plan.input
+        c = int(spec.shape[0])
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+        pixels = ((x[0] * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        arr = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).contiguous().numpy()
+        return ImageCodec(spec, fmt="png" if c == 1 else "jpeg", quality=90).encode(arr)
 
     def _reference_rates(self) -> dict[int, float]:
         """Validation exit rates of the exits this plan runs (measured for that subset when the plan has it)."""
@@ -524,6 +562,7 @@ class EdgeRuntime:
         with self._lock:
             retry_in = max(0.0, self._retry_at - self.clock()) if self._server_up is False else 0.0
             server = {"address": self.settings.server, "up": self._server_up,
+                      "replicas": self.client.snapshot() if hasattr(self.client, "snapshot") else None,
                       "last_error": self._last_error or None,
                       "retry_in_s": round(retry_in, 3), "timeout_s": self.settings.timeout_s,
                       "recheck_interval_s": self.settings.recheck_interval_s}
@@ -568,12 +607,27 @@ class EdgeRuntime:
         }
 
     def close(self) -> None:
-        """Finish queued requests, stop the worker and close the client."""
+        """Finish queued requests, stop the worker and close the client (and the meter's sampler)."""
         self._executor.shutdown(wait=True)
+        if self.meter is not None and hasattr(self.meter, "close"):
+            self.meter.close()
         try:
             self.client.close()
         except Exception:  # closing is best effort
             log.debug("closing the cloud client failed", exc_info=True)
+
+
+def load_onnx_head(bundle: Bundle, settings: EdgeSettings):
+    """The ONNX Runtime head for ``head_backend=onnx``: a prepared export or one made now (fp32 heads only)."""
+    from edge_agent.onnx_head import OnnxHead
+    from splitinfer.errors import BundleError, ConfigError
+
+    try:
+        head = (OnnxHead.load(settings.onnx_head_dir, settings.torch_threads, bundle_dir=bundle.path)
+                if settings.onnx_head_dir else OnnxHead.from_bundle(bundle, settings.torch_threads))
+    except BundleError as exc:
+        raise ConfigError(f"head_backend=onnx: {exc}") from exc
+    return head.torch_view()
 
 
 def build_runtime(settings: EdgeSettings, metrics: EdgeMetrics | None = None) -> EdgeRuntime:
@@ -582,14 +636,31 @@ def build_runtime(settings: EdgeSettings, metrics: EdgeMetrics | None = None) ->
     Also sets torch's (process-wide) intra-op thread count to ``settings.torch_threads``, so the CPU time
     measured per request in the worker thread is all of the request's compute.
     """
-    from edge_agent.transport import CloudClient
+    from edge_agent.replicas import CircuitBreaker, ReplicaSet
+    from edge_agent.transport import CloudClient, channel_credentials, read_token
 
     tune_allocator()
     torch.set_num_threads(settings.torch_threads)
     bundle = load_bundle(settings.bundle)
     profile = get_profile(settings.device)
-    client = CloudClient(settings.server, bundle.plan.model.name, timeout_s=settings.timeout_s)
-    meter = find_meter() if settings.energy_meter == "auto" else None
+    credentials = (channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+                   if settings.use_tls else None)
+    token = read_token(settings.auth_token_file)
+    remote = [a for a in settings.servers if parse_address(a)[0] not in ("127.0.0.1", "localhost", "::1")]
+    if token and credentials is None and remote:
+        log.warning("a bearer token is configured without TLS: it travels in the clear to %s (set "
+                    "SPLITINFER_EDGE_TLS=true or a CA)", ",".join(remote))
+    clients = [CloudClient(address, bundle.plan.model.name, timeout_s=settings.timeout_s,
+                           credentials=credentials, token=token, server_name=settings.tls_server_name,
+                           stream=settings.stream)
+               for address in settings.servers]
+    client = ReplicaSet(clients, timeout_s=settings.timeout_s, backoff_s=settings.retry_backoff_s,
+                        breaker=lambda: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s,
+                                                       settings.breaker_max_cooldown_s))
+    meter = find_meter(idle_watts=profile.idle_watts) if settings.energy_meter == "auto" else None
     if meter is not None:
         log.info("measuring compute energy with %s", meter.describe())
-    return EdgeRuntime(bundle, client, settings, metrics=metrics, profile=profile, meter=meter)
+    runtime = EdgeRuntime(bundle, client, settings, metrics=metrics, profile=profile, meter=meter)
+    client.on_retry = lambda _address: runtime.metrics.retries.inc()
+    client.on_breaker_change = lambda n_open: runtime.metrics.replicas_open.set(n_open)
+    return runtime

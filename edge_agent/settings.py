@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +31,16 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def server_addresses(value: str) -> list[str]:
+    """``"h1:p1, h2:p2"`` -> ``["h1:p1", "h2:p2"]``; ValueError when empty or an entry is malformed."""
+    addresses = [a.strip() for a in value.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("no server address given")
+    for address in addresses:
+        parse_address(address)
+    return addresses
+
+
 class EdgeSettings(BaseSettings):
     """Every knob of the edge agent (environment prefix ``SPLITINFER_EDGE_``)."""
 
@@ -38,7 +48,33 @@ class EdgeSettings(BaseSettings):
 
     bundle: Path = Field(description="Plan bundle directory written by `splitinfer plan` "
                                      "(plan.json + weights).")
-    server: str = Field(description="Cloud server gRPC address HOST:PORT (Open Inference Protocol v2).")
+    server: str = Field(description="Cloud server gRPC address HOST:PORT (Open Inference Protocol v2), or several "
+                                    "replicas comma-separated: the agent balances over them and retries "
+                                    "UNAVAILABLE on another one.")
+    head_backend: Literal["torch", "onnx"] = Field("torch", description="Run the head and exits with torch, or "
+                                                                        "with ONNX Runtime (fp32 heads; exported at "
+                                                                        "start or from onnx_head_dir).")
+    onnx_head_dir: Path | None = Field(None, description="A prepared `python -m edge_agent.onnx_head export` "
+                                                         "directory (checked by sha256) for head_backend=onnx.")
+    stream: bool = Field(False, description="Send offloads over one persistent ModelStreamInfer stream per "
+                                            "replica (reopened when it breaks) instead of one unary call each.")
+    retry_backoff_s: float = Field(0.02, ge=0, description="Pause before retrying on another replica; doubles "
+                                                            "per attempt (jittered), within timeout_s.")
+    breaker_failures: int = Field(3, ge=1, description="Consecutive availability failures that open a "
+                                                       "replica's circuit breaker (no calls go to it).")
+    breaker_cooldown_s: float = Field(1.0, gt=0, description="First time an open breaker waits before one "
+                                                             "trial call; doubles per failed trial.")
+    breaker_max_cooldown_s: float = Field(30.0, gt=0, description="Longest cooldown of an open breaker.")
+    tls: bool = Field(False, description="Use TLS to the server, trusting the system's CA roots unless tls_ca "
+                                         "is given (tls_ca or tls_cert also turn TLS on).")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle that signed the server certificate; turns TLS "
+                                                  "on.")
+    tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS (with tls_key).")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_server_name: str | None = Field(None, description="Expected name in the server certificate when it "
+                                                          "differs from the address host.")
+    auth_token_file: Path | None = Field(None, description="File holding the bearer token sent to the server "
+                                                           "('authorization: Bearer ...').")
     host: str = Field("127.0.0.1", description="Interface the local HTTP API binds to (loopback by default).")
     port: int = Field(8080, ge=0, le=65535, description="TCP port of the local HTTP API.")
     timeout_s: float = Field(1.0, gt=0, description="Deadline of one offload call; past it the agent answers "
@@ -60,7 +96,9 @@ class EdgeSettings(BaseSettings):
                                       description="After an offload failure, requests are answered on the "
                                                   "device for this long before the server is tried again.")
     energy_meter: Literal["auto", "model"] = Field("auto", description="auto: measure compute energy with RAPL "
-                                                   "(powercap) where readable, else the device's power model.")
+                                                   "(powercap) or an INA3221 (Jetson, board input rail minus "
+                                                   "the profile's idle watts) where readable, else the "
+                                                   "device's power model.")
     adaptive: bool = Field(True, description="Switch between the bundle's operating points as the link "
                                              "estimate moves (edge_agent/adapt.py).")
     adapt_margin: float = Field(0.1, ge=0, description="Hysteresis: the new grid cell must be nearer than the "
@@ -81,8 +119,28 @@ class EdgeSettings(BaseSettings):
     @field_validator("server")
     @classmethod
     def _check_server(cls, value: str) -> str:
-        parse_address(value)
-        return value.strip()
+        addresses = server_addresses(value)
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"server addresses repeat: {value!r}")
+        return ",".join(addresses)
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> EdgeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.breaker_max_cooldown_s < self.breaker_cooldown_s:
+            raise ValueError("breaker_max_cooldown_s must be >= breaker_cooldown_s")
+        return self
+
+    @property
+    def use_tls(self) -> bool:
+        """True when calls to the server use TLS."""
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    @property
+    def servers(self) -> list[str]:
+        """The server addresses, in the order given."""
+        return server_addresses(self.server)
 
     @field_validator("device")
     @classmethod

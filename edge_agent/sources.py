@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from edge_agent.inputs import decode_upload
 from edge_agent.runtime import EdgeRuntime
 from splitinfer.errors import InvalidInput, SplitInferError
+from splitinfer.imaging import decode_upload
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 
@@ -25,8 +25,9 @@ def classify_file(rt: EdgeRuntime, path: Path, max_bytes: int, max_pixels: int) 
         size = path.stat().st_size
         if size > max_bytes:
             raise InvalidInput(f"file is {size} bytes; the limit is {max_bytes}")
-        x = decode_upload(path.read_bytes(), rt.plan.input, max_pixels)
-        res = rt.infer(x, path.name)
+        data = path.read_bytes()
+        x = decode_upload(data, rt.plan.input, max_pixels)
+        res = rt.infer(x, path.name, raw=data)
     except (OSError, SplitInferError) as exc:
         return {"file": str(path), "error": str(exc), "status": type(exc).__name__}
     return {"file": str(path), **res.to_dict()}

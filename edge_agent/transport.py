@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 
+from edge_agent.stream import InferStream
 from splitinfer import wire
-from splitinfer.errors import InvalidInput, NotFound, SplitInferError, Unavailable
+from splitinfer.errors import ConfigError, InvalidInput, NotFound, SplitInferError, Unavailable
 from splitinfer.protocol import converters
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -79,28 +81,38 @@ class CloudClient:
     """A client for one model on one cloud server address (``host:port``). Thread-safe."""
 
     def __init__(self, address: str, model_name: str, timeout_s: float = 2.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 server_name: str | None = None, stream: bool = False):
         self.address = address
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options: list[tuple[str, object]] = list(channel_options(max_message_bytes))
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self._channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                         else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stream = InferStream(self._stub, self._metadata, error_from_rpc) if stream else None
         self._lock = threading.Lock()
         self._closed = False
 
     def infer_features(self, payload: bytes, meta: Mapping[str, object], split: int, codec: str,
-                       request_id: str = "") -> CloudResult:
-        """Split inference: send a codec payload taken at boundary ``split``; returns the tail's logits."""
+                       request_id: str = "", timeout_s: float | None = None) -> CloudResult:
+        """Split inference: send a codec payload taken at boundary ``split``; returns the tail's logits.
+
+        ``timeout_s`` overrides the client's deadline for this call."""
         params: dict[str, object] = {wire.PARAM_SPLIT: int(split), wire.PARAM_CODEC: codec}
         params.update({wire.CODEC_META_PREFIX + k: v for k, v in meta.items()})
         tensor = converters.InferTensor(wire.FEATURES_TENSOR, "UINT8", np.frombuffer(payload, dtype=np.uint8))
-        return self._infer(tensor, params, request_id)
+        return self._infer(tensor, params, request_id, timeout_s)
 
-    def infer_input(self, x: np.ndarray, request_id: str = "") -> CloudResult:
+    def infer_input(self, x: np.ndarray, request_id: str = "", timeout_s: float | None = None) -> CloudResult:
         """Cloud-only inference: send a normalised float32 input ``[B, C, H, W]``; returns the logits."""
         arr = np.ascontiguousarray(x, dtype=np.float32)
-        return self._infer(converters.InferTensor(wire.INPUT_TENSOR, "FP32", arr), {}, request_id)
+        return self._infer(converters.InferTensor(wire.INPUT_TENSOR, "FP32", arr), {}, request_id, timeout_s)
 
     def server_ready(self) -> bool:
         """True when the server answers ServerReady with ready; never raises (short deadline)."""
@@ -109,7 +121,7 @@ class CloudClient:
         try:
             response = self._stub.ServerReady(pb.ServerReadyRequest(),
                                               timeout=min(READY_TIMEOUT_S, self.timeout_s),
-                                              wait_for_ready=False)
+                                              wait_for_ready=False, metadata=self._metadata)
         except Exception:  # noqa: BLE001 - by contract this never raises
             return False
         return bool(response.ready)
@@ -118,7 +130,8 @@ class CloudClient:
         """Round-trip time of one ServerReady call (seconds); raises Unavailable when it fails."""
         t0 = time.perf_counter()
         try:
-            self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout_s, wait_for_ready=False)
+            self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout_s, wait_for_ready=False,
+                                   metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return time.perf_counter() - t0
@@ -131,7 +144,7 @@ class CloudClient:
             model_name=wire.PROBE_MODEL, id="probe", parameters={}, inputs=[tensor]))
         t0 = time.perf_counter()
         try:
-            self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False)
+            self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise error_from_rpc(exc) from None
@@ -142,6 +155,8 @@ class CloudClient:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                if self._stream is not None:
+                    self._stream.close()
                 self._channel.close()
 
     def __enter__(self) -> CloudClient:
@@ -153,15 +168,20 @@ class CloudClient:
     # ---------------------------------------------------------------------------------------------- internals
 
     def _infer(self, tensor: converters.InferTensor, params: Mapping[str, object],
-               request_id: str) -> CloudResult:
+               request_id: str, timeout_s: float | None = None) -> CloudResult:
         if self._closed:
             raise Unavailable("cloud client is closed")
         request = converters.request_to_proto(converters.InferRequest(
             model_name=self.model_name, id=request_id, parameters=dict(params), inputs=[tensor]))
         bytes_sent = request.ByteSize()
         started = time.perf_counter()
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            response = self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False)
+            if self._stream is not None:
+                response = self._stream.call(request, timeout)
+            else:
+                response = self._stub.ModelInfer(request, timeout=timeout, wait_for_ready=False,
+                                                 metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         except ValueError as exc:  # e.g. "Cannot invoke RPC on closed channel!"
@@ -190,3 +210,31 @@ class CloudClient:
             server_compute_ms=param(wire.PARAM_COMPUTE_MS),
             round_trip_s=round_trip,
         )
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def channel_credentials(ca: Path | None, cert: Path | None = None, key: Path | None = None
+                        ) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``ca`` (system roots when None), present ``cert``/``key`` for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "TLS CA bundle"),
+                                        private_key=_read(key, "TLS client key"),
+                                        certificate_chain=_read(cert, "TLS client certificate"))
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token in ``path`` (first non-empty line), or None."""
+    raw = _read(path, "auth token file")
+    if raw is None:
+        return None
+    lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"auth token file {path} is empty")
+    return lines[0]

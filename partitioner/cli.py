@@ -133,6 +133,18 @@ def probe_cmd(
     typer.echo(f"plan with: splitinfer plan make {res.make_flags()} ...")
 
 
+def _read_images(folder: Path | None) -> tuple[bytes, ...]:
+    """The PNG/JPEG files in ``folder`` (sorted by name); ValueError if there is none."""
+    if folder is None:
+        return ()
+    if not folder.is_dir():
+        raise ValueError(f"--input-images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
+    if not files:
+        raise ValueError(f"--input-images {folder} holds no .png/.jpg/.jpeg file")
+    return tuple(p.read_bytes() for p in files)
+
+
 @app.command("make")
 def make_cmd(
     out: Path = typer.Option(..., help="bundle directory to write"),
@@ -158,6 +170,9 @@ def make_cmd(
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
     checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
     input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: 3,224,224)"),
+    input_images: Path = typer.Option(None, help="folder of sample inputs as users send them (PNG/JPEG files): "
+                                                 "cloud-only may then forward the file (codec 'image') instead "
+                                                 "of a uint8 tensor; the default model makes PNGs itself"),
     epsilon: float = typer.Option(0.01, help="exits may disagree with the full model on at most this fraction"),
     delta: float = typer.Option(0.05, help="... with probability at least 1 - delta (certified mode)"),
     score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
@@ -210,13 +225,15 @@ def make_cmd(
                                        score=score, calibration_mode=calibration_mode, learned_codec=learned_codec,
                                        max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop,
                                        objective=obj, constraints=cons, server_load_rps=server_load,
-                                       edge_profile=eprof, server_profile=sprof, progress=progress)
+                                       edge_profile=eprof, server_profile=sprof, progress=progress,
+                                       input_images=_read_images(input_images))
         else:
             if head != "fp32":
                 raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
             target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
             opts = PlanOptions(link=link, device=dev, edge_slowdown=slowdown, splits=splits, objective=obj,
-                               constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress)
+                               constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress,
+                               input_images=_read_images(input_images))
             result = make_model_plan(out, target, opts, eprof, sprof)
     except (ValueError, SplitInferError) as exc:
         raise _fail(exc) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,48 @@ def _learned_candidate(staged, x_val, y_val, repeats: int, limit: int = 2000) ->
                                    "decode_ms": round(statistics.median(dec) * 1e3, 4)})
 
 
+def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], spec) -> CodecOption | None:
+    """Cloud-only by sending the input file (codec ``image`` at split 0): payload = the files' mean size; edge
+    cost = encoding the pixels again in the files' format (what the agent does when it has no file to
+    forward; forwarding an upload costs less); server cost = decoding; both measured here on the samples."""
+    import dataclasses
+    import io
+    import statistics
+    import time
+
+    from PIL import Image
+
+    from splitinfer.imaging import ImageCodec
+
+    if not images:
+        return None
+    decoder = ImageCodec(spec)
+    times, encode_times = [], []
+    for data in list(images)[:64]:
+        fmt = "png" if data.startswith(b"\x89PNG") else "jpeg"
+        meta = {"format": fmt}
+        decoder.decode(data, meta)  # warm-up, and refuses samples the server would refuse
+        t = time.perf_counter()
+        decoder.decode(data, meta)
+        times.append((time.perf_counter() - t) * 1e3)
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = np.asarray(im.convert("L" if int(spec.shape[0]) == 1 else "RGB"))
+        encoder = ImageCodec(spec, fmt=fmt, quality=90)
+        t = time.perf_counter()
+        encoder.encode(pixels)
+        encode_times.append((time.perf_counter() - t) * 1e3)
+
+    def at_zero(prof: Profile, encode_ms: float, decode_ms: float) -> Profile:
+        p = dataclasses.replace(prof, encode_ms=list(prof.encode_ms), decode_ms=list(prof.decode_ms),
+                                payload_bytes=list(prof.payload_bytes))
+        p.payload_bytes[0] = int(round(statistics.fmean(len(d) for d in images)))
+        p.encode_ms[0], p.decode_ms[0] = encode_ms, decode_ms
+        return p
+
+    decode, encode = statistics.median(times), statistics.median(encode_times)
+    return CodecOption("image", at_zero(edge, encode, decode), at_zero(server, encode, decode), frozenset({0}))
+
+
 def _with_codec_at(prof: Profile, lc: LearnedCandidate) -> Profile:
     """A copy of ``prof`` whose payload size and codec times at the learned codec's boundary are its own."""
     import dataclasses
@@ -231,6 +274,9 @@ class PlanOptions:
     server_load_rps: float = 0.0
     repeats: int = 30
     progress: bool = False
+    # Sample inputs as users send them (PNG/JPEG files): with them, cloud-only may send the file itself
+    # (codec ``image`` at split 0) instead of the uint8 tensor. The default model makes its own PNGs.
+    input_images: tuple[bytes, ...] = ()
 
 
 def _profiles(staged, exits, codec: str, example, opts: PlanOptions, edge_profile: Profile | None,
@@ -303,10 +349,14 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
     for timing) and write its bundle."""
     staged = target.staged
     edge, server = _profiles(staged, {}, codec, target.example(), opts, edge_profile, server_profile, target.name)
-    planner = Planner([CodecOption(codec, edge, server)], _candidates(staged.num_stages, opts.splits),
+    codecs = [CodecOption(codec, edge, server)]
+    image = image_codec_option(edge, server, opts.input_images, target.input_spec)
+    if image is not None:
+        codecs.append(image)
+    planner = Planner(codecs, _candidates(staged.num_stages, opts.splits),
                       device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
     chosen, estimates, pareto, points = _tables(planner, opts)
-    plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=codec),
+    plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=chosen.codec),
                     factory=target.factory, estimates=estimates, operating_points=points, pareto=pareto,
                     objective=_objective_record(opts), latency_curves=latency_curves(planner, opts),
                     notes={**_link_notes(opts, edge, server), "weights": target.weights_note})
@@ -324,7 +374,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                       max_codec_drop: float = 1.0, head: str = "fp32", max_head_drop: float = 0.5,
                       objective: Objective = Objective(), constraints: Constraints = Constraints(),
                       server_load_rps: float = 0.0, edge_profile: Profile | None = None,
-                      server_profile: Profile | None = None, progress: bool = False) -> PlanResult:
+                      server_profile: Profile | None = None, progress: bool = False,
+                      input_images: tuple[bytes, ...] = ()) -> PlanResult:
     """Plan the embedded default model for one link condition and write the bundle to ``out``.
 
     Exit thresholds are calibrated on the validation images (carved from the training set) so that the
@@ -343,7 +394,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     if head not in ("fp32", "int8", "auto"):
         raise ValueError(f"head must be fp32, int8 or auto, not {head!r}")
     opts = PlanOptions(link=link, device=device, edge_slowdown=edge_slowdown, splits=splits, objective=objective,
-                       constraints=constraints, server_load_rps=server_load_rps, repeats=repeats, progress=progress)
+                       constraints=constraints, server_load_rps=server_load_rps, repeats=repeats, progress=progress,
+                       input_images=input_images)
     model, staged, exits, info = load_default(weights)
     train = load_fashion_mnist("train", data_dir)
     _, va_idx = split_train_validation(len(train), int(info["config"]["seed"]))
@@ -367,6 +419,14 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                 if lc.drop_points > max_codec_drop else f"boundary {lc.boundary} is not a candidate split")
             lc = None
     codecs = [CodecOption(codec, edge, server)]
+    from splitinfer.imaging import ImageCodec
+
+    spec = InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+                     labels=FASHION_MNIST_CLASSES)
+    samples = opts.input_images or tuple(ImageCodec(spec).encode(img)[0] for img in train.images[va_idx][:256])
+    image = image_codec_option(edge, server, samples, spec)
+    if image is not None:
+        codecs.append(image)
     if lc is not None:
         codecs.append(CodecOption(lc.codec.name, _with_codec_at(edge, lc), _with_codec_at(server, lc),
                                   frozenset({lc.boundary}), lc.drop_points, lc.agreement))

@@ -49,6 +49,7 @@ EXITS_FILE = "exits.safetensors"
 CODEC_FILE = "codec.safetensors"
 HEAD_CALIBRATION_FILE = "head_calibration.safetensors"
 LEARNED_CODECS = ("bottleneck",)
+IMAGE_CODEC = "image"  # cloud-only by sending the input as a PNG/JPEG file (split 0; splitinfer.imaging)
 
 
 class BaseModel(_PydanticBase):
@@ -231,7 +232,7 @@ class Plan(BaseModel):
     def _known_codec(cls, codec: CodecSpec) -> CodecSpec:
         from splitinfer.codec import CODECS
 
-        known = sorted([*CODECS, *LEARNED_CODECS])
+        known = sorted([*CODECS, *LEARNED_CODECS, IMAGE_CODEC])
         if codec.name not in known:
             raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(known)}")
         return codec
@@ -265,6 +266,8 @@ class Plan(BaseModel):
         lc = self.learned_codec
         uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
         for split, name in uses:
+            if name == IMAGE_CODEC and split != 0:
+                raise ValueError(f"codec {IMAGE_CODEC!r} sends the input file: it works at split 0 only, not {split}")
             if name not in LEARNED_CODECS:
                 continue
             if lc is None or lc.name != name:
@@ -316,13 +319,19 @@ class Bundle:
         return self.staged.num_stages
 
     def codec_for(self, name: object, split: int | None = None):
-        """The codec instance called ``name``: a generic one, or the bundle's learned codec (which only
-        works at its own boundary). Raises InvalidInput for anything else."""
+        """The codec instance called ``name``: a generic one, the bundle's learned codec (which only works at
+        its own boundary), or ``image`` (a PNG/JPEG of the input, split 0). Raises InvalidInput otherwise."""
         from splitinfer.codec import get_codec
         from splitinfer.errors import InvalidInput
 
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"parameter 'codec' must name a codec, got {name!r}")
+        if name == "image":  # cloud-only from a PNG/JPEG: decoded with the plan's input spec
+            from splitinfer.imaging import ImageCodec
+
+            if split not in (None, 0):
+                raise InvalidInput(f"codec 'image' carries the model input: split must be 0, not {split}")
+            return ImageCodec(self.plan.input)
         if name in LEARNED_CODECS:
             lc = self.learned_codec
             if lc is None or lc.name != name:

@@ -1,8 +1,14 @@
 """Edge energy: a documented power model per device profile, driven by measured CPU time and bytes.
 
-No power sensor is assumed. Where Linux powercap/RAPL is readable the edge agent measures compute energy with
-it instead (:mod:`splitinfer.power`, ``method="rapl"``); this module's figures are ``method="model"``, so
-metrics say how a number was obtained.
+Per request, energy = compute + radio (``docs/energy.md``):
+
+* compute = busy core-seconds x (active_watts - idle_watts) / active_cores: the energy above idle of the
+  request's CPU work, where ``active_watts`` was measured with ``active_cores`` cores busy;
+* radio = bits sent x joules_per_bit + transfer seconds x radio active_watts (Huang et al., MobiSys 2012).
+
+No power sensor is assumed. Where one is readable (Linux powercap/RAPL, a Jetson INA3221) the edge agent
+measures compute energy with it instead (:mod:`splitinfer.power`, ``method="rapl"`` / ``"ina3221"``); this
+module's figures are ``method="model"``, so metrics say how a number was obtained.
 """
 
 from __future__ import annotations
@@ -34,10 +40,17 @@ class DeviceProfile:
     compute_slowdown: float
     radio: RadioProfile
     sources: list[str] = field(default_factory=list)
+    active_cores: int = 1
+    """Cores busy when ``active_watts`` was measured (e.g. 4 for ``stress --cpu 4`` on a quad-core)."""
+
+    @property
+    def core_watts(self) -> float:
+        """Power above idle of one busy core (the active-minus-idle increment shared out over its cores)."""
+        return (self.active_watts - self.idle_watts) / self.active_cores
 
     def compute_joules(self, cpu_seconds: float) -> float:
-        """Energy above idle for ``cpu_seconds`` of busy CPU."""
-        return max(0.0, cpu_seconds) * (self.active_watts - self.idle_watts)
+        """Energy above idle for ``cpu_seconds`` of busy CPU (core-seconds, as ``time.thread_time`` counts)."""
+        return max(0.0, cpu_seconds) * self.core_watts
 
     def radio_joules(self, nbytes: int, transfer_seconds: float) -> float:
         """Uplink radio energy for sending ``nbytes`` during ``transfer_seconds``."""
@@ -58,10 +71,14 @@ def load_profiles(path: str | None = None) -> dict[str, DeviceProfile]:
     for name, d in raw.get("devices", {}).items():
         if d["radio"] not in radios:
             raise ValueError(f"device {name} names unknown radio {d['radio']!r}")
-        out[name] = DeviceProfile(name=name, description=d.get("description", ""), idle_watts=float(d["idle_watts"]),
-                                  active_watts=float(d["active_watts"]),
-                                  compute_slowdown=float(d.get("compute_slowdown", 1.0)),
-                                  radio=radios[d["radio"]], sources=list(d.get("sources", [])))
+        profile = DeviceProfile(name=name, description=d.get("description", ""), idle_watts=float(d["idle_watts"]),
+                                active_watts=float(d["active_watts"]),
+                                compute_slowdown=float(d.get("compute_slowdown", 1.0)),
+                                radio=radios[d["radio"]], sources=list(d.get("sources", [])),
+                                active_cores=int(d.get("active_cores", 1)))
+        if profile.active_cores < 1 or not 0 <= profile.idle_watts <= profile.active_watts:
+            raise ValueError(f"device {name}: need active_cores >= 1 and 0 <= idle_watts <= active_watts")
+        out[name] = profile
     return out
 
 

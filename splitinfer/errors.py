@@ -27,3 +27,15 @@ class BundleError(SplitInferError):
 
 class DataError(SplitInferError):
     """A dataset cannot be read."""
+
+
+class DeadlineExceeded(SplitInferError):
+    """The caller's deadline passed before the work was done; the work was not (or no longer) done."""
+
+
+class Unauthenticated(SplitInferError):
+    """The caller presented no credentials, or credentials this service does not accept."""
+
+
+class ConfigError(SplitInferError):
+    """A daemon's settings or a file they name (certificate, tokens) are missing or invalid."""

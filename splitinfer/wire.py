@@ -19,6 +19,7 @@ OUTPUT_TENSOR = "logits"
 PARAM_SPLIT = "split"
 PARAM_CODEC = "codec"
 CODEC_META_PREFIX = "codec."
+PARAM_TIMEOUT_US = "timeout"  # Triton's per-request timeout (int64 microseconds), used on streams
 PARAM_QUEUE_MS = "server_queue_ms"
 PARAM_COMPUTE_MS = "server_compute_ms"
 MODEL_VERSION = "1"

@@ -197,6 +197,9 @@ def check_shape(shape: Sequence[int], where: str) -> tuple[list[int], int]:
         raise InvalidInput(f"{where} has a negative dimension in shape {dims}")
     if any(d > MAX_DIM_SIZE for d in dims):
         raise InvalidInput(f"{where} has a dimension above {MAX_DIM_SIZE} in shape {dims}")
+    if math.prod(d for d in dims if d) > MAX_DIM_SIZE:  # also when a zero makes it empty: numpy cannot shape it
+        raise InvalidInput(f"{where} shape {dims} is too large (more than {MAX_DIM_SIZE} elements apart from "
+                           f"zero-size dimensions)")
     return dims, math.prod(dims)
 
 
@@ -348,3 +351,11 @@ def model_metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
 def server_metadata_to_proto(meta: ServerMetadata) -> pb.ServerMetadataResponse:
     """Encode :class:`ServerMetadata`."""
     return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+
+def repository_index_to_proto(entries: Sequence[Any]) -> pb.RepositoryIndexResponse:
+    """Encode repository index rows (objects with ``name``, ``version``, ``state``, ``reason``)."""
+    msg = pb.RepositoryIndexResponse()
+    for e in entries:
+        msg.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+    return msg

@@ -467,25 +467,29 @@ def test_status_mapping_is_total():
     assert code == grpc.StatusCode.INTERNAL and "secret detail" not in message
 
 
-def test_dataplane_refuses_work_while_draining_or_overloaded(bundle, sample):
+def test_dataplane_refuses_work_while_draining_or_overloaded(bundle_dir, sample):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     from cloud_server.dataplane import DataPlane
     from cloud_server.errors import Overloaded
-    from cloud_server.tail import TailRuntime
     from splitinfer.protocol import converters as cv
 
     req = cv.InferRequest(model_name=MODEL, inputs=[cv.InferTensor("input", "FP32", sample["x"])])
-    with ThreadPoolExecutor(1) as pool:
-        plane = DataPlane(TailRuntime(bundle, max_batch=MAX_BATCH), pool, max_inflight=1)
-        resp = asyncio.run(plane.infer(req))
+
+    async def scenario(pool: ThreadPoolExecutor) -> None:
+        plane = await DataPlane.for_bundle(bundle_dir, pool, max_request_batch=MAX_BATCH, max_inflight=1)
+        resp = await plane.infer(req)
         np.testing.assert_allclose(resp.outputs[0].data, sample["full"], rtol=1e-5, atol=1e-6)
         plane.inflight = 1
         with pytest.raises(Overloaded):
-            asyncio.run(plane.infer(req))
+            await plane.infer(req)
         plane.inflight = 0
-        plane.draining = True
+        plane.begin_drain()
         assert not plane.ready() and not plane.model_ready(MODEL)
         with pytest.raises(Unavailable, match="shutting down"):
-            asyncio.run(plane.infer(req))
+            await plane.infer(req)
+        await plane.repository.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(scenario(pool))

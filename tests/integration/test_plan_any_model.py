@@ -105,3 +105,38 @@ def test_server_answers_at_every_operating_point_split(tmp_path, profiles):
             rt.close()
     finally:
         server.stop()
+
+
+def test_users_files_make_cloud_only_by_sending_the_file_an_operating_point(tmp_path, profiles):
+    """With --input-images (JPEGs far smaller than the uint8 tensor) and a slow edge, the plan sends the file
+    at split 0 (codec 'image'); the bundle loads and the edge runtime starts at that operating point."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from edge_agent.metrics import EdgeMetrics
+    from edge_agent.runtime import EdgeRuntime
+    from edge_agent.settings import EdgeSettings
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(4):
+        img = np.stack([(yy * 3 + i) % 256, (xx * 2) % 256, (yy + xx) % 256], axis=-1).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        (photos / f"p{i}.jpg").write_bytes(buf.getvalue())
+    res = _make(tmp_path / "b", profiles, "--bandwidth", "1mbit", "--rtt", "20ms", "--edge-slowdown", "20",
+                "--input-images", str(photos))
+    assert res.exit_code == 0, res.output
+    plan = load_bundle(tmp_path / "b").plan
+    assert (plan.split, plan.codec.name) == (0, "image")
+    assert any(p.codec == "image" and p.split == 0 for p in plan.operating_points)
+    bundle = load_bundle(tmp_path / "b")
+    rt = EdgeRuntime(bundle, None, EdgeSettings(bundle=bundle.path, server="127.0.0.1:1", adaptive=False),
+                     metrics=EdgeMetrics())
+    assert (rt.split, rt.codec_name) == (0, "image")
+    rt.close()
+    bad = _make(tmp_path / "c", profiles, "--input-images", str(tmp_path / "nothing-here"))
+    assert bad.exit_code != 0 and "not a folder" in bad.output

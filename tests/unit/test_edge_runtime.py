@@ -13,13 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_agent.inputs import (
-    InputTooLarge,
-    UnprocessableInput,
-    UnsupportedMediaType,
-    decode_npy,
-    decode_upload,
-)
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
@@ -27,6 +20,13 @@ from splitinfer.bundle import Bundle, ExitSpec, load_bundle
 from splitinfer.codec import get_codec
 from splitinfer.data import to_model_input
 from splitinfer.errors import InvalidInput, Unavailable
+from splitinfer.imaging import (
+    InputTooLarge,
+    UnprocessableInput,
+    UnsupportedMediaType,
+    decode_npy,
+    decode_upload,
+)
 from tests.conftest import TEST_EXITS, make_test_bundle
 
 

@@ -1,5 +1,8 @@
 """Decoding uploads (PNG, JPEG, ``.npy``) into the model's normalised input tensor ``[1, C, H, W]``.
 
+Used by the edge agent (HTTP uploads, file sources) and by the cloud server's ``image`` codec (cloud-only
+inference from an encoded image, :class:`ImageCodec`), so both sides decode and normalise identically.
+
 Every malformed input raises :class:`~splitinfer.errors.InvalidInput` (or one of the subclasses below, which
 the HTTP layer maps to a more precise status) with a message that says what was wrong. Nothing here trusts
 the upload: the format is recognised by its magic bytes, image dimensions are checked before any pixel is
@@ -10,7 +13,6 @@ and object arrays are refused).
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -67,11 +69,9 @@ def decode_image(data: bytes, spec: InputSpec,
     c, h, w = _spec_chw(spec)
     if c not in (1, 3):
         raise UnprocessableInput(f"images can feed models with 1 or 3 input channels; this model takes {c}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    try:  # our pixel limit (checked below, before any pixel is decoded) is below Pillow's bomb limits
+        im = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+    except Image.DecompressionBombError as exc:
         raise InputTooLarge(f"image too large: {exc}") from None
     except UnidentifiedImageError:
         raise InvalidInput("not an image: the PNG/JPEG header cannot be parsed") from None
@@ -84,6 +84,8 @@ def decode_image(data: bytes, spec: InputSpec,
         if width * height > max_image_pixels:
             raise InputTooLarge(f"image too large: {width}x{height} pixels, the limit is {max_image_pixels}")
         try:
+            if im.format == "JPEG":  # decode at the smallest scale that still covers the target size
+                im.draft("L" if c == 1 else "RGB", (w, h))
             im.load()
             im = im.convert("L" if c == 1 else "RGB")
             if im.size != (w, h):
@@ -154,3 +156,50 @@ def _spec_chw(spec: InputSpec) -> tuple[int, int, int]:
                                  "only images are supported")
     c, h, w = spec.shape
     return int(c), int(h), int(w)
+
+
+class ImageCodec:
+    """Cloud-only inference from a PNG/JPEG file: ``decode`` turns the bytes into ``[1, C, H, W]``.
+
+    Works only at split 0 (the payload is the model input, as a user would upload it). ``encode`` takes the
+    pixels ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) as uint8 and writes PNG (lossless) or JPEG
+    (``quality``); meta ``format`` says which. The plan's input spec fixes the size and normalisation;
+    decoding applies the same limits as uploads (formats by magic bytes, pixel limit before decoding).
+    """
+
+    name = "image"
+
+    def __init__(self, spec: InputSpec, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 fmt: str = "png", quality: int = 90):
+        if fmt not in ("png", "jpeg"):
+            raise ValueError(f"image codec format must be png or jpeg, got {fmt!r}")
+        self.spec = spec
+        self.max_image_pixels = max_image_pixels
+        self.fmt = fmt
+        self.quality = quality
+
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> tuple[bytes, dict[str, str]]:
+        """uint8 pixels ``[H, W]`` or ``[H, W, 3]`` -> (PNG/JPEG bytes, ``{"format": ...}``)."""
+        arr = np.asarray(pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise InvalidInput(f"image codec encodes uint8 [H, W] or [H, W, 3] pixels, got {arr.dtype} "
+                               f"{list(arr.shape)}")
+        buf = io.BytesIO()
+        im = Image.fromarray(arr)
+        if self.fmt == "png":
+            im.save(buf, format="PNG", optimize=True)
+        else:
+            im.save(buf, format="JPEG", quality=self.quality)
+        return buf.getvalue(), {"format": self.fmt}
+
+    def decode(self, payload: bytes, meta: dict) -> torch.Tensor:
+        """PNG/JPEG bytes -> normalised ``[1, C, H, W]``; the declared format must match the bytes."""
+        declared = meta.get("format")
+        if declared is not None and declared not in ("png", "jpeg"):
+            raise InvalidInput(f"image codec format must be 'png' or 'jpeg', got {declared!r}")
+        if not payload:
+            raise InvalidInput("empty image payload")
+        kind = sniff_format(payload)
+        if kind == "npy" or (declared is not None and kind != declared):
+            raise InvalidInput(f"image payload is {kind}, not the declared {declared or 'png/jpeg'}")
+        return decode_image(payload, self.spec, self.max_image_pixels)

@@ -1,0 +1,269 @@
+"""Dynamic batching of tail runs: a bounded queue per served model, batches formed per (input kind, split).
+
+Requests are :class:`Job` objects: a cheap validated ``prepare`` callable that decodes the payload into a
+``[B, *boundary]`` float tensor (run in a worker thread), the number of samples it carries and a deadline.
+One asyncio task per :class:`Batcher` forms batches:
+
+1. It waits for a free worker (``workers`` batches run at once in the thread pool) and a queued job.
+2. The oldest job fixes the batch key (``("features", split)`` or ``("input", 0)``); jobs with the same key
+   join in arrival order until ``max_batch_size`` samples, or until ``max_delay_s`` has passed since the
+   oldest job arrived — but only while another batch is computing: with every worker idle the queue is
+   dispatched at once (waiting would only add latency). What is queued is shared among idle workers
+   (at most ``ceil(queued / idle workers)`` samples per batch) instead of piling onto one thread. Jobs with
+   other keys keep their place in the queue.
+3. Jobs whose deadline passed while queued, or whose caller gave up, are dropped before any compute:
+   their futures get :class:`~splitinfer.errors.DeadlineExceeded`.
+4. In the worker thread each job is decoded on its own (a bad payload fails that job only), the tensors
+   are concatenated, the tail runs once, and the logits are split back per job.
+
+``max_batch_size=1`` turns batching off (each job runs alone, through the same queue). A full queue
+refuses the job at once with :class:`~cloud_server.errors.Overloaded` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cloud_server.errors import Overloaded
+from splitinfer.errors import DeadlineExceeded, SplitInferError, Unavailable
+
+log = logging.getLogger(__name__)
+
+BatchKey = tuple[str, int]
+
+
+@dataclass
+class RunResult:
+    """What one job got back: its logits, the time it queued, and the batch it ran in."""
+
+    logits: np.ndarray
+    queue_s: float
+    compute_s: float
+    batch: int
+
+
+@dataclass
+class Job:
+    """One request waiting for the tail."""
+
+    key: BatchKey
+    samples: int
+    prepare: Callable[[], torch.Tensor]
+    deadline: float | None = None  # time.perf_counter() value after which the answer is useless
+    arrived: float = field(default_factory=time.perf_counter)
+    future: asyncio.Future | None = None
+
+
+class Batcher:
+    """Queue + batch former + dispatcher for one served model (see the module docstring)."""
+
+    def __init__(self, run_batch: Callable[[BatchKey, torch.Tensor], np.ndarray], executor: Executor, *,
+                 max_batch_size: int = 32, max_delay_s: float = 0.001, max_queue: int = 256, workers: int = 1,
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_size < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_s >= 0")
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.workers = workers
+        self.on_queue_depth = on_queue_depth
+        self.on_batch = on_batch
+        self._queue: deque[Job] = deque()
+        self._changed: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------- public
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not yet running)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the batch-forming task on the running event loop."""
+        if self._task is None:
+            self._changed = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.workers)
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def submit(self, job: Job) -> RunResult:
+        """Queue ``job`` and wait for its result; raises what its compute raised."""
+        if self._closed:
+            raise Unavailable("model is being unloaded; retry on another replica")
+        if self._task is None:
+            self.start()
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"batch queue full ({self.max_queue} requests waiting); retry later")
+        job.future = asyncio.get_running_loop().create_future()
+        self._queue.append(job)
+        self._report_depth()
+        self._changed.set()
+        return await job.future
+
+    async def close(self) -> None:
+        """Refuse new jobs, let queued and running ones finish, then stop the task."""
+        self._closed = True
+        while self._queue or self._running:
+            if self._changed is not None:
+                self._changed.set()
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def _report_depth(self) -> None:
+        if self.on_queue_depth is not None:
+            self.on_queue_depth(len(self._queue))
+
+    async def _wait_changed(self, timeout: float | None) -> None:
+        self._changed.clear()
+        if timeout is None:
+            await self._changed.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _drop_stale(self) -> None:
+        """Answer queued jobs that expired or were abandoned, before they cost anything."""
+        now = time.perf_counter()
+        kept: deque[Job] = deque()
+        for job in self._queue:
+            if job.future.done():  # the caller was cancelled
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {1e3 * (now - job.arrived):.1f} ms in the queue; not computed"))
+                continue
+            kept.append(job)
+        self._queue = kept
+
+    def _same_key_samples(self, key: BatchKey) -> int:
+        return sum(j.samples for j in self._queue if j.key == key)
+
+    def _take(self, limit: int) -> list[Job]:
+        """Remove and return the next batch: the oldest job plus same-key jobs up to ``limit`` samples."""
+        first = self._queue.popleft()
+        batch, total = [first], first.samples
+        rest: deque[Job] = deque()
+        for job in self._queue:
+            if job.key == first.key and total + job.samples <= limit:
+                batch.append(job)
+                total += job.samples
+            else:
+                rest.append(job)
+        self._queue = rest
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_stale()
+            if not self._queue:
+                await self._wait_changed(None)
+                continue
+            await self._slots.acquire()
+            try:
+                # Fill: while another batch computes, wait until the oldest job's key has a full batch or
+                # its delay ran out. With every worker idle, waiting would only add latency: go now.
+                while True:
+                    self._drop_stale()
+                    if not self._queue:
+                        break
+                    oldest = self._queue[0]
+                    left = oldest.arrived + self.max_delay_s - time.perf_counter()
+                    if (self._closed or left <= 0 or not self._running
+                            or self._same_key_samples(oldest.key) >= self.max_batch_size):
+                        break
+                    await self._wait_changed(left)
+                if not self._queue:
+                    self._slots.release()
+                    continue
+                # Share what is queued among the idle workers rather than piling it on one.
+                idle = self.workers - len(self._running)
+                limit = max(1, -(-self._same_key_samples(self._queue[0].key) // max(1, idle)))
+                batch = self._take(min(limit, self.max_batch_size))
+                self._report_depth()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, batch: list[Job]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            try:
+                outcomes, compute_s, samples = await loop.run_in_executor(self.executor, self._compute, batch)
+            except BaseException as exc:  # the whole batch failed (executor shut down, cancelled)
+                outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
+            if samples and self.on_batch is not None:
+                self.on_batch(samples, compute_s)
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(RunResult(logits=outcome, queue_s=started - job.arrived,
+                                                    compute_s=compute_s, batch=samples))
+        finally:
+            self._slots.release()
+            self._changed.set()
+
+    def _compute(self, batch: list[Job]) -> tuple[list[object], float, int]:
+        """Worker thread: decode each job, run the tail once on the concatenation, split the logits."""
+        started = time.perf_counter()
+        outcomes: list[object] = [None] * len(batch)
+        tensors: list[torch.Tensor] = []
+        ok: list[int] = []
+        for i, job in enumerate(batch):
+            try:
+                x = job.prepare()
+            except SplitInferError as exc:
+                outcomes[i] = exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported to that job's caller, logged by the mapper
+                outcomes[i] = exc
+                continue
+            tensors.append(x)
+            ok.append(i)
+        samples = sum(int(t.shape[0]) for t in tensors)
+        if tensors:
+            x = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            key = batch[ok[0]].key
+            try:  # payloads whose batch size shows only after decoding may exceed the bound: run in chunks
+                if samples <= self.max_batch_size:
+                    logits = self.run_batch(key, x)
+                else:
+                    logits = np.concatenate([self.run_batch(key, c) for c in torch.split(x, self.max_batch_size)])
+            except Exception as exc:  # noqa: BLE001
+                for i in ok:
+                    outcomes[i] = exc
+            else:
+                offset = 0
+                for i, t in zip(ok, tensors, strict=True):
+                    n = int(t.shape[0])
+                    outcomes[i] = logits[offset:offset + n]
+                    offset += n
+        return outcomes, time.perf_counter() - started, samples

@@ -1,0 +1,184 @@
+"""The dynamic batcher with a fake tail: batch formation, isolation of failures, bounds, deadlines, close."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_server.batcher import Batcher, Job
+from cloud_server.errors import Overloaded
+from splitinfer.errors import DeadlineExceeded, InvalidInput, Unavailable
+
+
+class FakeTail:
+    """Logits = input * 10 + split; records every batch it ran; can be held to let the queue build up."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple[str, int], int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, key, x: torch.Tensor) -> np.ndarray:
+        self.gate.wait(10)
+        self.calls.append((key, int(x.shape[0])))
+        return (x.reshape(x.shape[0], -1) * 10 + key[1]).numpy()
+
+
+def job(value: float, key=("features", 3), samples: int = 1, fail: bool = False, deadline=None) -> Job:
+    def prepare() -> torch.Tensor:
+        if fail:
+            raise InvalidInput(f"bad payload {value}")
+        return torch.full((samples, 2), float(value))
+
+    return Job(key=key, samples=samples, prepare=prepare, deadline=deadline)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows():
+    tail = FakeTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=4, max_delay_s=0.05, workers=1)
+            b.start()
+            results = await asyncio.gather(*(b.submit(job(i)) for i in range(10)))
+            await b.close()
+        return results
+
+    results = run(scenario())
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.logits, np.full((1, 2), i * 10.0 + 3))
+    sizes = [n for _, n in tail.calls]
+    assert sum(sizes) == 10 and max(sizes) <= 4 and len(sizes) <= 4  # batched, never above the bound
+    assert max(r.batch for r in results) > 1
+
+
+def test_batching_off_runs_every_request_alone():
+    tail = FakeTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=1, max_delay_s=0.05)
+            await asyncio.gather(*(b.submit(job(i)) for i in range(6)))
+            await b.close()
+
+    run(scenario())
+    assert [n for _, n in tail.calls] == [1] * 6
+
+
+def test_different_splits_are_never_mixed_and_multi_sample_requests_count_samples():
+    tail = FakeTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=0.02)
+            jobs = [job(1, key=("features", 3), samples=3), job(2, key=("features", 5), samples=2),
+                    job(3, key=("features", 3), samples=3), job(4, key=("input", 0), samples=1),
+                    job(5, key=("features", 3), samples=3)]
+            out = await asyncio.gather(*(b.submit(j) for j in jobs))
+            await b.close()
+        return out
+
+    out = run(scenario())
+    assert [r.logits.shape[0] for r in out] == [3, 2, 3, 1, 3]
+    np.testing.assert_array_equal(out[1].logits, np.full((2, 2), 25.0))
+    np.testing.assert_array_equal(out[3].logits, np.full((1, 2), 40.0))
+    assert all(n <= 8 for _, n in tail.calls)
+    assert sum(n for k, n in tail.calls if k == ("features", 3)) == 9
+    assert all(n <= 8 for k, n in tail.calls if k == ("features", 3))
+
+
+def test_a_bad_payload_fails_only_its_own_request():
+    tail = FakeTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=0.05)
+            out = await asyncio.gather(b.submit(job(1)), b.submit(job(2, fail=True)), b.submit(job(3)),
+                                       return_exceptions=True)
+            await b.close()
+        return out
+
+    ok1, bad, ok3 = run(scenario())
+    assert isinstance(bad, InvalidInput) and "bad payload 2" in str(bad)
+    np.testing.assert_array_equal(ok1.logits, [[13.0, 13.0]])
+    np.testing.assert_array_equal(ok3.logits, [[33.0, 33.0]])
+
+
+def test_full_queue_is_refused_at_once():
+    tail = FakeTail()
+    tail.gate.clear()  # the first batch blocks the only worker: the rest queue up
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=1, max_delay_s=0, max_queue=3)
+            first = asyncio.ensure_future(b.submit(job(0)))
+            while not b._running:  # until the first job is running (and blocks the only worker)
+                await asyncio.sleep(0.001)
+            queued = [asyncio.ensure_future(b.submit(job(i))) for i in range(1, 4)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded, match="queue full"):
+                await b.submit(job(99))
+            tail.gate.set()
+            results = await asyncio.gather(first, *queued)
+            await b.close()
+        return results
+
+    assert len(run(scenario())) == 4
+
+
+def test_expired_requests_are_dropped_before_compute():
+    tail = FakeTail()
+    tail.gate.clear()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=1, max_delay_s=0)
+            blocker = asyncio.ensure_future(b.submit(job(0)))
+            while not b._running:
+                await asyncio.sleep(0.001)
+            late = asyncio.ensure_future(b.submit(job(7, deadline=time.perf_counter() + 0.01)))
+            await asyncio.sleep(0.05)  # its deadline passes while the worker is busy
+            tail.gate.set()
+            out = await asyncio.gather(blocker, late, return_exceptions=True)
+            await b.close()
+        return out
+
+    _, late = run(scenario())
+    assert isinstance(late, DeadlineExceeded)
+    assert all(n == 1 for _, n in tail.calls) and len(tail.calls) == 1  # the late job never ran
+
+
+def test_close_answers_queued_requests_then_refuses_new_ones():
+    tail = FakeTail()
+    tail.gate.clear()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=2, max_delay_s=0)
+            pending = [asyncio.ensure_future(b.submit(job(i))) for i in range(5)]
+            await asyncio.sleep(0.02)
+            closing = asyncio.ensure_future(b.close())
+            await asyncio.sleep(0.02)
+            with pytest.raises(Unavailable):
+                await b.submit(job(9))
+            tail.gate.set()
+            await closing
+            return await asyncio.gather(*pending)
+
+    results = run(scenario())
+    assert len(results) == 5 and sum(n for _, n in tail.calls) == 5
+
+
+def test_invalid_bounds_are_refused():
+    with pytest.raises(ValueError):
+        Batcher(FakeTail(), None, max_batch_size=0)
