@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitinfer.gc_freeze import freeze_loaded
+
 
 def _inputs(bundle, n: int) -> torch.Tensor:
     if bundle.plan.model.name == "default":
@@ -236,6 +238,7 @@ def _e2e_command(cmd: str, msg: dict, bundle, bundle_dir: Path, inputs: torch.Te
             named.pop(name).close()
         named[name] = _Named(bundle, bundle_dir, msg["address"], dict(msg.get("settings", {})),
                              bool(msg.get("prober", False)))
+        freeze_loaded()  # as the agent does once its runtime is built
         return {"ok": True, "op": named[name].op()}
     item = named[name]
     rt = item.runtime

@@ -32,6 +32,7 @@ from splitinfer import wire
 from splitinfer.bundle import load_bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
+from splitinfer.gc_freeze import freeze_loaded
 from splitinfer.protocol.converters import (
     InferRequest,
     InferResponse,
@@ -167,11 +168,15 @@ class DataPlane:
         """(Re)load a model from the repository."""
         if self.draining:
             raise Unavailable("server is shutting down")
-        await self.repository.load(name)
+        try:
+            await self.repository.load(name)
+        finally:  # new objects out of the collector's walks, a retired copy's cycles collected
+            freeze_loaded()
 
     async def unload_model(self, name: str) -> None:
         """Unload a model after its queued requests are answered."""
         await self.repository.unload(name)
+        freeze_loaded()
 
     # -------------------------------------------------------------------------------------------- infer
 

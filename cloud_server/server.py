@@ -31,6 +31,7 @@ from cloud_server.servicer import InferenceServicer
 from cloud_server.settings import CloudSettings
 from splitinfer.allocator import tune_allocator
 from splitinfer.errors import BundleError, ConfigError
+from splitinfer.gc_freeze import freeze_loaded
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 
@@ -118,6 +119,7 @@ class CloudServer:
         """Load the models, bind, start serving and mark every service SERVING; returns the bound gRPC port."""
         s = self.settings
         await self.repository.load_all()
+        freeze_loaded()  # the models' objects stay out of the collector's walks (splitinfer/gc_freeze.py)
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),

@@ -40,6 +40,7 @@ from edge_agent.runtime import EdgeRuntime, build_runtime
 from edge_agent.settings import EdgeSettings
 from splitinfer import __version__
 from splitinfer.errors import InvalidInput, NotFound, SplitInferError, Unavailable
+from splitinfer.gc_freeze import freeze_loaded
 from splitinfer.imaging import InputTooLarge, UnprocessableInput, UnsupportedMediaType, decode_upload
 
 log = logging.getLogger("edge_agent.app")
@@ -175,6 +176,7 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
             await run_in_threadpool(rt.probe_server)
         except Exception:  # a probe must never stop the agent from starting
             log.warning("initial probe of the cloud server failed", exc_info=True)
+        freeze_loaded()  # the bundle's objects stay out of the collector's walks (splitinfer/gc_freeze.py)
         state["ready"] = True
         log.info("edge agent ready: model=%s split=%d codec=%s server=%s up=%s", rt.plan.model.name, rt.split,
                  rt.codec_name, settings.server, rt.server_up)

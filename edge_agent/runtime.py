@@ -134,6 +134,8 @@ class EdgeRuntime:
         self.link = LinkEstimator(clock=clock)
         self._link_changes_seen = 0
         self._last_probe = clock()
+        self._serving = 0  # requests inside infer() now
+        self._last_served = -math.inf  # clock() when the last one finished
         self.selector: OperatingPointSelector | None = None
         self._adapted_for: tuple[float | None, float | None] | None = None
         if settings.adaptive and self.plan.operating_points:
@@ -226,8 +228,15 @@ class EdgeRuntime:
         0) a PNG/JPEG upload is forwarded as it came instead of being encoded again."""
         self._check_input(x)
         t0 = time.perf_counter()
-        with self._op_lock:  # the operating point does not change under a request
-            res = self._infer(x, request_id, raw)
+        with self._lock:
+            self._serving += 1
+        try:
+            with self._op_lock:  # the operating point does not change under a request
+                res = self._infer(x, request_id, raw)
+        finally:
+            with self._lock:
+                self._serving -= 1
+                self._last_served = self.clock()
         parts = sum(v for k, v in res.latency_ms.items() if k != "total")
         overhead = max(0.0, (time.perf_counter() - t0) * 1e3 - parts)
         with self._lock:
@@ -264,9 +273,17 @@ class EdgeRuntime:
 
     def needs_probe(self) -> bool:
         """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
-        for ``probe_interval_s``."""
+        for ``probe_interval_s`` and the agent is idle (no request for ``probe_idle_s``), or when the last probe
+        is older than ``probe_max_interval_s`` (continuous load)."""
+        s = self.settings
         with self._lock:
-            return self.clock() - self._last_probe >= self.settings.probe_interval_s
+            now = self.clock()
+            age = now - self._last_probe
+            if age < s.probe_interval_s:
+                return False
+            if age >= s.probe_max_interval_s:
+                return True
+            return self._serving == 0 and now - self._last_served >= s.probe_idle_s
 
     def probe_link(self) -> bool:
         """Active probes: the RTT (ServerReady) and, when no offload measured the bandwidth for

@@ -108,6 +108,11 @@ class EdgeSettings(BaseSettings):
                                     "long, probe it (RTT with ServerReady, throughput with a small message).")
     probe_bytes: int = Field(32 * 1024, ge=1024, le=4 * 1024 * 1024,
                              description="Size of the throughput probe message.")
+    probe_idle_s: float = Field(0.2, ge=0, description="Probe only after the agent has served no request "
+                                "for this long, so a probe never competes with requests for the CPU and the "
+                                "link (0: probe as soon as probe_interval_s has passed).")
+    probe_max_interval_s: float = Field(15.0, gt=0, description="Under continuous load (never idle for "
+                                        "probe_idle_s), probe anyway once the last probe is this old.")
     drift_window: int = Field(300, ge=10, description="Requests in the drift monitor's sliding window.")
     drift_threshold: float = Field(0.2, gt=0, le=1, description="Total-variation distance from the calibration "
                                    "reference above which input drift is flagged (metric + log line).")

@@ -403,3 +403,26 @@ def test_operating_point_switches_split_codec_and_exits(base_bundle):
         rt.set_operating_point(5, codec="no-such-codec")
     assert rt.split == bundle.num_stages  # a refused switch changes nothing
     rt.close()
+
+
+def test_probes_wait_for_an_idle_agent_unless_the_last_probe_is_too_old(base_bundle):
+    clock = FakeClock()
+    rt, _ = make_runtime(with_plan(base_bundle, (0.0, 0.0)), clock, probe_interval_s=5.0, probe_idle_s=0.2,
+                         probe_max_interval_s=15.0)
+    try:
+        assert not rt.needs_probe()  # just started: the interval has not passed
+        clock.now += 6.0
+        assert rt.needs_probe()  # interval passed, nothing served yet: idle
+        rt.infer(sample(), "busy")
+        assert not rt.needs_probe()  # a request just finished: not idle for probe_idle_s yet
+        clock.now += 0.25
+        assert rt.needs_probe()
+        for _ in range(100):  # continuous load: a request every 0.1 s never leaves the agent idle
+            rt.infer(sample(), "load")
+            if clock.now - 1000.0 < 15.0:
+                assert not rt.needs_probe(), clock.now
+            clock.now += 0.1
+        assert clock.now - 1000.0 >= 15.0
+        assert rt.needs_probe()  # the last probe (at start) is older than probe_max_interval_s: probe anyway
+    finally:
+        rt.close()
