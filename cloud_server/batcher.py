@@ -14,7 +14,9 @@ One asyncio task per :class:`Batcher` forms batches:
 3. Jobs whose deadline passed while queued, or whose caller gave up, are dropped before any compute:
    their futures get :class:`~splitinfer.errors.DeadlineExceeded`.
 4. In the worker thread each job is decoded on its own (a bad payload fails that job only), the tensors
-   are concatenated, the tail runs once, and the logits are split back per job.
+   are concatenated, the tail runs once, and the logits are split back per job. A job may decode only half
+   way (:class:`Staged`: e.g. the learned bottleneck's entropy-decoded symbols): the halves of one group are
+   finished in one call (the bottleneck's decoder network runs once for the batch), then checked per job.
 
 ``max_batch_size=1`` turns batching off (each job runs alone, through the same queue). A full queue
 refuses the job at once with :class:`~cloud_server.errors.Overloaded` (RESOURCE_EXHAUSTED).
@@ -27,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from cloud_server.errors import Overloaded
-from splitinfer.errors import DeadlineExceeded, SplitInferError, Unavailable
+from splitinfer.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,22 @@ class RunResult:
 
 
 @dataclass
+class Staged:
+    """A job's input decoded half way; jobs of the same ``group`` are finished together in one call."""
+
+    group: Hashable
+    rows: np.ndarray  # [B, ...]: this job's samples
+    finish: Callable[[np.ndarray], torch.Tensor]  # rows of one or more jobs -> their tensor [sum B, ...]
+    check: Callable[[torch.Tensor], torch.Tensor]  # validates one job's part (raises for a bad payload)
+
+
+@dataclass
 class Job:
     """One request waiting for the tail."""
 
     key: BatchKey
     samples: int
-    prepare: Callable[[], torch.Tensor]
+    prepare: Callable[[], torch.Tensor | Staged]
     deadline: float | None = None  # time.perf_counter() value after which the answer is useless
     arrived: float = field(default_factory=time.perf_counter)
     future: asyncio.Future | None = None
@@ -235,19 +247,22 @@ class Batcher:
         """Worker thread: decode each job, run the tail once on the concatenation, split the logits."""
         started = time.perf_counter()
         outcomes: list[object] = [None] * len(batch)
-        tensors: list[torch.Tensor] = []
-        ok: list[int] = []
+        ready: dict[int, torch.Tensor] = {}
+        staged: dict[Hashable, list[tuple[int, Staged]]] = {}
         for i, job in enumerate(batch):
             try:
                 x = job.prepare()
-            except SplitInferError as exc:
-                outcomes[i] = exc
-                continue
             except Exception as exc:  # noqa: BLE001 - reported to that job's caller, logged by the mapper
                 outcomes[i] = exc
                 continue
-            tensors.append(x)
-            ok.append(i)
+            if isinstance(x, Staged):
+                staged.setdefault(x.group, []).append((i, x))
+            else:
+                ready[i] = x
+        for members in staged.values():
+            _finish_group(members, ready, outcomes)
+        ok = sorted(ready)
+        tensors = [ready[i] for i in ok]
         samples = sum(int(t.shape[0]) for t in tensors)
         if tensors:
             x = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
@@ -267,3 +282,23 @@ class Batcher:
                     outcomes[i] = logits[offset:offset + n]
                     offset += n
         return outcomes, time.perf_counter() - started, samples
+
+
+def _finish_group(members: list[tuple[int, Staged]], ready: dict[int, torch.Tensor], outcomes: list[object]) -> None:
+    """Finish the staged inputs of one group in one call, then check each job's part. If the joint call fails,
+    each job is finished alone, so only a bad payload's job fails."""
+    joint = None
+    if len(members) > 1:
+        try:
+            joint = members[0][1].finish(np.concatenate([m.rows for _, m in members]))
+        except Exception:  # noqa: BLE001 - retried per job below, where the culprit gets the error
+            joint = None
+    offset = 0
+    for i, m in members:
+        n = int(m.rows.shape[0])
+        try:
+            part = joint[offset:offset + n] if joint is not None else m.finish(m.rows)
+            ready[i] = m.check(part)
+        except Exception as exc:  # noqa: BLE001 - that job's error
+            outcomes[i] = exc
+        offset += n

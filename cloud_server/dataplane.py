@@ -23,7 +23,7 @@ import torch
 
 import splitinfer
 from cloud_server.auth import ClientLimiter
-from cloud_server.batcher import Batcher, Job
+from cloud_server.batcher import Batcher, Job, Staged
 from cloud_server.errors import Overloaded
 from cloud_server.metrics import ServerMetrics
 from cloud_server.repository import IndexEntry, ModelFactory, ModelRepository, ServedModel
@@ -257,8 +257,8 @@ class DataPlane:
             samples = shape_from_str(meta["shape"])[0]
         payload = tensor.data.tobytes()
 
-        def prepare() -> torch.Tensor:
-            return tail.decode_features(payload, codec, meta, split)
+        def prepare() -> torch.Tensor | Staged:
+            return tail.prepare_features(payload, codec, meta, split)
 
         return Job(key=(wire.FEATURES_TENSOR, split), samples=samples, prepare=prepare)
 

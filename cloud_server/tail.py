@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from cloud_server.batcher import Staged
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput
@@ -96,7 +97,25 @@ class TailRuntime:
         codec = self.bundle.codec_for(codec_name, split)
         if "shape" in meta:  # cheap check before decoding (and allocating) anything
             self.check_meta_shape(meta["shape"], split)
-        x = codec.decode(payload, dict(meta))
+        return self.checked_features(codec.decode(payload, dict(meta)), split)
+
+    def prepare_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
+                         split: int) -> torch.Tensor | Staged:
+        """As :meth:`decode_features`, but the learned bottleneck stops half way (entropy-decoded symbols) so
+        that the batcher runs its decoder network once for all of a batch's payloads (:class:`Staged`)."""
+        codec = self.bundle.codec_for(codec_name, split)
+        synthesize = getattr(codec, "synthesize", None)
+        if synthesize is None:
+            return self.decode_features(payload, codec_name, meta, split)
+        if "shape" in meta:
+            self.check_meta_shape(meta["shape"], split)
+        rows = codec.decode_symbols(payload, dict(meta))
+        self.check_batch(int(rows.shape[0]), "decoded features")
+        return Staged(group=("synthesize", id(codec)), rows=rows, finish=synthesize,
+                      check=lambda x: self.checked_features(x, split))
+
+    def checked_features(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Check decoded features: ``[B, *boundary[split].shape]``, float32, finite."""
         self._check_sample_shape(list(x.shape), self.boundary_shape(split), "decoded features",
                                  f"boundary {split}")
         if x.dtype != torch.float32:

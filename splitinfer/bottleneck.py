@@ -292,13 +292,21 @@ class LearnedCodec:
         return self.coder.encode(sym), {"v": 1}
 
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
+        return self.synthesize(self.decode_symbols(payload, meta))
+
+    def decode_symbols(self, payload: bytes, meta: Meta) -> np.ndarray:
+        """First half of :meth:`decode`: check and entropy-decode to float32 symbols ``[B, *latent_shape]``."""
         if meta.get("v", 1) != 1:
             raise InvalidInput(f"bottleneck codec meta version {meta.get('v')!r} is not 1")
-        sym = self.coder.decode(payload).astype(np.float32)
+        return self.coder.decode(payload).astype(np.float32)
+
+    def synthesize(self, symbols: np.ndarray) -> torch.Tensor:
+        """Second half of :meth:`decode`: the decoder network on symbols ``[B, *latent_shape]`` (the symbols of
+        several payloads may be concatenated: one call for a whole batch)."""
         if self._ort_decoder is not None:  # de-quantization is folded into the decoder's first convolution
-            return torch.from_numpy(self._ort_decoder.run(None, {"x": sym})[0])
+            return torch.from_numpy(self._ort_decoder.run(None, {"x": symbols})[0])
         with torch.inference_mode():
-            return self._decoder(torch.from_numpy(sym))
+            return self._decoder(torch.from_numpy(symbols))
 
     def _fold_quantizer(self) -> None:
         """Fold the quantizer's per-channel affine maps into the adjacent 1x1 convolutions: the encoder's last

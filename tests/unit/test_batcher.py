@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_server.batcher import Batcher, Job
+from cloud_server.batcher import Batcher, Job, Staged
 from cloud_server.errors import Overloaded
 from splitinfer.errors import DeadlineExceeded, InvalidInput, Unavailable
 
@@ -182,3 +182,68 @@ def test_close_answers_queued_requests_then_refuses_new_ones():
 def test_invalid_bounds_are_refused():
     with pytest.raises(ValueError):
         Batcher(FakeTail(), None, max_batch_size=0)
+
+
+class FakeSynth:
+    """A batched second decoding stage: doubles the rows; fails on any row holding 99."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        self.calls.append(int(rows.shape[0]))
+        if (rows == 99).any():
+            raise InvalidInput("cannot synthesize 99")
+        return torch.from_numpy(rows * 2)
+
+
+def staged_job(value: float, synth: FakeSynth) -> Job:
+    def check(x: torch.Tensor) -> torch.Tensor:
+        if (x == 2 * 7).any():
+            raise InvalidInput("decoded 7 is out of range")
+        return x
+
+    def prepare() -> Staged:
+        return Staged(group="synth", rows=np.full((1, 2), value, dtype=np.float32), finish=synth, check=check)
+
+    return Job(key=("features", 3), samples=1, prepare=prepare)
+
+
+def _behind_a_held_batch(tail: FakeTail, jobs: list[Job]) -> list:
+    """Submit ``jobs`` while a first batch holds the only worker, so they form one batch together."""
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=5.0, workers=1)
+            tail.gate.clear()
+            first = asyncio.ensure_future(b.submit(job(0)))
+            while not tail.calls and b.depth == 0 and not b._running:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.02)
+            rest = [asyncio.ensure_future(b.submit(j)) for j in jobs]
+            await asyncio.sleep(0.02)
+            tail.gate.set()
+            out = await asyncio.gather(first, *rest, return_exceptions=True)
+            await b.close()
+        return out[1:]
+
+    return run(scenario())
+
+
+def test_staged_inputs_of_a_batch_are_finished_in_one_call_and_checked_per_job():
+    tail, synth = FakeTail(), FakeSynth()
+    ok1, bad, ok3 = _behind_a_held_batch(tail, [staged_job(1, synth), staged_job(7, synth), staged_job(3, synth)])
+    assert synth.calls == [3]  # one call for the three payloads
+    assert isinstance(bad, InvalidInput) and "out of range" in str(bad)
+    np.testing.assert_array_equal(ok1.logits, [[23.0, 23.0]])  # 1 * 2 * 10 + 3
+    np.testing.assert_array_equal(ok3.logits, [[63.0, 63.0]])
+    assert tail.calls[-1] == (("features", 3), 2)  # the tail ran once on the two good ones
+
+
+def test_a_failed_joint_finish_is_retried_per_job_so_only_the_culprit_fails():
+    tail, synth = FakeTail(), FakeSynth()
+    ok1, bad, ok3 = _behind_a_held_batch(tail, [staged_job(1, synth), staged_job(99, synth), staged_job(3, synth)])
+    assert synth.calls == [3, 1, 1, 1]
+    assert isinstance(bad, InvalidInput) and "99" in str(bad)
+    np.testing.assert_array_equal(ok1.logits, [[23.0, 23.0]])
+    np.testing.assert_array_equal(ok3.logits, [[63.0, 63.0]])
