@@ -148,16 +148,21 @@ class Batcher:
             self.on_queue_depth(len(self._queue))
 
     async def _wait_changed(self, timeout: float | None) -> None:
+        """Wait until a job arrives or a batch ends, or ``timeout`` passes (a timer, not ``wait_for``: no task
+        per wait on this per-request path)."""
         self._changed.clear()
-        if timeout is None:
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._changed.set)
+        try:
             await self._changed.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _drop_stale(self) -> None:
         """Answer queued jobs that expired or were abandoned, before they cost anything."""
         now = time.perf_counter()
+        if not any(job.future.done() or (job.deadline is not None and now >= job.deadline) for job in self._queue):
+            return
         kept: deque[Job] = deque()
         for job in self._queue:
             if job.future.done():  # the caller was cancelled
