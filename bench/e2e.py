@@ -22,7 +22,8 @@ The plan (the bundle both daemons load, with its table of operating points):
   the server.
 
 Configurations measured in every cell (same inputs for all four; requests interleaved in ``rounds`` so the
-configurations share the machine's drift; one warm-up request per configuration and round):
+configurations share the machine's drift, in a carry-over-balanced order (see ORDERS); unrecorded warm-up requests
+start every configuration's chunk of a round):
 
 (a) ``splitinfer``: a fresh EdgeRuntime with ``adaptive=True`` (EdgeSettings defaults: margin 0.1, dwell 2 s,
     probe every 5 s, 32 KiB throughput probe; ``timeout_s`` 60) and the plan's exits, with the agent's idle-link
@@ -114,7 +115,12 @@ EDGE_FACTOR = {"default": 20}
 # Configurations alternate in rounds so that slow spells of the machine (seconds long) hit them alike: the default
 # model's sub-2 ms requests need many short rounds (2 rounds left differences of 10 % between identical
 # configurations).
-ROUNDS = {"default": 10, "resnet50": 3, "mobilenet_v2": 3}
+# The order within a round follows a Williams design (ORDERS): over 4 rounds every configuration runs right after
+# every other one exactly once, so what one leaves behind (cloud-only leaves the edge's CPU idle for seconds)
+# costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests.
+ROUNDS = {"default": 8, "resnet50": 4, "mobilenet_v2": 4}
+ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
+CHUNK_WARMUP = {"default": 20}
 DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40}  # per candidate configuration after the drop
 EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25}
 CONFIGS = ("splitinfer", "edge_only", "cloud_only", "best_fixed")
@@ -367,10 +373,11 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
         idx = [int(i) for i in chunk]
         if not idx:
             continue
-        for c in CONFIGS[r % len(CONFIGS):] + CONFIGS[: r % len(CONFIGS)]:
+        warm = ctx["chunk_warmup"]
+        for c in (CONFIGS[k] for k in ORDERS[r % len(ORDERS)]):
             if c == "splitinfer":
                 worker.call(cmd="pause", name="adaptive", paused=False)
-                out = worker.call(cmd="requests", name="adaptive", indices=idx, warmup=1, raw=args.forward_files)
+                out = worker.call(cmd="requests", name="adaptive", indices=idx, warmup=warm, raw=args.forward_files)
                 worker.call(cmd="pause", name="adaptive", paused=True)
             elif c == "cloud_only":
                 cidx = [i for i in idx if i in cloud_measured]
@@ -385,7 +392,7 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
                     worker.call(cmd="op", name="fixed", split=n_stages, codec=None, exits=None)  # every exit
                 else:
                     worker.call(cmd="op", name="fixed", split=bf["split"], codec=bf["codec"], exits=bf["exits"])
-                out = worker.call(cmd="requests", name="fixed", indices=idx, warmup=1, raw=args.forward_files)
+                out = worker.call(cmd="requests", name="fixed", indices=idx, warmup=warm, raw=args.forward_files)
             records[c] += out["records"]
     status = worker.call(cmd="status", name="adaptive")
     worker.call(cmd="close", name="adaptive")
@@ -665,6 +672,7 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
         warm_start = 9000 if name == "default" else 0  # cells measure images 0..8999
         ctx = {"name": name, "plan": plan, "planner": planner, "n_stages": n_stages, "best_fixed": bf,
                "requests": n_req, "rounds": args.rounds or ROUNDS[name], "n_inputs": len(pixels),
+               "chunk_warmup": CHUNK_WARMUP.get(name, 1),
                "warm_indices": [(warm_start + i) % len(pixels) for i in range(min(len(pixels), 1000))],
                "edge_factor": 1 if args.requests else EDGE_FACTOR.get(name, 1),
                "labels": labels, "image_format": image_format,
@@ -974,7 +982,9 @@ def main(argv: list[str] | None = None) -> None:
             "requests_per_config_and_cell": {m: args.requests or REQUESTS[m] for m in models},
             "requests_per_edge_config_and_cell": {m: (args.requests or REQUESTS[m])
                                                   * (1 if args.requests else EDGE_FACTOR.get(m, 1)) for m in models},
-            "rounds": {m: args.rounds or ROUNDS[m] for m in models}, "warmup_requests_per_round": 1,
+            "rounds": {m: args.rounds or ROUNDS[m] for m in models},
+            "warmup_requests_per_round": {m: CHUNK_WARMUP.get(m, 1) for m in models},
+            "round_orders": [[CONFIGS[k] for k in order] for order in ORDERS],
             "agent_gets_files": args.forward_files,
             "edge_threads": 1, "server_threads": 1, "server_workers": 1, "timeout_s": TIMEOUT_S,
             "edge_cpu_share": {m: i["edge_cpu_share"] for m, i in infos.items()},
