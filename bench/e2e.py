@@ -113,12 +113,12 @@ REQUESTS = {"default": 200, "resnet50": 30, "mobilenet_v2": 60}
 # configurations differed by up to 5 % (standard error of the difference ~4 %); 4,000 brings that to ~1.5 %.
 EDGE_FACTOR = {"default": 20}
 # Configurations alternate in rounds so that slow spells of the machine (seconds long) hit them alike: the default
-# model's sub-2 ms requests need many short rounds (2 rounds left differences of 10 % between identical
-# configurations).
+# model's sub-2 ms requests need many short rounds (identical configurations differed by up to 10 % with 2 rounds of
+# 300 requests, and still by 5 % with 8 rounds of 500: the machine's slow spells, not the sample size).
 # The order within a round follows a Williams design (ORDERS): over 4 rounds every configuration runs right after
 # every other one exactly once, so what one leaves behind (cloud-only leaves the edge's CPU idle for seconds)
 # costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests.
-ROUNDS = {"default": 8, "resnet50": 4, "mobilenet_v2": 4}
+ROUNDS = {"default": 40, "resnet50": 4, "mobilenet_v2": 4}
 ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 CHUNK_WARMUP = {"default": 20}
 DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40}  # per candidate configuration after the drop
