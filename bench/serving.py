@@ -124,6 +124,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -439,6 +440,13 @@ def build_request(w: Workload, i: int, fmt: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ servers
+
+
+# Server settings per tail, given alike to our server and to MLServer (see the module docstring).
+TAIL_SETTINGS = {
+    "light": {"torch_threads": 1, "workers": 2, "batch_max_size": 32, "batch_max_delay_ms": 2.0},
+    "heavy": {"torch_threads": 1, "workers": 2, "batch_max_size": 32, "batch_max_delay_ms": 2.0},
+}
 
 
 @dataclass
@@ -783,9 +791,6 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cloud_server.settings import CloudSettings
-
-    defaults = CloudSettings.model_fields
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="light tail, 1 and 4 clients, 1 s points (tests)")
@@ -795,12 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=None, help="measurement window per point, s")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up per point, s")
     ap.add_argument("--inputs", type=int, default=16, help="distinct requests cycled by the clients")
-    ap.add_argument("--torch-threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=int(defaults["workers"].default))
-    ap.add_argument("--batch-max-size", type=int, default=int(defaults["batch_max_size"].default)
-                    if "batch_max_size" in defaults else 32)
-    ap.add_argument("--batch-max-delay-ms", type=float, default=float(defaults["batch_max_delay_ms"].default)
-                    if "batch_max_delay_ms" in defaults else 2.0)
+    ap.add_argument("--torch-threads", type=int, default=None, help=f"every tail (default per tail: {TAIL_SETTINGS})")
+    ap.add_argument("--workers", type=int, default=None, help="every tail (default per tail)")
+    ap.add_argument("--batch-max-size", type=int, default=None, help="every tail (default per tail)")
+    ap.add_argument("--batch-max-delay-ms", type=float, default=None, help="every tail (default per tail)")
     ap.add_argument("--overhead-requests", type=int, default=None)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_serving")
     ap.add_argument("--mlserver-venv", type=Path, default=ROOT / "runs" / ".venv-mlserver")
@@ -810,7 +813,6 @@ def main(argv: list[str] | None = None) -> int:
     from splitinfer.allocator import tune_allocator
 
     tune_allocator()  # as the daemons do
-    torch.set_num_threads(args.torch_threads)
     tails = [t.strip() for t in (args.tails or ("light" if args.quick else ",".join(TAILS))).split(",")]
     configs = [c.strip() for c in args.configs.split(",")]
     for name, allowed in ((tails, TAILS), (configs, CONFIGS)):
@@ -819,8 +821,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown {bad}; choose from {allowed}")
     concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
                    else list(QUICK_CONCURRENCY if args.quick else CONCURRENCY))
-    s = Settings(torch_threads=args.torch_threads, workers=args.workers, batch_max_size=args.batch_max_size,
-                 batch_max_delay_ms=args.batch_max_delay_ms)
+    overrides = {k: getattr(args, k) for k in ("torch_threads", "workers", "batch_max_size", "batch_max_delay_ms")
+                 if getattr(args, k) is not None}
+    per_tail = {t: Settings(**{**TAIL_SETTINGS[t], **overrides}) for t in tails}
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -844,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {}
     tails_info: dict = {}
     for tail in tails:
+        s = per_tail[tail]
+        torch.set_num_threads(s.torch_threads)  # the in-process reference of the overhead runs as the servers do
         duration = args.duration if args.duration is not None else (1.0 if args.quick else DURATION_S[tail])
         warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else WARMUP_S[tail])
         overhead_n = (args.overhead_requests if args.overhead_requests is not None
@@ -858,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += tail_rows
         summary[tail] = summarize_tail(tail_rows, details.get("grpc_overhead"), failures)
         tails_info[tail] = {**w.describe(), "duration_s": duration, "warmup_s": warmup,
+                            "server_settings": dataclasses.asdict(s),
+                            "ours_env": {k: v for k, v in our_env(s, True, max(concurrency)).items()
+                                         if k.startswith("SPLITINFER_CLOUD_")},
                             "grpc_overhead": details.get("grpc_overhead"),
                             "mlserver_files": details["mlserver_files"]}
 
@@ -865,8 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "settings": {
             "tails": tails_info, "configs": configs, "concurrency": concurrency,
-            "torch_threads": s.torch_threads, "workers": s.workers, "batch_max_size": s.batch_max_size,
-            "batch_max_delay_ms": s.batch_max_delay_ms, "request_timeout_s": REQUEST_TIMEOUT_S,
+            "server_settings": "per tail: tails.<tail>.server_settings (the same for our server and MLServer)",
+            "request_timeout_s": REQUEST_TIMEOUT_S,
             "quick": args.quick,
             "load_generator": {"processes": 1, "client": "grpc.aio, closed loop, one channel per client, "
                                                          "pre-serialized requests", "module": "bench.loadgen"},
@@ -883,10 +891,9 @@ def main(argv: list[str] | None = None) -> int:
                 "version": MLSERVER_VERSION, "venv": str(venv), "environment": venv_stamp,
                 "configs": {c: MLSERVER_CONFIGS[c] for c in configs if c not in OURS},
                 "runtime": "bench.mlserver_runtime.SplitTailModel", "adaptive_batching": {
-                    "max_batch_size": s.batch_max_size, "max_batch_time_s": s.batch_max_delay_ms / 1e3},
+                    t: {"max_batch_size": st.batch_max_size, "max_batch_time_s": st.batch_max_delay_ms / 1e3}
+                    for t, st in per_tail.items()},
                 "run_as": "mlserver start DIR (PYTHONPATH = this repository), settings.json + model-settings.json"},
-            "ours_env": {k: v for k, v in our_env(s, True, max(concurrency)).items()
-                         if k.startswith("SPLITINFER_CLOUD_")},
             "machine": machine,
         },
         "results": rows,
