@@ -7,7 +7,8 @@ What it runs is exactly what our server runs: the bundle loaded with :func:`spli
 the payload decoded by :meth:`cloud_server.tail.TailRuntime.decode_features` (the same codec classes, the same
 checks) and the tail run by :meth:`~cloud_server.tail.TailRuntime.run_tail` (``staged.run(x, split, N)`` under
 ``torch.inference_mode``). With MLServer's adaptive batching the runtime gets one merged request per batch; as
-our batcher does, it decodes each request's payload on its own, concatenates the tensors, runs the tail once
+our batcher does, it decodes each request's payload on its own (the learned bottleneck's decoder network once
+for the batch: :meth:`~cloud_server.tail.TailRuntime.decode_many`), concatenates the tensors, runs the tail once
 and returns the ``[B, classes]`` logits, which MLServer splits back per request.
 
 Request formats it accepts (one input named ``features``):
@@ -113,9 +114,7 @@ class SplitTailModel(MLModel):
     def _features_work(self, payloads: list[bytes], codecs: list, metas: list[dict], split):
         def work() -> np.ndarray:
             k = self.tail.check_split(split)
-            xs = [self.tail.decode_features(p, c, m, k) for p, c, m in zip(payloads, codecs, metas, strict=True)]
-            x = xs[0] if len(xs) == 1 else torch.cat(xs)
-            return self.tail.run_tail(x, k)
+            return self.tail.run_tail(self.tail.decode_many(payloads, codecs, metas, k), k)
 
         return work
 

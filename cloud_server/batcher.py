@@ -265,7 +265,7 @@ class Batcher:
             else:
                 ready[i] = x
         for members in staged.values():
-            _finish_group(members, ready, outcomes)
+            finish_staged(members, ready, outcomes)
         ok = sorted(ready)
         tensors = [ready[i] for i in ok]
         samples = sum(int(t.shape[0]) for t in tensors)
@@ -289,7 +289,7 @@ class Batcher:
         return outcomes, time.perf_counter() - started, samples
 
 
-def _finish_group(members: list[tuple[int, Staged]], ready: dict[int, torch.Tensor], outcomes: list[object]) -> None:
+def finish_staged(members: list[tuple[int, Staged]], ready: dict[int, torch.Tensor], outcomes: list[object]) -> None:
     """Finish the staged inputs of one group in one call, then check each job's part. If the joint call fails,
     each job is finished alone, so only a bad payload's job fails."""
     joint = None

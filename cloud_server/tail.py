@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from cloud_server.batcher import Staged
+from cloud_server.batcher import Staged, finish_staged
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput
@@ -113,6 +113,27 @@ class TailRuntime:
         self.check_batch(int(rows.shape[0]), "decoded features")
         return Staged(group=("synthesize", id(codec)), rows=rows, finish=synthesize,
                       check=lambda x: self.checked_features(x, split))
+
+    def decode_many(self, payloads: list[bytes], codecs: list[object], metas: list[Mapping[str, object]],
+                    split: int) -> torch.Tensor:
+        """Decode a batch's payloads into one tensor as the batcher does (the learned bottleneck's decoder once
+        for all of them); raises the first payload's error (for callers that fail a batch as a whole)."""
+        prepared = [self.prepare_features(p, c, m, split) for p, c, m in zip(payloads, codecs, metas, strict=True)]
+        ready: dict[int, torch.Tensor] = {}
+        outcomes: list[object] = [None] * len(prepared)
+        groups: dict[object, list[tuple[int, Staged]]] = {}
+        for i, x in enumerate(prepared):
+            if isinstance(x, Staged):
+                groups.setdefault(x.group, []).append((i, x))
+            else:
+                ready[i] = x
+        for members in groups.values():
+            finish_staged(members, ready, outcomes)
+        for failure in outcomes:
+            if failure is not None:
+                raise failure
+        xs = [ready[i] for i in range(len(prepared))]
+        return xs[0] if len(xs) == 1 else torch.cat(xs)
 
     def checked_features(self, x: torch.Tensor, split: int) -> torch.Tensor:
         """Check decoded features: ``[B, *boundary[split].shape]``, float32, finite."""
