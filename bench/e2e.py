@@ -542,7 +542,7 @@ def drop_trace(worker: Worker, emu: Emulator, ctx: dict, args) -> dict:
     order = sorted(cands, key=lambda k: ests[k].expected_latency_ms if k in ests else math.inf)
     order = [edge_key] + [k for k in order if k != edge_key]
     n = ctx["drop_requests"]
-    idx = list(range(n))
+    idx = [i % ctx["n_inputs"] for i in range(n)]  # fewer inputs than requests: cycle
     results: list[dict] = []
     best_p95 = math.inf
     out = worker.call(cmd="cloud", address=address, indices=idx, fmt=ctx["image_format"], quality=90,
@@ -705,7 +705,12 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
                  f"{startup['with_initial_probe']['mean_ms']} ms")
         if with_trace:
             t1 = time.perf_counter()
-            trace = drop_trace(worker, emu, ctx, args)
+            try:
+                trace = drop_trace(worker, emu, ctx, args)
+            except Exception as exc:  # noqa: BLE001 - keep the cells measured so far; the summary says it failed
+                _log(f"{name} drop trace FAILED: {type(exc).__name__}: {exc}")
+                info["drop_trace_error"] = f"{type(exc).__name__}: {exc}"
+                return cells, info, None
             trace["seconds"] = round(time.perf_counter() - t1, 1)
             _log(f"{name} drop trace: p95 after {trace['after']['p95_ms']:.1f} ms vs best fixed "
                  f"{trace['best_fixed']['p95_ms']:.1f} ms ({trace['best_fixed']['config']} "
