@@ -33,6 +33,7 @@ The process also gets the same malloc tuning as our daemons (:func:`splitinfer.a
 from __future__ import annotations
 
 import asyncio
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,6 +65,8 @@ class SplitTailModel(MLModel):
         extra = dict(self.settings.parameters.extra or {}) if self.settings.parameters else {}
         tune_allocator()
         threads = int(extra.get("torch_threads", 1))
+        if extra.get("gil_switch_interval_ms"):  # as our server's setting of the same name
+            sys.setswitchinterval(float(extra["gil_switch_interval_ms"]) / 1e3)
         torch.set_num_threads(threads)
         self.tail = TailRuntime(load_bundle(extra["bundle"]), max_batch=int(extra.get("max_batch", 64)))
         self.executor = ThreadPoolExecutor(max_workers=int(extra.get("workers", 1)),

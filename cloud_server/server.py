@@ -209,6 +209,8 @@ def serve(settings: CloudSettings) -> int:
     """Run the server until a signal; returns the process exit code (0 on a clean shutdown)."""
     configure_logging(settings.log_level)
     tune_allocator()
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
     try:
         asyncio.run(run(settings))
     except (BundleError, ConfigError, OSError) as exc:

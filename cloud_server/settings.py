@@ -58,6 +58,9 @@ class CloudSettings(BaseSettings):
                                                             "UNAUTHENTICATED.")
     torch_threads: int | None = Field(None, ge=1,
                                       description="torch intra-op threads (None: torch's default).")
+    gil_switch_interval_ms: float | None = Field(None, gt=0, le=100, description="Python's thread switch "
+                                                 "interval (sys.setswitchinterval; Python's default 5 ms). Lower "
+                                                 "hands the GIL between the event loop and the tail threads sooner.")
     grace_s: float = Field(10.0, ge=0,
                            description="On SIGTERM/SIGINT, seconds in-flight requests get to finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
