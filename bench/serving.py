@@ -22,9 +22,10 @@ For each input the edge's work is done once, in this process (head up to the spl
 Servers and configurations (``--configs``)
 ------------------------------------------
 * ``ours-batched``: ``splitinfer cloud serve --bundle B --port P --metrics-port 0`` as a subprocess, with
-  ``SPLITINFER_CLOUD_TORCH_THREADS`` (1), ``SPLITINFER_CLOUD_WORKERS`` (2: batches computed at once),
-  ``SPLITINFER_CLOUD_BATCH_MAX_SIZE`` / ``SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS`` (dynamic batching; defaults
-  are the server's own defaults, read from :class:`cloud_server.settings.CloudSettings`), and in-flight and
+  ``SPLITINFER_CLOUD_TORCH_THREADS``, ``SPLITINFER_CLOUD_WORKERS`` (batches computed at once),
+  ``SPLITINFER_CLOUD_BATCH_MAX_SIZE`` / ``SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS`` (dynamic batching) per tail
+  (``TAIL_SETTINGS``: light 1 torch thread x 2 workers, heavy 2 torch threads x 1 worker; 32 and 2 ms for
+  both; ``--torch-threads`` etc. override them for every tail), and in-flight and
   queue limits above the highest concurrency. Every other ``SPLITINFER_CLOUD_*`` variable of the caller's
   environment is removed.
 * ``ours-b1``: the same with ``SPLITINFER_CLOUD_BATCH_MAX_SIZE=1`` (batching off: each request runs alone).
