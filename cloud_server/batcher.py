@@ -251,21 +251,13 @@ class Batcher:
     def _compute(self, batch: list[Job]) -> tuple[list[object], float, int]:
         """Worker thread: decode each job, run the tail once on the concatenation, split the logits."""
         started = time.perf_counter()
-        outcomes: list[object] = [None] * len(batch)
-        ready: dict[int, torch.Tensor] = {}
-        staged: dict[Hashable, list[tuple[int, Staged]]] = {}
-        for i, job in enumerate(batch):
+        prepared: list[object] = []
+        for job in batch:
             try:
-                x = job.prepare()
+                prepared.append(job.prepare())
             except Exception as exc:  # noqa: BLE001 - reported to that job's caller, logged by the mapper
-                outcomes[i] = exc
-                continue
-            if isinstance(x, Staged):
-                staged.setdefault(x.group, []).append((i, x))
-            else:
-                ready[i] = x
-        for members in staged.values():
-            finish_staged(members, ready, outcomes)
+                prepared.append(exc)
+        ready, outcomes = finish_prepared(prepared)
         ok = sorted(ready)
         tensors = [ready[i] for i in ok]
         samples = sum(int(t.shape[0]) for t in tensors)
@@ -287,6 +279,21 @@ class Batcher:
                     outcomes[i] = logits[offset:offset + n]
                     offset += n
         return outcomes, time.perf_counter() - started, samples
+
+
+def finish_prepared(prepared: list[object]) -> tuple[dict[int, torch.Tensor], list[object]]:
+    """Items are tensors, :class:`Staged` halves, or the exception a job's ``prepare`` raised. The staged ones
+    are finished per group (:func:`finish_staged`). Returns the ready tensors by index, and per index the
+    exception that fails it (None when it is ready)."""
+    outcomes: list[object] = [x if isinstance(x, BaseException) else None for x in prepared]
+    ready = {i: x for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)}
+    groups: dict[Hashable, list[tuple[int, Staged]]] = {}
+    for i, x in enumerate(prepared):
+        if isinstance(x, Staged):
+            groups.setdefault(x.group, []).append((i, x))
+    for members in groups.values():
+        finish_staged(members, ready, outcomes)
+    return ready, outcomes
 
 
 def finish_staged(members: list[tuple[int, Staged]], ready: dict[int, torch.Tensor], outcomes: list[object]) -> None:

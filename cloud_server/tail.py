@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from cloud_server.batcher import Staged, finish_staged
+from cloud_server.batcher import Staged, finish_prepared
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput
@@ -119,16 +119,7 @@ class TailRuntime:
         """Decode a batch's payloads into one tensor as the batcher does (the learned bottleneck's decoder once
         for all of them); raises the first payload's error (for callers that fail a batch as a whole)."""
         prepared = [self.prepare_features(p, c, m, split) for p, c, m in zip(payloads, codecs, metas, strict=True)]
-        ready: dict[int, torch.Tensor] = {}
-        outcomes: list[object] = [None] * len(prepared)
-        groups: dict[object, list[tuple[int, Staged]]] = {}
-        for i, x in enumerate(prepared):
-            if isinstance(x, Staged):
-                groups.setdefault(x.group, []).append((i, x))
-            else:
-                ready[i] = x
-        for members in groups.values():
-            finish_staged(members, ready, outcomes)
+        ready, outcomes = finish_prepared(prepared)
         for failure in outcomes:
             if failure is not None:
                 raise failure
