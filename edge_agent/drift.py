@@ -39,6 +39,9 @@ class DriftMonitor:
         self.threshold = threshold
         self._decisions: deque[int] = deque(maxlen=window)
         self._bins: deque[int] = deque(maxlen=window)
+        # counts of the windows' values, kept as requests come and go: O(1) per request, not O(window)
+        self._decision_counts = [0] * len(self.reference)
+        self._bin_counts = [0] * 10
         self._lock = threading.Lock()
         self.score = 0.0
         self.drifting = False
@@ -54,21 +57,16 @@ class DriftMonitor:
             return 0.0, False
         with self._lock:
             idx = self.exits.index(decided_by_exit) if decided_by_exit in self.exits else len(self.exits)
-            self._decisions.append(idx)
+            _push(self._decisions, self._decision_counts, idx)
             if first_exit_score is not None and len(self.edges) == 9:
-                self._bins.append(bisect.bisect_right(self.edges, first_exit_score))
+                _push(self._bins, self._bin_counts, bisect.bisect_right(self.edges, first_exit_score))
             if len(self._decisions) < self.window:
                 return self.score, False
             n = len(self._decisions)
-            live = [0.0] * len(self.reference)
-            for d in self._decisions:
-                live[d] += 1.0 / n
-            score = total_variation(live, self.reference)
+            score = total_variation([c / n for c in self._decision_counts], self.reference)
             if len(self._bins) >= self.window // 2:
-                hist = [0.0] * 10
-                for b in self._bins:
-                    hist[b] += 1.0 / len(self._bins)
-                score = max(score, total_variation(hist, [0.1] * 10))
+                m = len(self._bins)
+                score = max(score, total_variation([c / m for c in self._bin_counts], [0.1] * 10))
             self.score = score
             new_alert = score > self.threshold and not self.drifting
             self.drifting = score > self.threshold
@@ -78,3 +76,11 @@ class DriftMonitor:
             log.warning("input drift detected: score %.3f > %.3f over the last %d requests; the exits' accuracy "
                         "guarantee assumes calibration-like data", score, self.threshold, self.window)
         return score, new_alert
+
+
+def _push(window: deque[int], counts: list[int], value: int) -> None:
+    """Append ``value`` to a bounded window, keeping ``counts`` (occurrences of each value) in step."""
+    if len(window) == window.maxlen:
+        counts[window[0]] -= 1
+    window.append(value)
+    counts[value] += 1
