@@ -18,7 +18,8 @@ Added for ``bench.e2e`` (named runtimes next to the one above, each with its own
   these EdgeSettings fields; ``prober`` runs the agent's idle-link prober beside it (as ``edge_agent.app`` does:
   every ``min(1 s, probe_interval_s)``, ``probe_link()`` when ``needs_probe()``)
 * ``{"cmd": "op", "name": N, "split": k, "codec": c, "exits": [...]}``: set runtime ``N``'s operating point
-* ``{"cmd": "pause", "name": N, "paused": bool}``: pause / resume runtime ``N``'s prober
+* ``{"cmd": "pause", "name": N, "paused": bool}``: pause / resume runtime ``N``'s prober (on resume, the probe
+  an idle agent would have made meanwhile, if one is due, runs first)
 * ``{"cmd": "ready", "name": N}``: ``probe_server()`` (the agent's start-up check; not a link observation)
 * ``{"cmd": "probe", "name": N}``: one ``probe_link()`` now
 * ``{"cmd": "requests", "name": N, "indices": [...], "warmup": W, "raw": bool}``: answer those inputs -> one
@@ -249,8 +250,15 @@ def _e2e_command(cmd: str, msg: dict, bundle, bundle_dir: Path, inputs: torch.Te
         rt.set_operating_point(int(msg["split"]), msg.get("codec"), msg.get("exits"))
         return {"ok": True, "op": item.op()}
     if cmd == "pause":
-        (item.paused.set if msg.get("paused", True) else item.paused.clear)()
-        return {"ok": True}
+        if msg.get("paused", True):
+            item.paused.set()
+            return {"ok": True}
+        # Resuming: while paused the agent stood idle (the other configurations ran), and an idle agent probes
+        # when a probe is due; make that probe now, before its next requests, rather than let the prober's next
+        # tick collide with them on the link.
+        probed = bool(rt.needs_probe() and rt.probe_link())
+        item.paused.clear()
+        return {"ok": True, "probed": probed}
     if cmd == "ready":  # what the agent does at start-up (edge_agent.app's lifespan): connects the channel
         return {"ok": True, "ready": bool(rt.probe_server())}
     if cmd == "probe":
