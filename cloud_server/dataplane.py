@@ -14,6 +14,7 @@ same split, in a thread pool, so the event loop keeps answering health checks an
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,8 @@ class DataPlane:
         self.completed = 0  # of those, answered with a result
         self.draining = False
         self.drain_started: asyncio.Event | None = None
+        # called after a repository load/unload (the server keeps per-model health statuses with it)
+        self.on_models_changed: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def for_bundle(cls, bundle: Path, executor: Executor, policy: BatchPolicy | None = None,
@@ -172,11 +175,19 @@ class DataPlane:
             await self.repository.load(name)
         finally:  # new objects out of the collector's walks, a retired copy's cycles collected
             freeze_loaded()
+            await self._models_changed()
 
     async def unload_model(self, name: str) -> None:
         """Unload a model after its queued requests are answered."""
-        await self.repository.unload(name)
-        freeze_loaded()
+        try:
+            await self.repository.unload(name)
+        finally:
+            freeze_loaded()
+            await self._models_changed()
+
+    async def _models_changed(self) -> None:
+        if self.on_models_changed is not None:
+            await self.on_models_changed()
 
     # -------------------------------------------------------------------------------------------- infer
 

@@ -152,8 +152,10 @@ class CloudServer:
             self.metrics_endpoint = self.metrics.serve(s.host, s.metrics_port)
         await server.start()
         self.server, self.port = server, port
-        for service in ("", INFERENCE_SERVICE, *self.repository.names()):
+        for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.sync_model_health()
+        self.dataplane.on_models_changed = self.sync_model_health
         log.info("cloud server ready", extra={"fields": {
             "host": s.host, "port": port, "tls": self.credentials is not None,
             "mutual_tls": s.tls_client_ca is not None, "auth": self.auth.required,
@@ -163,6 +165,14 @@ class CloudServer:
             "batch_max_size": s.batch_max_size, "batch_max_delay_ms": s.batch_max_delay_ms,
             "workers": s.workers, "torch_threads": torch.get_num_threads()}})
         return port
+
+    async def sync_model_health(self) -> None:
+        """Per-model health services: SERVING for loaded models, NOT_SERVING for the repository's others."""
+        loaded = set(self.repository.names())
+        known = loaded | {e.name for e in self.repository.index()}
+        for name in sorted(known):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if name in loaded
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new inference, answer every accepted request, then stop everything."""

@@ -163,11 +163,20 @@ def test_model_repository_versions_index_unload_and_load(bundle_dir, tmp_path, f
             index = {(m.name, m.version): m.state
                      for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models}
             assert index[("other", "1")] == "UNLOADED"
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+            assert status("other") == health_pb2.HealthCheckResponse.NOT_SERVING  # unloaded
+            assert status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING  # never loaded
+            assert status(MODEL) == health_pb2.HealthCheckResponse.SERVING
 
             shutil.copytree(bundle_dir, repo / "other" / "3")  # a new version appears on disk
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="other"), timeout=60)
             answer = stub.ModelInfer(features_request(sample, model="other"), timeout=10)
             assert answer.model_name == "other" and answer.model_version == "3"
+            assert status("other") == health_pb2.HealthCheckResponse.SERVING  # loaded again
             with pytest.raises(grpc.RpcError) as err:
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="missing"), timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
