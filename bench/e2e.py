@@ -33,7 +33,8 @@ start every configuration's chunk of a round):
     ``probe_link()``, then requests until the operating point has
     stayed the same for ``stable_n`` requests and at least ``probe_interval_s + 1`` s have passed (so at least
     one periodic probe has run and the minimum dwell is over); at most 60 s. Its prober is paused while the
-    other configurations run (the agent would be alone on the device).
+    other configurations run (the agent would be alone on the device); on resuming, the probe that the idle
+    agent would have made meanwhile (if one is due) runs before its next requests.
 (b) ``edge_only``: the whole model on the edge (``adaptive=False``), with every certified exit of the bundle
     (the exits keep accuracy: the calibration bounds the disagreement with the full model by epsilon = 1 % with
     probability 95 % for any subset of exits; the measured accuracy is reported). resnet50 has no exits.
