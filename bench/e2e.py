@@ -171,29 +171,11 @@ class Emulator:
 
 
 class Worker(EdgeWorker):
-    """``bench.edge_worker`` with the benchmark's pixels as inputs; ``send``/``receive`` for calls that overlap
-    with the driver's own actions (the drop trace)."""
+    """``bench.edge_worker`` with the benchmark's pixels as inputs (``send``/``receive`` for calls that overlap
+    with the driver's own actions: the drop trace)."""
 
     def __init__(self, bundle: Path, pixels: Path, log_path: Path, limit: CpuLimit):  # noqa: D107
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.edge_worker", "--bundle", str(bundle),
-                                      "--pixels", str(pixels), "--log-level", "info"], cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-        limit.add(self.proc.pid)
-
-    def send(self, **msg) -> None:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"edge worker died (exit {self.proc.poll()}); see its log")
-        out = json.loads(line)
-        if not out.get("ok"):
-            raise RuntimeError(f"edge worker: {out.get('error')}")
-        return out
+        self._start(["--bundle", str(bundle), "--pixels", str(pixels), "--log-level", "info"], log_path, limit)
 
     def close(self) -> None:
         super().close()

@@ -185,16 +185,28 @@ class EdgeWorker:
     """``bench.edge_worker`` as a child process, driven by JSON lines."""
 
     def __init__(self, bundle: Path, n_inputs: int, log_path: Path, limit: CpuLimit):
+        self._start(["--bundle", str(bundle), "--inputs", str(n_inputs)], log_path, limit)
+
+    def _start(self, args: list[str], log_path: Path, limit: CpuLimit) -> None:
+        """Start ``python -m bench.edge_worker ARGS`` (stderr to ``log_path``) inside ``limit``."""
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.edge_worker", "--bundle", str(bundle),
-                                      "--inputs", str(n_inputs)], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.edge_worker", *args], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         limit.add(self.proc.pid)
 
     def call(self, **msg) -> dict:
+        """Send one command and wait for its answer."""
+        self.send(**msg)
+        return self.receive()
+
+    def send(self, **msg) -> None:
+        """Send one command without waiting (pair with :meth:`receive`)."""
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self) -> dict:
+        """The answer to the command sent last; raises when the worker died or reported an error."""
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"edge worker died (exit {self.proc.poll()}); see its log")
