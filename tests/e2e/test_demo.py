@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from splitinfer.bundle import read_plan
 from splitinfer.data import fashion_mnist_dir
 
 pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -27,10 +29,17 @@ def test_demo_json_summary(tmp_path):
     assert s["offloaded"] > 0
     assert s["degraded"] == 0
     assert 0 < s["bytes_per_offloaded"] < s["feature_bytes_fp32"]
-    # the plan carries the committed learned codec and the planner picks it for the demo's link and device:
-    # even with gRPC framing, an offloaded request is >= 64x smaller than its float32 features
-    assert s["codec"] == "bottleneck"
-    assert s["bytes_per_offloaded"] * 64 <= s["feature_bytes_fp32"]
+    # The plan carries the committed learned codec. For the demo's link and device (latency and energy weighted
+    # alike) the planner's two best configurations, the bottleneck at split 6 and uint8 at split 14 with exits,
+    # score within a few percent of each other on measured profiles, so either may be chosen on a given run
+    # (a fresh-clone CI once chose uint8). The bottleneck must at least hold part of the operating-point table,
+    # and when it is the chosen codec an offloaded request, gRPC framing included, is >= 64x smaller than its
+    # float32 features.
+    plan = read_plan(Path(s["bundle"]))
+    assert plan.codec.name == s["codec"] and plan.split == s["split"]
+    assert "bottleneck" in {p.codec for p in plan.operating_points}
+    if s["codec"] == "bottleneck":
+        assert s["bytes_per_offloaded"] * 64 <= s["feature_bytes_fp32"]
     assert s["energy_j_per_request"] > 0
     assert {"head", "total"} <= set(s["latency_ms"])
     # the daemons' own counters agree with the answers
