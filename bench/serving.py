@@ -90,12 +90,16 @@ client is the limit at that point.
 
 ``grpc_overhead_ms_p50`` (per tail): with the ``ours-b1`` server up and idle, ``p50`` of the wall time of
 ``CloudClient.infer_features`` (the edge's own synchronous client, one request at a time) minus ``p50`` of
-the same decode + tail called in this process (``TailRuntime``, same torch threads).
+the same decode + tail called in this process (``TailRuntime``, same torch threads). Beside it, what no
+Python gRPC server here can beat: ``grpc_overhead_floor_ms_p50``, the same measurement against
+:mod:`bench.grpc_floor` (a bare ``grpc.aio`` generic handler running that decode + tail inline, nothing else),
+and ``bare_rpc_ms_p50``, an empty ``ServerReady`` call to the ``ours-b1`` server.
 
 Summary (per tail): ``peak_throughput_ratio_vs_mlserver`` (peak over concurrency of ``ours-batched`` /
 that of the ``mlserver`` reference), ``batching_gain_at_32`` (``ours-batched`` / ``ours-b1`` throughput at
 32 clients; null when 32 was not measured), ``p99_never_worse_than_mlserver`` (``ours-batched`` p99 <= the
-reference's at every concurrency), ``grpc_overhead_ms_p50``; the same against the best MLServer configuration
+reference's at every concurrency), ``grpc_overhead_ms_p50`` (and ``grpc_overhead_floor_ms_p50``,
+``bare_rpc_ms_p50``); the same against the best MLServer configuration
 (highest peak throughput; for p99, the lowest p99 of any MLServer configuration at each concurrency) and
 against each one; and whether every request got an OK and correct answer.
 
@@ -665,12 +669,46 @@ def grpc_overhead(w: Workload, port: int, n: int) -> dict:
                 remote.append(time.perf_counter() - t0)
             if res.logits.shape != (1, w.num_classes):
                 raise RuntimeError(f"bad answer shape {res.logits.shape}")
+        bare = [client.probe_rtt() for _ in range(warm + n)][warm:]
     in_p50, rt_p50 = statistics.median(local) * 1e3, statistics.median(remote) * 1e3
     return {"requests": n, "in_process_ms_p50": round(in_p50, 4), "round_trip_ms_p50": round(rt_p50, 4),
             "grpc_overhead_ms_p50": round(rt_p50 - in_p50, 4),
             "in_process_ms_p99": round(float(np.percentile(local, 99)) * 1e3, 4),
             "round_trip_ms_p99": round(float(np.percentile(remote, 99)) * 1e3, 4),
-            "client": "edge_agent.transport.CloudClient (synchronous), server ours-b1, idle"}
+            "bare_rpc_ms_p50": round(statistics.median(bare) * 1e3, 4),
+            "client": "edge_agent.transport.CloudClient (synchronous), one request at a time, server idle"}
+
+
+def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
+    """``bench.grpc_floor``: a bare grpc.aio server running the same decode + tail inline (no server logic)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    srv = Server([sys.executable, "-m", "bench.grpc_floor", "--bundle", str(w.bundle.resolve()), "--port", str(port),
+                  "--torch-threads", str(s.torch_threads)], env, logdir / f"{w.tail}-grpc-floor.log", ROOT)
+    srv.name = "bench.grpc_floor"
+    try:
+        srv.wait_ready(port, w.model_name)
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def measure_floor(w: Workload, s: Settings, n: int, workdir: Path) -> dict | None:
+    """:func:`grpc_overhead` against :func:`start_floor`'s server; None (logged) if that server fails."""
+    try:
+        floor = start_floor(w, s, workdir)
+    except Exception as exc:  # noqa: BLE001 - a missing floor leaves the figure null, not the run failed
+        _log(f"{w.tail}: gRPC floor server failed: {type(exc).__name__}: {exc}")
+        return None
+    try:
+        result = {**grpc_overhead(w, floor.port, n),
+                  "server": "bench.grpc_floor: bare grpc.aio generic handler, decode + tail inline, nothing else"}
+    finally:
+        floor.stop()
+    _log(f"{w.tail}: floor server round trip p50 {result['round_trip_ms_p50']:.3f} ms (overhead "
+         f"{result['grpc_overhead_ms_p50']:.3f} ms)")
+    return result
 
 
 def config_format(config: str) -> str:
@@ -698,6 +736,7 @@ def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int
                 details["grpc_overhead"] = grpc_overhead(w, srv.port, overhead_n)
                 _log(f"{w.tail}: in-process p50 {details['grpc_overhead']['in_process_ms_p50']:.3f} ms, round trip "
                      f"p50 {details['grpc_overhead']['round_trip_ms_p50']:.3f} ms")
+                details["grpc_overhead_floor"] = measure_floor(w, s, overhead_n, workdir)
             res = run_loadgen(w, config_format(config), srv, concurrency, warmup_s, duration_s, workdir, config)
         except Exception as exc:  # noqa: BLE001 - record, go on with the other configurations
             failures[config] = f"{type(exc).__name__}: {exc}"
@@ -733,7 +772,7 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
-def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict) -> dict:
+def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floor: dict | None = None) -> dict:
     by = {}
     for r in rows:
         by.setdefault(r["config"], {})[r["concurrency"]] = r
@@ -765,6 +804,8 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict) -> d
         "batching_gain_at_32": gain32,
         "p99_never_worse_than_mlserver": vs[reference]["p99_never_worse"] if reference else None,
         "grpc_overhead_ms_p50": overhead["grpc_overhead_ms_p50"] if overhead else None,
+        "grpc_overhead_floor_ms_p50": floor["grpc_overhead_ms_p50"] if floor else None,
+        "bare_rpc_ms_p50": overhead["bare_rpc_ms_p50"] if overhead else None,
         "mlserver_reference": reference,
         "p99_ratio_max_vs_mlserver": vs[reference]["p99_ratio_max"] if reference else None,
         "best_mlserver": best,
@@ -871,12 +912,14 @@ def main(argv: list[str] | None = None) -> int:
         tail_rows, failures, details = run_tail(w, configs, s, concurrency, warmup, duration, overhead_n, venv,
                                                 workdir)
         rows += tail_rows
-        summary[tail] = summarize_tail(tail_rows, details.get("grpc_overhead"), failures)
+        summary[tail] = summarize_tail(tail_rows, details.get("grpc_overhead"), failures,
+                                       details.get("grpc_overhead_floor"))
         tails_info[tail] = {**w.describe(), "duration_s": duration, "warmup_s": warmup,
                             "server_settings": dataclasses.asdict(s),
                             "ours_env": {k: v for k, v in our_env(s, True, max(concurrency)).items()
                                          if k.startswith("SPLITINFER_CLOUD_")},
                             "grpc_overhead": details.get("grpc_overhead"),
+                            "grpc_overhead_floor": details.get("grpc_overhead_floor"),
                             "mlserver_files": details["mlserver_files"]}
 
     out = {

@@ -48,6 +48,9 @@ def test_quick_serving_benchmark(tmp_path):
         assert light["p99_never_worse_than_mlserver"] is None
         assert light["peak_throughput_ratio_vs_mlserver"] is None
     assert isinstance(light["grpc_overhead_ms_p50"], float)
+    # the floor: a bare grpc.aio server running the same decode + tail answered every request
+    assert isinstance(light["grpc_overhead_floor_ms_p50"], float)
+    assert light["bare_rpc_ms_p50"] > 0
     assert light["failed_configs"] == {}
     assert light["all_requests_ok"] is True
     assert light["answers_match_reference"] is True
@@ -64,6 +67,8 @@ def test_quick_serving_benchmark(tmp_path):
     tail = settings["tails"]["light"]
     assert tail["model"] == "default" and tail["split"] > 0
     assert tail["grpc_overhead"]["requests"] > 0
+    assert tail["grpc_overhead_floor"]["requests"] == tail["grpc_overhead"]["requests"]
+    assert tail["grpc_overhead_floor"]["round_trip_ms_p50"] > 0
 
     rows = data["results"]
     assert settings["configs"] == configs
