@@ -1,9 +1,12 @@
 """Who is calling, and how many of their requests may run at once.
 
 Bearer tokens come from a file (``auth_tokens_file``): one token per line, either ``TOKEN`` or
-``CLIENT_NAME:TOKEN``; blank lines and lines starting with ``#`` are ignored. A call must carry the gRPC
-metadata ``authorization: Bearer TOKEN``; the client's identity is its name (or a short digest of the
-token). Without a tokens file every caller is identified by its peer address (``ipv4:1.2.3.4``, port
+``CLIENT_NAME:TOKEN``; blank lines and lines starting with ``#`` are ignored. The first ``:`` ends the name, so a
+token that itself contains ``:`` is written with an empty name, ``:TOKEN``. A name is letters, digits and
+``._-``; a token has no whitespace (the header could not carry it); a token listed twice is refused.
+
+A call must carry the gRPC metadata ``authorization: Bearer TOKEN``; the client's identity is its name (or a
+short digest of the token). Without a tokens file every caller is identified by its peer address (``ipv4:1.2.3.4``, port
 dropped), which is what per-client concurrency limits count.
 
 Tokens are compared in constant time. They travel in the clear unless TLS is on; the server warns when
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +28,7 @@ from splitinfer.errors import ConfigError, Unauthenticated
 
 AUTH_HEADER = "authorization"
 SCHEME = "bearer"
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def load_tokens(path: Path) -> dict[str, str]:
@@ -40,10 +45,17 @@ def load_tokens(path: Path) -> dict[str, str]:
         name, sep, token = line.partition(":")
         if not sep:
             name, token = "", name
-        token = token.strip()
+        name, token = name.strip(), token.strip()
+        if name and not _NAME.fullmatch(name):
+            raise ConfigError(f"{path}:{number}: client name {name!r} may hold only letters, digits and '._-' "
+                              "(a token containing ':' is written ':TOKEN')")
         if len(token) < 16:
             raise ConfigError(f"{path}:{number}: token shorter than 16 characters")
-        tokens[token] = name.strip() or "token-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+        if any(c.isspace() for c in token):
+            raise ConfigError(f"{path}:{number}: token contains whitespace, which no Bearer header can carry")
+        if token in tokens:
+            raise ConfigError(f"{path}:{number}: token listed twice")
+        tokens[token] = name or "token-" + hashlib.sha256(token.encode()).hexdigest()[:8]
     if not tokens:
         raise ConfigError(f"auth tokens file {path} holds no token")
     return tokens
