@@ -68,7 +68,7 @@ def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_ba
         depth = batch = None
         if metrics is not None:
             metrics.add_model(name)
-            depth = metrics.queue_depth.labels(name).set
+            depth = metrics.queue_depth_reporter(name, version)
             batch = lambda samples, seconds: metrics.observe_batch(name, samples, seconds)  # noqa: E731
         batcher = Batcher(lambda key, x: tail.run_tail(x, key[1]), executor,
                           max_batch_size=policy.max_batch_size, max_delay_s=policy.max_delay_s,

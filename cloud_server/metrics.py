@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -39,6 +40,7 @@ class ServerMetrics:
 
     def __init__(self, model_names: str | list[str] = (), registry: CollectorRegistry | None = None):
         self.models: set[str] = set()
+        self._version_depths: dict[str, dict[str, int]] = {}  # model -> version -> requests queued
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
@@ -55,7 +57,8 @@ class ServerMetrics:
             "splitinfer_server_batch_size", "Samples per tail run (one run serves a whole batch).", ["model"],
             buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
-            "splitinfer_server_queue_depth", "Requests waiting in the batch queue now.", ["model"], registry=r)
+            "splitinfer_server_queue_depth", "Requests waiting in the batch queues now (all versions).", ["model"],
+            registry=r)
         self.requests = Counter(
             "splitinfer_server_requests", "Inference requests answered, by model and gRPC status code.",
             ["model", "code"], registry=r)
@@ -69,6 +72,16 @@ class ServerMetrics:
             ["model"], registry=r)
         for name in [model_names] if isinstance(model_names, str) else model_names:
             self.add_model(name)
+
+    def queue_depth_reporter(self, name: str, version: str) -> Callable[[int], None]:
+        """A callback for one version's batcher: the ``model`` gauge shows the sum over the model's versions."""
+        depths = self._version_depths.setdefault(name, {})
+
+        def report(depth: int) -> None:
+            depths[version] = depth
+            self.queue_depth.labels(name).set(sum(depths.values()))
+
+        return report
 
     def add_model(self, name: str) -> None:
         """Start labelling ``name`` by name, with every family visible from the next scrape."""
