@@ -468,6 +468,7 @@ class Settings:
     max_batch: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
     gil_switch_interval_ms: float | None = None  # sys.setswitchinterval in the server process (None: Python's 5 ms)
+    inline_compute_max_ms: float | None = None  # ours only (a scheduling feature of our server); None: its default
 
 
 class Server:
@@ -545,6 +546,8 @@ def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
     })
     if s.gil_switch_interval_ms is not None:
         env["SPLITINFER_CLOUD_GIL_SWITCH_INTERVAL_MS"] = str(s.gil_switch_interval_ms)
+    if s.inline_compute_max_ms is not None:
+        env["SPLITINFER_CLOUD_INLINE_COMPUTE_MAX_MS"] = str(s.inline_compute_max_ms)
     return env
 
 
@@ -854,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-max-size", type=int, default=None, help="every tail (default per tail)")
     ap.add_argument("--batch-max-delay-ms", type=float, default=None, help="every tail (default per tail)")
     ap.add_argument("--gil-switch-interval-ms", type=float, default=None, help="every tail (default per tail)")
+    ap.add_argument("--inline-compute-max-ms", type=float, default=None,
+                    help="our server, every tail (default: the server's own)")
     ap.add_argument("--overhead-requests", type=int, default=None)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_serving")
     ap.add_argument("--mlserver-venv", type=Path, default=ROOT / "runs" / ".venv-mlserver")
@@ -872,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
                    else list(QUICK_CONCURRENCY if args.quick else CONCURRENCY))
     overrides = {k: getattr(args, k) for k in ("torch_threads", "workers", "batch_max_size", "batch_max_delay_ms",
-                                               "gil_switch_interval_ms")
+                                               "gil_switch_interval_ms", "inline_compute_max_ms")
                  if getattr(args, k) is not None}
     per_tail = {t: Settings(**{**TAIL_SETTINGS[t], **overrides}) for t in tails}
     workdir = args.workdir.resolve()

@@ -20,6 +20,15 @@ One asyncio task per :class:`Batcher` forms batches:
 
 ``max_batch_size=1`` turns batching off (each job runs alone, through the same queue). A full queue
 refuses the job at once with :class:`~cloud_server.errors.Overloaded` (RESOURCE_EXHAUSTED).
+
+**Inline runs at low load** (``inline_max_s`` > 0). Handing a job to a worker thread costs far more than the
+hand-off itself when the model is short: the worker's many small torch ops and the event loop take turns on
+the GIL. So when the server is idle — no batch running, the batch is one single-sample job, nothing else
+queued — and one-sample runs have taken at most ``inline_max_s`` (running mean), the job runs on the event loop
+itself. After such a run the loop yields ``INLINE_YIELDS`` times before forming the next batch, so that gRPC
+delivers the requests that arrived meanwhile (it hands over one new call per loop iteration); if several are
+then waiting, they form a batch for the worker threads as usual. The loop is blocked at most about
+``inline_max_s`` at a time; long models never run inline.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from cloud_server.errors import Overloaded
 from splitinfer.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
+
+INLINE_YIELDS = 8  # event-loop turns after an inline run before the next batch is formed (see the docstring)
 
 BatchKey = tuple[str, int]
 
@@ -82,9 +93,10 @@ class Batcher:
     def __init__(self, run_batch: Callable[[BatchKey, torch.Tensor], np.ndarray], executor: Executor, *,
                  max_batch_size: int = 32, max_delay_s: float = 0.001, max_queue: int = 256, workers: int = 1,
                  on_queue_depth: Callable[[int], None] | None = None,
-                 on_batch: Callable[[int, float], None] | None = None):
-        if max_batch_size < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_s >= 0")
+                 on_batch: Callable[[int, float], None] | None = None, inline_max_s: float = 0.0):
+        if max_batch_size < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0 or inline_max_s < 0:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1, max_delay_s and inline_max_s "
+                             ">= 0")
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
@@ -99,6 +111,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        self.inline_max_s = inline_max_s
+        self.inline_runs = 0  # batches run on the event loop (see the module docstring)
+        self._single_s: float | None = None  # running mean of the compute seconds of one-sample runs
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -222,9 +237,31 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
+            if self._runs_inline(batch):
+                try:
+                    self._run_inline(batch)
+                finally:
+                    self._slots.release()
+                for _ in range(INLINE_YIELDS):  # let gRPC hand over the calls that arrived meanwhile
+                    await asyncio.sleep(0)
+                continue
             task = asyncio.get_running_loop().create_task(self._dispatch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _runs_inline(self, batch: list[Job]) -> bool:
+        """Idle server, one short job: run it on the event loop (see the module docstring)."""
+        return (self.inline_max_s > 0 and not self._running and not self._queue and len(batch) == 1
+                and batch[0].samples == 1 and self._single_s is not None and self._single_s <= self.inline_max_s)
+
+    def _run_inline(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes, compute_s, samples = self._compute(batch)
+        except Exception as exc:  # noqa: BLE001 - _compute reports per job; this is a bug, fail the batch
+            outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
+        self.inline_runs += 1
+        self._settle(batch, outcomes, compute_s, samples, started)
 
     async def _dispatch(self, batch: list[Job]) -> None:
         try:
@@ -234,19 +271,27 @@ class Batcher:
                 outcomes, compute_s, samples = await loop.run_in_executor(self.executor, self._compute, batch)
             except BaseException as exc:  # the whole batch failed (executor shut down, cancelled)
                 outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
-            if samples and self.on_batch is not None:
-                self.on_batch(samples, compute_s)
-            for job, outcome in zip(batch, outcomes, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(RunResult(logits=outcome, queue_s=started - job.arrived,
-                                                    compute_s=compute_s, batch=samples))
+            self._settle(batch, outcomes, compute_s, samples, started)
         finally:
-            self._slots.release()
+            self._running.discard(asyncio.current_task())  # now, not in a later done-callback: the next batch
+            self._slots.release()                           # formed may already count on it
             self._changed.set()
+
+    def _settle(self, batch: list[Job], outcomes: list[object], compute_s: float, samples: int,
+                started: float) -> None:
+        """Record the run and answer each job's future."""
+        if samples == 1:
+            self._single_s = compute_s if self._single_s is None else 0.8 * self._single_s + 0.2 * compute_s
+        if samples and self.on_batch is not None:
+            self.on_batch(samples, compute_s)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(RunResult(logits=outcome, queue_s=started - job.arrived,
+                                                compute_s=compute_s, batch=samples))
 
     def _compute(self, batch: list[Job]) -> tuple[list[object], float, int]:
         """Worker thread: decode each job, run the tail once on the concatenation, split the logits."""

@@ -35,6 +35,9 @@ def serve(
                                                     help="Dynamic batching: longest wait for a batch to fill "
                                                          "(default 2)."),
     workers: int | None = typer.Option(None, "--workers", help="Batches computed at once (default 2)."),
+    inline_compute_max_ms: float | None = typer.Option(
+        None, "--inline-compute-max-ms", help="When idle, run a lone request whose measured compute is at most "
+                                              "this long on the event loop (default 5; 0: never)."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch intra-op threads."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM server certificate (TLS on)."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
@@ -53,6 +56,7 @@ def serve(
     overrides = {"bundle": bundle, "model_repository": model_repository, "host": host, "port": port,
                  "metrics_port": metrics_port, "max_batch": max_batch, "batch_max_size": batch_max_size,
                  "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "torch_threads": torch_threads,
+                 "inline_compute_max_ms": inline_compute_max_ms,
                  "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
                  "auth_tokens_file": auth_tokens_file, "log_level": log_level.upper() if log_level else None}
     try:

@@ -57,6 +57,7 @@ class BatchPolicy:
     max_delay_s: float = 0.001
     max_queue: int = 256
     workers: int = 1
+    inline_max_s: float = 0.0  # run a lone short job on the event loop when idle (0: never)
 
 
 def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_batch: int = 64,
@@ -73,7 +74,7 @@ def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_ba
         batcher = Batcher(lambda key, x: tail.run_tail(x, key[1]), executor,
                           max_batch_size=policy.max_batch_size, max_delay_s=policy.max_delay_s,
                           max_queue=policy.max_queue, workers=policy.workers, on_queue_depth=depth,
-                          on_batch=batch)
+                          on_batch=batch, inline_max_s=policy.inline_max_s)
         return ServedModel(name=name, version=version, tail=tail, batcher=batcher)
 
     return build

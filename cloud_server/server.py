@@ -105,7 +105,8 @@ class CloudServer:
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="tail")
         policy = BatchPolicy(max_batch_size=settings.batch_max_size, max_delay_s=settings.batch_max_delay_ms / 1e3,
-                             max_queue=settings.batch_max_queue, workers=settings.workers)
+                             max_queue=settings.batch_max_queue, workers=settings.workers,
+                             inline_max_s=settings.inline_compute_max_ms / 1e3)
         factory = served_model_factory(self.executor, policy, settings.max_batch, self.metrics)
         self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
         self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
@@ -163,7 +164,8 @@ class CloudServer:
             "models": {n: sorted(v, key=int) for n, v in self.repository.models.items()},
             "source": str(s.model_repository or s.bundle), "max_batch": s.max_batch,
             "batch_max_size": s.batch_max_size, "batch_max_delay_ms": s.batch_max_delay_ms,
-            "workers": s.workers, "torch_threads": torch.get_num_threads()}})
+            "workers": s.workers, "inline_compute_max_ms": s.inline_compute_max_ms,
+            "torch_threads": torch.get_num_threads()}})
         return port
 
     async def sync_model_health(self) -> None:

@@ -44,6 +44,10 @@ class CloudSettings(BaseSettings):
                                                         "RESOURCE_EXHAUSTED.")
     workers: int = Field(2, ge=1, description="Batches computed at once, each in its own thread (the event "
                                               "loop stays free).")
+    inline_compute_max_ms: float = Field(5.0, ge=0, le=50, description="When the server is idle, run a lone "
+                                         "one-sample request on the event loop instead of a worker thread if such "
+                                         "runs have taken at most this long (saves the thread hand-off and GIL "
+                                         "contention of short models; the loop is blocked that long). 0: never.")
     max_concurrency_per_client: int = Field(0, ge=0, description="Requests one client (bearer token name, or "
                                                                  "peer host without tokens) may have in "
                                                                  "flight; 0: unlimited.")

@@ -247,3 +247,78 @@ def test_a_failed_joint_finish_is_retried_per_job_so_only_the_culprit_fails():
     assert isinstance(bad, InvalidInput) and "99" in str(bad)
     np.testing.assert_array_equal(ok1.logits, [[23.0, 23.0]])
     np.testing.assert_array_equal(ok3.logits, [[63.0, 63.0]])
+
+
+class ThreadRecordingTail(FakeTail):
+    """A FakeTail that also records which thread ran each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[str] = []
+
+    def __call__(self, key, x):
+        self.threads.append(threading.current_thread().name)
+        return super().__call__(key, x)
+
+
+def test_a_lone_short_job_runs_on_the_event_loop_once_its_compute_is_known():
+    tail = ThreadRecordingTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1, thread_name_prefix="tail") as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=0.0, workers=1, inline_max_s=1.0)
+            results = [await b.submit(job(i)) for i in range(4)]  # one at a time: the server is idle each time
+            await b.close()
+        return b, results, threading.current_thread().name
+
+    b, results, loop_thread = run(scenario())
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.logits, np.full((1, 2), i * 10.0 + 3))
+    assert tail.threads[0].startswith("tail")  # nothing measured yet: the first run goes to a worker
+    assert tail.threads[1:] == [loop_thread] * 3 and b.inline_runs == 3
+
+
+def test_queued_jobs_go_to_the_workers_and_long_or_disabled_ones_never_run_inline():
+    def scenario(inline_max_s: float, sequential: bool):
+        tail = ThreadRecordingTail()
+
+        async def go():
+            with ThreadPoolExecutor(1, thread_name_prefix="tail") as pool:
+                b = Batcher(tail, pool, max_batch_size=2, max_delay_s=0.0, workers=1, inline_max_s=inline_max_s)
+                await b.submit(job(0))
+                b._single_s = 0.5  # measured: 0.5 s per one-sample run
+                if sequential:
+                    for i in range(3):
+                        await b.submit(job(i))
+                else:  # several queued at once: a batch for the worker, whatever its size
+                    await asyncio.gather(*(b.submit(job(i)) for i in range(6)))
+                await b.close()
+            return b
+
+        b = run(go())
+        return b.inline_runs, tail.threads
+
+    runs, threads = scenario(inline_max_s=1.0, sequential=False)
+    assert runs == 0 and all(t.startswith("tail") for t in threads)
+    runs, threads = scenario(inline_max_s=0.1, sequential=True)  # 0.5 s per run > 0.1 s: too long
+    assert runs == 0 and all(t.startswith("tail") for t in threads)
+    runs, threads = scenario(inline_max_s=0.0, sequential=True)  # off
+    assert runs == 0 and all(t.startswith("tail") for t in threads)
+
+
+def test_an_inline_failure_fails_only_that_request():
+    tail = FakeTail()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=0.0, workers=1, inline_max_s=1.0)
+            await b.submit(job(0))
+            with pytest.raises(InvalidInput, match="bad payload 1"):
+                await b.submit(job(1, fail=True))
+            ok = await b.submit(job(2))
+            await b.close()
+        return b, ok
+
+    b, ok = run(scenario())
+    np.testing.assert_array_equal(ok.logits, np.full((1, 2), 23.0))
+    assert b.inline_runs == 2
