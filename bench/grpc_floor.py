@@ -8,10 +8,11 @@ parsed with :mod:`splitinfer.protocol.converters`, decoded and run through the t
 (:meth:`cloud_server.tail.TailRuntime.decode_features` and :meth:`~cloud_server.tail.TailRuntime.run_tail`,
 exactly the calls ``bench.serving`` times in-process), and answered with the logits.
 
-``bench.serving`` measures this server with the same client and the same requests as ``ours-b1``: the
-difference between its round trip and the in-process call is what grpcio, the loopback and a cold CPU cost on
-this machine before any server logic; a server with real features cannot go below it. Not a product server:
-it refuses nothing and serves one bundle's tail only; it binds to the loopback.
+``bench.serving`` measures this server with the same client and the same requests as ``ours-b1``, in turns
+with it: the difference between its round trip and the in-process call is what grpcio, the loopback and a CPU
+that idles between requests cost on this machine with no server logic at all. Not a product server: it
+refuses nothing and serves one bundle's tail only; it binds to the loopback. Like the daemons it fixes
+malloc's thresholds (:func:`splitinfer.allocator.tune_allocator`) and freezes the loaded objects for the GC.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from cloud_server.tail import TailRuntime
 from splitinfer import wire
+from splitinfer.allocator import tune_allocator
 from splitinfer.bundle import load_bundle
 from splitinfer.protocol import converters
 from splitinfer.protocol import grpc_service_pb2 as pb
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--torch-threads", type=int, default=1)
     args = ap.parse_args(argv)
+    tune_allocator()  # as the daemons do
     torch.set_num_threads(args.torch_threads)
     asyncio.run(serve(args.bundle, args.port))
 

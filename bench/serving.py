@@ -90,10 +90,12 @@ client is the limit at that point.
 
 ``grpc_overhead_ms_p50`` (per tail): with the ``ours-b1`` server up and idle, ``p50`` of the wall time of
 ``CloudClient.infer_features`` (the edge's own synchronous client, one request at a time) minus ``p50`` of
-the same decode + tail called in this process (``TailRuntime``, same torch threads). Beside it, what no
-Python gRPC server here can beat: ``grpc_overhead_floor_ms_p50``, the same measurement against
-:mod:`bench.grpc_floor` (a bare ``grpc.aio`` generic handler running that decode + tail inline, nothing else),
-and ``bare_rpc_ms_p50``, an empty ``ServerReady`` call to the ``ours-b1`` server.
+the same decode + tail called in this process (``TailRuntime``, same torch threads). Beside it, how much of
+that is gRPC and the machine rather than our server: ``grpc_overhead_floor_ms_p50``, the same measurement
+against :mod:`bench.grpc_floor` (a bare ``grpc.aio`` generic handler running that decode + tail inline, no
+server logic), and ``bare_rpc_ms_p50``, an empty ``ServerReady`` call to the ``ours-b1`` server. The
+in-process call and the two servers take turns in chunks of 50 requests, so the machine's slower and faster
+phases (they differ by tens of percent here) weigh on all three alike.
 
 Summary (per tail): ``peak_throughput_ratio_vs_mlserver`` (peak over concurrency of ``ours-batched`` /
 that of the ``mlserver`` reference), ``batching_gain_at_32`` (``ours-batched`` / ``ours-b1`` throughput at
@@ -643,8 +645,13 @@ def samples_match(w: Workload, samples: list) -> bool:
     return True
 
 
-def grpc_overhead(w: Workload, port: int, n: int) -> dict:
-    """p50 of a full round trip to the idle batch-1 server minus p50 of the same decode + tail in this process."""
+OVERHEAD_CHUNK = 50  # requests per chunk; the in-process call and each server take turns chunk by chunk
+
+
+def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]:
+    """Per server (``name -> port``, each idle): p50 of a full round trip minus p50 of the same decode + tail in
+    this process. The in-process calls and the servers take turns in chunks of ``OVERHEAD_CHUNK`` requests (the
+    order reversed every other chunk), so a slower or faster phase of the machine affects all alike."""
     from cloud_server.tail import TailRuntime
     from edge_agent.transport import CloudClient
     from splitinfer.bundle import load_bundle
@@ -652,34 +659,51 @@ def grpc_overhead(w: Workload, port: int, n: int) -> dict:
     runtime = TailRuntime(load_bundle(w.bundle))
     k = len(w.payloads)
     warm = max(3, min(50, n // 10))
+    clients = {name: CloudClient(f"127.0.0.1:{port}", w.model_name, timeout_s=REQUEST_TIMEOUT_S)
+               for name, port in ports.items()}
 
     def inproc(i: int) -> None:
         x = runtime.decode_features(w.payloads[i % k], w.codec, w.metas[i % k], w.split)
         runtime.run_tail(x, w.split)
 
-    local = []
-    for i in range(warm + n):
-        t0 = time.perf_counter()
-        inproc(i)
-        if i >= warm:
-            local.append(time.perf_counter() - t0)
-    remote = []
-    with CloudClient(f"127.0.0.1:{port}", w.model_name, timeout_s=REQUEST_TIMEOUT_S) as client:
-        for i in range(warm + n):
-            t0 = time.perf_counter()
-            res = client.infer_features(w.payloads[i % k], w.metas[i % k], w.split, w.codec)
-            if i >= warm:
-                remote.append(time.perf_counter() - t0)
+    def remote(name: str):
+        def call(i: int) -> None:
+            res = clients[name].infer_features(w.payloads[i % k], w.metas[i % k], w.split, w.codec)
             if res.logits.shape != (1, w.num_classes):
-                raise RuntimeError(f"bad answer shape {res.logits.shape}")
-        bare = [client.probe_rtt() for _ in range(warm + n)][warm:]
-    in_p50, rt_p50 = statistics.median(local) * 1e3, statistics.median(remote) * 1e3
-    return {"requests": n, "in_process_ms_p50": round(in_p50, 4), "round_trip_ms_p50": round(rt_p50, 4),
+                raise RuntimeError(f"bad answer shape {res.logits.shape} from {name}")
+        return call
+
+    calls = {"in-process": inproc, **{name: remote(name) for name in ports}}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    try:
+        for call in calls.values():
+            for i in range(warm):
+                call(i)
+        order = list(calls)
+        for chunk in range(max(1, -(-n // OVERHEAD_CHUNK))):
+            for name in order if chunk % 2 == 0 else order[::-1]:
+                for i in range(chunk * OVERHEAD_CHUNK, min(n, (chunk + 1) * OVERHEAD_CHUNK)):
+                    t0 = time.perf_counter()
+                    calls[name](i)
+                    times[name].append(time.perf_counter() - t0)
+        bare = {name: [clients[name].probe_rtt() for _ in range(warm + min(n, 500))][warm:] for name in ports}
+    finally:
+        for client in clients.values():
+            client.close()
+    local = times["in-process"]
+    in_p50 = statistics.median(local) * 1e3
+    out = {}
+    for name in ports:
+        rt_p50 = statistics.median(times[name]) * 1e3
+        out[name] = {
+            "requests": n, "in_process_ms_p50": round(in_p50, 4), "round_trip_ms_p50": round(rt_p50, 4),
             "grpc_overhead_ms_p50": round(rt_p50 - in_p50, 4),
             "in_process_ms_p99": round(float(np.percentile(local, 99)) * 1e3, 4),
-            "round_trip_ms_p99": round(float(np.percentile(remote, 99)) * 1e3, 4),
-            "bare_rpc_ms_p50": round(statistics.median(bare) * 1e3, 4),
-            "client": "edge_agent.transport.CloudClient (synchronous), one request at a time, server idle"}
+            "round_trip_ms_p99": round(float(np.percentile(times[name], 99)) * 1e3, 4),
+            "bare_rpc_ms_p50": round(statistics.median(bare[name]) * 1e3, 4),
+            "client": "edge_agent.transport.CloudClient (synchronous), one request at a time, server idle; "
+                      f"in-process and {', '.join(ports)} in alternating chunks of {OVERHEAD_CHUNK}"}
+    return out
 
 
 def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
@@ -697,21 +721,25 @@ def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
     return srv
 
 
-def measure_floor(w: Workload, s: Settings, n: int, workdir: Path) -> dict | None:
-    """:func:`grpc_overhead` against :func:`start_floor`'s server; None (logged) if that server fails."""
+def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path) -> tuple[dict, dict | None]:
+    """:func:`grpc_overhead` of our idle server at ``port`` and, side by side, of :func:`start_floor`'s server
+    (None, logged, if that one fails to start)."""
     try:
         floor = start_floor(w, s, workdir)
-    except Exception as exc:  # noqa: BLE001 - a missing floor leaves the figure null, not the run failed
+    except Exception as exc:  # noqa: BLE001 - a missing floor leaves its figure null, not the run failed
         _log(f"{w.tail}: gRPC floor server failed: {type(exc).__name__}: {exc}")
-        return None
+        floor = None
     try:
-        result = {**grpc_overhead(w, floor.port, n),
-                  "server": "bench.grpc_floor: bare grpc.aio generic handler, decode + tail inline, nothing else"}
+        result = grpc_overhead(w, {"ours": port, **({"floor": floor.port} if floor else {})}, n)
     finally:
-        floor.stop()
-    _log(f"{w.tail}: floor server round trip p50 {result['round_trip_ms_p50']:.3f} ms (overhead "
-         f"{result['grpc_overhead_ms_p50']:.3f} ms)")
-    return result
+        if floor is not None:
+            floor.stop()
+    ours, bare = result["ours"], result.get("floor")
+    if bare is not None:
+        bare["server"] = "bench.grpc_floor: bare grpc.aio generic handler, decode + tail inline, nothing else"
+    _log(f"{w.tail}: in-process p50 {ours['in_process_ms_p50']:.3f} ms, round trip p50 {ours['round_trip_ms_p50']:.3f}"
+         f" ms" + (f"; floor server {bare['round_trip_ms_p50']:.3f} ms" if bare else ""))
+    return ours, bare
 
 
 def config_format(config: str) -> str:
@@ -736,10 +764,8 @@ def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int
                                             workdir / "mlserver" / f"{w.tail}-{config}", workdir, config)
                 details["mlserver_files"][config] = files
             if config == "ours-b1" and overhead_n:
-                details["grpc_overhead"] = grpc_overhead(w, srv.port, overhead_n)
-                _log(f"{w.tail}: in-process p50 {details['grpc_overhead']['in_process_ms_p50']:.3f} ms, round trip "
-                     f"p50 {details['grpc_overhead']['round_trip_ms_p50']:.3f} ms")
-                details["grpc_overhead_floor"] = measure_floor(w, s, overhead_n, workdir)
+                details["grpc_overhead"], details["grpc_overhead_floor"] = measure_overhead(
+                    w, s, srv.port, overhead_n, workdir)
             res = run_loadgen(w, config_format(config), srv, concurrency, warmup_s, duration_s, workdir, config)
         except Exception as exc:  # noqa: BLE001 - record, go on with the other configurations
             failures[config] = f"{type(exc).__name__}: {exc}"
