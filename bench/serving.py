@@ -74,7 +74,11 @@ Request formats (all OIP v2 ``ModelInfer`` over gRPC, model name = the bundle's,
 
 Load and measurements
 ---------------------
-One load-generator process (:mod:`bench.loadgen`, grpc.aio, this project's environment) for every server:
+Every configuration's server of a tail is up at once (an idle server costs nothing); the points run
+concurrency by concurrency, each configuration in turn, in an order rotated at every concurrency: this machine
+has slower and faster phases (tens of percent, over minutes), and a configuration measured all in one block
+could land in one of them. One load-generator process per point (:mod:`bench.loadgen`, grpc.aio, this project's
+environment) for every server:
 ``N`` closed-loop clients (``--concurrency``, default 1, 2, 4, 8, 16, 32, 64), one channel (TCP connection)
 each, cycling through the same ``--inputs`` pre-serialized requests; per point a warm-up (at least
 ``--warmup`` s and until every client has had an answer), then a fixed measurement window (``--duration``);
@@ -746,51 +750,71 @@ def config_format(config: str) -> str:
     return "ours" if config in OURS else MLSERVER_CONFIGS[config]["format"]
 
 
+def _row(w: Workload, config: str, p: dict) -> dict:
+    lat = p["latency_ms"]
+    if (p.get("other_cpu_cores") or 0.0) > 0.25:
+        _log(f"warning: {w.tail} {config} c={p['concurrency']}: other processes used "
+             f"{p['other_cpu_cores']:.2f} cores during the window")
+    return {
+        "tail": w.tail, "config": config, "server": "splitinfer" if config in OURS else "mlserver",
+        "format": config_format(config), "concurrency": p["concurrency"],
+        "throughput_rps": p["throughput_rps"], "p50_ms": lat["p50"], "p90_ms": lat["p90"],
+        "p99_ms": lat["p99"], "mean_ms": lat["mean"], "max_ms": lat["max"],
+        "requests_in_window": p["requests_in_window"], "sent": p["sent"], "ok": p["ok"],
+        "errors": p["errors"], "all_ok": not p["errors"] and p["ok"] == p["sent"],
+        "answers_match_reference": samples_match(w, p["samples"]), "samples_checked": len(p["samples"]),
+        "server_cpu_cores": p.get("server_cpu_cores"),
+        "server_cpu_ms_per_request": p.get("server_cpu_ms_per_request"),
+        "loadgen_cpu_cores": p["loadgen_cpu_cores"], "other_cpu_cores": p.get("other_cpu_cores"),
+        "warmup_s": p["warmup_s"], "window_s": p["window_s"], "drain_s": p["drain_s"]}
+
+
 def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int], warmup_s: float,
              duration_s: float, overhead_n: int, venv: Path | None, workdir: Path) -> tuple[list[dict], dict, dict]:
-    rows: list[dict] = []
+    """Every configuration's server is up for the whole tail (an idle one costs nothing); the points run
+    concurrency by concurrency, the configurations in an order rotated at each concurrency, so a slower or
+    faster phase of the machine (tens of percent here, over minutes) does not fall on one configuration."""
     failures: dict[str, str] = {}
     details: dict = {"mlserver_files": {}}
-    for config in configs:
-        _log(f"{w.tail}: {config} ...")
-        srv = None
-        try:
-            if config in OURS:
-                srv = start_ours(w, s, config == "ours-batched", max(concurrency), workdir)
-            else:
-                if venv is None:
-                    raise RuntimeError("no MLServer environment")
-                srv, files = start_mlserver(w, s, venv, MLSERVER_CONFIGS[config],
-                                            workdir / "mlserver" / f"{w.tail}-{config}", workdir, config)
-                details["mlserver_files"][config] = files
-            if config == "ours-b1" and overhead_n:
+    servers: dict[str, Server] = {}
+    points: dict[str, list[dict]] = {c: [] for c in configs}
+    try:
+        for config in configs:
+            _log(f"{w.tail}: starting {config} ...")
+            try:
+                if config in OURS:
+                    servers[config] = start_ours(w, s, config == "ours-batched", max(concurrency), workdir)
+                else:
+                    if venv is None:
+                        raise RuntimeError("no MLServer environment")
+                    servers[config], details["mlserver_files"][config] = start_mlserver(
+                        w, s, venv, MLSERVER_CONFIGS[config], workdir / "mlserver" / f"{w.tail}-{config}", workdir,
+                        config)
+            except Exception as exc:  # noqa: BLE001 - record, go on with the other configurations
+                failures[config] = f"{type(exc).__name__}: {exc}"
+                _log(f"{w.tail}: {config} FAILED to start: {failures[config][:2000]}")
+        if "ours-b1" in servers and overhead_n:
+            try:
                 details["grpc_overhead"], details["grpc_overhead_floor"] = measure_overhead(
-                    w, s, srv.port, overhead_n, workdir)
-            res = run_loadgen(w, config_format(config), srv, concurrency, warmup_s, duration_s, workdir, config)
-        except Exception as exc:  # noqa: BLE001 - record, go on with the other configurations
-            failures[config] = f"{type(exc).__name__}: {exc}"
-            _log(f"{w.tail}: {config} FAILED: {failures[config][:2000]}")
-            continue
-        finally:
-            if srv is not None:
-                srv.stop()
-        for p in res["points"]:
-            lat = p["latency_ms"]
-            if (p.get("other_cpu_cores") or 0.0) > 0.25:
-                _log(f"warning: {w.tail} {config} c={p['concurrency']}: other processes used "
-                     f"{p['other_cpu_cores']:.2f} cores during the window")
-            rows.append({
-                "tail": w.tail, "config": config, "server": "splitinfer" if config in OURS else "mlserver",
-                "format": config_format(config), "concurrency": p["concurrency"],
-                "throughput_rps": p["throughput_rps"], "p50_ms": lat["p50"], "p90_ms": lat["p90"],
-                "p99_ms": lat["p99"], "mean_ms": lat["mean"], "max_ms": lat["max"],
-                "requests_in_window": p["requests_in_window"], "sent": p["sent"], "ok": p["ok"],
-                "errors": p["errors"], "all_ok": not p["errors"] and p["ok"] == p["sent"],
-                "answers_match_reference": samples_match(w, p["samples"]), "samples_checked": len(p["samples"]),
-                "server_cpu_cores": p.get("server_cpu_cores"),
-                "server_cpu_ms_per_request": p.get("server_cpu_ms_per_request"),
-                "loadgen_cpu_cores": p["loadgen_cpu_cores"], "other_cpu_cores": p.get("other_cpu_cores"),
-                "warmup_s": p["warmup_s"], "window_s": p["window_s"], "drain_s": p["drain_s"]})
+                    w, s, servers["ours-b1"].port, overhead_n, workdir)
+            except Exception as exc:  # noqa: BLE001
+                failures["ours-b1"] = f"overhead: {type(exc).__name__}: {exc}"
+                _log(f"{w.tail}: overhead measurement FAILED: {failures['ours-b1'][:2000]}")
+        for i, c in enumerate(concurrency):
+            live = [x for x in configs if x in servers and x not in failures]
+            for config in live[i % len(live):] + live[:i % len(live)] if live else []:
+                try:
+                    res = run_loadgen(w, config_format(config), servers[config], [c], warmup_s, duration_s,
+                                      workdir, f"{config}-c{c}")
+                except Exception as exc:  # noqa: BLE001 - that configuration is out of the run from here on
+                    failures[config] = f"c={c}: {type(exc).__name__}: {exc}"
+                    _log(f"{w.tail}: {config} FAILED: {failures[config][:2000]}")
+                    continue
+                points[config] += res["points"]
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    rows = [_row(w, config, p) for config in configs for p in points[config]]
     return rows, failures, details
 
 

@@ -8,9 +8,11 @@ One asyncio task per :class:`Batcher` forms batches:
 2. The oldest job fixes the batch key (``("features", split)`` or ``("input", 0)``); jobs with the same key
    join in arrival order until ``max_batch_size`` samples, or until ``max_delay_s`` has passed since the
    oldest job arrived — but only while another batch is computing: with every worker idle the queue is
-   dispatched at once (waiting would only add latency). What is queued is shared among idle workers
-   (at most ``ceil(queued / idle workers)`` samples per batch) instead of piling onto one thread. Jobs with
-   other keys keep their place in the queue.
+   dispatched at once (waiting would only add latency), except right after a long run (at least
+   ``LINGER_FACTOR`` x ``max_delay_s``) has ended: then the worker waits until ``max_delay_s`` after its end
+   for the next requests of the callers it just answered, so they share a run. What is queued is shared
+   among idle workers (at most ``ceil(queued / idle workers)`` samples per batch) instead of piling onto one
+   thread. Jobs with other keys keep their place in the queue.
 3. Jobs whose deadline passed while queued, or whose caller gave up, are dropped before any compute:
    their futures get :class:`~splitinfer.errors.DeadlineExceeded`.
 4. In the worker thread each job is decoded on its own (a bad payload fails that job only), the tensors
@@ -51,6 +53,7 @@ from splitinfer.errors import DeadlineExceeded, Unavailable
 log = logging.getLogger(__name__)
 
 INLINE_YIELDS = 8  # event-loop turns after an inline run before the next batch is formed (see the docstring)
+LINGER_FACTOR = 10  # an idle worker lingers (max_delay) after a run at least this many max_delays long
 
 BatchKey = tuple[str, int]
 
@@ -114,6 +117,8 @@ class Batcher:
         self.inline_max_s = inline_max_s
         self.inline_runs = 0  # batches run on the event loop (see the module docstring)
         self._single_s: float | None = None  # running mean of the compute seconds of one-sample runs
+        self._last_compute_s = 0.0  # compute seconds of the last run
+        self._last_done = 0.0  # perf_counter() when the last worker batch ended
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -221,9 +226,12 @@ class Batcher:
                     if not self._queue:
                         break
                     oldest = self._queue[0]
-                    left = oldest.arrived + self.max_delay_s - time.perf_counter()
-                    if (self._closed or left <= 0 or not self._running
-                            or self._same_key_samples(oldest.key) >= self.max_batch_size):
+                    now = time.perf_counter()
+                    if self._closed or self._same_key_samples(oldest.key) >= self.max_batch_size:
+                        break
+                    # every worker idle: go now, unless a long batch just ended (see _linger_s)
+                    left = oldest.arrived + self.max_delay_s - now if self._running else self._linger_s(now)
+                    if left <= 0:
                         break
                     await self._wait_changed(left)
                 if not self._queue:
@@ -249,6 +257,15 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def _linger_s(self, now: float) -> float:
+        """How much longer an idle worker waits for companions of the queued jobs: up to ``max_delay_s`` after a
+        batch that took at least ``LINGER_FACTOR`` times that long has ended, since its callers are about to send
+        their next requests. Without it, two clients of a long model fall into turns (each request waits for
+        the other's run alone) instead of sharing one run; the wait costs a few percent of such a run."""
+        if self._last_compute_s < LINGER_FACTOR * self.max_delay_s:
+            return 0.0
+        return self._last_done + self.max_delay_s - now
+
     def _runs_inline(self, batch: list[Job]) -> bool:
         """Idle server, one short job: run it on the event loop (see the module docstring)."""
         return (self.inline_max_s > 0 and not self._running and not self._queue and len(batch) == 1
@@ -273,6 +290,7 @@ class Batcher:
                 outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
             self._settle(batch, outcomes, compute_s, samples, started)
         finally:
+            self._last_done = time.perf_counter()
             self._running.discard(asyncio.current_task())  # now, not in a later done-callback: the next batch
             self._slots.release()                           # formed may already count on it
             self._changed.set()
@@ -280,6 +298,7 @@ class Batcher:
     def _settle(self, batch: list[Job], outcomes: list[object], compute_s: float, samples: int,
                 started: float) -> None:
         """Record the run and answer each job's future."""
+        self._last_compute_s = compute_s
         if samples == 1:
             self._single_s = compute_s if self._single_s is None else 0.8 * self._single_s + 0.2 * compute_s
         if samples and self.on_batch is not None:

@@ -322,3 +322,40 @@ def test_an_inline_failure_fails_only_that_request():
     b, ok = run(scenario())
     np.testing.assert_array_equal(ok.logits, np.full((1, 2), 23.0))
     assert b.inline_runs == 2
+
+
+class SlowTail(FakeTail):
+    """A FakeTail whose runs take ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, key, x):
+        time.sleep(self.seconds)
+        return super().__call__(key, x)
+
+
+@pytest.mark.parametrize(("run_s", "expected"), [(0.15, [1, 2]), (0.0, [1, 1, 1])])
+def test_after_a_long_run_an_idle_worker_waits_for_its_callers_next_requests(run_s, expected):
+    """Job 2 waits while job 1 runs; job 1's caller sends job 3 shortly after its answer. After a long run (at
+    least LINGER_FACTOR x max_delay) the worker waits max_delay for it, so jobs 2 and 3 share a run; after a
+    short one it goes at once."""
+    tail = SlowTail(run_s)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(tail, pool, max_batch_size=8, max_delay_s=0.01, workers=1)
+            first = asyncio.ensure_future(b.submit(job(1)))
+            await asyncio.sleep(0.005)  # job 1 is running
+            second = asyncio.ensure_future(b.submit(job(2)))
+            await first
+            await asyncio.sleep(0.003)  # the caller's round trip, well inside max_delay
+            third = await b.submit(job(3))
+            await second
+            await b.close()
+        return third
+
+    third = run(scenario())
+    np.testing.assert_array_equal(third.logits, np.full((1, 2), 33.0))
+    assert [n for _, n in tail.calls] == expected
