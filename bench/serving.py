@@ -557,18 +557,24 @@ def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
     return env
 
 
-def start_ours(w: Workload, s: Settings, batched: bool, max_concurrency: int, logdir: Path) -> Server:
-    port = _free_port()
-    srv = Server([sys.executable, "-m", "splitinfer", "cloud", "serve", "--bundle", str(w.bundle.resolve()), "--host",
-                  "127.0.0.1", "--port", str(port), "--metrics-port", "0"], our_env(s, batched, max_concurrency),
-                 logdir / f"{w.tail}-ours-{'batched' if batched else 'b1'}.log", ROOT)
-    srv.name = "splitinfer cloud serve"
+def launch(name: str, args: list[str], env: dict, log_path: Path, cwd: Path, port: int, model: str) -> Server:
+    """Start a server process and wait until ``model`` is ready on ``port``; stopped again if it never is."""
+    srv = Server(args, env, log_path, cwd)
+    srv.name = name
     try:
-        srv.wait_ready(port, w.model_name)
+        srv.wait_ready(port, model)
     except BaseException:
         srv.stop()
         raise
     return srv
+
+
+def start_ours(w: Workload, s: Settings, batched: bool, max_concurrency: int, logdir: Path) -> Server:
+    port = _free_port()
+    return launch("splitinfer cloud serve",
+                  [sys.executable, "-m", "splitinfer", "cloud", "serve", "--bundle", str(w.bundle.resolve()), "--host",
+                   "127.0.0.1", "--port", str(port), "--metrics-port", "0"], our_env(s, batched, max_concurrency),
+                  logdir / f"{w.tail}-ours-{'batched' if batched else 'b1'}.log", ROOT, port, w.model_name)
 
 
 def mlserver_files(w: Workload, s: Settings, cfg: dict, root: Path) -> tuple[int, dict, dict]:
@@ -604,13 +610,8 @@ def start_mlserver(w: Workload, s: Settings, venv: Path, cfg: dict, root: Path, 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLSERVER_", "SPLITINFER_", "PYTHONPATH", "VIRTUAL_ENV"))}
     env.update({"PYTHONPATH": str(ROOT), "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"})
-    srv = Server([str(venv / "bin" / "mlserver"), "start", str(root)], env, logdir / f"{w.tail}-{label}.log", root)
-    srv.name = "mlserver"
-    try:
-        srv.wait_ready(port, w.model_name)
-    except BaseException:
-        srv.stop()
-        raise
+    srv = launch("mlserver", [str(venv / "bin" / "mlserver"), "start", str(root)], env,
+                 logdir / f"{w.tail}-{label}.log", root, port, w.model_name)
     return srv, {"settings.json": settings, "model-settings.json": model}
 
 
@@ -714,15 +715,9 @@ def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
     """``bench.grpc_floor``: a bare grpc.aio server running the same decode + tail inline (no server logic)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    srv = Server([sys.executable, "-m", "bench.grpc_floor", "--bundle", str(w.bundle.resolve()), "--port", str(port),
-                  "--torch-threads", str(s.torch_threads)], env, logdir / f"{w.tail}-grpc-floor.log", ROOT)
-    srv.name = "bench.grpc_floor"
-    try:
-        srv.wait_ready(port, w.model_name)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
+    return launch("bench.grpc_floor", [sys.executable, "-m", "bench.grpc_floor", "--bundle", str(w.bundle.resolve()),
+                                       "--port", str(port), "--torch-threads", str(s.torch_threads)],
+                  env, logdir / f"{w.tail}-grpc-floor.log", ROOT, port, w.model_name)
 
 
 def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path) -> tuple[dict, dict | None]:
