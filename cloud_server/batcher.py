@@ -220,7 +220,8 @@ class Batcher:
             await self._slots.acquire()
             try:
                 # Fill: while another batch computes, wait until the oldest job's key has a full batch or
-                # its delay ran out. With every worker idle, waiting would only add latency: go now.
+                # its delay ran out. With every worker idle, waiting would only add latency: go now, unless a
+                # long batch just ended (see _linger_s).
                 while True:
                     self._drop_stale()
                     if not self._queue:
@@ -229,7 +230,6 @@ class Batcher:
                     now = time.perf_counter()
                     if self._closed or self._same_key_samples(oldest.key) >= self.max_batch_size:
                         break
-                    # every worker idle: go now, unless a long batch just ended (see _linger_s)
                     left = oldest.arrived + self.max_delay_s - now if self._running else self._linger_s(now)
                     if left <= 0:
                         break
@@ -255,7 +255,8 @@ class Batcher:
                 continue
             task = asyncio.get_running_loop().create_task(self._dispatch(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._running.discard)  # for a task cancelled before it ran (_dispatch
+            #                                                 removes itself when it ends normally)
 
     def _linger_s(self, now: float) -> float:
         """How much longer an idle worker waits for companions of the queued jobs: up to ``max_delay_s`` after a
