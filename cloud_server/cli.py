@@ -62,7 +62,11 @@ def serve(
     try:
         settings = CloudSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        typer.echo(f"invalid settings: {exc}", err=True)
+        from splitinfer.settings_errors import describe
+
+        flags = {name: "--" + name.replace("_", "-") for name in overrides}
+        for line in describe(exc, "SPLITINFER_CLOUD_", flags):
+            typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_server(settings))
 

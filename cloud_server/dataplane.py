@@ -200,6 +200,8 @@ class DataPlane:
         """
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
+        if req.model_name == wire.PROBE_MODEL:  # a link probe: the message has arrived, that is all it asks
+            return InferResponse(model_name=wire.PROBE_MODEL, id=req.id, outputs=[])
         model = self.repository.get(req.model_name, req.model_version)
         for name in req.outputs:
             if name != wire.OUTPUT_TENSOR:

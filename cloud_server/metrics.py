@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+from splitinfer import wire
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -70,6 +72,13 @@ class ServerMetrics:
         self.response_bytes = Counter(
             "splitinfer_server_response_bytes", "Serialized size of sent inference responses, in bytes.",
             ["model"], registry=r)
+        self.link_probes = Counter(
+            "splitinfer_server_link_probes", "Link probes answered (edge agents and `plan probe` timing the "
+            "transfer of a message to the probe model), by gRPC status code; not inference requests.",
+            ["code"], registry=r)
+        self.link_probe_bytes = Counter(
+            "splitinfer_server_link_probe_bytes", "Serialized size of received link probes, in bytes.",
+            registry=r)
         for name in [model_names] if isinstance(model_names, str) else model_names:
             self.add_model(name)
 
@@ -99,7 +108,12 @@ class ServerMetrics:
 
     def observe_request(self, model: str, code: str, seconds: float, request_bytes: int,
                         response_bytes: int) -> None:
-        """Record one answered request (``code`` is the gRPC status name, e.g. ``OK``)."""
+        """Record one answered request (``code`` is the gRPC status name, e.g. ``OK``); a link probe is
+        counted apart (``splitinfer_server_link_probes_total``), so probes never look like failed inferences."""
+        if model == wire.PROBE_MODEL:
+            self.link_probes.labels(code).inc()
+            self.link_probe_bytes.inc(request_bytes)
+            return
         label = self.model_label(model)
         self.requests.labels(label, code).inc()
         self.request_duration.labels(label).observe(seconds)

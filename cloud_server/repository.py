@@ -139,8 +139,11 @@ class ModelRepository:
             retired = [m for v, m in old.items() if serving.get(v) is not m]
             # Draining the retired copies must finish even if the caller goes away (deadline, cancel).
             await asyncio.shield(asyncio.gather(*(m.batcher.close() for m in retired)))
-            log.info("model loaded", extra={"fields": {"model": name, "versions": sorted(fresh),
-                                                       "kept_previous": sorted(kept)}})
+            if fresh:
+                log.info("model loaded", extra={"fields": {"model": name, "versions": sorted(fresh),
+                                                           "kept_previous": sorted(kept)}})
+            elif not kept:
+                log.error("model not loaded: no version could be loaded", extra={"fields": {"model": name}})
             if strict and errors:
                 kept_note = f"; still serving the previous copy of {', '.join(sorted(kept))}" if kept else ""
                 raise BundleError(f"cannot load model {name!r}: {'; '.join(errors)}{kept_note}")

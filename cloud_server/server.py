@@ -143,14 +143,21 @@ class CloudServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
+            raise OSError(f"cannot bind the gRPC server to {address} (--port): {exc}; is another process "
+                          "listening there?") from exc
         if port == 0:
-            raise OSError(f"cannot bind gRPC server to {address}")
+            raise OSError(f"cannot bind the gRPC server to {address} (--port): is another process listening "
+                          "there?")
         if self.auth.required and self.credentials is None and s.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("bearer tokens are configured without TLS on a non-loopback address: tokens travel in "
                         "the clear", extra={"fields": {"host": s.host}})
         if s.metrics_port:
-            self.metrics_endpoint = self.metrics.serve(s.host, s.metrics_port)
+            try:
+                self.metrics_endpoint = self.metrics.serve(s.host, s.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise OSError(f"cannot bind the metrics endpoint to {s.host}:{s.metrics_port} (--metrics-port): "
+                              f"{exc.strerror or exc}") from exc
         await server.start()
         self.server, self.port = server, port
         for service in ("", INFERENCE_SERVICE):

@@ -47,12 +47,13 @@ class OperatingPointSelector:
         self.switches = 0
 
     @staticmethod
-    def _distance(p: OperatingPoint, bandwidth_bps: float, rtt_s: float) -> float:
+    def distance(p: OperatingPoint, bandwidth_bps: float, rtt_s: float) -> float:
+        """How far ``p``'s grid cell lies from the link (bit/s, s), in log(bandwidth), log(RTT) space."""
         rtt_ms = max(rtt_s * 1e3, 1e-3)
         return math.hypot(math.log(p.bandwidth_bps / bandwidth_bps), math.log(max(p.rtt_ms, 1e-3) / rtt_ms))
 
     def nearest(self, bandwidth_bps: float, rtt_s: float) -> OperatingPoint:
-        return min(self.points, key=lambda p: self._distance(p, bandwidth_bps, rtt_s))
+        return min(self.points, key=lambda p: self.distance(p, bandwidth_bps, rtt_s))
 
     def start_at(self, point: OperatingPoint) -> None:
         """Declare the configuration in use (no switch counted)."""
@@ -68,8 +69,8 @@ class OperatingPointSelector:
             if _key(target) == _key(self.current):
                 self.current = target  # same configuration, nearer cell: adopt it silently
                 return None
-            d_target = self._distance(target, bandwidth_bps, rtt_s)
-            d_current = self._distance(self.current, bandwidth_bps, rtt_s)
+            d_target = self.distance(target, bandwidth_bps, rtt_s)
+            d_current = self.distance(self.current, bandwidth_bps, rtt_s)
             if d_current - d_target < self.margin:
                 return None
             if self.last_switch is not None and now - self.last_switch < self.min_dwell_s:

@@ -19,8 +19,10 @@ validation 422), ``NotFound`` 404, ``Unavailable`` 503, anything else 500. Error
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,7 +41,7 @@ from edge_agent.metrics import CONTENT_TYPE
 from edge_agent.runtime import EdgeRuntime, build_runtime
 from edge_agent.settings import EdgeSettings
 from splitinfer import __version__
-from splitinfer.errors import InvalidInput, NotFound, SplitInferError, Unavailable
+from splitinfer.errors import ConfigError, InvalidInput, NotFound, SplitInferError, Unavailable
 from splitinfer.gc_freeze import freeze_loaded
 from splitinfer.imaging import InputTooLarge, UnprocessableInput, UnsupportedMediaType, decode_upload
 
@@ -73,7 +75,9 @@ class InferResponse(BaseModel):
                     "device, or 'cloud'")
     degraded: bool = Field(description="true when the cloud server was needed but unavailable")
     latency_ms: dict[str, float] = Field(
-        description="head, exit, encode, transfer, tail (local fallback), total")
+        description="milliseconds per stage: head, exit, encode, transfer (the call to the server minus the "
+                    "server's own time), tail (the server's queue + compute for cloud answers, or the local "
+                    "fallback tail), total; 0 for stages the request did not go through")
     bytes_sent: int
     bytes_received: int
     energy_j: dict[str, float] = Field(description="estimated device energy: compute, radio (method 'model')")
@@ -279,8 +283,35 @@ def serve(settings: EdgeSettings) -> None:
     import uvicorn
 
     configure_logging(settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False,
-                            log_config=None)
-    uvicorn.Server(config).run()
+    sock = listen_socket(settings.host, settings.port)  # before loading: a busy port fails first, and clearly
+    try:
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False,
+                                log_config=None)
+        log.info("edge agent listening on http://%s:%d", settings.host, sock.getsockname()[1])
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for the HTTP API (uvicorn listens on it); ConfigError naming the address and the
+    setting when the port is taken or the address is not local."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: the host does not resolve ({exc.strerror}); "
+                          "check --host / SPLITINFER_EDGE_HOST") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        hint = ("another process is listening there; choose another --port / SPLITINFER_EDGE_PORT"
+                if exc.errno == errno.EADDRINUSE else "check --host / --port")
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({hint})") from None
+    return sock

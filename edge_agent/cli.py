@@ -11,9 +11,30 @@ app = typer.Typer(help="Run the edge agent (head + exits) with its local HTTP AP
                   add_completion=False)
 
 
+# CLI flags of EdgeSettings fields: validation errors name the flag the user typed.
+FLAGS = {"bundle": "--bundle", "server": "--server", "host": "--host", "port": "--port", "device": "--device",
+         "timeout_s": "--timeout-s", "recheck_interval_s": "--recheck-interval-s", "log_level": "--log-level"}
+
+
 @app.callback()
 def _root() -> None:
     """Edge agent commands."""
+
+
+def _settings(config: Path | None, **overrides):
+    """EdgeSettings from options, environment and config file; exit 2 with flag-named errors when invalid."""
+    from edge_agent.settings import ENV_PREFIX, EdgeSettings
+    from splitinfer.settings_errors import describe
+
+    try:
+        return EdgeSettings.load(config, **overrides)
+    except ValidationError as exc:
+        lines = describe(exc, ENV_PREFIX, FLAGS)
+    except ValueError as exc:
+        lines = [str(exc)]
+    for line in lines:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command("run")
@@ -38,15 +59,8 @@ def run(
         None, "--config", help="Optional YAML file with any EdgeSettings field."),
 ) -> None:
     """Serve the edge agent until SIGTERM (options override SPLITINFER_EDGE_* variables and --config)."""
-    from edge_agent.settings import EdgeSettings
-
-    try:
-        settings = EdgeSettings.load(config, bundle=bundle, server=server, host=host, port=port,
-                                     device=device, timeout_s=timeout_s,
-                                     recheck_interval_s=recheck_interval_s, log_level=log_level)
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid edge agent settings: {exc}", err=True)
-        raise typer.Exit(2) from None
+    settings = _settings(config, bundle=bundle, server=server, host=host, port=port, device=device,
+                         timeout_s=timeout_s, recheck_interval_s=recheck_interval_s, log_level=log_level)
     from edge_agent.app import serve
     from splitinfer.errors import SplitInferError
 
@@ -57,23 +71,35 @@ def run(
         raise typer.Exit(1) from None
 
 
-def _batch_runtime(bundle: Path | None, server: str | None, config: Path | None):
+def _batch_runtime(bundle: Path | None, server: str | None, config: Path | None, allow_degraded: bool):
+    """The runtime for a one-shot command, once the server answers ready (or, with ``allow_degraded``, not)."""
     from edge_agent.runtime import build_runtime
-    from edge_agent.settings import EdgeSettings
-
-    try:
-        settings = EdgeSettings.load(config, bundle=bundle, server=server or None)
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid edge agent settings: {exc}", err=True)
-        raise typer.Exit(2) from None
     from splitinfer.errors import SplitInferError
 
+    settings = _settings(config, bundle=bundle, server=server or None)
     try:
         rt = build_runtime(settings)
     except SplitInferError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    rt.probe_server()  # offload when the server is up; otherwise answer on the device (degraded)
+    import logging
+
+    runtime_log = logging.getLogger("edge_agent.runtime")
+    level = runtime_log.level
+    runtime_log.setLevel(logging.ERROR)  # its "answering on the device, retry in ..." is said below instead
+    try:
+        up = rt.probe_server()
+    finally:
+        runtime_log.setLevel(level)
+    if not up:  # offload when the server is up; else answer on the device, or refuse
+        reason = rt.status()["server"]["last_error"]
+        if not allow_degraded:
+            rt.close()
+            typer.echo(f"error: cloud server not reachable: {reason}\n(--allow-degraded answers on the device "
+                       "instead, from the deepest exit, marked \"degraded\")", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"warning: cloud server not reachable ({reason}); answering on the device, marked "
+                   "\"degraded\"", err=True)
     return rt, settings
 
 
@@ -83,13 +109,17 @@ def classify(
     bundle: Path | None = typer.Option(None, "--bundle", help="Plan bundle directory (env SPLITINFER_EDGE_BUNDLE)."),
     server: str | None = typer.Option(None, "--server", help="Cloud server HOST:PORT (env SPLITINFER_EDGE_SERVER)."),
     config: Path | None = typer.Option(None, "--config", help="Optional YAML file with any EdgeSettings field."),
+    allow_degraded: bool = typer.Option(False, "--allow-degraded",
+                                        help="If the server is unreachable, answer on the device (degraded) "
+                                             "instead of failing."),
 ) -> None:
-    """Classify files and write one JSON line per file on stdout (exit 1 if any file failed)."""
+    """Classify files and write one JSON line per file on stdout (exit 1 if any file failed or the server is
+    unreachable without --allow-degraded)."""
     import sys
 
     from edge_agent.sources import classify_files
 
-    rt, settings = _batch_runtime(bundle, server, config)
+    rt, settings = _batch_runtime(bundle, server, config, allow_degraded)
     try:
         _, failed = classify_files(rt, files, sys.stdout, settings.max_upload_bytes, settings.max_image_pixels)
     finally:
@@ -106,8 +136,12 @@ def watch_cmd(
     bundle: Path | None = typer.Option(None, "--bundle", help="Plan bundle directory (env SPLITINFER_EDGE_BUNDLE)."),
     server: str | None = typer.Option(None, "--server", help="Cloud server HOST:PORT (env SPLITINFER_EDGE_SERVER)."),
     config: Path | None = typer.Option(None, "--config", help="Optional YAML file with any EdgeSettings field."),
+    allow_degraded: bool = typer.Option(False, "--allow-degraded",
+                                        help="Start even if the server is unreachable (answer on the device, "
+                                             "degraded, until it is back)."),
 ) -> None:
-    """Classify every file that appears in DIRECTORY (once each), as JSON lines, until interrupted."""
+    """Classify every file that appears in DIRECTORY (once each), as JSON lines, until interrupted. Later
+    server outages are answered on the device (degraded) until the server is back."""
     import contextlib
     import sys
 
@@ -116,7 +150,10 @@ def watch_cmd(
     if not directory.is_dir():
         typer.echo(f"error: {directory} is not a directory", err=True)
         raise typer.Exit(2)
-    rt, settings = _batch_runtime(bundle, server, config)
+    if interval_s <= 0:
+        typer.echo("error: --interval-s must be positive", err=True)
+        raise typer.Exit(2)
+    rt, settings = _batch_runtime(bundle, server, config, allow_degraded)
     sink = open(out, "a") if out else sys.stdout  # noqa: SIM115 - closed below
     try:
         with contextlib.suppress(KeyboardInterrupt):

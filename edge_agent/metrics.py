@@ -4,7 +4,7 @@
 name                                                        type       labels
 ==========================================================  =========  ===================================
 ``splitinfer_edge_request_duration_seconds``                histogram  ``stage``: head, exit, encode,
-                                                                       transfer, total
+                                                                       transfer, tail, total
 ``splitinfer_edge_exits_total``                             counter    ``exit``: boundary index
 ``splitinfer_edge_requests_total``                          counter    ``outcome``: edge_exit, cloud,
                                                                        fallback, error
@@ -23,9 +23,10 @@ name                                                        type       labels
 The bandwidth gauge is in bytes per second (not bits): ``promtool check metrics`` insists on base units.
 An exit label equal to the number of stages counts plans whose split is the output (whole model on the
 device). A stage is observed only when it ran: ``exit`` when at least one exit head was evaluated,
-``encode`` and ``transfer`` when the request was offloaded. ``total`` covers the whole request in the
-worker. Degraded answers (server down) count in ``requests_total{outcome="fallback"}``, not in
-``exits_total``, which counts confident exits only.
+``encode``, ``transfer`` and ``tail`` when the request was offloaded (``tail`` is then the server's reported
+queue + compute time, and ``transfer`` the rest of the call), ``tail`` also when the device ran the tail in a
+degraded fallback. ``total`` covers the whole request in the worker. Degraded answers (server down) count
+in ``requests_total{outcome="fallback"}``, not in ``exits_total``, which counts confident exits only.
 """
 
 from __future__ import annotations

@@ -166,17 +166,34 @@ class ReplicaSet:
         """Cloud-only inference on some replica."""
         return self._call(lambda c, t: c.infer_input(x, request_id, timeout_s=t))
 
-    def server_ready(self) -> bool:
-        """True when any replica whose breaker allows calls reports ready (updates the breakers)."""
+    def check_ready(self) -> None:
+        """Return when any replica whose breaker allows calls reports ready (updates the breakers); otherwise
+        raise :class:`Unavailable` with each replica's reason."""
+        reasons = []
         for replica in self._order():
             if not replica.breaker.allow():
+                reasons.append(f"{replica.address}: circuit breaker open")
                 continue
-            if replica.client.server_ready():
-                self._succeeded(replica)
-                return True
-            if replica.breaker.record_failure():
-                self._breakers_changed()
-        return False
+            try:
+                replica.client.check_ready()
+            except Exception as exc:  # noqa: BLE001 - every failure is a reason for this replica
+                reasons.append(str(exc))
+                if replica.breaker.record_failure():
+                    self._breakers_changed()
+                continue
+            self._succeeded(replica)
+            return
+        if len(reasons) == 1:
+            raise Unavailable(reasons[0])
+        raise Unavailable("no server replica is ready: " + "; ".join(reasons))
+
+    def server_ready(self) -> bool:
+        """True when any replica whose breaker allows calls reports ready (updates the breakers)."""
+        try:
+            self.check_ready()
+        except Unavailable:
+            return False
+        return True
 
     def probe_rtt(self) -> float:
         """RTT of the preferred replica (link probes measure the path to where requests go)."""

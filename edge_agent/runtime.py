@@ -64,7 +64,7 @@ class CloudClientLike(Protocol):
     def infer_features(self, payload: bytes, meta: dict, split: int, codec: str,
                        request_id: str = "") -> Any: ...
 
-    def server_ready(self) -> bool: ...
+    def check_ready(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -144,7 +144,10 @@ class EdgeRuntime:
             current = [p for p in self.plan.operating_points if p.split == self.split
                        and p.codec == self.codec_name and (self.plan.active_exits is None
                                                            or sorted(p.exits) == sorted(self.plan.active_exits))]
-            if current:
+            if current:  # the cell of the planned link (plan.notes), not merely the first with this config
+                bw, rtt_ms = self.plan.notes.get("bandwidth_bps"), self.plan.notes.get("rtt_ms")
+                if isinstance(bw, int | float) and isinstance(rtt_ms, int | float) and bw > 0:
+                    current.sort(key=lambda p: self.selector.distance(p, float(bw), float(rtt_ms) / 1e3))
                 self.selector.start_at(current[0])
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self.metrics.server_up.set(0)
@@ -321,8 +324,9 @@ class EdgeRuntime:
         if new > 0:
             self._link_changes_seen += new
             self.metrics.link_changes.inc(new)
-            log.info("link change detected: %.3g Mbit/s, RTT %.3g ms", (snap["bandwidth_bps"] or 0) / 1e6,
-                     (snap["rtt_s"] or 0) * 1e3)
+            bw = "not measured yet" if not snap["bandwidth_bps"] else f"{snap['bandwidth_bps'] / 1e6:.3g} Mbit/s"
+            rtt = "not measured yet" if snap["rtt_s"] is None else f"{snap['rtt_s'] * 1e3:.3g} ms"
+            log.info("link change detected: bandwidth %s, RTT %s", bw, rtt)
 
     def _infer(self, x: torch.Tensor, request_id: str, raw: bytes | None = None) -> EdgeResult:
         self._energy_start = None
@@ -401,6 +405,7 @@ class EdgeRuntime:
                 t = time.perf_counter()
                 conf, label = self._top1(staged.run(h, self.split, self.num_stages))
                 lat["tail"] = time.perf_counter() - t
+                ran.add("tail")
                 decided_by = self.num_stages
             cpu_s = time.thread_time() - cpu_start - transfer_cpu_s  # head/exit/encode (+ local tail) work
             return self._finish(request_id, label, conf, decided_by, True, "fallback", lat, ran, t_start,
@@ -476,6 +481,12 @@ class EdgeRuntime:
                     + float(getattr(res, "server_compute_ms", 0.0))) / 1e3
         round_trip = float(getattr(res, "round_trip_s", 0.0) or lat["transfer"])
         network_s = max(round_trip - server_s, 1e-6)
+        # The call's wall time splits into the server's tail (queue + decode + compute, as it reports them)
+        # and the transfer (network, serialization, the rest), so latency parts still sum to the total.
+        server_part = min(server_s, lat["transfer"])
+        lat["tail"] = server_part
+        lat["transfer"] -= server_part
+        ran.add("tail")
         self.link.observe_transfer(sent + received, network_s)
         self._publish_link()
         self.metrics.bytes_sent.inc(sent)
@@ -489,7 +500,7 @@ class EdgeRuntime:
                 bytes_sent: int = 0, bytes_received: int = 0, radio_seconds: float = 0.0) -> EdgeResult:
         lat["total"] = time.perf_counter() - t_start
         ran.add("total")
-        for stage in ("head", "exit", "encode", "transfer", "total"):
+        for stage in LATENCY_KEYS:
             if stage in ran:
                 self.metrics.duration.labels(stage=stage).observe(lat[stage])
         energy = {"compute": self.profile.compute_joules(cpu_s),
@@ -540,7 +551,7 @@ class EdgeRuntime:
             was_up = self._server_up
             self._server_up = False
             self._retry_at = self.clock() + self.settings.recheck_interval_s
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error = str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
         self.metrics.server_up.set(0)
         if was_up is not False:
             log.warning("cloud server %s unavailable (%s); answering on the device, retry in %.1fs",
@@ -558,15 +569,12 @@ class EdgeRuntime:
     def probe_server(self) -> bool:
         """Ask the server whether it is ready (health check) and update the up/down state accordingly."""
         try:
-            ready = bool(self.client.server_ready())
-        except Exception as exc:
+            self.client.check_ready()  # raises Unavailable saying why: refused, not gRPC, not ready, ...
+        except Exception as exc:  # noqa: BLE001 - any failure means: answer on the device for now
             self._mark_down(exc)
             return False
-        if ready:
-            self._mark_up()
-        else:
-            self._mark_down(Unavailable("server reports not ready"))
-        return ready
+        self._mark_up()
+        return True
 
     @property
     def server_up(self) -> bool | None:

@@ -25,9 +25,16 @@ ENV_PREFIX = "SPLITINFER_EDGE_"
 
 def parse_address(address: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` allowed) into host and port; ValueError when malformed."""
-    host, sep, port = address.strip().rpartition(":")
+    text = address.strip()
+    if "://" in text:
+        example = text.split("://", 1)[1].rstrip("/") or "127.0.0.1:8001"
+        raise ValueError(f"server address {address!r} is a URL; give the cloud server's gRPC address as "
+                         f"HOST:PORT without a scheme, e.g. {example}")
+    host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"server address must look like HOST:PORT, got {address!r}")
+        raise ValueError(f"server address must look like HOST:PORT (e.g. 127.0.0.1:8001), got {address!r}")
+    if "/" in host or " " in host:
+        raise ValueError(f"server address {address!r} has a path or spaces; give HOST:PORT (e.g. 127.0.0.1:8001)")
     return host.strip("[]"), int(port)
 
 
@@ -81,11 +88,15 @@ class EdgeSettings(BaseSettings):
                                                     "degraded from the device.")
     max_upload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body "
                                                                      "(bytes); larger uploads get 413.")
-    max_image_pixels: int = Field(2048 * 2048, gt=0,
-                                  description="Largest accepted image (width x height) before decoding: "
-                                              "a decompression-bomb guard.")
-    decode_concurrency: int = Field(2, ge=1, description="Uploads decoded at the same time (each decoded image "
-                                    "may take up to max_image_pixels x 4 bytes).")
+    max_image_pixels: int = Field(4096 * 4096, gt=0,
+                                  description="Most pixels one image may decode to (a decompression-bomb "
+                                              "guard, checked from the headers before decoding): a baseline "
+                                              "JPEG is decoded at reduced size (1/2..1/8, still covering the "
+                                              "model input) and counts at that size; a PNG or progressive "
+                                              "JPEG counts at full size. Larger images get 413.")
+    decode_concurrency: int = Field(2, ge=1, description="Uploads decoded at the same time (each decode holds "
+                                    "about max_image_pixels x 4 bytes, briefly up to x 8 while converting "
+                                    "colours: 64-128 MiB at the default).")
     max_pending: int = Field(64, gt=0, description="Requests allowed to wait for the inference worker; more "
                                                    "get 503.")
     device: str = Field(DEFAULT_DEVICE, description="Device power profile (splitinfer/profiles/devices.yaml) "

@@ -63,13 +63,39 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# What gRPC's connection failures mean for the operator, by a fragment of their details (first match wins).
+_CONNECT_HINTS = (
+    ("Connection refused", "connection refused: nothing listens there (is `splitinfer cloud serve` running on "
+                           "that host and port?)"),
+    ("Failed parsing HTTP/2", "the address answers, but not with gRPC (an HTTP/1 server, e.g. a metrics "
+                              "port or an http:// URL? give the cloud server's gRPC HOST:PORT)"),
+    ("Domain name not found", "the host name does not resolve"),
+    ("DNS resolution failed", "the host name does not resolve"),
+    ("No route to host", "no route to the host"),
+    ("Network is unreachable", "the network is unreachable"),
+    ("Connection reset", "the connection was reset (a TLS server reached without TLS, or a proxy?)"),
+    ("Ssl handshake failed", "TLS handshake failed (check tls_ca / tls_cert and the server's certificate)"),
+    ("SSL_ERROR", "TLS handshake failed (check tls_ca / tls_cert and the server's certificate)"),
+)
+
+
+def explain_unavailable(code: grpc.StatusCode | None, details: str) -> str:
+    """A one-line reason for a failed connection or call, in the operator's terms, with gRPC's own details."""
+    for fragment, hint in _CONNECT_HINTS:
+        if fragment in details:
+            return f"{hint} [{details}]"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer before the deadline (server busy or the link too slow?) [{details}]"
+    return details
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SplitInferError:
     """Map a failed call to a domain error (see the module docstring)."""
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     if code in _UNAVAILABLE_CODES or code is None:
         name = code.name if code is not None else "connection failure"
-        return Unavailable(f"cloud server unavailable ({name}): {details}")
+        return Unavailable(f"cloud server unavailable ({name}): {explain_unavailable(code, details)}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(details)
     if code == grpc.StatusCode.NOT_FOUND:
@@ -114,17 +140,34 @@ class CloudClient:
         arr = np.ascontiguousarray(x, dtype=np.float32)
         return self._infer(converters.InferTensor(wire.INPUT_TENSOR, "FP32", arr), {}, request_id, timeout_s)
 
-    def server_ready(self) -> bool:
-        """True when the server answers ServerReady with ready; never raises (short deadline)."""
+    def check_ready(self) -> None:
+        """Return when the server answers ServerReady with ready (short deadline); otherwise raise
+        :class:`Unavailable` saying why: refused, not gRPC, unresolvable, timed out, or up but not ready."""
         if self._closed:
-            return False
+            raise Unavailable("cloud client is closed")
         try:
             response = self._stub.ServerReady(pb.ServerReadyRequest(),
                                               timeout=min(READY_TIMEOUT_S, self.timeout_s),
                                               wait_for_ready=False, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+            if code in _UNAVAILABLE_CODES or code is None:
+                raise Unavailable(f"{self.address}: {explain_unavailable(code, details)}") from None
+            raise Unavailable(f"{self.address}: ServerReady answered {code.name}: {details}") from None
+        except ValueError as exc:  # e.g. "Cannot invoke RPC on closed channel!"
+            raise Unavailable(f"{self.address}: {exc}") from None
+        if not response.ready:
+            raise Unavailable(f"{self.address}: the server answers but reports not ready (loading its models "
+                              "or shutting down)")
+
+    def server_ready(self) -> bool:
+        """True when the server answers ServerReady with ready; never raises (short deadline)."""
+        try:
+            self.check_ready()
         except Exception:  # noqa: BLE001 - by contract this never raises
             return False
-        return bool(response.ready)
+        return True
 
     def probe_rtt(self) -> float:
         """Round-trip time of one ServerReady call (seconds); raises Unavailable when it fails."""
@@ -137,13 +180,14 @@ class CloudClient:
         return time.perf_counter() - t0
 
     def probe_transfer(self, nbytes: int) -> tuple[int, float]:
-        """Send ``nbytes`` to a model no server has (it answers NOT_FOUND once the whole message arrived);
-        returns (bytes on the wire, seconds). Raises Unavailable when the server cannot be reached."""
+        """Send ``nbytes`` to the link-probe model (the server answers once the whole message arrived: OK
+        from ours, NOT_FOUND from other OIP servers); returns (bytes on the wire, seconds). Raises Unavailable
+        when the server cannot be reached."""
         tensor = converters.InferTensor(wire.FEATURES_TENSOR, "UINT8", np.zeros(nbytes, dtype=np.uint8))
         request = converters.request_to_proto(converters.InferRequest(
             model_name=wire.PROBE_MODEL, id="probe", parameters={}, inputs=[tensor]))
         t0 = time.perf_counter()
-        try:
+        try:  # our server answers OK (a counted link probe), other OIP servers NOT_FOUND
             self._stub.ModelInfer(request, timeout=self.timeout_s, wait_for_ready=False, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:

@@ -84,19 +84,54 @@ def queue_wait_s(service_s: float, load_rps: float) -> float:
     return rho * service_s / (2 * (1 - rho))
 
 
-_RATE = re.compile(r"^\s*([0-9.]+)\s*([kmg]?)(bit|bps|b)?(/s)?\s*$", re.IGNORECASE)
-_TIME = re.compile(r"^\s*([0-9.]+)\s*(us|ms|s)?\s*$", re.IGNORECASE)
+# Bandwidth is always in bits per second, written as tc writes bit rates: ``5mbit``, ``500kbit``, ``1.5gbit``,
+# ``2000000`` (bit/s); ``5Mbit/s`` and ``5mbit/s`` too. Byte units (``5MB``, ``5MB/s``) and ``bps`` forms are
+# refused rather than guessed: tc reads ``5mbps`` as megaBYTES per second, most people as megabits.
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?:([kmg]?)bit(?:/s)?)?\s*$", re.IGNORECASE)
+_BYTE_RATE = re.compile(r"^\s*[0-9.e+-]+\s*[kmg]?(b|bytes?)(/s|ps)?\s*$")  # capital B or 'bytes'
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(us|ms|s)?\s*$", re.IGNORECASE)
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+BANDWIDTH_HELP = "bits per second: 5mbit, 500kbit, 1.5gbit or a bare number of bit/s (byte units are refused)"
 
 
 def parse_bandwidth(text: str) -> float:
-    """``"5mbit"``, ``"500kbit"``, ``"1.5gbit"``, ``"2000000"`` -> bits per second."""
+    """``"5mbit"``, ``"500kbit"``, ``"1.5gbit"``, ``"2000000"`` -> bits per second (see ``BANDWIDTH_HELP``)."""
     m = _RATE.match(text)
     if not m:
-        raise ValueError(f"bandwidth {text!r} must look like 5mbit, 500kbit or 2000000")
-    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    if value <= 0:
+        low = text.strip().lower()
+        if low.endswith(("bps", "b/s")) or re.search(r"[0-9.]\s*[kmg]?b$", low) or _BYTE_RATE.match(text):
+            num = re.match(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)", low)
+            hint = (f"; {num.group(1)} {dict(k='kilo', m='mega', g='giga').get(num.group(2), '')}bytes per second "
+                    f"is {format_bandwidth(float(num.group(1)) * 8 * _SCALE[num.group(2)])}") if num else ""
+            raise ValueError(f"bandwidth {text!r} is ambiguous (bits or bytes?): write bits per second as "
+                             f"5mbit, 500kbit or 2000000{hint}")
+        raise ValueError(f"bandwidth {text!r} must be bits per second like 5mbit, 500kbit or 2000000")
+    value = float(m.group(1)) * _SCALE[(m.group(2) or "").lower()]
+    if not value > 0 or value == float("inf"):
         raise ValueError(f"bandwidth {text!r} must be positive")
     return value
+
+
+def format_bandwidth(bps: float) -> str:
+    """Bits per second as ``parse_bandwidth`` reads them, without exponents: 2.22e9 -> ``"2.22gbit"``."""
+    for factor, unit in ((1e9, "gbit"), (1e6, "mbit"), (1e3, "kbit")):
+        if bps >= factor:
+            return f"{_plain(bps / factor)}{unit}"
+    return f"{_plain(bps)}bit"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as ``parse_duration`` reads them: 0.0203 -> ``"20.3ms"``, 0.0004 -> ``"400us"``."""
+    if seconds >= 1e-3 or seconds == 0:
+        return f"{_plain(seconds * 1e3)}ms"
+    return f"{_plain(seconds * 1e6)}us"
+
+
+def _plain(value: float) -> str:
+    """Four significant digits, never in exponent notation (``1234.5`` -> ``"1235"``, ``0.01234`` -> ``"0.01234"``)."""
+    digits = max(0, 3 - math.floor(math.log10(abs(value)))) if value else 0
+    text = f"{value:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def parse_duration(text: str) -> float:
@@ -105,7 +140,10 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(f"duration {text!r} must look like 20ms, 0.02s or 500us")
     unit = (m.group(2) or "ms").lower()
-    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    value = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    if value == float("inf"):
+        raise ValueError(f"duration {text!r} must be finite")
+    return value
 
 
 def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int, float], link: Link,

@@ -1,8 +1,9 @@
 """``splitinfer plan probe``: measure the link to a running cloud server with real gRPC messages.
 
 * **RTT**: the median time of ``ServerLive`` calls (the smallest RPC) on a warm channel.
-* **Throughput**: ``ModelInfer`` requests carrying ``S`` bytes to a model name no server has
-  (:data:`PROBE_MODEL`); gRPC delivers the whole message before the server answers NOT_FOUND, so a call
+* **Throughput**: ``ModelInfer`` requests carrying ``S`` bytes to the link-probe model name
+  (:data:`PROBE_MODEL`); gRPC delivers the whole message before the server answers (OK from ours, which
+  counts it as a link probe; NOT_FOUND from other OIP servers), so a call
   takes ``RTT + overhead + S / bandwidth``. Sizes grow (x4) until the transfer takes ``target_s``; the
   bandwidth is the slope between the smallest and the largest size (RTT and fixed costs cancel).
 * **Per-message overhead**: the serialized ``ModelInfer`` request of a split-inference call minus its
@@ -48,8 +49,10 @@ class ProbeResult:
 
     def make_flags(self) -> str:
         """The ``plan make`` options for this link."""
-        bw = "" if self.bandwidth_bps is None else f"--bandwidth {self.bandwidth_bps / 1e6:.3g}mbit "
-        return f"{bw}--rtt {self.rtt_ms:.3g}ms --overhead {self.request_overhead_bytes}"
+        from partitioner.cost import format_bandwidth, format_duration
+
+        bw = "" if self.bandwidth_bps is None else f"--bandwidth {format_bandwidth(self.bandwidth_bps)} "
+        return f"{bw}--rtt {format_duration(self.rtt_ms / 1e3)} --overhead {self.request_overhead_bytes}"
 
 
 def request_overhead_bytes(payload_bytes: int = 1000) -> int:

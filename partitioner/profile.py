@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from splitinfer.allocator import tune_allocator
 from splitinfer.calibration import confidence
 from splitinfer.codec import Codec
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
+from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
 
 PROFILE_FORMAT = "splitinfer-profile"
@@ -225,7 +225,7 @@ def head_peak_bytes(staged: StagedModel, exits: dict[int, ExitHead] | None = Non
 
 
 def _time_stages(staged: StagedModel, exits: dict[int, ExitHead], x0: torch.Tensor, runs: int, warmup: int,
-                 bar: tqdm | None) -> tuple[list[list[float]], dict[int, list[float]], list[torch.Tensor]]:
+                 bar: Any | None) -> tuple[list[list[float]], dict[int, list[float]], list[torch.Tensor]]:
     n = staged.num_stages
     stage_t: list[list[float]] = [[] for _ in range(n)]
     exit_t: dict[int, list[float]] = {b: [] for b in exits}
@@ -266,8 +266,8 @@ def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec,
     batch_runs = {b: max(3, repeats // b) for b in big}
     codec_runs = codec_repeats if codec_repeats is not None else max(5, repeats // 3)
     total = warmup + repeats + sum(2 + r for r in batch_runs.values()) + staged.num_stages + 1
-    bar = tqdm(total=total, desc=f"profiling {model_name or 'model'} ({threads} thread{'s' * (threads > 1)})",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"profiling {model_name or 'model'} ({threads} thread{'s' * (threads > 1)})",
+                       enabled=progress, leave=False)
     try:
         stage_t, exit_t, boundary_tensors = _time_stages(staged, exits, example, repeats, warmup, bar)
         batch_stage_ms: dict[int, list[float]] = {}

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
 from splitinfer.models import build_default
+from splitinfer.progress import progress_bar
 
 VALIDATION_SIZE = 5000  # carved from the training set (never the test set); used to pick exit thresholds
 
@@ -93,7 +93,8 @@ def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool 
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(x_tr), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress,
+                           leave=False)
         total = 0.0
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -109,7 +110,7 @@ def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool 
         va = evaluate(model, x_va, y_va)
         history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val_acc": va})
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {total / steps_per_epoch:.4f}  val acc {va:.4f}")
+            bar.write(f"epoch {epoch + 1}: loss {total / steps_per_epoch:.4f}  val acc {va:.4f}")
     model = model.to(memory_format=torch.contiguous_format).eval()
     report = {
         "config": asdict(cfg),

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from splitinfer.codec import Meta
 from splitinfer.entropy import SymbolCoder, cross_entropy_bits, fit_tables
 from splitinfer.errors import InvalidInput
+from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
 
 CODEC_NAME = "bottleneck"
@@ -449,7 +449,8 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
     history = []
     total_epochs = dcfg.epochs_float + dcfg.epochs_qat
     steps_per_epoch = math.ceil(len(feats) / dcfg.batch_size)
-    bar = tqdm(total=total_epochs * steps_per_epoch, desc=f"bottleneck@{k}", disable=not progress, leave=False)
+    bar = progress_bar(total=total_epochs * steps_per_epoch, desc=f"bottleneck@{k}", enabled=progress,
+                       leave=False)
     T = dcfg.temperature
     try:
         for phase, epochs in (("float", dcfg.epochs_float), ("qat", dcfg.epochs_qat)):

@@ -26,7 +26,8 @@ DEMO_RTT = "20ms"
 DEMO_DEVICE = "raspberry-pi-4"
 DEMO_OBJECTIVE = ("weighted", "latency=1,energy=1")  # a battery-powered device: latency and energy count alike
 OFFLOAD_STAGES = ("encode", "transfer")
-LOCAL_ONLY_STAGES = ("tail",)  # the remaining stages run on the device only in a degraded fallback
+# The server's queue + compute for cloud answers, or the device's own tail in a degraded fallback; 0 otherwise.
+SOMETIMES_STAGES = ("tail",)
 
 
 def _free_port() -> int:
@@ -125,7 +126,7 @@ def summarize(answers: list[dict], labels: np.ndarray, full_pred: np.ndarray, fe
         for stage, ms in a.get("latency_ms", {}).items():
             if ms is None or (stage in OFFLOAD_STAGES and a["decided_by"] != "cloud"):
                 continue  # stages a request did not go through are not zero-latency samples
-            if stage in LOCAL_ONLY_STAGES and not ms:
+            if stage in SOMETIMES_STAGES and not ms:
                 continue
             stages.setdefault(stage, []).append(float(ms))
 
@@ -164,9 +165,17 @@ def format_summary(s: dict) -> str:
     ]
     cal = s.get("exit_calibration")
     if cal:
-        rates = ", ".join(f"exit@{b}: {r:.1%}" for b, r in cal["certified_exit_rates"].items())
-        rows.append(("exit calibration", f"{cal['mode']} ({cal['score']}): disagreement <= {cal['epsilon']} with "
-                     f"prob >= {1 - cal['delta']:.2f}; calibration rates {rates}"))
+        rates = ", ".join(f"exit@{b}: {r:.1%}" for b, r in cal["validation_exit_rates"].items()) or "none"
+        rows.append(("exit calibration", f"{cal['mode']} ({cal['score']}): the exits' answers disagree with the "
+                     f"full model's on <= {cal['epsilon']:g} of inputs with prob >= {1 - cal['delta']:.2f}; "
+                     f"validation exit rates {rates}"))
+        if cal.get("inactive_exits"):
+            rows.append(("inactive exits", f"{cal['inactive_exits']} (not in the chosen exit subset)"))
+    codec_agreement = s.get("codec_validation_agreement")
+    if codec_agreement is not None:
+        rows.append(("agreement not covered",
+                     f"the {s.get('codec')} codec is outside that bound: alone it agrees with the full model on "
+                     f"{codec_agreement:.4f} of validation images, so offloaded answers can disagree more"))
     for stage, p in s["latency_ms"].items():
         rows.append((f"latency {stage} (ms)", f"p50 {p['p50']:.2f}  p95 {p['p95']:.2f}  (n={p['count']})"))
     for k, v in s.get("metrics", {}).items():
@@ -181,13 +190,13 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
     """Run the demo end to end and return the summary dict."""
     import httpx
     import torch
-    from tqdm import tqdm
 
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.report import split_table
     from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
     from splitinfer.energy import get_profile
+    from splitinfer.progress import progress_bar
 
     def say(msg: str) -> None:
         if not as_json:
@@ -195,15 +204,18 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
         else:
             typer.echo(msg, err=True)
 
+    link = Link(parse_bandwidth(bandwidth), parse_duration(rtt))  # bad options fail before any work
+    dev = get_profile(device)
     workdir.mkdir(parents=True, exist_ok=True)
     test = load_fashion_mnist("test", data_dir)
-    n = max(1, min(requests, len(test)))
-    dev = get_profile(device)
+    if not 1 <= requests <= len(test):
+        raise ValueError(f"--requests must be between 1 and {len(test)} (the test set's size), got {requests}")
+    n = requests
     say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device}, objective "
         f"{DEMO_OBJECTIVE[0]} {DEMO_OBJECTIVE[1]} ...")
     from partitioner.search import Objective
 
-    result = make_default_plan(workdir / "bundle", Link(parse_bandwidth(bandwidth), parse_duration(rtt)), dev,
+    result = make_default_plan(workdir / "bundle", link, dev,
                                dev.compute_slowdown, splits="interior", data_dir=data_dir,
                                objective=Objective.parse(*DEMO_OBJECTIVE))
     say(split_table(result))
@@ -236,7 +248,7 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
 
         answers = []
         with httpx.Client(timeout=30.0) as http:
-            for i in tqdm(range(n), desc="requests", disable=not progress, file=sys.stderr):
+            for i in progress_bar(range(n), desc="requests", enabled=progress):
                 r = http.post(f"{base}/v1/infer", files={"file": (f"{i}.png", _png(test.images[i]), "image/png")})
                 if r.status_code != 200:
                     raise RuntimeError(f"request {i} failed: HTTP {r.status_code} {r.text[:200]}")
@@ -250,18 +262,24 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
 
             staged = load_bundle(result.path).staged
             full_pred = torch.cat([staged(x[i : i + 1000]).argmax(1) for i in range(0, n, 1000)]).numpy()
-        summary = summarize(answers, test.labels, full_pred, plan.boundaries[plan.split].fp32_bytes,
-                            [e.boundary for e in plan.exits if e.boundary <= plan.split])
+        on_device = [e.boundary for e in plan.exits if e.boundary <= plan.split]
+        active = on_device if plan.active_exits is None else sorted(plan.active_exits)
+        summary = summarize(answers, test.labels, full_pred, plan.boundaries[plan.split].fp32_bytes, active)
         summary["split"] = plan.split
         cal = plan.exit_calibration
         if cal is not None:
+            rates = plan.active_exit_rates if plan.active_exit_rates is not None else cal.exit_rates
             summary["exit_calibration"] = {
                 "mode": cal.mode, "score": cal.score, "epsilon": cal.epsilon, "delta": cal.delta,
                 "upper_bound": cal.upper_bound,
-                "certified_exit_rates": {str(b): r for b, r in cal.exit_rates.items() if b <= plan.split},
+                "validation_exit_rates": {str(b): r for b, r in sorted(rates.items()) if b in active},
+                "inactive_exits": [b for b in on_device if b not in active],
                 "calibration_samples": cal.n_path + cal.n_test,
             }
         summary["codec"] = plan.codec.name
+        if plan.learned_codec is not None and plan.codec.name == plan.learned_codec.name:
+            agreement = plan.notes.get("learned_codec_validation_agreement")
+            summary["codec_validation_agreement"] = float(agreement) if agreement is not None else None
         summary["bundle"] = str(result.path)
         summary["metrics"] = {
             "edge bytes sent total": sum(v for k, v in edge_metrics.items()
@@ -293,7 +311,8 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
 
 
 def demo_command(
-    requests: int = typer.Option(10000, help="number of Fashion-MNIST test images to send (max 10,000)"),
+    requests: int = typer.Option(10000, min=1, max=10000,
+                                 help="number of Fashion-MNIST test images to send (1 to 10,000)"),
     keep_running: bool = typer.Option(False, help="leave the server and agent up after the summary"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     workdir: Path = typer.Option(Path("runs/demo"), help="where the bundle and logs go"),
@@ -304,4 +323,13 @@ def demo_command(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Run the whole system on the embedded default and print a summary."""
-    run_demo(requests, keep_running, as_json, workdir, data_dir, bandwidth, rtt, device, progress)
+    from splitinfer.errors import SplitInferError
+
+    try:
+        run_demo(requests, keep_running, as_json, workdir, data_dir, bandwidth, rtt, device, progress)
+    except (SplitInferError, ValueError) as exc:  # bad options or data: the message says what to do
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:  # a daemon failed to start or a request failed: the logs say more
+        typer.echo(f"error: {exc} (logs in {workdir})", err=True)
+        raise typer.Exit(1) from None

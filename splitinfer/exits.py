@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
 
 
@@ -70,7 +70,7 @@ def train_exits(staged: StagedModel, boundaries: list[int], x: torch.Tensor, num
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc="exit heads", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="exit heads", enabled=progress, leave=False)
     for _ in range(epochs):
         for h in heads.values():
             h.train()

@@ -24,6 +24,8 @@ PARAM_QUEUE_MS = "server_queue_ms"
 PARAM_COMPUTE_MS = "server_compute_ms"
 MODEL_VERSION = "1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Link probes (`plan probe`, the edge agent) send ModelInfer requests to this model name, which no server
-# has: the server answers NOT_FOUND once the whole message arrived, so the call times the transfer.
+# Link probes (`plan probe`, the edge agent) send ModelInfer requests to this model name. A server answers
+# only once the whole message arrived, so the call times the transfer: ours answers OK with no outputs and
+# counts the call as a link probe (splitinfer_server_link_probes_total), never as a failed inference; any
+# other OIP server answers NOT_FOUND, which probes accept too.
 PROBE_MODEL = "__splitinfer_link_probe__"

@@ -53,6 +53,10 @@ class FakeCloud:
     def server_ready(self) -> bool:
         return not self.down
 
+    def check_ready(self) -> None:
+        if self.down:
+            raise Unavailable("fake server down")
+
     def close(self) -> None:
         pass
 

@@ -67,6 +67,9 @@ class CapturingClient:
     def server_ready(self) -> bool:
         return True
 
+    def check_ready(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -34,6 +34,9 @@ class Capture:
     def server_ready(self):
         return True
 
+    def check_ready(self):
+        pass
+
     def close(self):
         pass
 

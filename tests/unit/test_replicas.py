@@ -37,6 +37,10 @@ class FakeClient:
     def server_ready(self) -> bool:
         return not self.down
 
+    def check_ready(self) -> None:
+        if self.down:
+            raise Unavailable(f"{self.address} is down")
+
     def close(self) -> None:
         pass
 
