@@ -1,4 +1,4 @@
-"""Benchmark (issue 7): splitinfer end to end, adaptive, against edge-only, cloud-only and the best fixed split,
+"""Benchmark: splitinfer end to end, adaptive, against edge-only, cloud-only and the best fixed split,
 in every cell of bandwidth x RTT through the link emulator, plus a bandwidth-drop trace.
 
 Setup (as ``bench.planner``): the real cloud server (``python -m cloud_server serve``, 1 torch thread, 1
@@ -78,7 +78,7 @@ switches, its mean latency, and the link estimate after every request.
 
 Summary: ``max_ratio_vs_best_baseline`` = max over cells of splitinfer mean / min(edge_only, cloud_only,
 best_fixed) mean; ``mean_gain_vs_worse_baseline`` = mean over cells of max(edge_only, cloud_only) mean /
-splitinfer mean; the issue's bars: every cell <= 1.05, gain >= 2, drop-trace ratio <= 1.2. Diagnostics per cell:
+splitinfer mean; the acceptance bars: every cell <= 1.05, gain >= 2, drop-trace ratio <= 1.2. Diagnostics per cell:
 the ratio against the best configuration within the planner's space (edge-only, best fixed: everything the
 agent's table could hold; cloud-only from a JPEG/PNG is not in it), the table's entry for the cell vs the
 operating point the agent settled on, and its link estimate.

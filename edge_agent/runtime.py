@@ -604,6 +604,7 @@ class EdgeRuntime:
         cal = self.plan.exit_calibration
         return {
             "model": self.plan.model.name,
+            "weights_source": self.plan.model.weights_source,
             "bundle": str(self.bundle.path),
             "input_shape": list(self.plan.input.shape),
             "num_classes": len(self.labels),

@@ -14,17 +14,76 @@ app = typer.Typer(help="Plan a deployment: train the default model, profile, cho
 DEFAULT_EXIT_BOUNDARIES = "3,6,8,11"
 
 
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A typer callback that refuses numbers outside [lo, hi] (open ends with ``lo_open``/``hi_open``): the
+    error names the flag, exits 2, and comes before any work (None passes: the option was not given)."""
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    wanted = " and ".join(parts)
+
+    def check(value):
+        if value is None:
+            return value
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+              (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad or value != value:  # NaN is never in range
+            raise typer.BadParameter(f"must be {wanted}, got {value:g}")
+        return value
+
+    return check
+
+
+POSITIVE = _range(0, lo_open=True)
+NON_NEGATIVE = _range(0)
+AT_LEAST_ONE = _range(1)
+PROBABILITY = _range(0, 1, lo_open=True, hi_open=True)
+
+
+def _bandwidth(text: str) -> str:
+    from partitioner.cost import parse_bandwidth
+
+    try:
+        parse_bandwidth(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return text
+
+
+def _duration(text: str) -> str:
+    from partitioner.cost import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return text
+
+
+def _out_dir(path: Path) -> Path:
+    """A directory that can be written: refuse an existing file (or a file on the way) before any work."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise typer.BadParameter(f"{p} exists and is not a directory", param_hint="'--out'")
+    return path
+
+
 @app.command("train-default")
 def train_default_cmd(
-    epochs: int = typer.Option(9, help="training epochs for the backbone"),
+    epochs: int = typer.Option(9, callback=AT_LEAST_ONE, help="training epochs for the backbone"),
     seed: int = typer.Option(20261122, help="random seed (data order, augmentation, initialisation)"),
     exits: str = typer.Option(DEFAULT_EXIT_BOUNDARIES, help="comma-separated boundaries that get exit heads"),
-    exit_epochs: int = typer.Option(3, help="distillation epochs for the exit heads (backbone frozen)"),
-    threads: int = typer.Option(2, help="torch threads"),
+    exit_epochs: int = typer.Option(3, callback=AT_LEAST_ONE,
+                                    help="distillation epochs for the exit heads (backbone frozen)"),
+    threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
     out_dir: Path = typer.Option(None, help="where to write the weights (default: the packaged splitinfer/weights)"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
-    train_limit: int = typer.Option(None, help="use only the first N training images (quick runs)"),
-    test_limit: int = typer.Option(None, help="evaluate on only the first N test images (quick runs)"),
+    train_limit: int = typer.Option(None, callback=AT_LEAST_ONE,
+                                    help="use only the first N training images (quick runs)"),
+    test_limit: int = typer.Option(None, callback=AT_LEAST_ONE,
+                                   help="evaluate on only the first N test images (quick runs)"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Train the embedded default model and its exit heads on Fashion-MNIST; write safetensors weights."""
@@ -74,9 +133,12 @@ def profile_cmd(
     model: str = typer.Option("default", help="default, a torchvision name (resnet18, resnet50, mobilenet_v2, "
                                               "mobilenet_v3_large, efficientnet_b0, vgg16) or package.module:function"),
     out: Path = typer.Option(None, help="write the profile JSON here"),
-    threads: int = typer.Option(1, help="torch threads (1 for an edge profile; the server's worker threads)"),
+    threads: int = typer.Option(1, callback=AT_LEAST_ONE,
+                                help="torch threads (1 for an edge profile; the server's worker threads)"),
     batch_sizes: str = typer.Option("1", help="comma-separated batch sizes to time (a server: e.g. 1,2,4,8,16)"),
-    repeats: int = typer.Option(30, help="timed runs at batch 1 (after warm-up); larger batches use fewer"),
+    repeats: int = typer.Option(30, callback=AT_LEAST_ONE,
+                                help="timed runs at batch 1 after warm-up (p5/p50/p95/mean are recorded; the "
+                                     "planner uses the mean); larger batches use fewer"),
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model"),
     input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
     codec: str = typer.Option("uint8-affine", help="codec timed at every boundary"),
@@ -90,10 +152,10 @@ def profile_cmd(
     from splitinfer.codec import get_codec
     from splitinfer.errors import SplitInferError
 
-    if threads < 1 or repeats < 1:
-        raise typer.BadParameter("threads and repeats must be at least 1")
     try:
         target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
+        if target.weights_warning():
+            typer.echo(target.weights_warning(), err=True)
         prof = profile_model(target.staged, target.exits, get_codec(codec), target.example(), repeats=repeats,
                              threads=threads, batch_sizes=tuple(_ints(batch_sizes)), model_name=target.name,
                              progress=progress)
@@ -112,8 +174,10 @@ def profile_cmd(
 @app.command("probe")
 def probe_cmd(
     server: str = typer.Option(..., help="cloud server gRPC address HOST:PORT"),
-    target_ms: float = typer.Option(200.0, help="grow the probe message until its transfer takes this long"),
-    max_bytes: int = typer.Option(8 << 20, help="largest probe message (bytes)"),
+    target_ms: float = typer.Option(200.0, callback=POSITIVE,
+                                    help="grow the probe message until its transfer takes this long"),
+    max_bytes: int = typer.Option(8 << 20, callback=_range(64 * 1024),
+                                  help="largest probe message (bytes; messages grow from 64 KiB by x4)"),
     as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
 ) -> None:
     """Measure RTT, throughput and per-message overhead to a running cloud server with real gRPC calls."""
@@ -147,43 +211,58 @@ def _read_images(folder: Path | None) -> tuple[bytes, ...]:
 
 @app.command("make")
 def make_cmd(
-    out: Path = typer.Option(..., help="bundle directory to write"),
+    out: Path = typer.Option(..., callback=_out_dir, help="bundle directory to write"),
     model: str = typer.Option("default", help="default, a torchvision name or package.module:function"),
-    bandwidth: str = typer.Option("5mbit", help="uplink bandwidth, e.g. 5mbit, 500kbit"),
-    rtt: str = typer.Option("20ms", help="round-trip time, e.g. 20ms"),
-    loss: float = typer.Option(0.0, help="per-packet loss probability of the link (each loss costs ~one RTO)"),
-    overhead: int = typer.Option(None, help="per-request protocol overhead in bytes (`plan probe` measures it)"),
+    bandwidth: str = typer.Option("5mbit", callback=_bandwidth,
+                                  help="uplink bandwidth in bits per second: 5mbit, 500kbit, 1.5gbit or a bare "
+                                       "number of bit/s (byte units are refused)"),
+    rtt: str = typer.Option("20ms", callback=_duration, help="round-trip time: 20ms, 0.02s, 500us (bare: ms)"),
+    loss: float = typer.Option(0.0, callback=_range(0, 1, hi_open=True),
+                               help="per-packet loss probability of the link (each loss costs ~one RTO)"),
+    overhead: int = typer.Option(None, callback=NON_NEGATIVE,
+                                 help="per-request protocol overhead in bytes (`plan probe` measures it)"),
     device: str = typer.Option(None, help="edge device profile (energy, and its compute slowdown estimate)"),
-    edge_slowdown: float = typer.Option(None, help="edge compute time = the edge profile's x F (overrides "
-                                                   "--device's; a quick estimate for a device you are not on)"),
+    edge_slowdown: float = typer.Option(None, callback=POSITIVE,
+                                        help="edge compute time = the edge profile's x F (overrides --device's; a "
+                                             "quick estimate for a device you are not on)"),
     edge_profile: Path = typer.Option(None, help="profile JSON measured on the edge device (default: measure here)"),
     server_profile: Path = typer.Option(None, help="profile JSON measured on the server (default: measure here)"),
-    agent_overhead_ms: float = typer.Option(None, help="the edge agent's own per-request work in ms (its "
-                                                       "/v1/status reports agent_overhead_ms)"),
-    server_load: float = typer.Option(0.0, help="offloaded requests/s the server receives from all clients "
-                                                "(M/D/1 queueing)"),
+    agent_overhead_ms: float = typer.Option(None, callback=NON_NEGATIVE,
+                                            help="the edge agent's own per-request work in ms (its /v1/status "
+                                                 "reports agent_overhead_ms)"),
+    server_load: float = typer.Option(0.0, callback=NON_NEGATIVE,
+                                      help="offloaded requests/s the server receives from all clients (M/D/1 "
+                                           "queueing)"),
     objective: str = typer.Option("latency", help="latency, energy, bytes or weighted"),
     weights: str = typer.Option(None, help="for --objective weighted: e.g. latency=1,energy=0.5,bytes=0.1"),
-    max_accuracy_drop: float = typer.Option(None, help="constraint: max estimated accuracy drop (points)"),
-    max_edge_memory: int = typer.Option(None, help="constraint: max edge memory (bytes: head weights + activations)"),
-    max_bytes: int = typer.Option(None, help="constraint: max payload bytes per offloaded request"),
+    max_accuracy_drop: float = typer.Option(None, callback=NON_NEGATIVE,
+                                            help="constraint: max estimated accuracy drop (points)"),
+    max_edge_memory: int = typer.Option(None, callback=AT_LEAST_ONE,
+                                        help="constraint: max edge memory (bytes: head weights + activations)"),
+    max_bytes: int = typer.Option(None, callback=NON_NEGATIVE,
+                                  help="constraint: max payload bytes per offloaded request"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
     checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
     input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: 3,224,224)"),
     input_images: Path = typer.Option(None, help="folder of sample inputs as users send them (PNG/JPEG files): "
                                                  "cloud-only may then forward the file (codec 'image') instead "
                                                  "of a uint8 tensor; the default model makes PNGs itself"),
-    epsilon: float = typer.Option(0.01, help="exits may disagree with the full model on at most this fraction"),
-    delta: float = typer.Option(0.05, help="... with probability at least 1 - delta (certified mode)"),
+    epsilon: float = typer.Option(0.01, callback=PROBABILITY,
+                                  help="exits may disagree with the full model on at most this fraction"),
+    delta: float = typer.Option(0.05, callback=PROBABILITY,
+                                help="... with probability at least 1 - delta (certified mode)"),
     score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
     calibration_mode: str = typer.Option("certified", help="'certified' (guarantee) or 'empirical' (none)"),
-    repeats: int = typer.Option(30, help="timed runs per stage (the median is used)"),
+    repeats: int = typer.Option(30, callback=AT_LEAST_ONE,
+                                help="timed runs per stage after warm-up (the cost model uses their mean)"),
     learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
-    max_codec_drop: float = typer.Option(1.0, help="accept the learned codec only if its validation accuracy drop "
-                                                   "is at most this many points"),
+    max_codec_drop: float = typer.Option(1.0, callback=NON_NEGATIVE,
+                                         help="accept the learned codec only if its validation accuracy drop is at "
+                                              "most this many points"),
     head: str = typer.Option("fp32", help="edge head: fp32, int8 (post-training quantized), or auto (int8 when "
                                           "faster here and within --max-head-drop)"),
-    max_head_drop: float = typer.Option(0.5, help="max validation accuracy drop (points) of an int8 head for auto"),
+    max_head_drop: float = typer.Option(0.5, callback=NON_NEGATIVE,
+                                        help="max validation accuracy drop (points) of an int8 head for auto"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     progress: bool = typer.Option(True, help="show progress bars (on stderr)"),
     as_json: bool = typer.Option(False, "--json", help="print the estimates as JSON instead of a table"),
@@ -202,10 +281,21 @@ def make_cmd(
     try:
         link = Link(parse_bandwidth(bandwidth), parse_duration(rtt), loss=loss,
                     request_overhead=PROTOCOL_OVERHEAD_BYTES if overhead is None else overhead)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--bandwidth' / '--rtt' / '--loss'") from exc
+    try:
         obj = Objective.parse(objective, weights)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--objective' / '--weights'") from exc
+    if splits not in ("all", "interior"):
+        raise typer.BadParameter(f"must be 'all' or 'interior', got {splits!r}", param_hint="'--splits'")
+    try:
         dev = get_profile(device) if device else None
         if dev is None and (obj.kind == "energy" or "energy" in dict(obj.weights)):
             dev = get_profile(DEFAULT_DEVICE)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--device'") from exc
+    try:
         cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -231,6 +321,8 @@ def make_cmd(
             if head != "fp32":
                 raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
             target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
+            if target.weights_warning():
+                typer.echo(target.weights_warning(), err=True)
             opts = PlanOptions(link=link, device=dev, edge_slowdown=slowdown, splits=splits, objective=obj,
                                constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress,
                                input_images=_read_images(input_images))
@@ -250,11 +342,12 @@ def make_cmd(
 @app.command("calibrate-exits")
 def calibrate_exits_cmd(
     bundle: Path = typer.Option(..., help="bundle directory whose exit thresholds are (re)calibrated in place"),
-    epsilon: float = typer.Option(0.01, help="max rate of disagreement with the full model"),
-    delta: float = typer.Option(0.05, help="the bound holds with probability at least 1 - delta"),
+    epsilon: float = typer.Option(0.01, callback=PROBABILITY, help="max rate of disagreement with the full model"),
+    delta: float = typer.Option(0.05, callback=PROBABILITY,
+                                help="the bound holds with probability at least 1 - delta"),
     score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
     mode: str = typer.Option("certified", help="'certified' (finite-sample guarantee) or 'empirical' (none)"),
-    limit: int = typer.Option(None, help="use only the first N calibration images"),
+    limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N calibration images"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
 ) -> None:
     """Choose exit thresholds with a distribution-free guarantee on the disagreement with the full model.
@@ -284,17 +377,18 @@ def calibrate_exits_cmd(
 @app.command("train-bottleneck")
 def train_bottleneck_cmd(
     boundary: int = typer.Option(8, help="boundary of the default model where the bottleneck sits"),
-    channels: int = typer.Option(8, help="latent channels"),
-    bits: int = typer.Option(3, help="quantization bits per latent value (1-8)"),
-    hidden: int = typer.Option(64, help="hidden channels of encoder and decoder"),
+    channels: int = typer.Option(8, callback=AT_LEAST_ONE, help="latent channels"),
+    bits: int = typer.Option(3, callback=_range(1, 8), help="quantization bits per latent value (1-8)"),
+    hidden: int = typer.Option(64, callback=AT_LEAST_ONE, help="hidden channels of encoder and decoder"),
     stride: int = typer.Option(2, help="spatial downsampling of the latent (1, 2 or 4)"),
     coder: str = typer.Option("ans", help="entropy coder: ans, zstd or raw"),
-    epochs_float: int = typer.Option(1, help="distillation epochs without rounding"),
-    epochs_qat: int = typer.Option(3, help="quantization-aware distillation epochs (straight-through rounding)"),
+    epochs_float: int = typer.Option(1, callback=NON_NEGATIVE, help="distillation epochs without rounding"),
+    epochs_qat: int = typer.Option(3, callback=NON_NEGATIVE,
+                                   help="quantization-aware distillation epochs (straight-through rounding)"),
     seed: int = typer.Option(0, help="random seed"),
-    threads: int = typer.Option(2, help="torch threads"),
-    train_limit: int = typer.Option(None, help="use only the first N training images"),
-    test_limit: int = typer.Option(None, help="evaluate on only the first N test images"),
+    threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
+    train_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N training images"),
+    test_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="evaluate on only the first N test images"),
     out_dir: Path = typer.Option(None, help="where to write it (default: the packaged splitinfer/weights)"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     progress: bool = typer.Option(True, help="show progress bars"),
@@ -329,11 +423,13 @@ def codec_sweep_cmd(
     boundaries: str = typer.Option("6", help="comma-separated boundaries"),
     channels: str = typer.Option("4,8", help="comma-separated latent channel counts"),
     bits: str = typer.Option("2,3,4", help="comma-separated bit widths"),
-    epochs_float: int = typer.Option(1, help="distillation epochs without rounding, per trained bottleneck"),
-    epochs_qat: int = typer.Option(1, help="quantization-aware epochs, per (boundary, channels, bits)"),
-    train_limit: int = typer.Option(20000, help="training images per bottleneck"),
-    test_limit: int = typer.Option(None, help="test images to evaluate on"),
-    threads: int = typer.Option(2, help="torch threads"),
+    epochs_float: int = typer.Option(1, callback=NON_NEGATIVE,
+                                     help="distillation epochs without rounding, per trained bottleneck"),
+    epochs_qat: int = typer.Option(1, callback=NON_NEGATIVE,
+                                   help="quantization-aware epochs, per (boundary, channels, bits)"),
+    train_limit: int = typer.Option(20000, callback=AT_LEAST_ONE, help="training images per bottleneck"),
+    test_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="test images to evaluate on"),
+    threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
@@ -386,6 +482,10 @@ def report_cmd(
         except BundleError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
+        from partitioner.report import accuracy_measured, accuracy_reason
+
+        if plan.model.random_weights:
+            typer.echo(f"WARNING: {plan.model.name} has random weights: its answers are meaningless (timing only)")
         typer.echo(f"{'bandwidth':>10} {'RTT ms':>7} {'split':>5} {'codec':>12} {'E[lat] ms':>9} "
                    f"{'E[bytes]':>9}  exits")
         for p in plan.operating_points:
@@ -393,11 +493,14 @@ def report_cmd(
                        f"{p.expected_latency_ms:>9.2f} {p.expected_bytes:>9.1f}  {p.exits}")
         if plan.pareto:
             typer.echo(f"Pareto set at the planned link ({plan.objective.get('objective', 'latency')} objective):")
+            measured = accuracy_measured(plan)
             for e in plan.pareto:
                 energy = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:8.2f} mJ"
+                drop = f"drop {e.accuracy_drop_points or 0:.2f}" if measured else "drop not measured"
                 typer.echo(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} "
-                           f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B "
-                           f"drop {e.accuracy_drop_points or 0:.2f}")
+                           f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B {drop}")
+            if not measured:
+                typer.echo(f"accuracy not measured ({accuracy_reason(plan)})")
         wrote.append(bytes_per_boundary_plot(plan, out / "bytes_per_boundary.png"))
         if plan.latency_curves:
             wrote.append(latency_vs_split_plot(plan, out / "latency_vs_split.png"))

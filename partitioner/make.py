@@ -357,7 +357,8 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
                       device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
     chosen, estimates, pareto, points = _tables(planner, opts)
     plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=chosen.codec),
-                    factory=target.factory, estimates=estimates, operating_points=points, pareto=pareto,
+                    factory=target.factory, weights_source=target.weights_source, estimates=estimates,
+                    operating_points=points, pareto=pareto,
                     objective=_objective_record(opts), latency_curves=latency_curves(planner, opts),
                     notes={**_link_notes(opts, edge, server), "weights": target.weights_note})
     _stage_times(plan, edge, server, opts.edge_slowdown)
@@ -442,6 +443,7 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
         split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
+        weights_source="committed",
         active_exit_rates={b: round(r, 5) for b, r in planner.exit_rates(tuple(chosen.exits)).items()},
         learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
         exit_calibration=calibration_spec(cal, scores),

@@ -5,10 +5,25 @@ from __future__ import annotations
 from partitioner.make import PlanResult
 
 
+def accuracy_measured(plan) -> bool:
+    """True when the plan's accuracy figures were measured on validation data (exits or a learned codec were
+    evaluated); False for random weights and for models planned without validation data."""
+    if plan.model.random_weights:
+        return False
+    return bool(plan.exits or plan.learned_codec is not None or "validation_images" in plan.notes)
+
+
+def accuracy_reason(plan) -> str:
+    """Why a plan has no accuracy figures."""
+    return "random weights" if plan.model.random_weights else "no validation data for this model"
+
+
 def split_table(result: PlanResult) -> str:
     """A table of every split with its estimate; the chosen one marked."""
     plan = result.plan
     lines = [
+        *([f"WARNING: {plan.model.name} has random weights: its answers are meaningless (timing only)"]
+          if plan.model.random_weights else []),
         f"plan for {plan.model.name}: bandwidth {plan.notes['bandwidth_bps'] / 1e6:g} Mbit/s, "
         f"RTT {plan.notes['rtt_ms']:g} ms, edge = {plan.notes['device']} (x{plan.notes['edge_slowdown']:g} "
         f"this machine), splits considered: {plan.notes['splits_considered']}",
@@ -41,15 +56,17 @@ def split_table(result: PlanResult) -> str:
                      f"{obj.get('server_load_rps', 0):g} req/s")
     c = result.chosen
     energy = "" if c.expected_energy_j is None else f", {c.expected_energy_j * 1e3:.2f} mJ"
+    accuracy = (f"est. accuracy drop {c.accuracy_drop_points or 0:.2f} points" if accuracy_measured(plan)
+                else f"accuracy not measured ({accuracy_reason(plan)})")
     lines.append(f"chosen: split {c.split}, codec {c.codec}, exits {c.exits}: {c.expected_latency_ms:.2f} ms"
-                 f"{energy}, {c.expected_bytes or 0:.0f} B/request, est. accuracy drop "
-                 f"{c.accuracy_drop_points or 0:.2f} points")
+                 f"{energy}, {c.expected_bytes or 0:.0f} B/request, {accuracy}")
     if result.pareto:
         lines.append(f"Pareto set (latency, energy, bytes, accuracy drop): {len(result.pareto)} configurations")
         for e in result.pareto[:12]:
             en = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:7.2f} mJ"
+            drop = f"drop {e.accuracy_drop_points or 0:.2f}" if accuracy_measured(plan) else "drop not measured"
             lines.append(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} {e.expected_latency_ms:9.2f} ms"
-                         f"{en} {e.expected_bytes or 0:9.0f} B  drop {e.accuracy_drop_points or 0:.2f}")
+                         f"{en} {e.expected_bytes or 0:9.0f} B  {drop}")
         if len(result.pareto) > 12:
             lines.append(f"  ... {len(result.pareto) - 12} more in plan.json")
     agreement = (f", validation agreement of the exits with the full model {result.validation_agreement:.4f}"

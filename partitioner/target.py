@@ -32,6 +32,20 @@ class PlanTarget:
     factory: str | None = None
     weights_note: str = ""
     info: dict = field(default_factory=dict)
+    weights_source: str = "random"  # committed, checkpoint or random (see splitinfer.bundle.ModelSpec)
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the weights are an untrained initialisation: timings are real, answers are not."""
+        return self.weights_source == "random"
+
+    def weights_warning(self) -> str | None:
+        """The warning to show wherever this target is planned or profiled, or None for trained weights."""
+        if not self.random_weights:
+            return None
+        return (f"warning: {self.name} has random weights (no --checkpoint): latency, bytes and energy are "
+                "real, but its answers are meaningless and accuracy is not measured; give --checkpoint "
+                "W.safetensors with trained weights to serve it")
 
     def example(self, batch: int = 1) -> torch.Tensor:
         """A deterministic example input (profiling does not depend on the values)."""
@@ -78,7 +92,8 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
         m, staged, exits, info = load_default(weights)
         spec = InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
                          labels=FASHION_MNIST_CLASSES)
-        return PlanTarget("default", m, staged, spec, exits, weights_note="committed default weights", info=info)
+        return PlanTarget("default", m, staged, spec, exits, weights_note="committed default weights", info=info,
+                          weights_source="committed")
     factory = None
     if model in TORCHVISION_MODELS:
         m = build_model(model)
@@ -107,7 +122,23 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
         raise ValueError(f"model {model!r} must output a [N, classes] tensor; got per-sample shape {out}")
     c = shape[0]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ([0.0] * c, [1.0] * c)
-    spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=[f"class_{i}" for i in range(num_classes)])
+    labels = imagenet_categories(model) if factory is None else None
+    if labels is None or len(labels) != num_classes:
+        labels = [f"class_{i}" for i in range(num_classes)]
+    spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=labels)
     note = f"checkpoint {checkpoint}" if checkpoint else "random initialisation (timing only)"
     return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
-                      factory=factory, weights_note=note)
+                      factory=factory, weights_note=note, weights_source="checkpoint" if checkpoint else "random")
+
+
+def imagenet_categories(name: str) -> list[str] | None:
+    """The class names torchvision's published weights of ``name`` carry in their metadata (read from the
+    installed package; nothing is downloaded), or None when it has none."""
+    try:
+        import torchvision.models as tvm
+
+        weights = tvm.get_model_weights(name).DEFAULT
+    except (ImportError, ValueError, AttributeError):
+        return None
+    categories = weights.meta.get("categories")
+    return list(categories) if categories else None

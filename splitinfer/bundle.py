@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import math
 import os
 import zipfile
@@ -38,6 +39,8 @@ from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
 from splitinfer.models import build_model
 from splitinfer.staged import StagedModel, stage_model
+
+log = logging.getLogger("splitinfer.bundle")
 
 PLAN_FORMAT = "splitinfer-plan"
 PLAN_VERSION = 1
@@ -91,6 +94,15 @@ class ModelSpec(BaseModel):
     num_classes: int
     params: int
     weights: str = MODEL_FILE
+    weights_source: Literal["committed", "checkpoint", "random"] | None = Field(
+        None, description="where the weights came from: 'committed' (the embedded default's), 'checkpoint' (a "
+                          "user's safetensors) or 'random' (an untrained initialisation: latency and bytes are "
+                          "real, answers are not); None in bundles written before this field existed")
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the weights are an untrained initialisation (answers are meaningless)."""
+        return self.weights_source == "random"
 
 
 class BoundarySpec(BaseModel):
@@ -500,6 +512,9 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"bundle {path} is not a directory")
     plan = read_plan(path)
+    if plan.model.random_weights:
+        log.warning("bundle %s: model %s has random weights (planned without --checkpoint): its answers are "
+                    "meaningless; only latency and bytes are real", path, plan.model.name)
     for required in (plan.model.weights,):
         if required not in plan.files:
             raise BundleError(f"plan.json lists no hash for {required}")
@@ -564,7 +579,7 @@ def _load_learned_codec(path: Path, plan: Plan):
 
 def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split: int, codec: CodecSpec,
              exits: list[ExitSpec] | None = None, factory: str | None = None, created: str | None = None,
-             **extra) -> Plan:
+             weights_source: str | None = None, **extra) -> Plan:
     """Assemble a :class:`Plan` from a staged model (boundaries and stages filled in from it)."""
     import datetime as _dt
 
@@ -572,7 +587,7 @@ def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split:
     return Plan(
         created=created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         model=ModelSpec(name=model_name, factory=factory, num_classes=num_classes,
-                        params=sum(p.numel() for p in staged.model.parameters())),
+                        params=sum(p.numel() for p in staged.model.parameters()), weights_source=weights_source),
         input=input_spec,
         boundaries=[BoundarySpec(index=b.index, node=b.node, shape=b.shape, fp32_bytes=b.fp32_bytes)
                     for b in staged.boundaries],

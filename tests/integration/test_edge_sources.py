@@ -36,9 +36,15 @@ def test_classify_writes_one_line_per_file_and_fails_on_bad_ones(bundle_dir, tmp
     junk = tmp_path / "c.png"
     junk.write_bytes(b"not an image at all")
     missing = tmp_path / "d.png"
+    dead = f"127.0.0.1:{free_port()}"
+    refused = CliRunner().invoke(app, ["classify", str(good), "--bundle", str(bundle_dir), "--server", dead])
+    assert refused.exit_code == 1 and not refused.stdout.strip(), refused.output  # no answers without a server
+    assert "cloud server not reachable" in refused.stderr and "connection refused" in refused.stderr
+    assert "--allow-degraded" in refused.stderr and "retry in" not in refused.stderr
     res = CliRunner().invoke(app, ["classify", str(good), str(arr), str(junk), str(missing), "--bundle",
-                                   str(bundle_dir), "--server", f"127.0.0.1:{free_port()}"])
+                                   str(bundle_dir), "--server", dead, "--allow-degraded"])
     assert res.exit_code == 1, res.output
+    assert "answering on the device" in res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert [rec["file"] for rec in lines] == [str(good), str(arr), str(junk), str(missing)]
     assert "label" in lines[0] and "label" in lines[1]
