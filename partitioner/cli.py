@@ -456,6 +456,25 @@ def codec_sweep_cmd(
     typer.echo(f"wrote {len(result['points'])} points to {out}")
 
 
+@app.command("samples")
+def samples_cmd(
+    out: Path = typer.Argument(..., callback=_out_dir, help="folder to write the images into"),
+    count: int = typer.Option(20, callback=_range(1, 10000), help="how many test images"),
+    start: int = typer.Option(0, callback=_range(0, 9999), help="index of the first test image"),
+    fmt: str = typer.Option("png", "--format", help="png or jpeg"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+) -> None:
+    """Write Fashion-MNIST test images as files (INDEX_CLASS.png) to try the edge agent with."""
+    from splitinfer.data import save_test_images
+    from splitinfer.errors import SplitInferError
+
+    try:
+        paths = save_test_images(out, count, fmt, data_dir, start)
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"wrote {len(paths)} images to {out} ({paths[0].name} ... {paths[-1].name})")
+
+
 @app.command("report")
 def report_cmd(
     directory: Path = typer.Argument(..., help="a bundle directory and/or a folder holding codec_sweep.json"),

@@ -145,3 +145,25 @@ def to_model_input(images: np.ndarray, mean: float | list[float], std: float | l
     m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
     return ((x - m) / s).contiguous()
+
+
+def save_test_images(out: str | Path, count: int, fmt: str = "png", root: str | Path | None = None,
+                     start: int = 0) -> list[Path]:
+    """Write Fashion-MNIST test images ``start .. start + count - 1`` as PNG or JPEG files named
+    ``INDEX_CLASS.png`` (e.g. ``0_ankle-boot.png``) into ``out``, to try the agent with; returns the paths."""
+    from PIL import Image
+
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"format must be png or jpeg, got {fmt!r}")
+    test = load_fashion_mnist("test", root)
+    if not 0 <= start < len(test) or not 1 <= count <= len(test) - start:
+        raise ValueError(f"the test set holds {len(test)} images: start {start} and count {count} do not fit")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        slug = FASHION_MNIST_CLASSES[int(test.labels[i])].lower().replace("/", "-").replace(" ", "-")
+        path = folder / f"{i}_{slug}.{'png' if fmt == 'png' else 'jpg'}"
+        Image.fromarray(test.images[i]).save(path, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+        paths.append(path)
+    return paths
