@@ -52,7 +52,7 @@ from splitinfer.power import RaplMeter, find_meter
 log = logging.getLogger("edge_agent.runtime")
 
 EWMA_ALPHA = 0.3
-PROBE_ANSWER_BYTES = 64  # a NOT_FOUND status and its message, roughly
+PROBE_ANSWER_BYTES = 64  # the probe's small answer (an empty OK response, or another server's NOT_FOUND), roughly
 """Weight of the newest sample in the bandwidth and RTT estimates."""
 
 LATENCY_KEYS = ("head", "exit", "encode", "transfer", "tail", "total")
@@ -305,7 +305,7 @@ class EdgeRuntime:
             self._mark_down(exc)
             return False
         self._mark_up()
-        if measured is not None:  # request bytes + the small NOT_FOUND answer
+        if measured is not None:  # request bytes + the small answer
             self.link.observe_transfer(measured[0] + PROBE_ANSWER_BYTES, measured[1])
         self._publish_link()
         with self._lock:

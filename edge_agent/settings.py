@@ -115,8 +115,9 @@ class EdgeSettings(BaseSettings):
     adapt_margin: float = Field(0.1, ge=0, description="Hysteresis: the new grid cell must be nearer than the "
                                 "current one by this much in log(bandwidth), log(RTT) space (0.1 ~ 10 %).")
     adapt_min_dwell_s: float = Field(2.0, ge=0, description="Minimum time between two operating-point switches.")
-    probe_interval_s: float = Field(5.0, gt=0, description="When no offload has measured the link for this "
-                                    "long, probe it (RTT with ServerReady, throughput with a small message).")
+    probe_interval_s: float = Field(5.0, gt=0, description="Probe the link this often when idle: the RTT with "
+                                    "ServerReady always, the throughput with a probe_bytes message only when no "
+                                    "offload has measured it for this long.")
     probe_bytes: int = Field(32 * 1024, ge=1024, le=4 * 1024 * 1024,
                              description="Size of the throughput probe message.")
     probe_idle_s: float = Field(0.2, ge=0, description="Probe only after the agent has served no request "

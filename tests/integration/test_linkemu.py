@@ -163,7 +163,7 @@ class SinkServer:
 
 @pytest.mark.parametrize(("rate", "delay"), [(2e6, 0.0), (20e6, 0.0), (50e6, 0.075)])
 def test_achieved_rate_is_within_ten_percent_of_the_setting(rate, delay):
-    """The emulator's accuracy is what is under test here (the issue's acceptance bar): the receiver's
+    """The emulator's accuracy is what is under test here (the acceptance bar): the receiver's
     throughput, first to last byte, within 10 % of the set rate; best of three tries on a noisy machine.
     50 Mbit/s with 75 ms one-way delay keeps ~470 KB in flight, far more than the bottleneck buffer."""
     nbytes = int(rate / 8 * 1.0)  # about one second of traffic
