@@ -41,6 +41,9 @@ def test_demo_json_summary(tmp_path):
     if s["codec"] == "bottleneck":
         assert s["bytes_per_offloaded"] * 64 <= s["feature_bytes_fp32"]
     assert s["energy_j_per_request"] > 0
-    assert {"head", "total"} <= set(s["latency_ms"])
+    assert {"head", "total", "transfer", "tail"} <= set(s["latency_ms"])  # tail: the server's time, offloads
+    # only the exits the plan runs are reported, with their own validation rates
+    assert set(s["exit_rate"]["per_exit"]) == {str(b) for b in plan.active_exits}
+    assert set(s["exit_calibration"]["validation_exit_rates"]) == set(s["exit_rate"]["per_exit"])
     # the daemons' own counters agree with the answers
     assert s["metrics"]["cloud requests total"] >= s["offloaded"]
