@@ -42,24 +42,24 @@ AT_LEAST_ONE = _range(1)
 PROBABILITY = _range(0, 1, lo_open=True, hi_open=True)
 
 
-def _bandwidth(text: str) -> str:
-    from partitioner.cost import parse_bandwidth
+def _parsed_by(parser_name: str):
+    """A typer callback that checks a text option with ``partitioner.cost.<parser_name>`` (the value stays
+    text); its ValueError becomes the flag's error."""
 
-    try:
-        parse_bandwidth(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    return text
+    def check(text: str) -> str:
+        from partitioner import cost
+
+        try:
+            getattr(cost, parser_name)(text)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return text
+
+    return check
 
 
-def _duration(text: str) -> str:
-    from partitioner.cost import parse_duration
-
-    try:
-        parse_duration(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    return text
+_bandwidth = _parsed_by("parse_bandwidth")
+_duration = _parsed_by("parse_duration")
 
 
 def _out_dir(path: Path) -> Path:

@@ -14,7 +14,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of the tensor a traced node produced on the example input (``node.meta["tensor_meta"]``;
+    absent for nodes whose value is not a single tensor)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced graph once and records each tensor-valued node's :class:`TensorMeta`.
+
+    torch's own ``ShapeProp`` does the same but imports sympy through torch's symbolic-shape machinery (~35 MB
+    of RSS in every process that stages a model: the edge agent, the server); shape and dtype are all we use.
+    """
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+        return result
 
 
 @dataclass
@@ -114,7 +136,7 @@ class StagedModel(nn.Module):
 def _tensor_bytes(node: fx.Node) -> int:
     """Bytes of one sample of the tensor a traced node produces (0 for non-tensors), from its shape metadata."""
     meta = node.meta.get("tensor_meta")
-    if not isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
+    if not isinstance(meta, TensorMeta):
         return 0
     n = 1
     for d in list(meta.shape)[1:]:
@@ -143,7 +165,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         raise ValueError(f"model is not fx-traceable: {exc}") from exc
     with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
+        _ShapeRecorder(gm).run(example_input)
 
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -161,7 +183,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
         node = compute[i]
         live = [m for m in compute[: i + 1] if last_use[m] > i and m.op != "get_attr"]
         meta = node.meta.get("tensor_meta")
-        if live == [node] and isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
+        if live == [node] and isinstance(meta, TensorMeta):
             cut_after.append(i)
     if compute[cut_after[-1]] is not out_value:
         raise ValueError("the model's output is not a single tensor produced by its last node")
