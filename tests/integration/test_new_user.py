@@ -299,3 +299,27 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
     for _ in progress_bar(range(3), desc="x", enabled=True, file=tty):
         pass
     assert any("x" in p for p in tty.parts)
+
+
+def test_link_change_log_says_what_is_not_measured(bundle_dir, caplog):
+    from edge_agent.runtime import EdgeRuntime
+    from edge_agent.settings import EdgeSettings
+    from splitinfer.bundle import load_bundle
+
+    class Client:
+        def check_ready(self):
+            pass
+
+        def close(self):
+            pass
+
+    rt = EdgeRuntime(load_bundle(bundle_dir), Client(), EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1"))
+    try:
+        for rtt in [0.001] * 10 + [0.1] * 4:  # a step in the RTT, no bandwidth sample at all
+            rt.link.observe_rtt(rtt)
+        with caplog.at_level(logging.INFO, logger="edge_agent.runtime"):
+            rt._publish_link()
+    finally:
+        rt.close()
+    assert "link change detected: bandwidth not measured yet, RTT" in caplog.text
+    assert "0 Mbit/s" not in caplog.text
