@@ -143,11 +143,11 @@ class CloudServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot bind the gRPC server to {address} (--port): {exc}; is another process "
-                          "listening there?") from exc
+            raise OSError(f"cannot bind the gRPC server to {address} (--host / --port): {exc}; is another "
+                          "process listening there, or is the host not an address of this machine?") from exc
         if port == 0:
-            raise OSError(f"cannot bind the gRPC server to {address} (--port): is another process listening "
-                          "there?")
+            raise OSError(f"cannot bind the gRPC server to {address} (--host / --port): is another process "
+                          "listening there, or is the host not an address of this machine?")
         if self.auth.required and self.credentials is None and s.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("bearer tokens are configured without TLS on a non-loopback address: tokens travel in "
                         "the clear", extra={"fields": {"host": s.host}})

@@ -289,7 +289,8 @@ def serve(settings: EdgeSettings) -> None:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False,
                                 log_config=None)
-        log.info("edge agent listening on http://%s:%d", settings.host, sock.getsockname()[1])
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("edge agent listening on http://%s:%d", shown, sock.getsockname()[1])
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
@@ -308,6 +309,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # now: a second agent on the same port fails here, not later inside uvicorn
         sock.set_inheritable(True)
     except OSError as exc:
         sock.close()

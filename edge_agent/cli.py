@@ -91,6 +91,8 @@ def _batch_runtime(bundle: Path | None, server: str | None, config: Path | None,
         up = rt.probe_server()
     finally:
         runtime_log.setLevel(level)
+    if rt.split >= rt.num_stages:  # an edge-only plan never calls the server: nothing to refuse or warn about
+        return rt, settings
     if not up:  # offload when the server is up; else answer on the device, or refuse
         reason = rt.status()["server"]["last_error"]
         if not allow_degraded:
@@ -133,6 +135,9 @@ def watch_cmd(
     directory: Path = typer.Argument(..., help="directory to watch for new PNG, JPEG or .npy files"),
     out: Path | None = typer.Option(None, "--out", help="append JSON lines here (default: stdout)"),
     interval_s: float = typer.Option(0.5, help="seconds between polls"),
+    exit_when_idle: float | None = typer.Option(
+        None, "--exit-when-idle", help="exit once no new file has arrived for this many seconds (default: run "
+                                       "until Ctrl-C)"),
     bundle: Path | None = typer.Option(None, "--bundle", help="Plan bundle directory (env SPLITINFER_EDGE_BUNDLE)."),
     server: str | None = typer.Option(None, "--server", help="Cloud server HOST:PORT (env SPLITINFER_EDGE_SERVER)."),
     config: Path | None = typer.Option(None, "--config", help="Optional YAML file with any EdgeSettings field."),
@@ -144,6 +149,7 @@ def watch_cmd(
     server outages are answered on the device (degraded) until the server is back."""
     import contextlib
     import sys
+    import time
 
     from edge_agent.sources import watch
 
@@ -153,12 +159,20 @@ def watch_cmd(
     if interval_s <= 0:
         typer.echo("error: --interval-s must be positive", err=True)
         raise typer.Exit(2)
+    if exit_when_idle is not None and exit_when_idle <= 0:
+        typer.echo("error: --exit-when-idle must be positive", err=True)
+        raise typer.Exit(2)
     rt, settings = _batch_runtime(bundle, server, config, allow_degraded)
     sink = open(out, "a") if out else sys.stdout  # noqa: SIM115 - closed below
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            for _ in watch(rt, directory, sink, settings.max_upload_bytes, settings.max_image_pixels, interval_s):
-                pass
+            last_total, last_change = 0, time.monotonic()
+            for total in watch(rt, directory, sink, settings.max_upload_bytes, settings.max_image_pixels,
+                               interval_s):
+                if total != last_total:
+                    last_total, last_change = total, time.monotonic()
+                elif exit_when_idle is not None and time.monotonic() - last_change >= exit_when_idle:
+                    break
     finally:
         rt.close()
         if out:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-STAGES = ("head", "exit", "encode", "transfer", "total")
+STAGES = ("head", "exit", "encode", "transfer", "tail", "total")
 OUTCOMES = ("edge_exit", "cloud", "fallback", "error")
 ENERGY_COMPONENTS = ("compute", "radio")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -483,7 +483,7 @@ class EdgeRuntime:
         network_s = max(round_trip - server_s, 1e-6)
         # The call's wall time splits into the server's tail (queue + decode + compute, as it reports them)
         # and the transfer (network, serialization, the rest), so latency parts still sum to the total.
-        server_part = min(server_s, lat["transfer"])
+        server_part = max(0.0, min(server_s, lat["transfer"]))
         lat["tail"] = server_part
         lat["transfer"] -= server_part
         ran.add("tail")

@@ -27,7 +27,7 @@ def parse_address(address: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` allowed) into host and port; ValueError when malformed."""
     text = address.strip()
     if "://" in text:
-        example = text.split("://", 1)[1].rstrip("/") or "127.0.0.1:8001"
+        example = text.split("://", 1)[1].split("/", 1)[0] or "127.0.0.1:8001"
         raise ValueError(f"server address {address!r} is a URL; give the cloud server's gRPC address as "
                          f"HOST:PORT without a scheme, e.g. {example}")
     host, sep, port = text.rpartition(":")

@@ -100,24 +100,27 @@ def parse_bandwidth(text: str) -> float:
     if not m:
         low = text.strip().lower()
         if low.endswith(("bps", "b/s")) or re.search(r"[0-9.]\s*[kmg]?b$", low) or _BYTE_RATE.match(text):
-            num = re.match(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)", low)
+            num = re.match(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)", low)
             hint = (f"; {num.group(1)} {dict(k='kilo', m='mega', g='giga').get(num.group(2), '')}bytes per second "
                     f"is {format_bandwidth(float(num.group(1)) * 8 * _SCALE[num.group(2)])}") if num else ""
             raise ValueError(f"bandwidth {text!r} is ambiguous (bits or bytes?): write bits per second as "
                              f"5mbit, 500kbit or 2000000{hint}")
         raise ValueError(f"bandwidth {text!r} must be bits per second like 5mbit, 500kbit or 2000000")
     value = float(m.group(1)) * _SCALE[(m.group(2) or "").lower()]
-    if not value > 0 or value == float("inf"):
+    if value == float("inf"):
+        raise ValueError(f"bandwidth {text!r} must be finite")
+    if not value > 0:
         raise ValueError(f"bandwidth {text!r} must be positive")
     return value
 
 
 def format_bandwidth(bps: float) -> str:
     """Bits per second as ``parse_bandwidth`` reads them, without exponents: 2.22e9 -> ``"2.22gbit"``."""
-    for factor, unit in ((1e9, "gbit"), (1e6, "mbit"), (1e3, "kbit")):
-        if bps >= factor:
-            return f"{_plain(bps / factor)}{unit}"
-    return f"{_plain(bps)}bit"
+    text = f"{_plain(bps)}bit"
+    for factor, unit in ((1e3, "kbit"), (1e6, "mbit"), (1e9, "gbit")):
+        if float(_plain(bps / factor)) >= 1:  # after rounding: 999950 is 1mbit, not 1000kbit
+            text = f"{_plain(bps / factor)}{unit}"
+    return text
 
 
 def format_duration(seconds: float) -> str:

@@ -357,7 +357,9 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
                       device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
     chosen, estimates, pareto, points = _tables(planner, opts)
     plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=chosen.codec),
-                    factory=target.factory, weights_source=target.weights_source, estimates=estimates,
+                    factory=target.factory,
+                    weights_source=None if target.weights_source == "unknown" else target.weights_source,
+                    estimates=estimates,
                     operating_points=points, pareto=pareto,
                     objective=_objective_record(opts), latency_curves=latency_curves(planner, opts),
                     notes={**_link_notes(opts, edge, server), "weights": target.weights_note})

@@ -32,7 +32,7 @@ class PlanTarget:
     factory: str | None = None
     weights_note: str = ""
     info: dict = field(default_factory=dict)
-    weights_source: str = "random"  # committed, checkpoint or random (see splitinfer.bundle.ModelSpec)
+    weights_source: str = "random"  # committed, checkpoint, random or unknown (a user's factory may load its own)
 
     @property
     def random_weights(self) -> bool:
@@ -126,9 +126,11 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     if labels is None or len(labels) != num_classes:
         labels = [f"class_{i}" for i in range(num_classes)]
     spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=labels)
-    note = f"checkpoint {checkpoint}" if checkpoint else "random initialisation (timing only)"
+    note = (f"checkpoint {checkpoint}" if checkpoint else "random initialisation (timing only)" if factory is None
+            else f"whatever {model} returns (its own weights, or a random initialisation)")
     return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
-                      factory=factory, weights_note=note, weights_source="checkpoint" if checkpoint else "random")
+                      factory=factory, weights_note=note,
+                      weights_source="checkpoint" if checkpoint else ("random" if factory is None else "unknown"))
 
 
 def imagenet_categories(name: str) -> list[str] | None:

@@ -28,6 +28,7 @@ EXIF orientation (phone photos) is applied after the resize, where it costs a tr
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -180,6 +181,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+_JPEG_FILL = re.compile(rb"\xff+")
+
+
 def _jpeg_frame(data: bytes) -> tuple[int, int, str | None]:
     """Width, height and, when the decoder holds the whole image in memory, why (else None): reads the
     markers up to the first scan, as libjpeg does.
@@ -190,10 +194,8 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, str | None]:
     """
     n, i, frame = len(data), 2, None
     while True:
-        while i < n and data[i] != 0xFF:  # junk between segments (Pillow and libjpeg skip it too)
-            i += 1
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
+        j = data.find(b"\xff", i)  # junk between segments (Pillow and libjpeg skip it too)
+        i = n if j < 0 else _JPEG_FILL.match(data, j).end()  # then any fill bytes (0xFF runs)
         if i >= n:
             raise InvalidInput("truncated JPEG: the file ends before the image data")
         marker = data[i]

@@ -5,7 +5,9 @@ reports field names, its own wording ("Input should be ...") and a documentation
 the CLI flag when the field has one (else the environment variable and the config key), says what value was
 refused, and drops the URL, so ``splitinfer edge run --port -1`` answers::
 
-    error: --port (-1): must be greater than or equal to 0
+    error: --port / SPLITINFER_EDGE_PORT (-1): must be greater than or equal to 0
+
+(the value may have come from either, so both are named).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def _wording(message: str) -> str:
 
 
 def describe(exc: ValidationError, env_prefix: str, flags: Mapping[str, str] = ()) -> list[str]:
-    """One line per error: ``FLAG (VALUE): what is wrong``; ``flags`` maps field names to their CLI flag
-    (fields without one are named as ``ENV_VAR / config key``)."""
+    """One line per error: ``FLAG / ENV_VAR (VALUE): what is wrong``; ``flags`` maps field names to their CLI
+    flag (fields without one are named by their environment variable and config key)."""
     flags = dict(flags)
     lines = []
     for err in exc.errors(include_url=False):
@@ -36,10 +38,9 @@ def describe(exc: ValidationError, env_prefix: str, flags: Mapping[str, str] = (
             lines.append(_wording(err["msg"]))
             continue
         env = f"{env_prefix}{field.upper()}"
-        name = flags.get(field) or f"{env} (config key {field!r})"
+        name = f"{flags[field]} / {env}" if field in flags else f"{env} (config key {field!r})"
         if err.get("type") == "missing":
-            hint = f" (or set {env})" if field in flags else ""
-            lines.append(f"{name} is required{hint}")
+            lines.append(f"{flags.get(field, env)} is required" + (f" (or set {env})" if field in flags else ""))
             continue
         if err.get("type") == "extra_forbidden":
             lines.append(f"unknown setting {field!r} (from the environment or the config file)")

@@ -54,6 +54,7 @@ BLOCKS = (
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(2400),  # six blocks (about 4 minutes here); pyproject's 600 s is per test
     pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
                        reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),

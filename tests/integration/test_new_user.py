@@ -101,10 +101,13 @@ def test_demo_refuses_bad_options_without_a_traceback(tmp_path, args, expect):
 
 @pytest.mark.parametrize("args, expect", [
     ([], ["--bundle is required (or set SPLITINFER_EDGE_BUNDLE)", "--server is required"]),
-    (["--server", "127.0.0.1:1", "--port", "-1"], ["--port (-1): must be greater than or equal to 0"]),
-    (["--server", "127.0.0.1:1", "--timeout-s", "0"], ["--timeout-s (0.0): must be greater than 0"]),
-    (["--server", "localhost"], ["--server ('localhost'): server address must look like HOST:PORT"]),
-    (["--server", "http://127.0.0.1:8001"], ["is a URL", "e.g. 127.0.0.1:8001"]),
+    (["--server", "127.0.0.1:1", "--port", "-1"],
+     ["--port / SPLITINFER_EDGE_PORT (-1): must be greater than or equal to 0"]),
+    (["--server", "127.0.0.1:1", "--timeout-s", "0"],
+     ["--timeout-s / SPLITINFER_EDGE_TIMEOUT_S (0.0): must be greater than 0"]),
+    (["--server", "localhost"],
+     ["--server / SPLITINFER_EDGE_SERVER ('localhost'): server address must look like HOST:PORT"]),
+    (["--server", "http://127.0.0.1:8001/v2"], ["is a URL", "without a scheme, e.g. 127.0.0.1:8001\n"]),
 ])
 def test_edge_run_names_the_flag(bundle_dir, args, expect, monkeypatch):
     for var in ("SPLITINFER_EDGE_BUNDLE", "SPLITINFER_EDGE_SERVER"):
@@ -120,8 +123,8 @@ def test_edge_run_names_the_flag(bundle_dir, args, expect, monkeypatch):
 def test_cloud_serve_names_the_flag(bundle_dir):
     res = CliRunner().invoke(cloud_app, ["serve", "--bundle", str(bundle_dir), "--workers", "0", "--port", "-1"])
     assert res.exit_code == 2
-    assert "--workers (0): must be greater than or equal to 1" in res.stderr
-    assert "--port (-1): must be greater than or equal to 0" in res.stderr
+    assert "--workers / SPLITINFER_CLOUD_WORKERS (0): must be greater than or equal to 1" in res.stderr
+    assert "--port / SPLITINFER_CLOUD_PORT (-1): must be greater than or equal to 0" in res.stderr
     _clean(res.output)
 
 
@@ -154,7 +157,7 @@ def test_refused_port_and_http_port_get_different_reasons(free_port, http1_port)
         c.check_ready()
 
 
-def test_classify_fails_on_an_unreachable_server_and_says_why(bundle_dir, tmp_path, http1_port):
+def test_classify_fails_on_an_unreachable_server_and_says_why(bundle_dir, tmp_path, http1_port, caplog):
     arr = tmp_path / "x.npy"
     import numpy as np
 
@@ -162,7 +165,8 @@ def test_classify_fails_on_an_unreachable_server_and_says_why(bundle_dir, tmp_pa
     res = CliRunner().invoke(edge_app, ["classify", str(arr), "--bundle", str(bundle_dir), "--server",
                                         f"127.0.0.1:{http1_port}"])
     assert res.exit_code == 1 and not res.stdout.strip()
-    assert "not with gRPC" in res.stderr and "--allow-degraded" in res.stderr and "retry in" not in res.stderr
+    assert "not with gRPC" in res.stderr and "--allow-degraded" in res.stderr
+    assert not [r for r in caplog.records if "retry in" in r.getMessage()]
 
 
 # ---------------------------------------------------------------------------------------- 9: signals
@@ -323,3 +327,31 @@ def test_link_change_log_says_what_is_not_measured(bundle_dir, caplog):
         rt.close()
     assert "link change detected: bandwidth not measured yet, RTT" in caplog.text
     assert "0 Mbit/s" not in caplog.text
+
+
+def test_edge_only_plans_classify_without_a_server_and_watch_exits_when_idle(tmp_path, free_port, caplog):
+    import numpy as np
+
+    from splitinfer.bundle import read_plan
+    from tests.conftest import make_test_bundle
+
+    probe = make_test_bundle(tmp_path / "probe")
+    n = len(read_plan(probe).stages)
+    bundle = make_test_bundle(tmp_path / "edge-only", split=n)
+    arr = tmp_path / "x.npy"
+    np.save(arr, np.zeros((1, 28, 28), dtype=np.float32))
+    dead = f"127.0.0.1:{free_port()}"
+    res = CliRunner().invoke(edge_app, ["classify", str(arr), "--bundle", str(bundle), "--server", dead])
+    assert res.exit_code == 0, res.output  # the plan never calls the server: nothing to refuse
+    (answer,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert answer["degraded"] is False and "not reachable" not in res.stderr
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    np.save(inbox / "a.npy", np.zeros((1, 28, 28), dtype=np.float32))
+    os.utime(inbox / "a.npy", (0, 0))  # settled long ago
+    out = tmp_path / "results.jsonl"
+    res = CliRunner().invoke(edge_app, ["watch", str(inbox), "--out", str(out), "--bundle", str(bundle),
+                                        "--server", dead, "--interval-s", "0.05", "--exit-when-idle", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["file"] for line in out.read_text().splitlines()] == [str(inbox / "a.npy")]
