@@ -58,6 +58,19 @@ def _parsed_by(parser_name: str):
     return check
 
 
+def _one_of(*choices: str):
+    """A typer callback that accepts only ``choices`` (checked before any work, the flag named)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+SCORES = _one_of("max_softmax", "margin", "neg_entropy")
+CALIBRATION_MODES = _one_of("certified", "empirical")
 _bandwidth = _parsed_by("parse_bandwidth")
 _duration = _parsed_by("parse_duration")
 
@@ -251,16 +264,19 @@ def make_cmd(
                                   help="exits may disagree with the full model on at most this fraction"),
     delta: float = typer.Option(0.05, callback=PROBABILITY,
                                 help="... with probability at least 1 - delta (certified mode)"),
-    score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
-    calibration_mode: str = typer.Option("certified", help="'certified' (guarantee) or 'empirical' (none)"),
+    score: str = typer.Option("max_softmax", callback=SCORES,
+                              help="exit confidence: max_softmax, margin or neg_entropy"),
+    calibration_mode: str = typer.Option("certified", callback=CALIBRATION_MODES,
+                                         help="'certified' (guarantee) or 'empirical' (none)"),
     repeats: int = typer.Option(30, callback=AT_LEAST_ONE,
                                 help="timed runs per stage after warm-up (the cost model uses their mean)"),
     learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
     max_codec_drop: float = typer.Option(1.0, callback=NON_NEGATIVE,
                                          help="accept the learned codec only if its validation accuracy drop is at "
                                               "most this many points"),
-    head: str = typer.Option("fp32", help="edge head: fp32, int8 (post-training quantized), or auto (int8 when "
-                                          "faster here and within --max-head-drop)"),
+    head: str = typer.Option("fp32", callback=_one_of("fp32", "int8", "auto"),
+                             help="edge head: fp32, int8 (post-training quantized), or auto (int8 when faster here "
+                                  "and within --max-head-drop)"),
     max_head_drop: float = typer.Option(0.5, callback=NON_NEGATIVE,
                                         help="max validation accuracy drop (points) of an int8 head for auto"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
@@ -345,8 +361,10 @@ def calibrate_exits_cmd(
     epsilon: float = typer.Option(0.01, callback=PROBABILITY, help="max rate of disagreement with the full model"),
     delta: float = typer.Option(0.05, callback=PROBABILITY,
                                 help="the bound holds with probability at least 1 - delta"),
-    score: str = typer.Option("max_softmax", help="exit confidence: max_softmax, margin or neg_entropy"),
-    mode: str = typer.Option("certified", help="'certified' (finite-sample guarantee) or 'empirical' (none)"),
+    score: str = typer.Option("max_softmax", callback=SCORES,
+                              help="exit confidence: max_softmax, margin or neg_entropy"),
+    mode: str = typer.Option("certified", callback=CALIBRATION_MODES,
+                             help="'certified' (finite-sample guarantee) or 'empirical' (none)"),
     limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N calibration images"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
 ) -> None:
@@ -381,7 +399,7 @@ def train_bottleneck_cmd(
     bits: int = typer.Option(3, callback=_range(1, 8), help="quantization bits per latent value (1-8)"),
     hidden: int = typer.Option(64, callback=AT_LEAST_ONE, help="hidden channels of encoder and decoder"),
     stride: int = typer.Option(2, help="spatial downsampling of the latent (1, 2 or 4)"),
-    coder: str = typer.Option("ans", help="entropy coder: ans, zstd or raw"),
+    coder: str = typer.Option("ans", callback=_one_of("ans", "zstd", "raw"), help="entropy coder: ans, zstd or raw"),
     epochs_float: int = typer.Option(1, callback=NON_NEGATIVE, help="distillation epochs without rounding"),
     epochs_qat: int = typer.Option(3, callback=NON_NEGATIVE,
                                    help="quantization-aware distillation epochs (straight-through rounding)"),
@@ -461,7 +479,7 @@ def samples_cmd(
     out: Path = typer.Argument(..., callback=_out_dir, help="folder to write the images into"),
     count: int = typer.Option(20, callback=_range(1, 10000), help="how many test images"),
     start: int = typer.Option(0, callback=_range(0, 9999), help="index of the first test image"),
-    fmt: str = typer.Option("png", "--format", help="png or jpeg"),
+    fmt: str = typer.Option("png", "--format", callback=_one_of("png", "jpeg"), help="png or jpeg"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
 ) -> None:
     """Write Fashion-MNIST test images as files (INDEX_CLASS.png) to try the edge agent with."""

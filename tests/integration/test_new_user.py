@@ -63,6 +63,8 @@ def test_byte_or_ambiguous_bandwidth_units_are_refused(text):
     (["--max-bytes", "-1"], "--max-bytes"), (["--repeats", "0"], "--repeats"), (["--loss", "1"], "--loss"),
     (["--epsilon", "0"], "--epsilon"), (["--bandwidth", "5MB"], "--bandwidth"), (["--rtt", "fast"], "--rtt"),
     (["--splits", "middle"], "--splits"), (["--objective", "speed"], "--objective"),
+    (["--score", "foo"], "--score"), (["--head", "int4"], "--head"),
+    (["--calibration-mode", "x"], "--calibration-mode"),
 ])
 def test_plan_make_refuses_bad_numbers_before_any_work(tmp_path, args, flag):
     res = CliRunner().invoke(plan_app, ["make", "--out", str(tmp_path / "b"), *args])
