@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -71,6 +72,14 @@ def _one_of(*choices: str):
 
 SCORES = _one_of("max_softmax", "margin", "neg_entropy")
 CALIBRATION_MODES = _one_of("certified", "empirical")
+# The exit-calibration options, the same for `plan make` and `plan calibrate-exits`.
+Epsilon = Annotated[float, typer.Option(callback=PROBABILITY, help="max rate at which the exits' answers may "
+                                                                   "disagree with the full model's")]
+Delta = Annotated[float, typer.Option(callback=PROBABILITY, help="the bound holds with probability at least "
+                                                                 "1 - delta (certified mode)")]
+Score = Annotated[str, typer.Option(callback=SCORES, help="exit confidence: max_softmax, margin or neg_entropy")]
+Mode = Annotated[str, typer.Option(callback=CALIBRATION_MODES,
+                                   help="'certified' (finite-sample guarantee) or 'empirical' (none)")]
 _bandwidth = _parsed_by("parse_bandwidth")
 _duration = _parsed_by("parse_duration")
 
@@ -260,14 +269,10 @@ def make_cmd(
     input_images: Path = typer.Option(None, help="folder of sample inputs as users send them (PNG/JPEG files): "
                                                  "cloud-only may then forward the file (codec 'image') instead "
                                                  "of a uint8 tensor; the default model makes PNGs itself"),
-    epsilon: float = typer.Option(0.01, callback=PROBABILITY,
-                                  help="exits may disagree with the full model on at most this fraction"),
-    delta: float = typer.Option(0.05, callback=PROBABILITY,
-                                help="... with probability at least 1 - delta (certified mode)"),
-    score: str = typer.Option("max_softmax", callback=SCORES,
-                              help="exit confidence: max_softmax, margin or neg_entropy"),
-    calibration_mode: str = typer.Option("certified", callback=CALIBRATION_MODES,
-                                         help="'certified' (guarantee) or 'empirical' (none)"),
+    epsilon: Epsilon = 0.01,
+    delta: Delta = 0.05,
+    score: Score = "max_softmax",
+    calibration_mode: Mode = "certified",
     repeats: int = typer.Option(30, callback=AT_LEAST_ONE,
                                 help="timed runs per stage after warm-up (the cost model uses their mean)"),
     learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
@@ -358,13 +363,10 @@ def make_cmd(
 @app.command("calibrate-exits")
 def calibrate_exits_cmd(
     bundle: Path = typer.Option(..., help="bundle directory whose exit thresholds are (re)calibrated in place"),
-    epsilon: float = typer.Option(0.01, callback=PROBABILITY, help="max rate of disagreement with the full model"),
-    delta: float = typer.Option(0.05, callback=PROBABILITY,
-                                help="the bound holds with probability at least 1 - delta"),
-    score: str = typer.Option("max_softmax", callback=SCORES,
-                              help="exit confidence: max_softmax, margin or neg_entropy"),
-    mode: str = typer.Option("certified", callback=CALIBRATION_MODES,
-                             help="'certified' (finite-sample guarantee) or 'empirical' (none)"),
+    epsilon: Epsilon = 0.01,
+    delta: Delta = 0.05,
+    score: Score = "max_softmax",
+    mode: Mode = "certified",
     limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N calibration images"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
 ) -> None:
