@@ -41,6 +41,7 @@ from splitinfer.compress import distill_head, int8_head, prune_head, quantize_in
 from splitinfer.data import load_fashion_mnist
 from splitinfer.errors import InvalidInput
 from splitinfer.staged import stage_model
+from splitinfer.timing import time_calls, time_codec
 
 
 class Float16Codec:
@@ -79,33 +80,14 @@ class ZstdWrapped:
 
 
 def _median_ms(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return time_calls(lambda _: fn(), reps).p50
 
 
 def codec_timing(codec, feats: torch.Tensor, reps: int = 400) -> dict:
     """Median encode, decode and encode+decode time per sample (batch 1), over ``feats`` samples in turn."""
-    n = len(feats)
-    for i in range(20):
-        codec.decode(*codec.encode(feats[i % n : i % n + 1]))
-    enc, dec, both = [], [], []
-    for i in range(reps):
-        x = feats[i % n : i % n + 1]
-        t0 = time.perf_counter()
-        payload, meta = codec.encode(x)
-        t1 = time.perf_counter()
-        codec.decode(payload, meta)
-        t2 = time.perf_counter()
-        enc.append(t1 - t0)
-        dec.append(t2 - t1)
-        both.append(t2 - t0)
-    return {"encode_ms_p50": round(statistics.median(enc) * 1e3, 4),
-            "decode_ms_p50": round(statistics.median(dec) * 1e3, 4),
-            "encode_decode_ms_p50": round(statistics.median(both) * 1e3, 4)}
+    t = time_codec(codec, feats, runs=reps, warmup=20, rows=True)
+    return {"encode_ms_p50": round(t.encode.p50, 4), "decode_ms_p50": round(t.decode.p50, 4),
+            "encode_decode_ms_p50": round(t.roundtrip.p50, 4)}
 
 
 def image_baselines(staged, test_limit: int | None) -> dict:
@@ -116,14 +98,16 @@ def image_baselines(staged, test_limit: int | None) -> dict:
 
     test = load_fashion_mnist("test")
     n = test_limit or len(test)
-    png, jpg, jpg_imgs, enc_png = [], [], [], []
+    png, jpg, jpg_imgs = [], [], []
+
+    def save_png(i: int) -> None:
+        b = io.BytesIO()
+        Image.fromarray(test.images[i]).save(b, format="PNG", optimize=True)
+        png.append(b.tell())
+
+    enc_png = time_calls(save_png, runs=n)
     for img in test.images[:n]:
         im = Image.fromarray(img)
-        t0 = time.perf_counter()
-        b = io.BytesIO()
-        im.save(b, format="PNG", optimize=True)
-        enc_png.append(time.perf_counter() - t0)
-        png.append(b.tell())
         b = io.BytesIO()
         im.save(b, format="JPEG", quality=90)
         jpg.append(b.tell())
@@ -136,7 +120,7 @@ def image_baselines(staged, test_limit: int | None) -> dict:
         pj = torch.cat([staged(x_jpg[i : i + 1000]) for i in range(0, n, 1000)]).argmax(1).numpy()
     return {
         "png": {"bytes_mean": round(float(np.mean(png)), 2), "accuracy": round(float((ref == y).mean()), 5),
-                "agreement": 1.0, "encode_ms_p50": round(statistics.median(enc_png) * 1e3, 4)},
+                "agreement": 1.0, "encode_ms_p50": round(enc_png.p50, 4)},
         "jpeg_q90": {"bytes_mean": round(float(np.mean(jpg)), 2), "accuracy": round(float((pj == y).mean()), 5),
                      "agreement": round(float((pj == ref).mean()), 5)},
         "raw_uint8_bytes": int(test.images[0].size),

@@ -2,7 +2,7 @@
 in every cell of bandwidth x RTT through the link emulator, plus a bandwidth-drop trace.
 
 Setup (as ``bench.planner``): the real cloud server (``python -m cloud_server serve``, 1 torch thread, 1
-worker), the link emulator as its own process (``bench.e2e_linkemu``: ``partitioner.linkemu``'s
+worker), the link emulator as its own process (``bench.e2e_linkemu``: ``bench.linkemu``'s
 ``RunningEmulator`` whose rate and delay are changed at run time; one-way delay RTT/2 each way), and the real
 :class:`edge_agent.runtime.EdgeRuntime` (1 torch thread) in ``bench.edge_worker``. For resnet50 the edge process
 runs in a cgroup limited to a quarter of one CPU (1 ms per 4 ms): a device ~5x slower than the server. The

@@ -1,5 +1,5 @@
-"""The link emulator (:mod:`partitioner.linkemu`) as its own process whose rate and delay can be changed at run
-time, for ``bench.e2e`` (``python -m partitioner.linkemu`` takes its settings once, on the command line).
+"""The link emulator (:mod:`bench.linkemu`) as its own process whose rate and delay can be changed at run
+time, for ``bench.e2e`` (``python -m bench.linkemu`` takes its settings once, on the command line).
 
 ``python -m bench.e2e_linkemu --target HOST:PORT --rate BPS --delay-ms D`` prints ``{"port": P}`` once the
 emulator listens, then reads JSON lines on stdin: ``{"rate_bps": R, "delay_ms": D}`` changes both directions
@@ -16,7 +16,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> None:
-    from partitioner.linkemu import LinkSettings, start_in_thread
+    from bench.linkemu import LinkSettings, start_in_thread
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="HOST:PORT of the server")

@@ -2,7 +2,7 @@
 
 ``python -m bench.edge_rss --out FILE.json [--requests N] [--backend torch|onnx] [--bundle DIR] [--runs K]``
 
-Setup, as ``splitinfer demo`` runs it (:mod:`splitinfer.demo`):
+Setup, as ``splitinfer demo`` runs it (:mod:`splitinfer.cli.demo`):
 
 * the bundle: ``--bundle DIR``, else ``WORKDIR/bundle`` when it loads, else planned there with the demo's call
   (:func:`partitioner.make.make_default_plan`, link ``DEMO_BANDWIDTH``/``DEMO_RTT``, device ``DEMO_DEVICE``,
@@ -12,12 +12,12 @@ Setup, as ``splitinfer demo`` runs it (:mod:`splitinfer.demo`):
   (:func:`bench.serving.launch`: started, waited for until the model is ready, stopped as a process group);
 * the edge agent: a fresh ``python -m edge_agent run --bundle B --server 127.0.0.1:P --host 127.0.0.1 --port E
   --device DEMO_DEVICE`` with ``SPLITINFER_EDGE_ADAPTIVE=false`` (as the demo) and
-  ``SPLITINFER_EDGE_HEAD_BACKEND=--backend``, started as a :class:`bench.serving.Server` (own process group) and
-  waited for on ``/readyz`` (:func:`splitinfer.demo._wait_http`). Every other ``SPLITINFER_EDGE_*`` /
+  ``SPLITINFER_EDGE_HEAD_BACKEND=--backend``, started as a :class:`splitinfer.daemons.Daemon` (own process group)
+  and waited for on ``/readyz`` (:meth:`splitinfer.daemons.Daemon.wait_http_ready`). Every other ``SPLITINFER_EDGE_*`` /
   ``SPLITINFER_CLOUD_*`` variable of the caller's environment is removed; ``--agent-env KEY=VALUE`` adds
   variables to the agent's environment only (e.g. to try an allocator or torch setting) and is recorded;
 * the load: ``--requests`` uploads, one at a time, of the Fashion-MNIST test images PNG-encoded as the demo
-  does (:func:`splitinfer.demo._png`; image ``i % 10000``) to ``POST /v1/infer``;
+  does (:func:`splitinfer.cli.demo.encode_png`; image ``i % 10000``) to ``POST /v1/infer``;
 * first ``--warmup-runs`` (default 1) agents that are started, sent ``WARMUP_REQUESTS`` uploads and stopped
   unmeasured, so every measured agent finds the same files in the page cache (see below).
 
@@ -172,7 +172,7 @@ def demo_bundle(path: Path, repeats: int, data_dir: str | None) -> Path:
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.search import Objective
-    from splitinfer import demo
+    from splitinfer.cli import demo
     from splitinfer.energy import get_profile
 
     dev = get_profile(demo.DEMO_DEVICE)
@@ -183,14 +183,14 @@ def demo_bundle(path: Path, repeats: int, data_dir: str | None) -> Path:
 
 
 def resolve_bundle(args) -> tuple[Path, str]:
-    from bench.serving import _loads
+    from bench.serving import bundle_loads
 
     if args.bundle is not None:
-        if not _loads(args.bundle, "default"):
+        if not bundle_loads(args.bundle, "default"):
             raise SystemExit(f"--bundle {args.bundle} is not a loadable bundle of the default model")
         return args.bundle.resolve(), "given"
     cached = args.workdir / "bundle"
-    if not args.rebuild and _loads(cached, "default"):
+    if not args.rebuild and bundle_loads(cached, "default"):
         return cached.resolve(), "cached"
     _log(f"planning the default model as the demo does ({args.repeats} profiling runs per stage) ...")
     return demo_bundle(cached, args.repeats, args.data_dir).resolve(), f"planned here (repeats {args.repeats})"
@@ -223,21 +223,18 @@ def run_agent(bundle: Path, grpc_port: int, backend: str, extra_env: dict[str, s
     """Start one fresh agent, measure it through ``requests`` uploads, stop it."""
     import httpx
 
-    from bench.serving import Server
-    from splitinfer import demo
+    from splitinfer.cli import demo
+    from splitinfer.daemons import Daemon, free_port
 
-    port = demo._free_port()
+    port = free_port()
     args = [sys.executable, "-m", "edge_agent", "run", "--bundle", str(bundle), "--server", f"127.0.0.1:{grpc_port}",
             "--host", "127.0.0.1", "--port", str(port), "--device", demo.DEMO_DEVICE]
-    agent = Server(args, agent_env(backend, extra_env), log_path, ROOT)
-    agent.name = "edge agent"
+    agent = Daemon(args, name="edge agent", log_path=log_path, env=agent_env(backend, extra_env), cwd=ROOT,
+                   new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
-        try:
-            demo._wait_http(f"{base}/readyz", agent.proc, timeout=READY_TIMEOUT_S)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{agent.log_tail()}") from None
+        agent.wait_http_ready(f"{base}/readyz", timeout=READY_TIMEOUT_S)  # fails with the agent's log tail
         ready_s = time.perf_counter() - t0
         pid = agent.pid
         points = {"after_ready": snapshot(pid)}
@@ -261,14 +258,14 @@ def run_agent(bundle: Path, grpc_port: int, backend: str, extra_env: dict[str, s
                 if (i + 1) % every == 0:
                     trace.append([i + 1, snapshot(pid, breakdown=False)["vmrss_mb"]])
         points["after_requests"] = snapshot(pid)
-        if agent.proc.poll() is not None:
-            raise RuntimeError(f"the agent exited ({agent.proc.returncode}) during the run:\n{agent.log_tail()}")
+        if not agent.alive():
+            raise RuntimeError(f"the agent exited ({agent.returncode}) during the run:\n{agent.log_tail()}")
     finally:
         agent.stop()
     return {"pid": pid, "ready_s": round(ready_s, 2), "server_up_at_ready": ready.get("server_up"),
             "split": ready.get("split"), "requests": requests, "failed": failed, "first_error": first_error,
             "answers": dict(sorted(outcomes.items())), "points": points, "rss_trace": trace,
-            "exit_code": agent.proc.returncode}
+            "exit_code": agent.returncode}
 
 
 def _median(values: list) -> float | None:
@@ -356,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     from bench.serving import launch, machine_info
-    from splitinfer import demo
+    from splitinfer.cli import demo
+    from splitinfer.daemons import free_port
     from splitinfer.data import load_fashion_mnist
 
     machine = machine_info()
@@ -364,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     info = describe_bundle(bundle)
     _log(f"bundle {bundle} ({source}): split {info['split']}, codec {info['codec']}, exits {info['exits']}")
     test = load_fashion_mnist("test", args.data_dir)
-    pngs = [demo._png(test.images[i]) for i in range(min(args.requests, len(test)))]
+    pngs = [demo.encode_png(test.images[i]) for i in range(min(args.requests, len(test)))]
 
-    grpc_port = demo._free_port()
+    grpc_port = free_port()
     server = launch("splitinfer cloud serve",
                     [sys.executable, "-m", "cloud_server", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                      "--port", str(grpc_port), "--metrics-port", "0"],
@@ -397,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--device {demo.DEMO_DEVICE}",
             "agent_env": {"SPLITINFER_EDGE_ADAPTIVE": "false", "SPLITINFER_EDGE_HEAD_BACKEND": args.backend,
                           **extra_env},
-            "inputs": "Fashion-MNIST test images 0.. as PNG (splitinfer.demo._png), one upload at a time",
+            "inputs": "Fashion-MNIST test images 0.. as PNG (splitinfer.cli.demo.encode_png), one upload at a time",
             "machine": machine,
         },
         "runs": runs,

@@ -115,15 +115,11 @@ class _Named:
             self._thread.start()
 
     def _probe_when_idle(self) -> None:
-        """``edge_agent.app``'s prober: every ``min(1 s, probe_interval_s)``, probe when ``needs_probe()``."""
-        rt = self.runtime
-        while not self._stop.wait(min(1.0, self.settings.probe_interval_s)):
-            if self.paused.is_set() or not rt.needs_probe():
-                continue
-            try:
-                rt.probe_link()
-            except Exception:  # never let the prober die (as in the app)
-                logging.getLogger("bench.edge_worker").warning("link probe failed", exc_info=True)
+        """``edge_agent.app``'s prober: the runtime's link controller ticks every ``period_s`` (unless paused)."""
+        links = self.runtime.links
+        while not self._stop.wait(links.period_s):
+            if not self.paused.is_set():
+                links.tick()
 
     def op(self) -> list:
         rt = self.runtime

@@ -26,7 +26,7 @@ Request formats it accepts (one input named ``features``):
 Settings (model-settings.json ``parameters.extra``): ``bundle`` (directory), ``torch_threads`` (torch
 intra-op threads, as ``SPLITINFER_CLOUD_TORCH_THREADS``), ``workers`` (threads running batches at once, as
 ``SPLITINFER_CLOUD_WORKERS``: the CPU work runs in a thread pool so MLServer's event loop keeps serving, as
-ours does), ``max_batch`` (largest batch a single request may carry, as ``SPLITINFER_CLOUD_MAX_BATCH``).
+ours does), ``max_batch`` (largest batch a single request may carry, as ``SPLITINFER_CLOUD_MAX_REQUEST_BATCH``).
 The process also gets the same malloc tuning as our daemons (:func:`splitinfer.allocator.tune_allocator`).
 """
 

@@ -1,4 +1,4 @@
-"""Benchmark: the edge head on ONNX Runtime (edge_agent/onnx_head.py) versus torch, in the same run.
+"""Benchmark: the edge head on ONNX Runtime (edge_agent/onnx_head/) versus torch, in the same run.
 
 Configurations (the embedded default model, committed weights, exit thresholds certified on the validation
 images like ``plan make`` does, epsilon 0.01 / delta 0.05):
@@ -11,13 +11,18 @@ Per configuration, in one process, on the same Fashion-MNIST test images (seeded
 dataset is absent), batch 1, one thread for both (``torch.set_num_threads(1)``; ORT intra-op 1, sequential),
 torch and ORT interleaved request by request:
 
-* ``head``: the offload path's head work: stages to the split with every active exit evaluated, no early stop
-  (torch: stage by stage + exit modules under inference_mode, as ``EdgeRuntime._infer``; ORT: ``OnnxHead``);
+Every head runs through the one walk (:func:`splitinfer.head.walk`) and every exit is scored by the one policy
+(:class:`splitinfer.head.ExitPolicy`, thresholds from the plan); only the stage backend differs:
+:class:`splitinfer.torch_head.TorchStages` (torch) or :class:`edge_agent.onnx_head.OnnxHead` (ORT).
+
+* ``head``: the offload path's head work: stages to the split with every active exit evaluated and scored, no
+  early stop (torch: ``TorchStages`` under inference_mode; ORT: ``OnnxHead``);
 * ``encode``: the planned codec on the split tensor (torch: the bundle's codec object as the runtime calls it, the
   learned codec's encoder already on ORT there; ORT: the torch-free numpy/ORT encoder);
-* ``policy``: the request as the runtime decides it (stop at the first confident exit, else encode);
-* ``view``: the ONNX head through ``OnnxHead.torch_view()`` on torch tensors (what ``EdgeRuntime`` would run
-  with ``head_backend=onnx``).
+* ``policy``: the request as the agent decides it: :func:`splitinfer.head.run_head` (stop at the first confident
+  exit), else the answer at the last stage or the encoded split tensor (torch: ``TorchStages`` + the bundle's
+  codec; ORT: :class:`edge_agent.onnx_head.NumpyEdge`);
+* ``view``: the ONNX head through ``OnnxHead.torch_view()`` on torch tensors (``TorchStages`` over the view).
 
 p50/p95 in ms and the ratio torch/ORT. Also: exit decisions and payload bytes of the torch path vs the torch-free
 path (identical fraction), and for uint8-affine at the demo split (a codec with 9,408 values per payload).
@@ -121,64 +126,63 @@ def _pct(values: list[float]) -> dict[str, float]:
             "mean_ms": round(float(a.mean()), 4)}
 
 
+def head_pass(backend, policy, x, split: int, exits: list[int]):
+    """The offload path's head work on one backend: walk to ``split``, scoring every exit in ``exits`` with
+    ``policy`` (no early stop); returns the split tensor."""
+    from splitinfer.head import walk
+
+    h = x
+    for step in walk(backend, x, split, exits):
+        if step.logits is not None:
+            policy.check(step.boundary, step.logits)
+        h = step.tensor
+    return h
+
+
 def measure_config(name: str, bundle_dir: Path, head_dir: Path, images: np.ndarray, warmup: int = 100) -> dict:
     """Latency (torch vs ORT, interleaved) and agreement of one configuration."""
     import torch
 
-    from edge_agent.onnx_head import NumpyEdge, OnnxHead, encode_uint8_affine, scores
+    from edge_agent.onnx_head import NumpyEdge, OnnxHead, numpy_codec
     from splitinfer.bundle import load_bundle
-    from splitinfer.calibration import confidence
     from splitinfer.codec import UInt8AffineCodec
+    from splitinfer.head import ExitPolicy, run_head, top1
+    from splitinfer.torch_head import TorchStages
 
     bundle = load_bundle(bundle_dir)
     head = OnnxHead.load(head_dir, bundle_dir=bundle_dir)
-    view = head.torch_view()
     edge = NumpyEdge(head)
     plan = bundle.plan
-    split, exits, n = plan.split, head.active_exits, bundle.num_stages
-    thresholds = {e.boundary: e.threshold for e in plan.exits}
-    codec = bundle.codec_for(plan.codec.name, split) if split < n else None
+    split, n = plan.split, bundle.num_stages
+    exits = plan.planned_exits(bundle.exits)
+    if edge.exits != exits or head.active_exits != exits:
+        raise RuntimeError(f"the ONNX head evaluates exits {edge.exits}, the plan {exits}")
+    policy = ExitPolicy.from_plan(plan)
+    torch_stages = TorchStages(bundle.staged, bundle.exits)
+    view = head.torch_view()
+    view_stages = TorchStages(view, view.exits)  # the ONNX head on torch tensors
+    codec = bundle.codec_for(plan.codec_at(split), split) if split < n else None
     x_all = edge.normalise(images)
 
     def torch_head(x):
         with torch.inference_mode():
-            h, prev = x, 0
-            for b in exits:
-                h = bundle.staged.run(h, prev, b)
-                confidence(bundle.exits[b](h))
-                prev = b
-            return bundle.staged.run(h, prev, split)
+            return head_pass(torch_stages, policy, x, split, exits)
 
     def ort_head(x):
-        h, prev = x, 0
-        for b in exits:
-            h = head.run(h, prev, b)
-            scores(head.exit_logits(b, h))
-            prev = b
-        return head.run(h, prev, split)
+        return head_pass(head, policy, x, split, exits)
 
     def view_head(x):
         with torch.inference_mode():
-            h, prev = x, 0
-            for b in exits:
-                h = view.run(h, prev, b)
-                confidence(view.exits[b](h))
-                prev = b
-            return view.run(h, prev, split)
+            return head_pass(view_stages, policy, x, split, exits)
 
     def torch_policy(x):
         with torch.inference_mode():
-            h, prev = x, 0
-            for b in exits:
-                h = bundle.staged.run(h, prev, b)
-                prev = b
-                s, pred = confidence(bundle.exits[b](h))
-                if float(s[0]) >= thresholds[b]:
-                    return b, int(pred[0]), None
-            h = bundle.staged.run(h, prev, split)
+            out = run_head(torch_stages, policy, x, split, exits)
+            if out.exit is not None:
+                return out.exit.boundary, out.exit.label, None
             if codec is None:
-                return n, int(h.argmax(1)[0]), None
-            return "cloud", None, codec.encode(h)[0]
+                return n, top1(out.tensor.numpy())[1], None
+            return "cloud", None, codec.encode(out.tensor)[0]
 
     def ort_policy(x):
         d = edge.infer(x)
@@ -190,7 +194,7 @@ def measure_config(name: str, bundle_dir: Path, head_dir: Path, images: np.ndarr
     agree = {"requests": 0, "same_decision": 0, "offloads": 0, "same_payload": 0, "uint8_same_payload": 0,
              "uint8_values_differing_max": 0, "uint8_values_differing_mean": 0.0, "uint8_max_step_diff": 0,
              "uint8_same_ranges": 0, "max_abs_diff_split_tensor": 0.0}
-    u8 = UInt8AffineCodec()
+    u8, u8_numpy = UInt8AffineCodec(), numpy_codec("uint8-affine")
     u8_diffs = []
     for i in range(-warmup, len(x_all)):
         xn = x_all[i % len(x_all)][None]
@@ -218,14 +222,14 @@ def measure_config(name: str, bundle_dir: Path, head_dir: Path, images: np.ndarr
                     pt = codec.encode(out["t"])[0]
                     key = "torch_encode"
                 else:
-                    po = edge._encode(out["o"])[0]
+                    po = edge.encoder.encode(out["o"])[0]
                     key = "ort_encode"
                 if i >= 0:
                     times[key].append(time.perf_counter() - t)
             t = time.perf_counter()
             q_t = u8.encode(out["t"])[0]
             t1 = time.perf_counter()
-            q_o = encode_uint8_affine(out["o"])[0]
+            q_o = u8_numpy.encode(out["o"])[0]
             t2 = time.perf_counter()
             if i >= 0:
                 times["torch_uint8"].append(t1 - t)
@@ -265,7 +269,7 @@ def measure_config(name: str, bundle_dir: Path, head_dir: Path, images: np.ndarr
     ratios = {f"{k}_torch_over_ort_p50": round(lat[f"torch_{k}"]["p50_ms"] / lat[f"ort_{k}"]["p50_ms"], 3)
               for k in ("head", "encode", "policy") if f"torch_{k}" in lat}
     ratios["view_head_torch_over_view_p50"] = round(lat["torch_head"]["p50_ms"] / lat["view_head"]["p50_ms"], 3)
-    return {"config": name, "split": split, "codec": plan.codec.name if codec is not None else None,
+    return {"config": name, "split": split, "codec": codec.name if codec is not None else None,
             "exits": exits, "latency": lat, "ratios": ratios, "agreement": agree}
 
 
@@ -313,47 +317,39 @@ def worker(kind: str, bundle_dir: str, head_dir: str, images_path: str, requests
         import torch
 
         from splitinfer.bundle import load_bundle
-        from splitinfer.calibration import confidence
         from splitinfer.data import to_model_input
+        from splitinfer.head import ExitPolicy
+        from splitinfer.torch_head import TorchStages
 
         torch.set_num_threads(1)
     else:
-        from edge_agent.onnx_head import NumpyEdge, OnnxHead, scores
+        from edge_agent.onnx_head import NumpyEdge, OnnxHead
     t1 = time.perf_counter()
     rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "torch":
         bundle = load_bundle(bundle_dir)
         plan = bundle.plan
         split, n = plan.split, bundle.num_stages
-        exits = sorted(b for b in (plan.active_exits or bundle.exits) if b <= split)
-        codec = bundle.codec_for(plan.codec.name, split) if split < n else None
+        exits = plan.planned_exits(bundle.exits)
+        policy = ExitPolicy.from_plan(plan)
+        stages = TorchStages(bundle.staged, bundle.exits)
+        codec = bundle.codec_for(plan.codec_at(split), split) if split < n else None
         x_all = to_model_input(images, plan.input.mean, plan.input.std)
 
         def one(i: int) -> None:
             with torch.inference_mode():
-                h, prev = x_all[i : i + 1], 0
-                for b in exits:
-                    h = bundle.staged.run(h, prev, b)
-                    confidence(bundle.exits[b](h))
-                    prev = b
-                h = bundle.staged.run(h, prev, split)
+                h = head_pass(stages, policy, x_all[i : i + 1], split, exits)
                 if codec is not None:
                     codec.encode(h)
     else:
         head = OnnxHead.load(head_dir, bundle_dir=bundle_dir)
         edge = NumpyEdge(head)
         x_all = edge.normalise(images)
-        split, n, exits = head.split, head.num_stages, head.active_exits
 
         def one(i: int) -> None:
-            h, prev = x_all[i : i + 1], 0
-            for b in exits:
-                h = head.run(h, prev, b)
-                scores(head.exit_logits(b, h))
-                prev = b
-            h = head.run(h, prev, split)
-            if split < n:
-                edge._encode(h)
+            h = head_pass(head, edge.policy, x_all[i : i + 1], edge.split, edge.exits)
+            if edge.encoder is not None:
+                edge.encoder.encode(h)
     t2 = time.perf_counter()
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     one(0)

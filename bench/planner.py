@@ -11,7 +11,7 @@ weights, for timing) and each cell of bandwidths x RTTs:
    use there.
 2. A real cloud server (``python -m cloud_server serve``, 1 torch thread, 1 worker) serves the model's bundle;
    the real edge runtime (:class:`edge_agent.runtime.EdgeRuntime`, 1 torch thread, in ``bench.edge_worker``)
-   talks to it through the link emulator (``python -m partitioner.linkemu``, a separate process: the rate each
+   talks to it through the link emulator (``python -m bench.linkemu``, a separate process: the rate each
    way, one-way delay RTT/2). For resnet50 and mobilenet_v2 the edge process runs in a cgroup limited to a
    quarter of one CPU (a CFS quota of 1 ms per 4 ms period): a device ~4-5x slower than the server, as edge
    devices are (with an edge as fast as the server, edge-only would win every cell). The default model's edge
@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from splitinfer.daemons import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("default", "resnet50", "mobilenet_v2")
@@ -64,64 +65,45 @@ EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25}
 CONTENDER_MARGIN = 1.15
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class Process:
-    """A child process that is stopped on exit."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def _daemon(name: str, args: list[str], log_path: Path, env: dict | None = None) -> Daemon:
+    """A child process in the repository root, its output appended to ``log_path``; stopped by the caller
+    (SIGTERM, SIGKILL after 15 s)."""
+    return Daemon(args, name=name, log_path=log_path, cwd=ROOT,
+                  env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stop_timeout=15)
 
 
-def _wait_port(port: int, proc: Process, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"process {proc.proc.args} exited with {proc.proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} did not open within {timeout} s")
+def start_server(bundle: Path, workdir: Path) -> tuple[Daemon, int]:
+    """``python -m cloud_server serve`` (1 torch thread, 1 worker) on a free port, once its health check says
+    SERVING."""
+    port = free_port()
+    server = _daemon("cloud server", [sys.executable, "-m", "cloud_server", "serve", "--bundle", str(bundle),
+                                      "--port", str(port), "--metrics-port", str(free_port())],
+                     workdir / "server.log",
+                     env={"SPLITINFER_CLOUD_TORCH_THREADS": "1", "SPLITINFER_CLOUD_WORKERS": "1"})
+    try:
+        server.wait_grpc_ready(f"127.0.0.1:{port}", timeout=120)
+    except BaseException:
+        server.stop()
+        raise
+    return server, port
 
 
-def start_server(bundle: Path, workdir: Path) -> tuple[Process, int]:
-    port = _free_port()
-    proc = Process([sys.executable, "-m", "cloud_server", "serve", "--bundle", str(bundle), "--port", str(port),
-                    "--metrics-port", str(_free_port())], workdir / "server.log",
-                   env={"SPLITINFER_CLOUD_TORCH_THREADS": "1", "SPLITINFER_CLOUD_WORKERS": "1"})
-    _wait_port(port, proc, 120)
-    return proc, port
-
-
-def start_emulator(target_port: int, rate_bps: float, rtt_s: float, workdir: Path) -> tuple[Process, int]:
-    port = _free_port()
-    proc = Process([sys.executable, "-m", "partitioner.linkemu", "--target", f"127.0.0.1:{target_port}",
-                    "--listen-port", str(port), "--rate", f"{rate_bps:.0f}", "--delay", f"{rtt_s / 2 * 1e3:.4f}ms"],
-                   workdir / "emulator.log")
-    _wait_port(port, proc, 30)
-    return proc, port
+def start_emulator(target_port: int, rate_bps: float, rtt_s: float, workdir: Path) -> tuple[Daemon, int]:
+    """``python -m bench.linkemu`` in front of ``target_port`` on a free port, once it listens."""
+    port = free_port()
+    emu = _daemon("link emulator", [sys.executable, "-m", "bench.linkemu", "--target", f"127.0.0.1:{target_port}",
+                                    "--listen-port", str(port), "--rate", f"{rate_bps:.0f}",
+                                    "--delay", f"{rtt_s / 2 * 1e3:.4f}ms"], workdir / "emulator.log")
+    try:
+        emu.wait_tcp_ready(port, timeout=30)
+    except BaseException:
+        emu.stop()
+        raise
+    return emu, port
 
 
 @dataclass

@@ -140,8 +140,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -154,7 +152,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitinfer.daemons import Daemon, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results committed under docs/ name no machine's
+    directories), else as given."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 MLSERVER_VERSION = "1.7.1"
 TAILS = ("light", "heavy")
 OURS = ("ours-batched", "ours-b1")
@@ -187,12 +198,6 @@ REQUEST_TIMEOUT_S = 120.0
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- machine
@@ -293,7 +298,8 @@ def ensure_mlserver_venv(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ bundles
 
 
-def _loads(path: Path, model: str) -> bool:
+def bundle_loads(path: Path, model: str) -> bool:
+    """Whether ``path`` holds a bundle of ``model`` that loads (a failure is logged)."""
     from splitinfer.bundle import load_bundle
 
     if not (path / "plan.json").exists():
@@ -310,12 +316,12 @@ def light_bundle(workdir: Path, rebuild: bool) -> tuple[Path, str]:
     out = workdir / "light" / "bundle"
     if not rebuild:
         for cand, how in ((ROOT / "runs" / "demo" / "bundle", "the demo's bundle"), (out, "cached")):
-            if _loads(cand, "default"):
+            if bundle_loads(cand, "default"):
                 return cand, how
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.search import Objective
-    from splitinfer import demo
+    from splitinfer.cli import demo
     from splitinfer.energy import get_profile
 
     _log("planning the default model as the demo does (~20 s) ...")
@@ -328,7 +334,7 @@ def light_bundle(workdir: Path, rebuild: bool) -> tuple[Path, str]:
 def heavy_bundle(workdir: Path, rebuild: bool) -> tuple[Path, str]:
     """A ResNet-50 (random weights) bundle made by ``plan make``'s library."""
     out = workdir / "heavy" / "bundle"
-    if not rebuild and _loads(out, HEAVY_MODEL):
+    if not rebuild and bundle_loads(out, HEAVY_MODEL):
         return out, "cached"
     from partitioner.cost import Link
     from partitioner.make import PlanOptions, make_model_plan
@@ -362,7 +368,7 @@ class Workload:
 
     def describe(self) -> dict:
         sizes = [len(p) for p in self.payloads]
-        return {"bundle": str(self.bundle), "bundle_source": self.bundle_source, "model": self.model_name,
+        return {"bundle": repo_path(self.bundle), "bundle_source": self.bundle_source, "model": self.model_name,
                 "split": self.split, "codec": self.codec, "boundary_shape": self.boundary_shape,
                 "boundary_fp32_bytes": 4 * int(np.prod(self.boundary_shape)), "inputs": len(self.payloads),
                 "payload_bytes_mean": round(statistics.fmean(sizes), 1), "payload_bytes_max": max(sizes),
@@ -477,63 +483,12 @@ class Settings:
     inline_compute_max_ms: float | None = None  # ours only (a scheduling feature of our server); None: its default
 
 
-class Server:
-    """A server subprocess in its own process group (stopped as a group)."""
+class Server(Daemon):
+    """A server subprocess in its own process group (stopped as a group), serving on ``port``."""
 
-    name = "server"
-
-    def __init__(self, args: list[str], env: dict, log_path: Path, cwd: Path):
-        self.log_path = log_path
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.port: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, port: int, model: str, timeout: float = 180.0) -> None:
-        import grpc
-
-        from splitinfer.protocol import grpc_service_pb2 as pb
-        from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
-                                       + self.log_tail())
-                try:
-                    if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1.0).ready:
-                        self.port = port
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.25)
-        raise RuntimeError(f"{self.name} was not ready within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-n:]
-        return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by a group leader that exited
-        self.log.close()
+    def __init__(self, name: str, args: list[str], env: dict, log_path: Path, cwd: Path, port: int):
+        super().__init__(args, name=name, log_path=log_path, env=env, cwd=cwd, new_session=True)
+        self.port = port
 
 
 def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
@@ -546,9 +501,9 @@ def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
         "SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS": str(s.batch_max_delay_ms),
         "SPLITINFER_CLOUD_MAX_INFLIGHT": str(max(512, 4 * max_concurrency)),
         "SPLITINFER_CLOUD_BATCH_MAX_QUEUE": str(max(256, 4 * max_concurrency)),
-        "SPLITINFER_CLOUD_MAX_BATCH": str(s.max_batch),
+        "SPLITINFER_CLOUD_MAX_REQUEST_BATCH": str(s.max_batch),
         "SPLITINFER_CLOUD_MAX_MESSAGE_BYTES": str(s.max_message_bytes),
-        "SPLITINFER_CLOUD_LOG_LEVEL": "WARNING",
+        "SPLITINFER_CLOUD_LOG_LEVEL": "warning",
     })
     if s.gil_switch_interval_ms is not None:
         env["SPLITINFER_CLOUD_GIL_SWITCH_INTERVAL_MS"] = str(s.gil_switch_interval_ms)
@@ -557,12 +512,12 @@ def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
     return env
 
 
-def launch(name: str, args: list[str], env: dict, log_path: Path, cwd: Path, port: int, model: str) -> Server:
+def launch(name: str, args: list[str], env: dict, log_path: Path, cwd: Path, port: int, model: str,
+           timeout: float = 180.0) -> Server:
     """Start a server process and wait until ``model`` is ready on ``port``; stopped again if it never is."""
-    srv = Server(args, env, log_path, cwd)
-    srv.name = name
+    srv = Server(name, args, env, log_path, cwd, port)
     try:
-        srv.wait_ready(port, model)
+        srv.wait_grpc_ready(f"127.0.0.1:{port}", model=model, timeout=timeout)
     except BaseException:
         srv.stop()
         raise
@@ -570,7 +525,7 @@ def launch(name: str, args: list[str], env: dict, log_path: Path, cwd: Path, por
 
 
 def start_ours(w: Workload, s: Settings, batched: bool, max_concurrency: int, logdir: Path) -> Server:
-    port = _free_port()
+    port = free_port()
     return launch("splitinfer cloud serve",
                   [sys.executable, "-m", "splitinfer", "cloud", "serve", "--bundle", str(w.bundle.resolve()), "--host",
                    "127.0.0.1", "--port", str(port), "--metrics-port", "0"], our_env(s, batched, max_concurrency),
@@ -582,10 +537,10 @@ def mlserver_files(w: Workload, s: Settings, cfg: dict, root: Path) -> tuple[int
     parallel_workers = cfg["parallel_workers"]
     torch_threads = cfg["torch_threads"] or s.torch_threads
     workers = cfg["workers"] or s.workers
-    grpc_port = _free_port()
+    grpc_port = free_port()
     settings = {"debug": False, "parallel_workers": parallel_workers, "host": "127.0.0.1",
-                "http_port": _free_port(), "grpc_port": grpc_port, "metrics_endpoint": None,
-                "metrics_port": _free_port(), "grpc_max_message_length": s.max_message_bytes,
+                "http_port": free_port(), "grpc_port": grpc_port, "metrics_endpoint": None,
+                "metrics_port": free_port(), "grpc_max_message_length": s.max_message_bytes,
                 "gzip_enabled": False, "load_models_at_startup": True}
     # Threads running batches at once, in total as ours: split over the worker processes when there are any.
     threads_per_process = max(1, workers // parallel_workers) if parallel_workers else workers
@@ -713,7 +668,7 @@ def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]
 
 def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
     """``bench.grpc_floor``: a bare grpc.aio server running the same decode + tail inline (no server logic)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return launch("bench.grpc_floor", [sys.executable, "-m", "bench.grpc_floor", "--bundle", str(w.bundle.resolve()),
                                        "--port", str(port), "--torch-threads", str(s.torch_threads)],
@@ -991,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "config_formats": {c: config_format(c) for c in configs},
             "mlserver": None if venv_stamp is None else {
-                "version": MLSERVER_VERSION, "venv": str(venv), "environment": venv_stamp,
+                "version": MLSERVER_VERSION, "venv": repo_path(venv), "environment": venv_stamp,
                 "configs": {c: MLSERVER_CONFIGS[c] for c in configs if c not in OURS},
                 "runtime": "bench.mlserver_runtime.SplitTailModel", "adaptive_batching": {
                     t: {"max_batch_size": st.batch_max_size, "max_batch_time_s": st.batch_max_delay_ms / 1e3}

@@ -5,7 +5,7 @@ Requests are :class:`Job` objects: a cheap validated ``prepare`` callable that d
 One asyncio task per :class:`Batcher` forms batches:
 
 1. It waits for a free worker (``workers`` batches run at once in the thread pool) and a queued job.
-2. The oldest job fixes the batch key (``("features", split)`` or ``("input", 0)``); jobs with the same key
+2. The oldest job fixes the :class:`BatchKey` (features at a split, or a full-model input); jobs with the same key
    join in arrival order until ``max_batch_size`` samples, or until ``max_delay_s`` has passed since the
    oldest job arrived — but only while another batch is computing: with every worker idle the queue is
    dispatched at once (waiting would only add latency), except right after a long run (at least
@@ -31,6 +31,10 @@ itself. After such a run the loop yields ``INLINE_YIELDS`` times before forming 
 delivers the requests that arrived meanwhile (it hands over one new call per loop iteration); if several are
 then waiting, they form a batch for the worker threads as usual. The loop is blocked at most about
 ``inline_max_s`` at a time; long models never run inline.
+
+**Time** comes from a :class:`Clock` (``now()`` and a timer on the event loop): :class:`LoopClock` by default;
+tests give a fake one and decide when each batch's compute ends, so the batching policy (max delay, max batch,
+linger, deadlines) is checked without real sleeps.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from cloud_server.decode import Staged, finish_prepared
 from cloud_server.errors import Overloaded
+from splitinfer import wire
 from splitinfer.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,48 @@ log = logging.getLogger(__name__)
 INLINE_YIELDS = 8  # event-loop turns after an inline run before the next batch is formed (see the docstring)
 LINGER_FACTOR = 10  # an idle worker lingers (max_delay) after a run at least this many max_delays long
 
-BatchKey = tuple[str, int]
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """What the jobs of one tail run share: the kind of input and the boundary the tail starts at.
+
+    One batcher serves one model version, so the model is not part of the key; nor is the codec: each job
+    decodes its own payload, and features of different codecs at one split run as one batch."""
+
+    kind: str  # wire.FEATURES_TENSOR (split features) or wire.INPUT_TENSOR (a full-model input)
+    split: int  # the tail runs stages split..N-1 (0 for an input)
+
+    @classmethod
+    def features(cls, split: int) -> BatchKey:
+        """Split features decoded at boundary ``split``."""
+        return cls(wire.FEATURES_TENSOR, split)
+
+    @classmethod
+    def model_input(cls) -> BatchKey:
+        """A normalised model input: the whole model runs."""
+        return cls(wire.INPUT_TENSOR, 0)
+
+
+class Timer(Protocol):
+    def cancel(self) -> object: ...
+
+
+class Clock(Protocol):
+    """The batcher's time: ``now()`` in seconds (any origin), and ``call_later`` on the running event loop."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer: ...
+
+
+class LoopClock:
+    """The real clock: ``time.perf_counter`` and the running event loop's timers."""
+
+    now = staticmethod(time.perf_counter)
+
+    @staticmethod
+    def call_later(delay: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
 
 @dataclass
@@ -69,24 +117,15 @@ class RunResult:
 
 
 @dataclass
-class Staged:
-    """A job's input decoded half way; jobs of the same ``group`` are finished together in one call."""
-
-    group: Hashable
-    rows: np.ndarray  # [B, ...]: this job's samples
-    finish: Callable[[np.ndarray], torch.Tensor]  # rows of one or more jobs -> their tensor [sum B, ...]
-    check: Callable[[torch.Tensor], torch.Tensor]  # validates one job's part (raises for a bad payload)
-
-
-@dataclass
 class Job:
     """One request waiting for the tail."""
 
     key: BatchKey
     samples: int
     prepare: Callable[[], torch.Tensor | Staged]
-    deadline: float | None = None  # time.perf_counter() value after which the answer is useless
-    arrived: float = field(default_factory=time.perf_counter)
+    timeout_s: float | None = None  # the answer is useless this long after submit (None: no deadline)
+    arrived: float = 0.0  # clock time of submit (set by Batcher.submit)
+    deadline: float | None = None  # clock time after which the answer is useless (set by Batcher.submit)
     future: asyncio.Future | None = None
 
 
@@ -96,7 +135,8 @@ class Batcher:
     def __init__(self, run_batch: Callable[[BatchKey, torch.Tensor], np.ndarray], executor: Executor, *,
                  max_batch_size: int = 32, max_delay_s: float = 0.001, max_queue: int = 256, workers: int = 1,
                  on_queue_depth: Callable[[int], None] | None = None,
-                 on_batch: Callable[[int, float], None] | None = None, inline_max_s: float = 0.0):
+                 on_batch: Callable[[int, float], None] | None = None, inline_max_s: float = 0.0,
+                 clock: Clock | None = None):
         if max_batch_size < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0 or inline_max_s < 0:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1, max_delay_s and inline_max_s "
                              ">= 0")
@@ -108,8 +148,10 @@ class Batcher:
         self.workers = workers
         self.on_queue_depth = on_queue_depth
         self.on_batch = on_batch
+        self.clock: Clock = clock or LoopClock()
         self._queue: deque[Job] = deque()
-        self._changed: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # a job arrived or a batch ended: the loop looks again
+        self._progress: asyncio.Event | None = None  # a batch ended or the queue emptied: close() looks again
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -118,7 +160,7 @@ class Batcher:
         self.inline_runs = 0  # batches run on the event loop (see the module docstring)
         self._single_s: float | None = None  # running mean of the compute seconds of one-sample runs
         self._last_compute_s = 0.0  # compute seconds of the last run
-        self._last_done = 0.0  # perf_counter() when the last worker batch ended
+        self._last_done = 0.0  # clock time when the last worker batch ended
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -131,6 +173,7 @@ class Batcher:
         """Start the batch-forming task on the running event loop."""
         if self._task is None:
             self._changed = asyncio.Event()
+            self._progress = asyncio.Event()
             self._slots = asyncio.Semaphore(self.workers)
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
@@ -143,6 +186,8 @@ class Batcher:
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"batch queue full ({self.max_queue} requests waiting); retry later")
         job.future = asyncio.get_running_loop().create_future()
+        job.arrived = self.clock.now()
+        job.deadline = None if job.timeout_s is None else job.arrived + max(0.0, job.timeout_s)
         self._queue.append(job)
         self._report_depth()
         self._changed.set()
@@ -152,9 +197,9 @@ class Batcher:
         """Refuse new jobs, let queued and running ones finish, then stop the task."""
         self._closed = True
         while self._queue or self._running:
-            if self._changed is not None:
-                self._changed.set()
-            await asyncio.sleep(0.005)
+            self._progress.clear()
+            self._changed.set()
+            await self._progress.wait()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,7 +216,7 @@ class Batcher:
         """Wait until a job arrives or a batch ends, or ``timeout`` passes (a timer, not ``wait_for``: no task
         per wait on this per-request path)."""
         self._changed.clear()
-        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._changed.set)
+        timer = None if timeout is None else self.clock.call_later(timeout, self._changed.set)
         try:
             await self._changed.wait()
         finally:
@@ -180,7 +225,7 @@ class Batcher:
 
     def _drop_stale(self) -> None:
         """Answer queued jobs that expired or were abandoned, before they cost anything."""
-        now = time.perf_counter()
+        now = self.clock.now()
         if not any(job.future.done() or (job.deadline is not None and now >= job.deadline) for job in self._queue):
             return
         kept: deque[Job] = deque()
@@ -215,6 +260,7 @@ class Batcher:
         while True:
             self._drop_stale()
             if not self._queue:
+                self._progress.set()
                 await self._wait_changed(None)
                 continue
             await self._slots.acquire()
@@ -227,7 +273,7 @@ class Batcher:
                     if not self._queue:
                         break
                     oldest = self._queue[0]
-                    now = time.perf_counter()
+                    now = self.clock.now()
                     if self._closed or self._same_key_samples(oldest.key) >= self.max_batch_size:
                         break
                     left = oldest.arrived + self.max_delay_s - now if self._running else self._linger_s(now)
@@ -250,13 +296,18 @@ class Batcher:
                     self._run_inline(batch)
                 finally:
                     self._slots.release()
+                    self._progress.set()
                 for _ in range(INLINE_YIELDS):  # let gRPC hand over the calls that arrived meanwhile
                     await asyncio.sleep(0)
                 continue
             task = asyncio.get_running_loop().create_task(self._dispatch(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)  # for a task cancelled before it ran (_dispatch
-            #                                                 removes itself when it ends normally)
+            task.add_done_callback(self._dispatch_ended)
+
+    def _dispatch_ended(self, task: asyncio.Task) -> None:
+        """For a task cancelled before it ran (``_dispatch`` removes itself when it ends normally)."""
+        self._running.discard(task)
+        self._progress.set()
 
     def _linger_s(self, now: float) -> float:
         """How much longer an idle worker waits for companions of the queued jobs: up to ``max_delay_s`` after a
@@ -273,7 +324,7 @@ class Batcher:
                 and batch[0].samples == 1 and self._single_s is not None and self._single_s <= self.inline_max_s)
 
     def _run_inline(self, batch: list[Job]) -> None:
-        started = time.perf_counter()
+        started = self.clock.now()
         try:
             outcomes, compute_s, samples = self._compute(batch)
         except Exception as exc:  # noqa: BLE001 - _compute reports per job; this is a bug, fail the batch
@@ -284,17 +335,18 @@ class Batcher:
     async def _dispatch(self, batch: list[Job]) -> None:
         try:
             loop = asyncio.get_running_loop()
-            started = time.perf_counter()
+            started = self.clock.now()
             try:
                 outcomes, compute_s, samples = await loop.run_in_executor(self.executor, self._compute, batch)
             except BaseException as exc:  # the whole batch failed (executor shut down, cancelled)
                 outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
             self._settle(batch, outcomes, compute_s, samples, started)
         finally:
-            self._last_done = time.perf_counter()
+            self._last_done = self.clock.now()
             self._running.discard(asyncio.current_task())  # now, not in a later done-callback: the next batch
             self._slots.release()                           # formed may already count on it
             self._changed.set()
+            self._progress.set()
 
     def _settle(self, batch: list[Job], outcomes: list[object], compute_s: float, samples: int,
                 started: float) -> None:
@@ -315,7 +367,7 @@ class Batcher:
 
     def _compute(self, batch: list[Job]) -> tuple[list[object], float, int]:
         """Worker thread: decode each job, run the tail once on the concatenation, split the logits."""
-        started = time.perf_counter()
+        started = self.clock.now()
         prepared: list[object] = []
         for job in batch:
             try:
@@ -343,39 +395,5 @@ class Batcher:
                     n = int(t.shape[0])
                     outcomes[i] = logits[offset:offset + n]
                     offset += n
-        return outcomes, time.perf_counter() - started, samples
+        return outcomes, self.clock.now() - started, samples
 
-
-def finish_prepared(prepared: list[object]) -> tuple[dict[int, torch.Tensor], list[object]]:
-    """Items are tensors, :class:`Staged` halves, or the exception a job's ``prepare`` raised. The staged ones
-    are finished per group (:func:`finish_staged`). Returns the ready tensors by index, and per index the
-    exception that fails it (None when it is ready)."""
-    outcomes: list[object] = [x if isinstance(x, BaseException) else None for x in prepared]
-    ready = {i: x for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)}
-    groups: dict[Hashable, list[tuple[int, Staged]]] = {}
-    for i, x in enumerate(prepared):
-        if isinstance(x, Staged):
-            groups.setdefault(x.group, []).append((i, x))
-    for members in groups.values():
-        finish_staged(members, ready, outcomes)
-    return ready, outcomes
-
-
-def finish_staged(members: list[tuple[int, Staged]], ready: dict[int, torch.Tensor], outcomes: list[object]) -> None:
-    """Finish the staged inputs of one group in one call, then check each job's part. If the joint call fails,
-    each job is finished alone, so only a bad payload's job fails."""
-    joint = None
-    if len(members) > 1:
-        try:
-            joint = members[0][1].finish(np.concatenate([m.rows for _, m in members]))
-        except Exception:  # noqa: BLE001 - retried per job below, where the culprit gets the error
-            joint = None
-    offset = 0
-    for i, m in members:
-        n = int(m.rows.shape[0])
-        try:
-            part = joint[offset:offset + n] if joint is not None else m.finish(m.rows)
-            ready[i] = m.check(part)
-        except Exception as exc:  # noqa: BLE001 - that job's error
-            outcomes[i] = exc
-        offset += n

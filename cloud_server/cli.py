@@ -27,7 +27,10 @@ def serve(
     port: int | None = typer.Option(None, "--port", help="gRPC port (default 8001; 0 picks a free one)."),
     metrics_port: int | None = typer.Option(None, "--metrics-port",
                                             help="Prometheus /metrics port (default 8002; 0 disables)."),
-    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch per request (default 64)."),
+    max_request_batch: int | None = typer.Option(None, "--max-request-batch",
+                                                 help="Largest batch one request may carry (default 64)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", hidden=True,
+                                         help="Deprecated: the old name of --max-request-batch."),
     batch_max_size: int | None = typer.Option(None, "--batch-max-size",
                                               help="Dynamic batching: most samples per tail run (default 32; "
                                                    "1 turns batching off)."),
@@ -45,7 +48,8 @@ def serve(
                                               help="PEM CA of client certificates (mutual TLS)."),
     auth_tokens_file: Path | None = typer.Option(None, "--auth-tokens-file",
                                                  help="Bearer tokens file (TOKEN or NAME:TOKEN per line)."),
-    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    log_level: str | None = typer.Option(None, "--log-level",
+                                         help="debug, info, warning, error or critical (any case; default info)."),
 ) -> None:
     """Serve model tails (Open Inference Protocol v2 over gRPC) until SIGTERM/SIGINT, then drain.
 
@@ -53,12 +57,21 @@ def serve(
     from cloud_server.server import serve as run_server
     from cloud_server.settings import CloudSettings
 
+    if max_batch is not None:
+        from splitinfer.settings_common import warn_renamed
+
+        if max_request_batch is None:
+            warn_renamed("--max-batch", "--max-request-batch")
+            max_request_batch = max_batch
+        else:
+            warn_renamed("--max-batch", "--max-request-batch", ignored=True)
     overrides = {"bundle": bundle, "model_repository": model_repository, "host": host, "port": port,
-                 "metrics_port": metrics_port, "max_batch": max_batch, "batch_max_size": batch_max_size,
+                 "metrics_port": metrics_port, "max_request_batch": max_request_batch,
+                 "batch_max_size": batch_max_size,
                  "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "torch_threads": torch_threads,
                  "inline_compute_max_ms": inline_compute_max_ms,
                  "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
-                 "auth_tokens_file": auth_tokens_file, "log_level": log_level.upper() if log_level else None}
+                 "auth_tokens_file": auth_tokens_file, "log_level": log_level}
     try:
         settings = CloudSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

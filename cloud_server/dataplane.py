@@ -24,7 +24,8 @@ import torch
 
 import splitinfer
 from cloud_server.auth import ClientLimiter
-from cloud_server.batcher import Batcher, Job, Staged
+from cloud_server.batcher import Batcher, BatchKey, Job
+from cloud_server.decode import Staged
 from cloud_server.errors import Overloaded
 from cloud_server.metrics import ServerMetrics
 from cloud_server.repository import IndexEntry, ModelFactory, ModelRepository, ServedModel
@@ -71,7 +72,7 @@ def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_ba
             metrics.add_model(name)
             depth = metrics.queue_depth_reporter(name, version)
             batch = lambda samples, seconds: metrics.observe_batch(name, samples, seconds)  # noqa: E731
-        batcher = Batcher(lambda key, x: tail.run_tail(x, key[1]), executor,
+        batcher = Batcher(lambda key, x: tail.run_tail(x, key.split), executor,
                           max_batch_size=policy.max_batch_size, max_delay_s=policy.max_delay_s,
                           max_queue=policy.max_queue, workers=policy.workers, on_queue_depth=depth,
                           on_batch=batch, inline_max_s=policy.inline_max_s)
@@ -208,8 +209,7 @@ class DataPlane:
                 raise InvalidInput(f"unknown requested output {name!r}; this model outputs "
                                    f"{wire.OUTPUT_TENSOR!r}")
         job = self._job(model.tail, req)
-        if timeout_s is not None:
-            job.deadline = job.arrived + max(0.0, timeout_s)
+        job.timeout_s = timeout_s
         if self.inflight >= self.max_inflight:
             raise Overloaded(f"too many requests in flight ({self.inflight}); retry later")
         with self.limiter.slot(client):
@@ -274,7 +274,7 @@ class DataPlane:
         def prepare() -> torch.Tensor | Staged:
             return tail.prepare_features(payload, codec, meta, split)
 
-        return Job(key=(wire.FEATURES_TENSOR, split), samples=samples, prepare=prepare)
+        return Job(key=BatchKey.features(split), samples=samples, prepare=prepare)
 
     @staticmethod
     def _input_job(tail: TailRuntime, tensor: InferTensor) -> Job:
@@ -286,6 +286,6 @@ class DataPlane:
         def prepare() -> torch.Tensor:
             return tail.input_tensor(data)
 
-        return Job(key=(wire.INPUT_TENSOR, 0), samples=samples, prepare=prepare)
+        return Job(key=BatchKey.model_input(), samples=samples, prepare=prepare)
 
 

@@ -13,14 +13,12 @@ BundleError          FAILED_PRECONDITION (a model in the repository cannot be lo
 anything else        INTERNAL (traceback logged, details hidden from the client)
 ===================  =====================
 
-The server keeps serving after any of them.
+The server keeps serving after any of them. :func:`cloud_server.servicer.rpc` applies this mapping to every rpc.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import grpc
 
@@ -34,7 +32,6 @@ from splitinfer.errors import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Overloaded(Unavailable):
@@ -60,21 +57,3 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     log.error("unexpected error while serving a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 
-
-async def guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]],
-                  on_status: Callable[[grpc.StatusCode], None] | None = None) -> T:
-    """Await ``call()``; on an exception abort the RPC with the mapped status.
-
-    ``on_status`` (if given) is told the final status code, OK included.
-    """
-    try:
-        result = await call()
-    except Exception as exc:
-        code, message = status_for(exc)
-        if on_status is not None:
-            on_status(code)
-        await context.abort(code, message)
-        raise AssertionError("unreachable: context.abort raises") from exc
-    if on_status is not None:
-        on_status(grpc.StatusCode.OK)
-    return result

@@ -51,6 +51,8 @@ from torch import nn
 from cloud_server.tail import TailRuntime
 from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.errors import InvalidInput, SplitInferError
+from splitinfer.onnx_util import OPSET as ONNX_OPSET
+from splitinfer.onnx_util import RTOL, compare, export_onnx, session
 from splitinfer.wire import FEATURES_TENSOR, INPUT_TENSOR, MODEL_VERSION, OUTPUT_TENSOR
 
 FORMATS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "torchscript": ("pytorch_libtorch", "model.pt")}
@@ -59,8 +61,6 @@ CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 README_FILE = "README.md"
 VERIFY_BATCH = 3
-RTOL = 1e-4
-ONNX_OPSET = 17
 MAX_TRITON_BATCH = 1 << 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -230,33 +230,23 @@ def _write_model(p: _Plan, fmt: str, example: torch.Tensor, path: Path) -> None:
 
 
 def _export(p: _Plan, fmt: str, example: torch.Tensor, path: Path) -> None:
+    if fmt == "onnx":  # the one ONNX exporter (splitinfer.onnx_util): TorchScript-based, dynamic batch
+        path.write_bytes(export_onnx(p.module, example, p.input_name, OUTPUT_TENSOR, ONNX_OPSET))
+        return
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # deprecation notices of the TorchScript-based tools, constant shape checks
-        if fmt == "onnx":
-            # The dynamo exporter needs onnxscript; the TorchScript-based exporter handles every staged tail.
-            torch.onnx.export(p.module, (example,), str(path), dynamo=False, input_names=[p.input_name],
-                              output_names=[OUTPUT_TENSOR], opset_version=ONNX_OPSET,
-                              dynamic_axes={p.input_name: {0: "batch"}, OUTPUT_TENSOR: {0: "batch"}})
-        else:
-            traced = torch.jit.trace(p.module, (example,), check_trace=False)
-            torch.jit.save(traced, str(path))
+        traced = torch.jit.trace(p.module, (example,), check_trace=False)
+        torch.jit.save(traced, str(path))
 
 
 def _run_exported(p: _Plan, fmt: str, path: Path, x: torch.Tensor) -> np.ndarray:
     """Run the written file the way Triton's backend would (ONNX Runtime, or LibTorch through torch.jit)."""
     if fmt == "onnx":
         import onnx
-        import onnxruntime as ort
 
         onnx.checker.check_model(str(path))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inputs = [i.name for i in sess.get_inputs()]
-        outputs = [o.name for o in sess.get_outputs()]
-        if inputs != [p.input_name] or outputs != [OUTPUT_TENSOR]:
-            raise ExportCheckFailed(f"exported ONNX has inputs {inputs} and outputs {outputs}; expected "
-                                    f"[{p.input_name!r}] and [{OUTPUT_TENSOR!r}]")
+        sess = session(path.read_bytes(), "the exported ONNX model", inputs=[p.input_name], outputs=[OUTPUT_TENSOR],
+                       error=ExportCheckFailed)
         return sess.run(None, {p.input_name: x.numpy()})[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -286,18 +276,9 @@ def _check(p: _Plan, fmt: str, path: Path, runtime: TailRuntime, bundle: Bundle)
         raise
     except Exception as exc:  # the runtime refusing the file is a failed export, whatever it raises
         raise ExportCheckFailed(f"the exported {fmt} model does not run: {type(exc).__name__}: {exc}") from exc
-    if list(got.shape) != list(ref.shape):
-        raise ExportCheckFailed(f"the exported model returned shape {list(got.shape)} for a batch of {VERIFY_BATCH}; "
-                                f"the torch tail returns {list(ref.shape)}")
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    tol = RTOL * max(1.0, scale)
-    if not np.isfinite(got).all():
-        raise ExportCheckFailed("the exported model returned NaN or infinite logits")
-    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
-    if diff > tol:
-        raise ExportCheckFailed(f"the exported {fmt} model disagrees with the torch tail: max abs diff {diff:.3g} "
-                                f"> tolerance {tol:.3g} (batch of {VERIFY_BATCH})")
-    return diff, tol, scale
+    agreement = compare(f"the exported {fmt} model (batch of {VERIFY_BATCH})", got, ref, rtol=RTOL,
+                        against="the torch tail", error=ExportCheckFailed)
+    return agreement.max_abs_diff, agreement.tolerance, agreement.reference_max_abs
 
 
 # --------------------------------------------------------------------------------------------- config files

@@ -65,7 +65,7 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
 
 
 def _read_pem(path: Path, what: str) -> bytes:
@@ -107,7 +107,7 @@ class CloudServer:
         policy = BatchPolicy(max_batch_size=settings.batch_max_size, max_delay_s=settings.batch_max_delay_ms / 1e3,
                              max_queue=settings.batch_max_queue, workers=settings.workers,
                              inline_max_s=settings.inline_compute_max_ms / 1e3)
-        factory = served_model_factory(self.executor, policy, settings.max_batch, self.metrics)
+        factory = served_model_factory(self.executor, policy, settings.max_request_batch, self.metrics)
         self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
         self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
                                    limiter=ClientLimiter(settings.max_concurrency_per_client))
@@ -169,7 +169,7 @@ class CloudServer:
             "mutual_tls": s.tls_client_ca is not None, "auth": self.auth.required,
             "metrics_port": self.metrics_endpoint.port if self.metrics_endpoint else None,
             "models": {n: sorted(v, key=int) for n, v in self.repository.models.items()},
-            "source": str(s.model_repository or s.bundle), "max_batch": s.max_batch,
+            "source": str(s.model_repository or s.bundle), "max_request_batch": s.max_request_batch,
             "batch_max_size": s.batch_max_size, "batch_max_delay_ms": s.batch_max_delay_ms,
             "workers": s.workers, "inline_compute_max_ms": s.inline_compute_max_ms,
             "torch_threads": torch.get_num_threads()}})

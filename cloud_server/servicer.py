@@ -1,9 +1,10 @@
 """The thin grpc.aio servicer of ``inference.GRPCInferenceService``.
 
-Each rpc authenticates the caller (:class:`~cloud_server.auth.Authenticator`), converts the message
-(:mod:`splitinfer.protocol.converters`), calls the :class:`~cloud_server.dataplane.DataPlane` and converts the
-answer back; errors become status codes in :mod:`cloud_server.errors`. Inference (unary or streamed) also
-records the request-level metrics.
+Every rpc is wrapped by :func:`rpc`, the one place that authenticates the caller
+(:class:`~cloud_server.auth.Authenticator`) and turns an exception into its status code
+(:func:`cloud_server.errors.status_for`); ModelInfer's wrapper also records the request-level metrics. A method
+body only converts the message (:mod:`splitinfer.protocol.converters`), calls the
+:class:`~cloud_server.dataplane.DataPlane` and converts the answer back.
 
 ``ModelStreamInfer`` keeps one bidirectional stream open: every request read from it is handled
 concurrently (so the batcher can batch a stream's requests together) and answered by exactly one
@@ -21,14 +22,17 @@ reading its answers is simply not read further (HTTP/2 flow control pushes back)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from cloud_server.auth import Authenticator
 from cloud_server.dataplane import DataPlane
-from cloud_server.errors import guarded, status_for
+from cloud_server.errors import status_for
 from cloud_server.metrics import ServerMetrics
 from splitinfer import wire
 from splitinfer.errors import InvalidInput, Unavailable
@@ -39,6 +43,67 @@ from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 _END = object()
 STREAM_WINDOW = 256  # most requests of one stream read but not yet answered (backpressure beyond that)
 STREAM_DRAIN_LINGER_S = 0.2  # on drain, how long a stream keeps reading (answering UNAVAILABLE) before it ends
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, message = status_for(exc)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises") from exc
+
+
+def rpc(method: Callable | None = None, *, metered: bool = False) -> Callable:
+    """The wrapper of every rpc of :class:`InferenceServicer`: ``method(self, request, context, client)`` is
+    called with the authenticated caller's identity, and an exception it raises (authentication's included)
+    ends the call with the status :func:`~cloud_server.errors.status_for` maps it to.
+
+    A response-streaming method (an async generator) is wrapped the same way: an exception before or between
+    its answers ends the stream with its status. ``metered`` (ModelInfer) also counts the call in flight and
+    records it in the request metrics with its final status, failures included."""
+    if method is None:
+        return functools.partial(rpc, metered=metered)
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: InferenceServicer, request, context: grpc.aio.ServicerContext):
+            try:
+                client = self._client(context)
+                async with contextlib.aclosing(method(self, request, context, client)) as answers:
+                    async for answer in answers:
+                        yield answer
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: InferenceServicer, request, context: grpc.aio.ServicerContext):
+        record = metered and self.metrics is not None
+        if not record:
+            try:
+                return await method(self, request, context, self._client(context))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+        started, code, response_bytes = time.perf_counter(), None, 0
+        self.metrics.inflight.inc()
+        try:
+            response = await method(self, request, context, self._client(context))
+            code, response_bytes = grpc.StatusCode.OK, response.ByteSize()
+            return response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code = status_for(exc)[0]
+            await _abort(context, exc)
+        finally:
+            self.metrics.inflight.dec()
+            if code is not None:  # not for a cancelled call
+                self._record(request, code, started, response_bytes)
+
+    return unary
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -55,76 +120,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------------- health and metadata
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    @rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext, client: str
                          ) -> pb.ServerLiveResponse:
-        async def call() -> pb.ServerLiveResponse:
-            self._client(context)
-            return pb.ServerLiveResponse(live=self.dataplane.live())
+        return pb.ServerLiveResponse(live=self.dataplane.live())
 
-        return await guarded(context, call)
-
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    @rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext, client: str
                           ) -> pb.ServerReadyResponse:
-        async def call() -> pb.ServerReadyResponse:
-            self._client(context)
-            return pb.ServerReadyResponse(ready=self.dataplane.ready())
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
-        return await guarded(context, call)
-
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext, client: str
                          ) -> pb.ModelReadyResponse:
-        async def call() -> pb.ModelReadyResponse:
-            self._client(context)
-            return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
-        return await guarded(context, call)
+    @rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext,
+                             client: str) -> pb.ServerMetadataResponse:
+        return converters.server_metadata_to_proto(self.dataplane.server_metadata())
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.ServerMetadataResponse:
-        async def call() -> pb.ServerMetadataResponse:
-            self._client(context)
-            return converters.server_metadata_to_proto(self.dataplane.server_metadata())
-
-        return await guarded(context, call)
-
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ModelMetadataResponse:
-        async def call() -> pb.ModelMetadataResponse:
-            self._client(context)
-            meta = self.dataplane.model_metadata(request.name, request.version)
-            return converters.model_metadata_to_proto(meta)
-
-        return await guarded(context, call)
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext,
+                            client: str) -> pb.ModelMetadataResponse:
+        return converters.model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
 
     # --------------------------------------------------------------------------------------- repository
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
-                              ) -> pb.RepositoryIndexResponse:
-        async def call() -> pb.RepositoryIndexResponse:
-            self._client(context)
-            return converters.repository_index_to_proto(self.dataplane.repository_index(request.ready))
+    @rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext,
+                              client: str) -> pb.RepositoryIndexResponse:
+        return converters.repository_index_to_proto(self.dataplane.repository_index(request.ready))
 
-        return await guarded(context, call)
+    @rpc
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext,
+                                  client: str) -> pb.RepositoryModelLoadResponse:
+        refuse_repository_parameters(request.parameters)
+        await self.dataplane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
-        async def call() -> pb.RepositoryModelLoadResponse:
-            self._client(context)
-            refuse_repository_parameters(request.parameters)
-            await self.dataplane.load_model(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-
-        return await guarded(context, call)
-
+    @rpc
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
-        async def call() -> pb.RepositoryModelUnloadResponse:
-            self._client(context)
-            refuse_repository_parameters(request.parameters, frozenset({"unload_dependents"}))
-            await self.dataplane.unload_model(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-
-        return await guarded(context, call)
+                                    context: grpc.aio.ServicerContext, client: str
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        refuse_repository_parameters(request.parameters, frozenset({"unload_dependents"}))
+        await self.dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # -------------------------------------------------------------------------------------------- infer
 
@@ -139,36 +180,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.observe_request(request.model_name, code.name, time.perf_counter() - started,
                                          request.ByteSize(), response_bytes)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    @rpc(metered=True)
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, client: str
                          ) -> pb.ModelInferResponse:
-        started = time.perf_counter()
-        response_bytes = 0
+        return await self._infer(request, client, context.time_remaining())
 
-        async def call() -> pb.ModelInferResponse:
-            nonlocal response_bytes
-            response = await self._infer(request, self._client(context), context.time_remaining())
-            response_bytes = response.ByteSize()
-            return response
-
-        if self.metrics is None:
-            return await guarded(context, call)
-        self.metrics.inflight.inc()
-        try:
-            return await guarded(context, call,
-                                 on_status=lambda code: self._record(request, code, started, response_bytes))
-        finally:
-            self.metrics.inflight.dec()
-
+    @rpc
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        try:
-            client = self._client(context)
-            if self.dataplane.draining:
-                raise Unavailable("server is shutting down; open the stream on another replica")
-        except Exception as exc:  # authentication (or a draining server) refuses the whole stream
-            code, message = status_for(exc)
-            await context.abort(code, message)
-            return
+                               context: grpc.aio.ServicerContext, client: str
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        if self.dataplane.draining:  # refuses the whole stream
+            raise Unavailable("server is shutting down; open the stream on another replica")
         loop = asyncio.get_running_loop()
         answers: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
@@ -236,8 +258,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield item
                 window.release()
             if failure:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"malformed message on the stream: {type(failure[0]).__name__}: {failure[0]}")
+                raise InvalidInput(f"malformed message on the stream: {type(failure[0]).__name__}: {failure[0]}")
         finally:
             for task in (closer, reader, *pending):
                 task.cancel()

@@ -1,24 +1,30 @@
 """Configuration of the cloud server: one pydantic-settings class, environment prefix ``SPLITINFER_CLOUD_``.
 
 Every field can be set by environment variable (``SPLITINFER_CLOUD_PORT=9001``) or, for the common ones,
-by a ``splitinfer cloud serve`` option, which wins over the environment.
+by a ``splitinfer cloud serve`` option, which wins over the environment. Names shared with the edge agent are
+spelled alike (:mod:`splitinfer.settings_common`); the old names in ``RENAMED`` still work, with a warning.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from splitinfer.settings_common import LogLevel, RenamingSettings
 from splitinfer.wire import DEFAULT_MAX_MESSAGE_BYTES
 
+ENV_PREFIX = "SPLITINFER_CLOUD_"
 
-class CloudSettings(BaseSettings):
+
+class CloudSettings(RenamingSettings):
     """Settings of the cloud server daemon."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLITINFER_CLOUD_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    # old name -> new name (field, SPLITINFER_CLOUD_ variable and --flag alike); the old ones warn
+    RENAMED: ClassVar[dict[str, str]] = {"max_batch": "max_request_batch"}
 
     bundle: Path | None = Field(None, description="Plan bundle directory whose tail this server runs (served as "
                                                   "its plan's model name, version 1). Give this or "
@@ -33,7 +39,8 @@ class CloudSettings(BaseSettings):
                               description="Prometheus /metrics HTTP port (0 disables the metrics endpoint).")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
                                    description="Largest gRPC message accepted or sent, in bytes.")
-    max_batch: int = Field(64, ge=1, description="Largest batch (first dimension) one request may carry.")
+    max_request_batch: int = Field(64, ge=1, description="Largest batch (first dimension) one request may carry "
+                                                         "(a tail run may join several: batch_max_size).")
     max_inflight: int = Field(512, ge=1, description="Requests admitted at once (queued or running); beyond "
                                                        "that the server answers RESOURCE_EXHAUSTED.")
     batch_max_size: int = Field(32, ge=1, description="Dynamic batching: most samples in one tail run "
@@ -67,7 +74,8 @@ class CloudSettings(BaseSettings):
                                                  "hands the GIL between the event loop and the tail threads sooner.")
     grace_s: float = Field(10.0, ge=0,
                            description="On SIGTERM/SIGINT, seconds in-flight requests get to finish.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error or critical (any "
+                                                    "case).")
 
     @model_validator(mode="after")
     def _consistent(self) -> CloudSettings:

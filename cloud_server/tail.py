@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from cloud_server.batcher import Staged, finish_prepared
+from cloud_server.decode import Staged, finish_prepared
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput
@@ -65,7 +65,7 @@ class TailRuntime:
         if batch < 1:
             raise InvalidInput(f"{what} has batch size {batch}; at least 1 sample is needed")
         if batch > self.max_batch:
-            raise InvalidInput(f"{what} has batch size {batch}, above this server's max_batch "
+            raise InvalidInput(f"{what} has batch size {batch}, above this server's max_request_batch "
                                f"{self.max_batch}")
 
     def _check_sample_shape(self, shape: list[int], expected: list[int], what: str, where: str) -> None:
@@ -102,7 +102,8 @@ class TailRuntime:
     def prepare_features(self, payload: bytes, codec_name: object, meta: Mapping[str, object],
                          split: int) -> torch.Tensor | Staged:
         """As :meth:`decode_features`, but the learned bottleneck stops half way (entropy-decoded symbols) so
-        that the batcher runs its decoder network once for all of a batch's payloads (:class:`Staged`)."""
+        that its decoder network runs once for all of a batch's payloads (:class:`~cloud_server.decode.Staged`,
+        finished by :func:`~cloud_server.decode.finish_prepared`)."""
         codec = self.bundle.codec_for(codec_name, split)
         synthesize = getattr(codec, "synthesize", None)
         if synthesize is None:
@@ -116,7 +117,7 @@ class TailRuntime:
 
     def decode_many(self, payloads: list[bytes], codecs: list[object], metas: list[Mapping[str, object]],
                     split: int) -> torch.Tensor:
-        """Decode a batch's payloads into one tensor as the batcher does (the learned bottleneck's decoder once
+        """Decode a batch's payloads into one tensor as a batch does (the learned bottleneck's decoder once
         for all of them); raises the first payload's error (for callers that fail a batch as a whole)."""
         prepared = [self.prepare_features(p, c, m, split) for p, c, m in zip(payloads, codecs, metas, strict=True)]
         ready, outcomes = finish_prepared(prepared)

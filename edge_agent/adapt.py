@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from splitinfer.bundle import OperatingPoint
+from splitinfer.plan import OperatingPoint
 
 
 @dataclass(frozen=True)

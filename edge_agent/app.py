@@ -167,12 +167,9 @@ def create_app(settings: EdgeSettings, runtime: EdgeRuntime | None = None) -> Fa
     async def _probe_when_idle() -> None:
         """Measure the link when no offload has for a while (e.g. while running edge-only)."""
         while True:
-            await asyncio.sleep(min(1.0, settings.probe_interval_s))
-            if rt.needs_probe():
-                try:
-                    await run_in_threadpool(rt.probe_link)
-                except Exception:  # never let the prober die
-                    log.warning("link probe failed", exc_info=True)
+            await asyncio.sleep(rt.links.period_s)
+            if rt.links.needs_probe():
+                await run_in_threadpool(rt.links.tick)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -278,7 +275,7 @@ def serve(settings: EdgeSettings) -> None:
     """Load the bundle, connect the cloud client and serve the HTTP API until SIGTERM/SIGINT.
 
     On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish (up to
-    ``graceful_shutdown_s``), then the runtime drains its worker and closes the client.
+    ``grace_s``), then the runtime drains its worker and closes the client.
     """
     import uvicorn
 
@@ -287,7 +284,7 @@ def serve(settings: EdgeSettings) -> None:
     try:
         app = create_app(settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                timeout_graceful_shutdown=settings.graceful_shutdown_s, access_log=False,
+                                timeout_graceful_shutdown=settings.grace_s, access_log=False,
                                 log_config=None)
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
         log.info("edge agent listening on http://%s:%d", shown, sock.getsockname()[1])

@@ -54,7 +54,7 @@ def run(
     recheck_interval_s: float | None = typer.Option(
         None, "--recheck-interval-s", help="Seconds on the device after a server failure (default 5)."),
     log_level: str | None = typer.Option(
-        None, "--log-level", help="debug, info, warning or error."),
+        None, "--log-level", help="debug, info, warning, error or critical (any case; default info)."),
     config: Path | None = typer.Option(
         None, "--config", help="Optional YAML file with any EdgeSettings field."),
 ) -> None:
@@ -82,15 +82,7 @@ def _batch_runtime(bundle: Path | None, server: str | None, config: Path | None,
     except SplitInferError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    import logging
-
-    runtime_log = logging.getLogger("edge_agent.runtime")
-    level = runtime_log.level
-    runtime_log.setLevel(logging.ERROR)  # its "answering on the device, retry in ..." is said below instead
-    try:
-        up = rt.probe_server()
-    finally:
-        runtime_log.setLevel(level)
+    up = rt.offloader.check(quiet=True)  # "answering on the device, retry in ..." is said below instead
     if rt.split >= rt.num_stages:  # an edge-only plan never calls the server: nothing to refuse or warn about
         return rt, settings
     if not up:  # offload when the server is up; else answer on the device, or refuse

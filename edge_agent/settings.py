@@ -2,13 +2,14 @@
 
 Values come from (highest priority first) explicit arguments (the CLI), environment variables prefixed
 ``SPLITINFER_EDGE_`` (e.g. ``SPLITINFER_EDGE_SERVER=10.0.0.5:8001``), an optional YAML file, then the
-defaults below.
+defaults below. Names shared with the cloud server are spelled alike (:mod:`splitinfer.settings_common`); the
+old names in ``RENAMED`` still work, with a warning.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -19,6 +20,7 @@ from pydantic_settings import (
 )
 
 from splitinfer.energy import DEFAULT_DEVICE, load_profiles
+from splitinfer.settings_common import LogLevel, RenamingSettings
 
 ENV_PREFIX = "SPLITINFER_EDGE_"
 
@@ -48,10 +50,13 @@ def server_addresses(value: str) -> list[str]:
     return addresses
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(RenamingSettings):
     """Every knob of the edge agent (environment prefix ``SPLITINFER_EDGE_``)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    # old name -> new name, as the cloud server spells it (field, config key and SPLITINFER_EDGE_ variable
+    # alike); the old ones warn
+    RENAMED: ClassVar[dict[str, str]] = {"graceful_shutdown_s": "grace_s", "max_pending": "max_inflight"}
 
     bundle: Path = Field(description="Plan bundle directory written by `splitinfer plan` "
                                      "(plan.json + weights).")
@@ -97,8 +102,8 @@ class EdgeSettings(BaseSettings):
     decode_concurrency: int = Field(2, ge=1, description="Uploads decoded at the same time (each decode holds "
                                     "about max_image_pixels x 4 bytes, briefly up to x 8 while converting "
                                     "colours: 64-128 MiB at the default).")
-    max_pending: int = Field(64, gt=0, description="Requests allowed to wait for the inference worker; more "
-                                                   "get 503.")
+    max_inflight: int = Field(64, gt=0, description="Requests admitted at once (waiting for the inference worker "
+                                                    "or running); more get 503.")
     device: str = Field(DEFAULT_DEVICE, description="Device power profile (splitinfer/profiles/devices.yaml) "
                                                     "used for the energy estimates.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the head (1 keeps CPU-time "
@@ -128,10 +133,9 @@ class EdgeSettings(BaseSettings):
     drift_window: int = Field(300, ge=10, description="Requests in the drift monitor's sliding window.")
     drift_threshold: float = Field(0.2, gt=0, le=1, description="Total-variation distance from the calibration "
                                    "reference above which input drift is flagged (metric + log line).")
-    graceful_shutdown_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may "
-                                                               "take to finish.")
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="Log level of the agent and of uvicorn.")
+    grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, seconds in-flight requests get to finish.")
+    log_level: LogLevel = Field("info", description="Log level of the agent and of uvicorn: debug, info, warning, "
+                                                    "error or critical (any case).")
 
     @field_validator("server")
     @classmethod
@@ -159,6 +163,11 @@ class EdgeSettings(BaseSettings):
         """The server addresses, in the order given."""
         return server_addresses(self.server)
 
+    @property
+    def max_pending(self) -> int:
+        """The old name of :attr:`max_inflight`, read-only (edge_agent/runtime.py still reads it)."""
+        return self.max_inflight
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -166,11 +175,6 @@ class EdgeSettings(BaseSettings):
         if value not in known:
             raise ValueError(f"unknown device profile {value!r}; known: {', '.join(sorted(known))}")
         return value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower_level(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> EdgeSettings:
@@ -190,6 +194,7 @@ class EdgeSettings(BaseSettings):
                                            dotenv_settings: PydanticBaseSettingsSource,
                                            file_secret_settings: PydanticBaseSettingsSource,
                                            ) -> tuple[PydanticBaseSettingsSource, ...]:
-                return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=path)
+                return (init_settings, env_settings, cls_.renamed_env_source(settings_cls),
+                        YamlConfigSettingsSource(settings_cls, yaml_file=path))
 
         return cls.model_validate(_WithYaml(**given).model_dump())

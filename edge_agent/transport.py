@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -193,6 +194,11 @@ class CloudClient:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise error_from_rpc(exc) from None
         return request.ByteSize(), time.perf_counter() - t0
+
+    def snapshot(self) -> list[dict[str, Any]] | None:
+        """Per-replica state for ``/v1/status``: None for one direct connection (a ReplicaSet lists its
+        replicas)."""
+        return None
 
     def close(self) -> None:
         """Close the channel (idempotent)."""

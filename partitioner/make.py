@@ -37,6 +37,7 @@ from splitinfer.data import (
     to_model_input,
 )
 from splitinfer.energy import DeviceProfile
+from splitinfer.timing import time_calls, time_codec
 
 GRID_BANDWIDTHS = (0.5e6, 1e6, 2e6, 5e6, 10e6, 20e6, 50e6, 100e6, 200e6)
 GRID_RTTS = (0.005, 0.020, 0.050, 0.100, 0.150)
@@ -124,11 +125,9 @@ class LearnedCandidate:
 
 
 def _learned_candidate(staged, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate | None:
-    """Load the committed bottleneck (None when there is none), measure its bytes, time and accuracy on
-    validation images, and return a profile whose costs at its boundary are the learned codec's."""
-    import statistics
-    import time
-
+    """Load the committed bottleneck (None when there is none), measure its bytes, time (means, as the
+    profile's) and accuracy on validation images, and return a profile whose costs at its boundary are the
+    learned codec's."""
     from partitioner.codec import evaluate_codec, load_default_bottleneck
     from splitinfer.errors import BundleError
 
@@ -141,32 +140,25 @@ def _learned_candidate(staged, x_val, y_val, repeats: int, limit: int = 2000) ->
     n = min(limit, len(x_val))
     ev = evaluate_codec(staged, codec, k, x_val[:n], np.asarray(y_val[:n], dtype=np.int64))
     feats = staged.run(x_val[:1], 0, k).detach()
-    enc, dec = [], []
-    for _ in range(max(10, repeats)):
-        t0 = time.perf_counter()
-        payload, meta = codec.encode(feats)
-        t1 = time.perf_counter()
-        codec.decode(payload, meta)
-        enc.append(t1 - t0)
-        dec.append(time.perf_counter() - t1)
+    timing = time_codec(codec, feats, runs=max(10, repeats), warmup=1)
     return LearnedCandidate(codec=codec, profile=None, drop_points=100 * (ev.reference_accuracy - ev.accuracy),
                             agreement=ev.agreement,
                             notes={"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
                                    "validation_accuracy": round(ev.accuracy, 5),
                                    "validation_agreement": round(ev.agreement, 5),
                                    "validation_drop_points": round(100 * (ev.reference_accuracy - ev.accuracy), 3),
-                                   "encode_ms": round(statistics.median(enc) * 1e3, 4),
-                                   "decode_ms": round(statistics.median(dec) * 1e3, 4)})
+                                   "encode_ms": round(timing.encode_ms, 4),
+                                   "decode_ms": round(timing.decode_ms, 4)})
 
 
 def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], spec) -> CodecOption | None:
     """Cloud-only by sending the input file (codec ``image`` at split 0): payload = the files' mean size; edge
     cost = encoding the pixels again in the files' format (what the agent does when it has no file to
-    forward; forwarding an upload costs less); server cost = decoding; both measured here on the samples."""
+    forward; forwarding an upload costs less); server cost = decoding; both measured here on the samples (means
+    of one timed call per sample, after one untimed call per sample)."""
     import dataclasses
     import io
     import statistics
-    import time
 
     from PIL import Image
 
@@ -174,21 +166,18 @@ def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], 
 
     if not images:
         return None
+    files = list(images)[:64]
+    metas = [{"format": "png" if data.startswith(b"\x89PNG") else "jpeg"} for data in files]
     decoder = ImageCodec(spec)
-    times, encode_times = [], []
-    for data in list(images)[:64]:
-        fmt = "png" if data.startswith(b"\x89PNG") else "jpeg"
-        meta = {"format": fmt}
-        decoder.decode(data, meta)  # warm-up, and refuses samples the server would refuse
-        t = time.perf_counter()
-        decoder.decode(data, meta)
-        times.append((time.perf_counter() - t) * 1e3)
+    # the warm-up decodes every sample once, and refuses samples the server would refuse
+    decode_stats = time_calls(lambda i: decoder.decode(files[i], metas[i]), runs=len(files), warmup=len(files))
+    pixels = []
+    for data in files:
         with Image.open(io.BytesIO(data)) as im:
-            pixels = np.asarray(im.convert("L" if int(spec.shape[0]) == 1 else "RGB"))
-        encoder = ImageCodec(spec, fmt=fmt, quality=90)
-        t = time.perf_counter()
-        encoder.encode(pixels)
-        encode_times.append((time.perf_counter() - t) * 1e3)
+            pixels.append(np.asarray(im.convert("L" if int(spec.shape[0]) == 1 else "RGB")))
+    encoders = {m["format"]: ImageCodec(spec, fmt=m["format"], quality=90) for m in metas}
+    encode_stats = time_calls(lambda i: encoders[metas[i]["format"]].encode(pixels[i]), runs=len(files),
+                              warmup=len(files))
 
     def at_zero(prof: Profile, encode_ms: float, decode_ms: float) -> Profile:
         p = dataclasses.replace(prof, encode_ms=list(prof.encode_ms), decode_ms=list(prof.decode_ms),
@@ -197,7 +186,7 @@ def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], 
         p.encode_ms[0], p.decode_ms[0] = encode_ms, decode_ms
         return p
 
-    decode, encode = statistics.median(times), statistics.median(encode_times)
+    decode, encode = decode_stats.mean, encode_stats.mean
     return CodecOption("image", at_zero(edge, encode, decode), at_zero(server, encode, decode), frozenset({0}))
 
 

@@ -19,6 +19,7 @@ planner: the edge's at batch 1 with the server's (see :mod:`partitioner.cost`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,37 +31,17 @@ from typing import Any
 import torch
 
 from splitinfer.allocator import tune_allocator
-from splitinfer.calibration import confidence
 from splitinfer.codec import Codec
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
+from splitinfer.head import ExitPolicy, walk
 from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
+from splitinfer.timing import LatencyStats, time_codec
+from splitinfer.torch_head import TorchStages
 
 PROFILE_FORMAT = "splitinfer-profile"
 PROFILE_VERSION = 1
-
-
-@dataclass
-class LatencyStats:
-    """Summary of timed runs, in milliseconds."""
-
-    p5: float
-    p50: float
-    p95: float
-    mean: float
-
-    @classmethod
-    def of(cls, seconds: list[float]) -> LatencyStats:
-        ms = sorted(s * 1e3 for s in seconds)
-        if not ms:
-            return cls(0.0, 0.0, 0.0, 0.0)
-
-        def q(f: float) -> float:
-            return ms[min(len(ms) - 1, max(0, round(f * (len(ms) - 1))))]
-
-        return cls(p5=round(q(0.05), 5), p50=round(statistics.median(ms), 5), p95=round(q(0.95), 5),
-                   mean=round(statistics.fmean(ms), 5))
 
 
 @dataclass
@@ -226,26 +207,33 @@ def head_peak_bytes(staged: StagedModel, exits: dict[int, ExitHead] | None = Non
 
 def _time_stages(staged: StagedModel, exits: dict[int, ExitHead], x0: torch.Tensor, runs: int, warmup: int,
                  bar: Any | None) -> tuple[list[list[float]], dict[int, list[float]], list[torch.Tensor]]:
+    """``warmup + runs`` walks (:func:`splitinfer.head.walk`) through every stage, evaluating every exit; the
+    timed runs' seconds per stage and per exit, and the boundary tensors of the last run (0..N).
+
+    An exit costs what the agent spends on it: the exit head's logits (``StageBackend.exit_logits``) and one
+    :meth:`ExitPolicy.check` (one softmax: score and top-1)."""
     n = staged.num_stages
+    backend = TorchStages(staged, exits)
+    policy = ExitPolicy(dict.fromkeys(exits, math.inf))  # the decision's cost; nothing fires, every stage runs
     stage_t: list[list[float]] = [[] for _ in range(n)]
     exit_t: dict[int, list[float]] = {b: [] for b in exits}
     tensors: list[torch.Tensor] = []
     for r in range(warmup + runs):
-        x = x0
-        tensors = [x]
-        for k in range(n):
-            if k in exits:
+        timed, last = r >= warmup, r == warmup + runs - 1
+        if last:
+            tensors = [x0]
+        for step in walk(backend, x0, n, exits=exits, points=range(1, n)):
+            exit_s = step.exit_s
+            if step.logits is not None:
                 t0 = time.perf_counter()
-                logits = exits[k](x)
-                confidence(logits)  # the agent scores every exit it evaluates, and takes its top-1
-                torch.softmax(logits, 1).max(1)
-                if r >= warmup:
-                    exit_t[k].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            x = staged.stages[k](x)
-            if r >= warmup:
-                stage_t[k].append(time.perf_counter() - t0)
-            tensors.append(x)
+                policy.check(step.boundary, step.logits)
+                exit_s += time.perf_counter() - t0
+            if timed:
+                stage_t[step.boundary - 1].append(step.head_s)
+                if step.logits is not None:
+                    exit_t[step.boundary].append(exit_s)
+            if last:
+                tensors.append(step.tensor.clone())  # a later stage may work in place on its input
         if bar is not None:
             bar.update(1)
     return stage_t, exit_t, tensors
@@ -277,19 +265,10 @@ def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec,
             batch_stage_ms[b] = [round(statistics.fmean(s) * 1e3, 5) for s in bt]
         enc_ms, dec_ms, sizes = [], [], []
         for t in boundary_tensors:
-            e, d = [], []
-            payload, meta = codec.encode(t)
-            for _ in range(codec_runs):
-                t0 = time.perf_counter()
-                payload, meta = codec.encode(t)
-                t1 = time.perf_counter()
-                codec.decode(payload, meta)
-                t2 = time.perf_counter()
-                e.append(t1 - t0)
-                d.append(t2 - t1)
-            enc_ms.append(round(statistics.fmean(e) * 1e3, 5))
-            dec_ms.append(round(statistics.fmean(d) * 1e3, 5))
-            sizes.append(len(payload))
+            timing = time_codec(codec, t, runs=codec_runs, warmup=1)
+            enc_ms.append(timing.encode_ms)
+            dec_ms.append(timing.decode_ms)
+            sizes.append(int(round(timing.payload_bytes)))
             bar.update(1)
     finally:
         bar.close()

@@ -26,57 +26,11 @@ from torch import nn
 from splitinfer.codec import Meta
 from splitinfer.entropy import SymbolCoder, cross_entropy_bits, fit_tables
 from splitinfer.errors import InvalidInput
+from splitinfer.plan import BottleneckConfig
 from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
 
 CODEC_NAME = "bottleneck"
-
-
-@dataclass(frozen=True)
-class BottleneckConfig:
-    """Architecture and rate settings (stored in the plan's codec params)."""
-
-    boundary: int
-    in_shape: tuple[int, int, int]
-    channels: int = 8
-    bits: int = 3
-    stride: int = 2
-    hidden: int = 64
-    coder: str = "ans"
-
-    def __post_init__(self):
-        if len(self.in_shape) != 3:
-            raise ValueError(f"a bottleneck attaches to a [C, H, W] boundary, not {list(self.in_shape)}")
-        if not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be 1..8, got {self.bits}")
-        if self.stride not in (1, 2, 4):
-            raise ValueError(f"stride must be 1, 2 or 4, got {self.stride}")
-        if not 1 <= self.channels <= 1024 or not 1 <= self.hidden <= 4096:
-            raise ValueError("channels must be 1..1024 and hidden 1..4096")
-
-    @property
-    def latent_shape(self) -> list[int]:
-        _, h, w = self.in_shape
-        return [self.channels, _down(h, self.stride), _down(w, self.stride)]
-
-    def to_params(self) -> dict[str, int | str]:
-        d = asdict(self)
-        d["in_shape"] = ",".join(str(v) for v in self.in_shape)
-        return d
-
-    @classmethod
-    def from_params(cls, params: dict) -> BottleneckConfig:
-        try:
-            shape = tuple(int(v) for v in str(params["in_shape"]).split(","))
-            return cls(boundary=int(params["boundary"]), in_shape=shape, channels=int(params["channels"]),
-                       bits=int(params["bits"]), stride=int(params["stride"]), hidden=int(params["hidden"]),
-                       coder=str(params.get("coder", "ans")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bottleneck codec params are incomplete or invalid: {exc}") from exc
-
-
-def _down(n: int, stride: int) -> int:
-    return -(-n // stride)  # ceil: the encoder pads to a multiple of the stride
 
 
 class BottleneckEncoder(nn.Module):
@@ -330,22 +284,9 @@ class LearnedCodec:
 
 def _ort_session(module: nn.Module, example: torch.Tensor):
     """An ONNX Runtime session (1 thread) for ``module``, exported in memory with a dynamic batch dimension."""
-    import io
-    import warnings
+    from splitinfer.onnx_util import export_onnx, session
 
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a bundle
-        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return session(export_onnx(module, example), f"the bottleneck's {type(module).__name__}")
 
 
 def fuse_bn(module: nn.Module) -> nn.Module:

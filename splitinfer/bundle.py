@@ -20,284 +20,49 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
-import math
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel as _PydanticBase
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
 from splitinfer.models import build_model
+from splitinfer.plan import (  # noqa: F401 - re-exported: the plan schema lives in splitinfer.plan (no torch)
+    CODEC_FILE,
+    EXITS_FILE,
+    GENERIC_CODECS,
+    HEAD_CALIBRATION_FILE,
+    IMAGE_CODEC,
+    LEARNED_CODECS,
+    MAX_INPUT_ELEMENTS,
+    MODEL_FILE,
+    PLAN_FILE,
+    PLAN_FORMAT,
+    PLAN_VERSION,
+    TRUST_FACTORY_ENV,
+    BoundarySpec,
+    CodecSpec,
+    ExitCalibrationSpec,
+    ExitSpec,
+    HeadSpec,
+    InputSpec,
+    LatencyCurve,
+    ModelSpec,
+    OperatingPoint,
+    Plan,
+    SplitEstimate,
+    StageSpec,
+    read_plan,
+)
 from splitinfer.staged import StagedModel, stage_model
 
 log = logging.getLogger("splitinfer.bundle")
-
-PLAN_FORMAT = "splitinfer-plan"
-PLAN_VERSION = 1
-PLAN_FILE = "plan.json"
-MAX_INPUT_ELEMENTS = 50_000_000
-TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
-MODEL_FILE = "model.safetensors"
-EXITS_FILE = "exits.safetensors"
-CODEC_FILE = "codec.safetensors"
-HEAD_CALIBRATION_FILE = "head_calibration.safetensors"
-LEARNED_CODECS = ("bottleneck",)
-IMAGE_CODEC = "image"  # cloud-only by sending the input as a PNG/JPEG file (split 0; splitinfer.imaging)
-
-
-class BaseModel(_PydanticBase):
-    """Plan models: infinite thresholds (an exit that never fires) are written as JSON ``Infinity``."""
-
-    model_config = ConfigDict(ser_json_inf_nan="constants")
-
-
-class InputSpec(BaseModel):
-    """What one input sample looks like before the model and how raw images are normalised."""
-
-    shape: list[int] = Field(description="per-sample tensor shape [C, H, W]")
-    dtype: Literal["float32"] = "float32"
-    mean: list[float]
-    std: list[float]
-    labels: list[str]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> InputSpec:
-        if len(self.shape) != 3 or any(d <= 0 for d in self.shape):
-            raise ValueError(f"input shape must be 3 positive dimensions [C, H, W], got {self.shape}")
-        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
-            raise ValueError(f"input shape {self.shape} exceeds {MAX_INPUT_ELEMENTS} elements")
-        c = self.shape[0]
-        if len(self.mean) != c or len(self.std) != c:
-            raise ValueError(f"mean and std need one value per channel ({c}); got {len(self.mean)} and {len(self.std)}")
-        if any(not math.isfinite(v) for v in self.mean) or any(not (v > 0 and math.isfinite(v)) for v in self.std):
-            raise ValueError("mean must be finite and std positive")
-        if not self.labels:
-            raise ValueError("labels must not be empty")
-        return self
-
-
-class ModelSpec(BaseModel):
-    """Model identity: a registry name or a ``module:factory`` import path, plus its weights."""
-
-    name: str
-    factory: str | None = Field(None, description="module:function building the nn.Module (user models)")
-    num_classes: int
-    params: int
-    weights: str = MODEL_FILE
-    weights_source: Literal["committed", "checkpoint", "random"] | None = Field(
-        None, description="where the weights came from: 'committed' (the embedded default's), 'checkpoint' (a "
-                          "user's safetensors) or 'random' (an untrained initialisation: latency and bytes are "
-                          "real, answers are not); None in bundles written before this field existed")
-
-    @property
-    def random_weights(self) -> bool:
-        """True when the weights are an untrained initialisation (answers are meaningless)."""
-        return self.weights_source == "random"
-
-
-class BoundarySpec(BaseModel):
-    index: int
-    node: str
-    shape: list[int]
-    fp32_bytes: int
-
-
-class StageSpec(BaseModel):
-    index: int
-    macs: int
-    params: int
-    edge_ms: float | None = None
-    server_ms: float | None = None
-
-
-class ExitSpec(BaseModel):
-    """An exit head at a boundary, with its confidence threshold and calibration figures.
-
-    ``threshold`` may be ``Infinity`` in JSON (the exit never fires, e.g. when nothing could be certified).
-    """
-
-    boundary: int
-    threshold: float
-    score: Literal["max_softmax", "margin", "neg_entropy"] = "max_softmax"
-    hidden: int = Field(32, ge=1, le=4096)
-    macs: int = 0
-    val_exit_rate: float | None = None
-
-
-class ExitCalibrationSpec(BaseModel):
-    """How the exit thresholds were chosen, and the reference the edge's drift monitor compares with."""
-
-    mode: Literal["certified", "empirical"]
-    score: Literal["max_softmax", "margin", "neg_entropy"]
-    epsilon: float
-    delta: float
-    n_path: int
-    n_test: int
-    disagreements: int
-    p_value: float | None = None
-    upper_bound: float | None = Field(None, description="Clopper-Pearson upper bound on the disagreement rate")
-    exit_rates: dict[int, float] = Field(description="fraction of calibration samples answered at each exit")
-    first_exit_conf_edges: list[float] = Field(
-        default_factory=list, description="deciles of the first exit's score on calibration samples")
-    notes: list[str] = Field(default_factory=list)
-
-
-class CodecSpec(BaseModel):
-    name: str
-    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
-
-
-class SplitEstimate(BaseModel):
-    """The planner's estimate for one split and codec (every split is listed, the chosen one included)."""
-
-    split: int
-    codec: str = "uint8-affine"
-    expected_latency_ms: float
-    edge_ms: float
-    transfer_ms: float
-    server_ms: float
-    bytes_per_offload: int
-    offload_rate: float
-    exits: list[int]
-    expected_energy_j: float | None = None
-    expected_bytes: float | None = Field(None, description="bytes sent per request (offload rate x payload)")
-    accuracy_drop_points: float | None = Field(None, description="estimated validation accuracy drop vs the full "
-                                                                 "model (exits and codec), in points")
-    edge_memory_bytes: int | None = Field(None, description="head weights + peak activations on the edge")
-
-
-class OperatingPoint(BaseModel):
-    """A network condition and the configuration chosen for it."""
-
-    bandwidth_bps: float
-    rtt_ms: float
-    split: int
-    codec: str
-    exits: list[int]
-    expected_latency_ms: float
-    expected_bytes: float
-    expected_agreement: float | None = None
-    expected_energy_j: float | None = None
-
-
-class LatencyCurve(BaseModel):
-    """Expected latency of every split (its best codec and exits) at one bandwidth and RTT."""
-
-    bandwidth_bps: float
-    rtt_ms: float
-    splits: list[int]
-    latency_ms: list[float]
-
-
-class HeadSpec(BaseModel):
-    """How the edge runs its head: float32 as trained, or int8 (post-training static quantization, per
-    segment between ``cuts``: 0, every exit boundary before the split, and the split)."""
-
-    kind: Literal["fp32", "int8"] = "fp32"
-    cuts: list[int] = Field(default_factory=list)
-    calibration_images: int = 0
-    notes: dict[str, float | int | str] = Field(default_factory=dict)
-
-
-class Plan(BaseModel):
-    """``plan.json``. Versioned: a loader refuses a format or version it does not know."""
-
-    format: Literal["splitinfer-plan"] = PLAN_FORMAT
-    version: Literal[1] = PLAN_VERSION
-    created: str
-    model: ModelSpec
-    input: InputSpec
-    boundaries: list[BoundarySpec]
-    stages: list[StageSpec]
-    exits: list[ExitSpec] = Field(default_factory=list)
-    exit_calibration: ExitCalibrationSpec | None = None
-    split: int
-    codec: CodecSpec
-    active_exits: list[int] | None = Field(None, description="exits the edge evaluates at the chosen split "
-                                           "(None: every exit before the split)")
-    active_exit_rates: dict[int, float] | None = Field(None, description="validation exit rates of the active "
-                                                       "exits used together (the drift monitor's reference)")
-    learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
-    head: HeadSpec = Field(default_factory=HeadSpec)
-    estimates: list[SplitEstimate] = Field(default_factory=list)
-    operating_points: list[OperatingPoint] = Field(default_factory=list)
-    pareto: list[SplitEstimate] = Field(default_factory=list, description="configurations not dominated in "
-                                        "latency, edge energy and bytes at the planned link (within constraints)")
-    objective: dict[str, str | float] = Field(default_factory=dict, description="objective, weights, constraints")
-    latency_curves: list[LatencyCurve] = Field(default_factory=list, description="latency vs split at several "
-                                               "bandwidths (the planned RTT), for reports")
-    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
-    notes: dict[str, str | float | int] = Field(default_factory=dict)
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, codec: CodecSpec) -> CodecSpec:
-        from splitinfer.codec import CODECS
-
-        known = sorted([*CODECS, *LEARNED_CODECS, IMAGE_CODEC])
-        if codec.name not in known:
-            raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(known)}")
-        return codec
-
-    @field_validator("learned_codec")
-    @classmethod
-    def _known_learned_codec(cls, codec: CodecSpec | None) -> CodecSpec | None:
-        if codec is None:
-            return None
-        if codec.name not in LEARNED_CODECS:
-            raise ValueError(f"unknown learned codec {codec.name!r}; known: {', '.join(LEARNED_CODECS)}")
-        from splitinfer.bottleneck import BottleneckConfig
-
-        BottleneckConfig.from_params(codec.params)  # raises ValueError on incomplete params
-        return codec
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Plan:
-        if len(self.input.labels) != self.model.num_classes:
-            raise ValueError(f"{len(self.input.labels)} labels for a model with {self.model.num_classes} classes")
-        boundaries = [e.boundary for e in self.exits]
-        if len(set(boundaries)) != len(boundaries):
-            raise ValueError(f"exit boundaries repeat: {boundaries}")
-        points = [("the plan", self.active_exits)] + [(f"operating point at split {p.split}", p.exits)
-                                                      for p in self.operating_points]
-        for where, active in points:
-            if active is not None and not set(active) <= set(boundaries):
-                raise ValueError(f"{where} enables exits {sorted(set(active) - set(boundaries))} the plan lacks")
-        if self.active_exit_rates is not None and not set(self.active_exit_rates) <= set(self.active_exits or []):
-            raise ValueError("active_exit_rates names exits that are not active")
-        lc = self.learned_codec
-        uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
-        for split, name in uses:
-            if name == IMAGE_CODEC and split != 0:
-                raise ValueError(f"codec {IMAGE_CODEC!r} sends the input file: it works at split 0 only, not {split}")
-            if name not in LEARNED_CODECS:
-                continue
-            if lc is None or lc.name != name:
-                raise ValueError(f"the plan uses codec {name!r}, which this bundle does not carry")
-            at = int(lc.params["boundary"])
-            if split != at:
-                raise ValueError(f"the {name} codec works at boundary {at} only; the plan uses it at split {split}")
-        if lc is not None:
-            at = int(lc.params["boundary"])
-            if not 0 < at < len(self.boundaries) - 1:
-                raise ValueError(f"learned codec boundary {at} is not an interior boundary")
-        if self.head.kind == "int8":
-            expected = sorted({0, self.split, *(e.boundary for e in self.exits if e.boundary < self.split)})
-            if self.head.cuts != expected:
-                raise ValueError(f"int8 head cuts {self.head.cuts} must be {expected} (0, exits before the split, "
-                                 "the split)")
-        return self
-
 
 @dataclass
 class Bundle:
@@ -457,30 +222,6 @@ def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dic
     plan = plan.model_copy(update={"files": files})
     (path / PLAN_FILE).write_text(plan.model_dump_json(indent=2) + "\n")
     return path
-
-
-def read_plan(path: str | Path) -> Plan:
-    """Read and validate ``plan.json`` only (no weights)."""
-    path = Path(path)
-    plan_path = path / PLAN_FILE if path.is_dir() else path
-    if not plan_path.is_file():
-        raise BundleError(f"no {PLAN_FILE} in bundle {path}")
-    try:
-        raw = json.loads(plan_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{plan_path} is not valid JSON (corrupted bundle?): {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(f"{plan_path} must hold a JSON object")
-    if raw.get("format") != PLAN_FORMAT:
-        raise BundleError(f"{plan_path} is not a splitinfer plan (format {raw.get('format')!r})")
-    if raw.get("version") != PLAN_VERSION:
-        raise BundleError(
-            f"{plan_path} has plan version {raw.get('version')!r}; this build reads version {PLAN_VERSION}"
-        )
-    try:
-        return Plan.model_validate(raw)
-    except ValidationError as exc:
-        raise BundleError(f"{plan_path} does not match the plan schema: {exc}") from exc
 
 
 def _check_files(path: Path, plan: Plan) -> None:

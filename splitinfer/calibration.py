@@ -28,31 +28,15 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from splitinfer.errors import SplitInferError
+from splitinfer.head import score_logits, walk
 
-SCORES = ("max_softmax", "margin", "neg_entropy")
 NEVER = math.inf  # a threshold no score reaches: the exit never fires
 
 
 class CalibrationTooSmall(SplitInferError):
     """The calibration set cannot certify the requested (epsilon, delta)."""
-
-
-def confidence(logits: torch.Tensor, score: str = "max_softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, prediction) of exit logits under one of :data:`SCORES` (higher = more confident)."""
-    p = F.softmax(logits.float(), dim=1)
-    pred = p.argmax(1)
-    if score == "max_softmax":
-        return p.max(1).values, pred
-    if score == "margin":
-        top2 = p.topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1], pred
-    if score == "neg_entropy":
-        return (p * torch.log(p.clamp_min(1e-12))).sum(1), pred
-    raise ValueError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
 
 
 def min_calibration_samples(epsilon: float, delta: float) -> int:
@@ -284,24 +268,33 @@ def calibrate(scores: ExitScores, epsilon: float, delta: float, score: str = "ma
                        chosen.exit_rates, chosen.mean_macs, scores.full_macs, len(path), certified, notes)
 
 
-@torch.inference_mode()
-def collect_scores(staged, heads: dict, x: torch.Tensor, score: str = "max_softmax", batch: int = 1000) -> ExitScores:
-    """Run the staged model and its exit heads on ``x``; gather per-exit confidences and predictions."""
+def collect_scores(staged, heads: dict, x, score: str = "max_softmax", batch: int = 1000) -> ExitScores:
+    """Run the staged model and its exit heads on ``x`` (batches of ``batch``) through
+    :func:`splitinfer.head.walk`; gather per-exit scores (:func:`splitinfer.head.score_logits`) and
+    predictions, and the full model's predictions."""
+    import torch
+
+    from splitinfer.torch_head import TorchStages
+
     boundaries = sorted(heads)
-    conf = [[] for _ in boundaries]
-    pred = [[] for _ in boundaries]
-    full = []
-    for s in range(0, len(x), batch):
-        h = x[s : s + batch]
-        for k in range(staged.num_stages):
-            if k in heads:
-                c, p = confidence(heads[k](h), score)
-                i = boundaries.index(k)
-                conf[i].append(c)
-                pred[i].append(p)
-            h = staged.stages[k](h)
-        full.append(h.argmax(1))
+    n_stages = staged.num_stages
+    if any(not 0 < b < n_stages for b in boundaries):
+        raise ValueError(f"exit boundaries must lie in 1..{n_stages - 1}, got {boundaries}")
+    backend = TorchStages(staged, heads)
+    conf: list[list[np.ndarray]] = [[] for _ in boundaries]
+    pred: list[list[np.ndarray]] = [[] for _ in boundaries]
+    full: list[np.ndarray] = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch):
+            for step in walk(backend, x[s : s + batch], n_stages, exits=boundaries):
+                if step.logits is not None:
+                    i = boundaries.index(step.boundary)
+                    scored = score_logits(step.logits, score)
+                    conf[i].append(scored.score)
+                    pred[i].append(scored.label)
+                if step.boundary == n_stages:
+                    full.append(step.tensor.argmax(1).numpy())
     macs_to = [staged.macs_between(0, b) for b in boundaries]
-    return ExitScores(boundaries, np.stack([torch.cat(c).numpy() for c in conf]),
-                      np.stack([torch.cat(p).numpy() for p in pred]), torch.cat(full).numpy(), macs_to,
-                      [int(heads[b].macs()) for b in boundaries], staged.macs_between(0, staged.num_stages))
+    return ExitScores(boundaries, np.stack([np.concatenate(c) for c in conf]),
+                      np.stack([np.concatenate(p) for p in pred]), np.concatenate(full), macs_to,
+                      [int(heads[b].macs()) for b in boundaries], staged.macs_between(0, n_stages))

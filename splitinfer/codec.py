@@ -8,20 +8,31 @@ Interface (every codec, including the learned bottleneck and entropy coders of l
 ``meta`` is small and travels in the request's ``parameters`` (prefixed ``codec.``); ``payload`` travels as
 raw bytes. ``decode`` validates lengths and refuses truncated, oversized or garbled payloads with
 :class:`~splitinfer.errors.InvalidInput`.
+
+The wire format's helpers and constants (shape strings, the size bound, uint8-affine's per-channel threshold) and
+the decoders live in the torch-free :mod:`splitinfer.codec_numpy`, beside the numpy encoders the torch-free edge
+uses; the torch codecs here import them, so the two cannot drift.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
+from splitinfer.codec_numpy import (  # noqa: F401 - MAX_ELEMENTS and the shape helpers are re-exported
+    MAX_ELEMENTS,
+    UINT8_MIN_VALUES_PER_CHANNEL,
+    Meta,
+    decode_float32,
+    decode_uint8_affine,
+    encode_float32,
+    shape_from_str,
+    shape_to_str,
+    uint8_granularity,
+)
 from splitinfer.errors import InvalidInput
-
-Meta = dict[str, int | float | str | bool]
-MAX_ELEMENTS = 1 << 28  # 256 M values (1 GiB as float32): far above any split tensor, far below overflow
+from splitinfer.plan import GENERIC_CODECS
 
 
 @runtime_checkable
@@ -39,41 +50,16 @@ class Codec(Protocol):
         ...
 
 
-def shape_to_str(shape) -> str:
-    """``[1, 48, 14, 14]`` -> ``"1,48,14,14"`` (shapes travel as strings in parameters)."""
-    return ",".join(str(int(s)) for s in shape)
-
-
-def shape_from_str(text: object) -> list[int]:
-    """Parse ``"1,48,14,14"``; raises InvalidInput on anything else."""
-    if not isinstance(text, str) or not text:
-        raise InvalidInput(f"codec shape must be a string like '1,48,14,14', got {text!r}")
-    try:
-        dims = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise InvalidInput(f"codec shape {text!r} is not a comma-separated list of integers") from None
-    if any(d <= 0 for d in dims) or len(dims) > 8:
-        raise InvalidInput(f"codec shape {text!r} must have 1..8 positive dimensions")
-    if math.prod(dims) > MAX_ELEMENTS:
-        raise InvalidInput(f"codec shape {text!r} has more than {MAX_ELEMENTS} elements")
-    return dims
-
-
 class Float32Codec:
     """No compression: little-endian float32 bytes (the baseline every figure is compared with)."""
 
     name = "float32"
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
-        arr = tensor.detach().to(torch.float32).contiguous().numpy()
-        return arr.astype("<f4", copy=False).tobytes(), {"shape": shape_to_str(arr.shape)}
+        return encode_float32(tensor.detach().to(torch.float32).contiguous().numpy())
 
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
-        shape = shape_from_str(meta.get("shape"))
-        expected = 4 * math.prod(shape)
-        if len(payload) != expected:
-            raise InvalidInput(f"float32 payload has {len(payload)} bytes, shape {shape} needs {expected}")
-        return torch.from_numpy(np.frombuffer(payload, dtype="<f4").reshape(shape).astype(np.float32))
+        return torch.from_numpy(decode_float32(payload, meta))
 
 
 class UInt8AffineCodec:
@@ -88,7 +74,7 @@ class UInt8AffineCodec:
     """
 
     name = "uint8-affine"
-    min_values_per_channel = 16
+    min_values_per_channel = UINT8_MIN_VALUES_PER_CHANNEL
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
         x = tensor.detach().to(torch.float32)
@@ -96,10 +82,8 @@ class UInt8AffineCodec:
             raise InvalidInput("cannot encode features holding NaN or infinite values")
         if x.ndim < 2:
             raise InvalidInput(f"uint8-affine needs a tensor with a channel dimension, got shape {list(x.shape)}")
-        c = x.shape[1]
-        per_channel_values = x[0, 0].numel()
-        granularity = "channel" if per_channel_values >= self.min_values_per_channel else "tensor"
-        groups = c if granularity == "channel" else 1
+        granularity = uint8_granularity(x.shape)
+        groups = x.shape[1] if granularity == "channel" else 1
         flat = x.transpose(0, 1).reshape(groups, -1)
         lo = flat.amin(dim=1)
         hi = flat.amax(dim=1)
@@ -112,29 +96,12 @@ class UInt8AffineCodec:
         return payload, {"shape": shape_to_str(x.shape), "granularity": granularity}
 
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
-        shape = shape_from_str(meta.get("shape"))
-        if len(shape) < 2:
-            raise InvalidInput(f"uint8-affine shape {shape} has no channel dimension")
-        granularity = meta.get("granularity", "channel")
-        if granularity not in ("channel", "tensor"):
-            raise InvalidInput(f"uint8-affine granularity must be 'channel' or 'tensor', got {granularity!r}")
-        groups = shape[1] if granularity == "channel" else 1
-        numel = math.prod(shape)
-        expected = 8 * groups + numel
-        if len(payload) != expected:
-            kind = "truncated" if len(payload) < expected else "oversized"
-            raise InvalidInput(f"{kind} uint8-affine payload: {len(payload)} bytes, shape {shape} needs {expected}")
-        lo = np.frombuffer(payload, dtype="<f4", count=groups, offset=0)
-        scale = np.frombuffer(payload, dtype="<f4", count=groups, offset=4 * groups)
-        if not (np.isfinite(lo).all() and np.isfinite(scale).all()):
-            raise InvalidInput("garbled uint8-affine payload: non-finite channel minimum or scale")
-        q = np.frombuffer(payload, dtype=np.uint8, offset=8 * groups).reshape(shape)
-        view = [1, groups] + [1] * (len(shape) - 2)
-        out = q.astype(np.float32) * scale.reshape(view).astype(np.float32) + lo.reshape(view).astype(np.float32)
-        return torch.from_numpy(out)
+        return torch.from_numpy(decode_uint8_affine(payload, meta))
 
 
 CODECS: dict[str, type] = {c.name: c for c in (Float32Codec, UInt8AffineCodec)}
+if tuple(CODECS) != GENERIC_CODECS:  # the torch-free plan schema names them too
+    raise ImportError(f"splitinfer.plan.GENERIC_CODECS {GENERIC_CODECS} != codec classes {tuple(CODECS)}")
 
 
 def get_codec(name: str) -> Codec:

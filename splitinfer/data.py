@@ -139,12 +139,11 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
 
 
 def to_model_input(images: np.ndarray, mean: float | list[float], std: float | list[float]) -> torch.Tensor:
-    """uint8 images ``[N,H,W]`` or ``[N,H,W,C]`` -> normalised float32 tensor ``[N,C,H,W]``."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
-    return ((x - m) / s).contiguous()
+    """uint8 images ``[N,H,W]`` or ``[N,H,W,C]`` -> normalised float32 tensor ``[N,C,H,W]``
+    (:func:`splitinfer.imaging.normalise`, as a tensor)."""
+    from splitinfer.imaging import normalise
+
+    return torch.from_numpy(normalise(images, mean, std))
 
 
 def save_test_images(out: str | Path, count: int, fmt: str = "png", root: str | Path | None = None,

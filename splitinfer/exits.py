@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitinfer.head import walk
 from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
+from splitinfer.torch_head import TorchStages
 
 
 class ExitHead(nn.Module):
@@ -48,14 +50,17 @@ class ExitHead(nn.Module):
 
 def collect(staged: StagedModel, x: torch.Tensor,
             boundaries: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Run the full staged model once; return the tensors at ``boundaries`` and the final logits."""
-    feats: dict[int, torch.Tensor] = {}
-    h = x
-    for k in range(staged.num_stages):
-        if k in boundaries:
-            feats[k] = h.clone()  # the next stage may start with an in-place activation
-        h = staged.stages[k](h)
-    return feats, h
+    """Run the full staged model once (:func:`splitinfer.head.walk`); return the tensors at ``boundaries``
+    and the final logits."""
+    n = staged.num_stages
+    feats: dict[int, torch.Tensor] = {0: x.clone()} if 0 in boundaries else {}
+    logits = x
+    for step in walk(TorchStages(staged), x, n, points=boundaries):
+        if step.boundary == n:
+            logits = step.tensor
+        else:  # a boundary in ``boundaries``
+            feats[step.boundary] = step.tensor.clone()  # the next stage may start with an in-place activation
+    return feats, logits
 
 
 def train_exits(staged: StagedModel, boundaries: list[int], x: torch.Tensor, num_classes: int, epochs: int = 3,

@@ -1,4 +1,7 @@
-"""Decoding uploads (PNG, JPEG, ``.npy``) into the model's normalised input tensor ``[1, C, H, W]``.
+"""Decoding uploads (PNG, JPEG, ``.npy``) into the model's normalised input ``[1, C, H, W]`` (float32 numpy).
+
+Torch-free (the edge agent runs without torch on an ONNX head); :meth:`ImageCodec.decode`, the server's
+codec, hands the tail a torch tensor.
 
 Used by the edge agent (HTTP uploads, file sources) and by the cloud server's ``image`` codec (cloud-only
 inference from an encoded image, :class:`ImageCodec`), so both sides decode and normalise identically.
@@ -29,15 +32,14 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from numpy.lib import format as npy_format
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 
-from splitinfer.bundle import InputSpec
-from splitinfer.data import to_model_input
 from splitinfer.errors import InvalidInput
+from splitinfer.plan import InputSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -58,6 +60,27 @@ _UPRIGHT = {  # EXIF orientation -> the transpose that shows the image upright (
 }
 _SWAPS_AXES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
                          Image.Transpose.ROTATE_270})
+
+
+def normalise(images: np.ndarray, mean: float | Sequence[float], std: float | Sequence[float]) -> np.ndarray:
+    """uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` -> normalised float32 ``[N, C, H, W]`` (contiguous):
+    ``(pixels / 255 - mean) / std`` per channel, in float32. The one normalisation: training data, uploads
+    and the torch-free agent (:func:`splitinfer.data.to_model_input` wraps it)."""
+    x = np.ascontiguousarray(images).astype(np.float32) / np.float32(255.0)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
+def denormalise(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A normalised input ``[1, C, H, W]`` back to uint8 pixels: ``[H, W]`` (grey) or ``[H, W, C]``."""
+    c = int(spec.shape[0])
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    pixels = np.clip(np.rint((np.asarray(x[0], dtype=np.float32) * std + mean) * np.float32(255.0)), 0, 255)
+    pixels = pixels.astype(np.uint8)
+    return pixels[0] if c == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0))
 
 
 class UnsupportedMediaType(InvalidInput):
@@ -84,7 +107,7 @@ def sniff_format(data: bytes) -> str:
 
 
 def decode_upload(data: bytes, spec: InputSpec, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
-                  setting: str = EDGE_PIXELS_SETTING) -> torch.Tensor:
+                  setting: str = EDGE_PIXELS_SETTING) -> np.ndarray:
     """Decode an uploaded file into a normalised float32 tensor ``[1, *spec.shape]``.
 
     ``setting`` is how a refusal names the pixel limit (the edge agent's setting by default)."""
@@ -97,7 +120,7 @@ def decode_upload(data: bytes, spec: InputSpec, max_image_pixels: int = DEFAULT_
 
 
 def decode_image(data: bytes, spec: InputSpec, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
-                 setting: str = EDGE_PIXELS_SETTING) -> torch.Tensor:
+                 setting: str = EDGE_PIXELS_SETTING) -> np.ndarray:
     """PNG/JPEG bytes -> ``[1, C, H, W]``: converted to grey (C == 1) or RGB (C == 3), resized, turned upright
     (EXIF orientation), normalised.
 
@@ -161,7 +184,7 @@ def decode_image(data: bytes, spec: InputSpec, max_image_pixels: int = DEFAULT_M
             raise too_large("(refused by the imaging library)") from None
         except Exception as exc:  # truncated or corrupt pixel data
             raise InvalidInput(f"cannot decode the image (truncated or corrupt file): {exc}") from None
-    return to_model_input(arr[None], spec.mean, spec.std)
+    return normalise(arr[None], spec.mean, spec.std)
 
 
 def _upright(im: Image.Image) -> Image.Transpose | None:
@@ -230,7 +253,7 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, str | None]:
             return width, height, None
 
 
-def decode_npy(data: bytes, spec: InputSpec) -> torch.Tensor:
+def decode_npy(data: bytes, spec: InputSpec) -> np.ndarray:
     """``.npy`` bytes -> ``[1, C, H, W]``.
 
     Accepted shapes: ``[H, W]`` (one-channel models), ``[C, H, W]`` and ``[1, C, H, W]``, matching the plan's
@@ -277,9 +300,9 @@ def decode_npy(data: bytes, spec: InputSpec) -> torch.Tensor:
     arr = arr.reshape(1, c, h, w)
     if dtype == np.uint8:
         pixels = np.array(arr[0].transpose(1, 2, 0)[None], order="C", copy=True)  # writable [1, H, W, C]
-        return to_model_input(pixels, spec.mean, spec.std)
-    x = torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))
-    if not torch.isfinite(x).all():
+        return normalise(pixels, spec.mean, spec.std)
+    x = np.array(arr, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():
         raise UnprocessableInput(".npy array holds NaN or infinite values")
     return x
 
@@ -313,9 +336,10 @@ class ImageCodec:
         self.fmt = fmt
         self.quality = quality
 
-    def encode(self, pixels: np.ndarray | torch.Tensor) -> tuple[bytes, dict[str, str]]:
-        """uint8 pixels ``[H, W]`` or ``[H, W, 3]`` -> (PNG/JPEG bytes, ``{"format": ...}``)."""
-        arr = np.asarray(pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels)
+    def encode(self, pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
+        """uint8 pixels ``[H, W]`` or ``[H, W, 3]`` (numpy, or a CPU torch tensor) -> (PNG/JPEG bytes,
+        ``{"format": ...}``)."""
+        arr = np.asarray(pixels)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
             raise InvalidInput(f"image codec encodes uint8 [H, W] or [H, W, 3] pixels, got {arr.dtype} "
                                f"{list(arr.shape)}")
@@ -327,7 +351,13 @@ class ImageCodec:
             im.save(buf, format="JPEG", quality=self.quality)
         return buf.getvalue(), {"format": self.fmt}
 
-    def decode(self, payload: bytes, meta: dict) -> torch.Tensor:
+    def decode(self, payload: bytes, meta: dict):
+        """PNG/JPEG bytes -> normalised ``[1, C, H, W]`` torch tensor (for the tail); see :meth:`decode_array`."""
+        import torch
+
+        return torch.from_numpy(self.decode_array(payload, meta))
+
+    def decode_array(self, payload: bytes, meta: dict) -> np.ndarray:
         """PNG/JPEG bytes -> normalised ``[1, C, H, W]``; the declared format must match the bytes."""
         declared = meta.get("format")
         if declared is not None and declared not in ("png", "jpeg"):

@@ -11,6 +11,7 @@ The stage modules share parameters with the original model (no copies).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from torch import fx, nn
@@ -107,7 +108,7 @@ class StagedModel(nn.Module):
         """Run stages ``start..end-1``: boundary ``start`` tensor in, boundary ``end`` tensor out."""
         if not 0 <= start <= end <= self.num_stages:
             raise IndexError(f"stage range {start}..{end} outside 0..{self.num_stages}")
-        for stage in self.stages[start:end]:
+        for stage in islice(self.stages, start, end):  # a ModuleList slice builds a new ModuleList (~20 us)
             x = stage(x)
         return x
 

@@ -10,8 +10,11 @@ import pytest
 from splitinfer.bundle import read_plan
 from splitinfer.data import fashion_mnist_dir
 
-pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [
+    pytest.mark.slow,  # the demo on 300 images (minutes)
+    pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                       reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
 
 
 def test_demo_json_summary(tmp_path):

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from partitioner.cost import parse_bandwidth, parse_duration
+from splitinfer.daemons import free_port
 from splitinfer.data import fashion_mnist_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,12 +75,6 @@ def readme_blocks() -> list[tuple[str, str]]:
         for i, code in enumerate(re.findall(r"```bash\n(.*?)```", part, flags=re.S)):
             blocks.append((heading if i == 0 else f"{heading} (latency only)", code))
     return blocks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _commands(code: str) -> list[str]:
@@ -167,7 +161,7 @@ def test_readme_blocks_run_as_written(tmp_path):
     _user_files(tmp_path)
     outputs, ports_of = {}, {}
     for heading, code in blocks:
-        ports = ports_of[heading] = {p: _free_port() for p in PORTS}
+        ports = ports_of[heading] = {p: free_port() for p in PORTS}
         outputs[heading] = _run(to_script(code, ports), tmp_path, re.sub(r"\W+", "_", heading).strip("_")).stdout
 
     # The offloading example: the plan splits in the middle, and the agent offloads (no degraded answers).

@@ -3,14 +3,16 @@
 ``python -m tests.e2e.wait_ready grpc HOST:PORT PID [CA CERT KEY]``: the cloud server's gRPC health check
 says SERVING (over mutual TLS when CA, CERT and KEY are given). ``python -m tests.e2e.wait_ready http URL PID``:
 the URL answers 200 (the edge agent's ``/readyz``). Exits 1 with a message if PID dies first or after 120 s.
+The checks are :mod:`splitinfer.daemons`'; the daemon is the shell's child, so it is watched by its PID.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
+
+from splitinfer.daemons import SERVING, grpc_health_status, http_ok, wait_until
 
 TIMEOUT_S = 120.0
 
@@ -23,51 +25,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _grpc_ready(address: str, tls: list[str]):
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    if tls:
-        ca, cert, key = (Path(p).read_bytes() for p in tls)
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert))
-    else:
-        channel = grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-
-    def check() -> bool:
-        try:
-            return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == 1
-        except grpc.RpcError:
-            return False
-
-    return check
-
-
-def _http_ready(url: str):
-    import httpx
-
-    def check() -> bool:
-        try:
-            return httpx.get(url, timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    return check
-
-
 def main(argv: list[str]) -> int:
     kind, target, pid = argv[0], argv[1], int(argv[2])
-    check = _grpc_ready(target, argv[3:6]) if kind == "grpc" else _http_ready(target)
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if check():
-            return 0
-        if not _alive(pid):
-            print(f"wait_ready: the daemon (pid {pid}) exited before {target} answered", file=sys.stderr)
-            return 1
-        time.sleep(0.2)
-    print(f"wait_ready: {target} did not answer within {TIMEOUT_S:.0f} s", file=sys.stderr)
-    return 1
+    if kind == "grpc":
+        credentials = None
+        if argv[3:6]:
+            import grpc
+
+            ca, cert, key = (Path(p).read_bytes() for p in argv[3:6])
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+        outcome = wait_until(lambda: grpc_health_status(target, credentials=credentials) == SERVING,
+                             lambda: _alive(pid), TIMEOUT_S)
+    else:
+        outcome = wait_until(lambda: http_ok(target), lambda: _alive(pid), TIMEOUT_S)
+    if outcome == "exited":
+        print(f"wait_ready: the daemon (pid {pid}) exited before {target} answered", file=sys.stderr)
+    elif outcome == "timeout":
+        print(f"wait_ready: {target} did not answer within {TIMEOUT_S:.0f} s", file=sys.stderr)
+    return 0 if outcome == "ready" else 1
 
 
 if __name__ == "__main__":

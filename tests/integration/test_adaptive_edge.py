@@ -8,14 +8,16 @@ import time
 import pytest
 import torch
 
+from bench.linkemu import LinkSettings, start_in_thread
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from edge_agent.transport import CloudClient
-from partitioner.linkemu import LinkSettings, start_in_thread
 from splitinfer.bundle import OperatingPoint, load_bundle, read_plan
-from tests.conftest import make_test_bundle
-from tests.integration.test_cloud_server import _port, start_server
+from tests.support.bundles import make_test_bundle
+from tests.support.servers import free_port, start_server
+
+pytestmark = pytest.mark.slow  # a bandwidth drop over the emulator (about 20 s)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def adaptive_bundle(tmp_path_factory):
 def test_runtime_follows_a_bandwidth_drop(adaptive_bundle, tmp_path):
     bundle = load_bundle(adaptive_bundle)
     n = bundle.staged.num_stages
-    server = start_server(adaptive_bundle, _port(), _port(), tmp_path / "server.log")
+    server = start_server(adaptive_bundle, free_port(), free_port(), tmp_path / "server.log")
     try:
         with start_in_thread("127.0.0.1", server.port, LinkSettings(rate_bps=200e6, delay_s=0.002)) as emu:
             address = f"127.0.0.1:{emu.port}"

@@ -12,8 +12,10 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import load_bundle
-from tests.conftest import make_test_bundle
-from tests.unit.test_edge_runtime import FakeClient
+from tests.support.bundles import make_test_bundle
+from tests.support.fakes import FakeClient
+
+pytestmark = pytest.mark.slow  # fuzzing every operation (about 25 s)
 
 schemathesis = pytest.importorskip("schemathesis")
 EXAMPLES = 150

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from edge_agent.transport import CloudClient
 from splitinfer import wire
@@ -27,82 +23,17 @@ from splitinfer.codec import get_codec
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.support.servers import MAX_BATCH, ServerProcess, free_port, grpc_health_status, start_server
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "default"
 SPLIT = 9  # boundary [96, 7, 7] of the test bundle
-MAX_BATCH = 4
-START_TIMEOUT_S = 90.0
 CODEC = "uint8-affine"
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def _health_status(address: str, service: str = "") -> int | None:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=1.0).status
-        except grpc.RpcError:
-            return None
-
-
-def start_server(bundle_dir: Path, port: int, metrics_port: int, log_path: Path) -> ServerProcess:
-    """Start ``python -m cloud_server serve`` and wait until its health check says SERVING."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPLITINFER_CLOUD_MAX_BATCH": str(MAX_BATCH),
-           "SPLITINFER_CLOUD_GRACE_S": "2"}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud_server", "serve", "--bundle", str(bundle_dir), "--port", str(port),
-             "--metrics-port", str(metrics_port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(proc, port, metrics_port, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"cloud server exited with {proc.returncode} while starting:\n{server.log()}")
-        if _health_status(server.address) == health_pb2.HealthCheckResponse.SERVING:
-            return server
-        time.sleep(0.2)
-    server.stop()
-    pytest.fail(f"cloud server did not become SERVING:\n{server.log()}")
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    """One server for the module (module scope cannot use the function-scoped ``free_port`` fixture)."""
-    proc = start_server(bundle_dir, _port(), _port(), tmp_path_factory.mktemp("cloud") / "server.log")
+    """One server for the module."""
+    proc = start_server(bundle_dir, free_port(), free_port(), tmp_path_factory.mktemp("cloud") / "server.log")
     yield proc
     proc.stop()
 
@@ -179,7 +110,7 @@ def test_health_and_readiness(server, stub):
     assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=5).ready
     assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL, version=wire.MODEL_VERSION), timeout=5).ready
     for service in ("", MODEL, "inference.GRPCInferenceService"):
-        assert _health_status(server.address, service) == health_pb2.HealthCheckResponse.SERVING
+        assert grpc_health_status(server.address, service) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_unknown_model_is_not_found_everywhere(stub):
@@ -340,7 +271,8 @@ MALFORMED: dict[str, tuple[Callable[[dict], pb.ModelInferRequest], str]] = {
     "codec.shape wrong split": (lambda s: _features_request(s, split=4), "does not match boundary 4"),
     "codec.shape garbage": (_feature_shape("two,96"), "not a comma-separated list"),
     "garbled non-finite scales": (_garbled_scales, "non-finite"),
-    "batch above max_batch": (_feature_shape(f"{MAX_BATCH + 1},96,7,7"), "above this server's max_batch"),
+    "batch above max_request_batch": (_feature_shape(f"{MAX_BATCH + 1},96,7,7"),
+                                      "above this server's max_request_batch"),
     "no inputs": (lambda s: pb.ModelInferRequest(model_name=MODEL), "no inputs"),
     "both inputs": (_both_inputs, "exactly one of"),
     "unknown input name": (lambda s: _input_request(s["x"], name="image"), "unknown input 'image'"),
@@ -349,8 +281,8 @@ MALFORMED: dict[str, tuple[Callable[[dict], pb.ModelInferRequest], str]] = {
     "input wrong datatype": (lambda s: _input_request(s["x"], datatype="FP64", dtype="<f8"), "must be FP32"),
     "input wrong shape": (lambda s: _input_request(s["x"].reshape(2, 28, 28)),
                           "does not match the model input"),
-    "input batch above max_batch": (lambda s: _input_request(np.zeros((MAX_BATCH + 1, 1, 28, 28), "f4")),
-                                    "above this server's max_batch"),
+    "input batch above max_request_batch": (lambda s: _input_request(np.zeros((MAX_BATCH + 1, 1, 28, 28), "f4")),
+                                            "above this server's max_request_batch"),
     "input NaN": (_nan_input, "NaN or infinite"),
     "typed element count": (_typed_count_mismatch, "100 values in fp32_contents"),
     "negative dimension": (_with(lambda m: m.inputs[0].shape.__setitem__(0, -5), _features_request),
@@ -424,7 +356,8 @@ def test_metrics_endpoint(server, client, stub, sample):
 # ------------------------------------------------------------------------------------ shutdown and restart
 
 
-def test_sigterm_exits_cleanly_and_client_reconnects(bundle_dir, free_port, tmp_path, sample):
+@pytest.mark.slow  # two more servers, a drain and a reconnect (about 14 s)
+def test_sigterm_exits_cleanly_and_client_reconnects(bundle_dir, tmp_path, sample):
     """SIGTERM drains and exits 0; the same CloudClient works again once a server is back on the address."""
     port, metrics_port = free_port(), free_port()
     first = start_server(bundle_dir, port, metrics_port, tmp_path / "first.log")

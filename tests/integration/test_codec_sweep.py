@@ -5,8 +5,11 @@ import pytest
 from partitioner.sweep import run_sweep
 from splitinfer.data import fashion_mnist_dir
 
-pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [
+    pytest.mark.slow,  # trains bottlenecks (about 27 s)
+    pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
 
 
 def test_sweep_lists_ptq_and_qat_points_with_references():

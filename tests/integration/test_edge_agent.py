@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -25,40 +23,26 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import load_bundle
+from splitinfer.daemons import Daemon
 from splitinfer.errors import Unavailable
-from tests.conftest import make_test_bundle
-from tests.unit.test_edge_runtime import FakeResult as _Result
+from tests.support.bundles import make_test_bundle
+from tests.support.fakes import FakeClient
 
 REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
 MAX_UPLOAD = 256 * 1024
 
 
-class FakeCloud:
-    """In-process stand-in for CloudClient: runs the tail, or fails when ``down``."""
+class FakeCloud(FakeClient):
+    """The shared fake client, switched off and on through ``down``."""
 
-    def __init__(self, bundle) -> None:
-        self.bundle = bundle
-        self.down = False
+    @property
+    def down(self) -> bool:
+        return self.fail is not None
 
-    def infer_features(self, payload: bytes, meta: dict, split: int, codec: str,
-                       request_id: str = "") -> _Result:
-        if self.down:
-            raise Unavailable("fake server down")
-        with torch.inference_mode():
-            x = self.bundle.codec_for(codec, split).decode(payload, meta)
-            logits = self.bundle.staged.run(x, split, self.bundle.num_stages).numpy()
-        return _Result(logits, len(payload) + 100, 60, 0.1, 0.9, 0.003)
-
-    def server_ready(self) -> bool:
-        return not self.down
-
-    def check_ready(self) -> None:
-        if self.down:
-            raise Unavailable("fake server down")
-
-    def close(self) -> None:
-        pass
+    @down.setter
+    def down(self, value: bool) -> None:
+        self.fail = Unavailable("fake server down") if value else None
 
 
 @pytest.fixture(scope="module")
@@ -235,33 +219,9 @@ def test_metrics_pass_promtool(agent):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def _wait_port(port: int, proc: subprocess.Popen, tries: int = 600) -> None:
-    for _ in range(tries):
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on port {port}")
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def _start(name: str, args: list[str], log: Path) -> Daemon:
+    return Daemon([sys.executable, "-m", *args], name=name, log_path=log, cwd=REPO,
+                  env={**os.environ, "PYTHONPATH": str(REPO)}, stop_timeout=20)
 
 
 @pytest.mark.slow
@@ -272,15 +232,15 @@ def test_end_to_end_offload_fallback_and_recovery(tmp_path, free_port):
     server_cmd = ["cloud_server", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                   "--port", str(grpc_port), "--metrics-port", str(metrics_port)]
     server_log, agent_log = tmp_path / "server.log", tmp_path / "agent.log"
-    server = _start(server_cmd, server_log)
+    server = _start("cloud server", server_cmd, server_log)
     agent_proc = None
     try:
-        _wait_port(grpc_port, server)
-        agent_proc = _start(["edge_agent", "run", "--bundle", str(bundle),
-                             "--server", f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1",
-                             "--port", str(http_port), "--timeout-s", "2.0",
-                             "--recheck-interval-s", "0.2"], agent_log)
-        _wait_port(http_port, agent_proc)
+        server.wait_grpc_ready(f"127.0.0.1:{grpc_port}")
+        agent_proc = _start("edge agent", ["edge_agent", "run", "--bundle", str(bundle),
+                                           "--server", f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1",
+                                           "--port", str(http_port), "--timeout-s", "2.0",
+                                           "--recheck-interval-s", "0.2"], agent_log)
+        agent_proc.wait_http_ready(f"http://127.0.0.1:{http_port}/readyz")
         image = png(digit())
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
 
@@ -302,15 +262,14 @@ def test_end_to_end_offload_fallback_and_recovery(tmp_path, free_port):
             cloud_label = body["label"]
 
             server.kill()  # SIGKILL mid-run: no goodbye
-            server.wait(timeout=10)
             for _ in range(5):
                 body = ask()
                 assert body["degraded"] is True and body["decided_by"] == 8
             assert http.get("/readyz").status_code == 200
             assert http.get("/v1/status").json()["server"]["up"] is False
 
-            server = _start(server_cmd, server_log)
-            _wait_port(grpc_port, server)
+            server = _start("cloud server", server_cmd, server_log)
+            server.wait_grpc_ready(f"127.0.0.1:{grpc_port}")
             for _ in range(300):
                 body = ask()
                 if body["decided_by"] == "cloud":
@@ -330,8 +289,8 @@ def test_end_to_end_offload_fallback_and_recovery(tmp_path, free_port):
         raise
     finally:
         if agent_proc is not None:
-            _stop(agent_proc)
+            agent_proc.stop()
             # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit
             assert agent_proc.returncode in (0, -signal.SIGTERM)
             assert "edge agent draining" in agent_log.read_text()
-        _stop(server)
+        server.stop()

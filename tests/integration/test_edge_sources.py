@@ -18,7 +18,7 @@ from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from edge_agent.sources import new_files, watch
 from splitinfer.bundle import load_bundle
-from tests.unit.test_edge_runtime import FakeClient
+from tests.support.fakes import FakeClient
 
 
 def _png(path, seed=0):

@@ -13,10 +13,13 @@ from partitioner.make import make_default_plan
 from splitinfer.bundle import load_bundle
 from splitinfer.calibration import CalibrationTooSmall
 from splitinfer.data import fashion_mnist_dir, load_fashion_mnist, to_model_input
-from tests.unit.test_edge_runtime import FakeClient
+from tests.support.fakes import FakeClient
 
-pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [
+    pytest.mark.slow,  # calibrates exits on Fashion-MNIST (about 35 s)
+    pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,9 @@ def test_plan_records_certified_calibration_and_uses_its_rates(planned):
     head_rate = sum(plan.active_exit_rates.values())
     assert planned.chosen.offload_rate == pytest.approx(1 - head_rate, abs=1e-3)
     if set(plan.active_exits) == {b for b in cal.exit_rates if b <= plan.split}:
-        assert plan.active_exit_rates == pytest.approx({b: cal.exit_rates[b] for b in plan.active_exits}, abs=1e-4)
+        # the same thresholds on the whole validation sample vs on its test half (calibration's figures):
+        # equal up to the sampling noise of 1,500 samples (about 0.013 for a rate near 0.4)
+        assert plan.active_exit_rates == pytest.approx({b: cal.exit_rates[b] for b in plan.active_exits}, abs=0.04)
     assert {e.boundary: e.val_exit_rate for e in plan.exits} == pytest.approx(cal.exit_rates, abs=1e-4)
 
 
@@ -83,9 +88,9 @@ def test_runtime_applies_the_certified_thresholds(planned):
                 expected = "cloud"
                 prev = 0
                 for b in rt.head_exits:
-                    h = rt.bundle.staged.run(h, prev, b)
+                    h = rt.engine.bundle.staged.run(h, prev, b)
                     prev = b
-                    if torch.softmax(rt.bundle.exits[b](h), 1).max().item() >= thresholds[b]:
+                    if torch.softmax(rt.engine.bundle.exits[b](h), 1).max().item() >= thresholds[b]:
                         expected = b
                         break
             assert r.decided_by == expected

@@ -17,7 +17,7 @@ from cloud_server.export_triton import triton_model_config_module
 from cloud_server.tail import TailRuntime
 from splitinfer.bundle import CodecSpec, load_bundle, new_plan, save_bundle
 from splitinfer.codec import get_codec
-from tests.conftest import LEARNED_SPLIT, TEST_SPLIT, make_test_bundle
+from tests.support.bundles import LEARNED_SPLIT, TEST_SPLIT, make_test_bundle
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient", reason="tritonclient[grpc] (the [dev] extra)")

@@ -14,13 +14,13 @@ from edge_agent.settings import EdgeSettings
 from edge_agent.transport import CloudClient
 from splitinfer.bundle import load_bundle
 from splitinfer.errors import InvalidInput
-from tests.conftest import LEARNED_SPLIT
-from tests.integration.test_cloud_server import ServerProcess, _port, start_server
+from tests.support.bundles import LEARNED_SPLIT
+from tests.support.servers import ServerProcess, free_port, start_server
 
 
 @pytest.fixture(scope="module")
 def server(learned_bundle_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    proc = start_server(learned_bundle_dir, _port(), _port(), tmp_path_factory.mktemp("learned") / "server.log")
+    proc = start_server(learned_bundle_dir, free_port(), free_port(), tmp_path_factory.mktemp("learned") / "server.log")
     yield proc
     proc.stop()
 
@@ -85,12 +85,12 @@ def test_server_refuses_batches_above_its_limit_from_the_payload_header(learned_
     codec = bundle.codec_for("bottleneck", LEARNED_SPLIT)
     with torch.inference_mode():
         payload, meta = codec.encode(bundle.staged.run(torch.randn(5, 1, 28, 28), 0, LEARNED_SPLIT))
-    with pytest.raises(InvalidInput, match="batch 5 outside 1..4"):  # the test server runs with max_batch 4
+    with pytest.raises(InvalidInput, match="batch 5 outside 1..4"):  # the test server runs with max_request_batch 4
         client.infer_features(payload, meta, LEARNED_SPLIT, "bottleneck")
 
 
 def test_grpc_through_the_link_emulator(learned_bundle_dir, server):
-    from partitioner.linkemu import LinkSettings, start_in_thread
+    from bench.linkemu import LinkSettings, start_in_thread
 
     bundle = load_bundle(learned_bundle_dir)
     codec = bundle.codec_for("bottleneck", LEARNED_SPLIT)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from partitioner.linkemu import LinkSchedule, LinkSettings, start_in_thread
+from bench.linkemu import LinkSchedule, LinkSettings, start_in_thread
 
 
 def test_schedule_serializes_at_the_rate_then_adds_the_delay():

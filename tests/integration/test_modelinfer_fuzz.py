@@ -47,7 +47,9 @@ from splitinfer.bundle import load_bundle
 from splitinfer.codec import get_codec
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.test_cloud_server import MAX_BATCH, ServerProcess, _health_status, _port, start_server
+from tests.support.servers import MAX_BATCH, ServerProcess, free_port, grpc_health_status, start_server
+
+pytestmark = pytest.mark.slow  # fuzzing a live server (about 25 s)
 
 MODEL = "default"
 SPLIT = 9
@@ -424,7 +426,7 @@ def any_request(boundaries: list[list[int]], bases: list[Base]):
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    proc = start_server(bundle_dir, _port(), _port(), tmp_path_factory.mktemp("fuzz") / "server.log")
+    proc = start_server(bundle_dir, free_port(), free_port(), tmp_path_factory.mktemp("fuzz") / "server.log")
     yield proc
     proc.stop()
 
@@ -656,7 +658,7 @@ def test_modelstreaminfer_fuzz(server, stub, boundaries, bases):
 
 def test_server_healthy_after_fuzz(server, stub, bases):
     assert server.proc.poll() is None, server.log()[-4000:]
-    assert _health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
+    assert grpc_health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
     for base in bases:
         resp = stub.ModelInfer(base.request, timeout=CALL_TIMEOUT_S)

@@ -26,7 +26,10 @@ from partitioner.cli import app as plan_app
 from partitioner.cost import format_bandwidth, format_duration, parse_bandwidth, parse_duration
 from partitioner.probe import ProbeResult
 from splitinfer.errors import Unavailable
-from tests.integration.test_cloud_server import ROOT, start_server
+from tests.support.fakes import FakeClient
+from tests.support.servers import ROOT, start_server
+
+pytestmark = pytest.mark.slow  # 43 CLI runs as subprocesses (about 40 s)
 
 PYDANTIC_NOISE = ("errors.pydantic.dev", "validation error", "Traceback")
 
@@ -230,14 +233,7 @@ def test_status_cell_is_the_planned_link(bundle_dir):
                                                  "notes": {**bundle.plan.notes, "bandwidth_bps": 5e6,
                                                            "rtt_ms": 20.0}})
 
-    class Client:
-        def check_ready(self):
-            pass
-
-        def close(self):
-            pass
-
-    rt = EdgeRuntime(bundle, Client(), EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1"))
+    rt = EdgeRuntime(bundle, FakeClient(bundle), EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1"))
     try:
         assert rt.status()["adaptive"]["cell"] == {"bandwidth_bps": 5e6, "rtt_ms": 20.0}
     finally:
@@ -245,7 +241,7 @@ def test_status_cell_is_the_planned_link(bundle_dir):
 
 
 def test_demo_summary_names_only_active_exits_and_the_codec_outside_the_bound():
-    from splitinfer.demo import format_summary
+    from splitinfer.cli.demo import format_summary
 
     s = {"requests": 10, "split": 6, "codec": "bottleneck", "accuracy": 0.9, "agreement": 0.96,
          "exit_rate": {"per_exit": {"6": 0.5}, "total": 0.5}, "offloaded": 5, "degraded": 0,
@@ -312,19 +308,13 @@ def test_link_change_log_says_what_is_not_measured(bundle_dir, caplog):
     from edge_agent.settings import EdgeSettings
     from splitinfer.bundle import load_bundle
 
-    class Client:
-        def check_ready(self):
-            pass
-
-        def close(self):
-            pass
-
-    rt = EdgeRuntime(load_bundle(bundle_dir), Client(), EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1"))
+    bundle = load_bundle(bundle_dir)
+    rt = EdgeRuntime(bundle, FakeClient(bundle), EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1"))
     try:
         for rtt in [0.001] * 10 + [0.1] * 4:  # a step in the RTT, no bandwidth sample at all
             rt.link.observe_rtt(rtt)
-        with caplog.at_level(logging.INFO, logger="edge_agent.runtime"):
-            rt._publish_link()
+        with caplog.at_level(logging.INFO, logger="edge_agent.link"):
+            rt.links.publish()
     finally:
         rt.close()
     assert "link change detected: bandwidth not measured yet, RTT" in caplog.text
@@ -335,7 +325,7 @@ def test_edge_only_plans_classify_without_a_server_and_watch_exits_when_idle(tmp
     import numpy as np
 
     from splitinfer.bundle import read_plan
-    from tests.conftest import make_test_bundle
+    from tests.support.bundles import make_test_bundle
 
     probe = make_test_bundle(tmp_path / "probe")
     n = len(read_plan(probe).stages)

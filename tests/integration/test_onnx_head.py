@@ -1,4 +1,4 @@
-"""The ONNX Runtime head backend (edge_agent/onnx_head.py): numerics vs torch, exit decisions, the torch-free
+"""The ONNX Runtime head backend (edge_agent/onnx_head/): numerics vs torch, exit decisions, the torch-free
 request path in a subprocess (same payload bytes), and refusal of bad or corrupted exports."""
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ from edge_agent.onnx_head import (
     HeadExportError,
     NumpyEdge,
     OnnxHead,
-    _session,
     encode_uint8_affine,
     export_head,
     normalise,
-    runtime_head_exits,
-    scores,
 )
 from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import Bundle, HeadSpec, load_bundle
-from splitinfer.calibration import confidence
 from splitinfer.codec import UInt8AffineCodec
 from splitinfer.data import to_model_input
 from splitinfer.errors import BundleError, InvalidInput
-from tests.conftest import make_learned_bundle, make_test_bundle
+from splitinfer.head import StageBackend, score_logits, walk
+from splitinfer.onnx_util import session
+from tests.support.bundles import make_learned_bundle, make_test_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -108,11 +106,12 @@ def test_boundaries_exit_logits_and_encoder_match_torch(name, bundles, exported,
     x = np.concatenate([x, np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)])
     split, n = bundle.plan.split, bundle.num_stages
     assert head.split == split
-    assert head.active_exits == runtime_head_exits(bundle.thresholds(), split, bundle.plan.active_exits)
+    assert head.active_exits == bundle.plan.planned_exits(bundle.exits)
+    assert isinstance(head, StageBackend)
     seen = []
     with torch.inference_mode():
         h_t, prev = torch.from_numpy(x.copy()), 0
-        for step in head.iter_head(x):
+        for step in walk(head, x, head.split, head.active_exits):
             h_t = bundle.staged.run(h_t.clone(), prev, step.boundary)
             prev = step.boundary
             assert np.abs(step.tensor - h_t.numpy()).max() <= TOL
@@ -139,7 +138,7 @@ def _median_thresholds(bundle: Bundle, x: torch.Tensor) -> dict[int, float]:
         for b in sorted(bundle.exits):
             h = bundle.staged.run(h, prev, b)
             prev = b
-            s = np.sort(confidence(bundle.exits[b](h.clone()))[0].numpy())
+            s = np.sort(score_logits(bundle.exits[b](h.clone()).numpy()).score)
             mid = len(s) // 2
             out[b] = float((s[mid - 1] + s[mid]) / 2)
     return out
@@ -246,10 +245,10 @@ def test_torch_free_payloads_equal_the_torch_codecs_on_the_onnx_head(name, bundl
     for i, d in enumerate(lines):
         decided: int | str = "cloud"
         with torch.inference_mode():
-            for step in head.iter_head(x[i : i + 1]):
+            for step in walk(head, x[i : i + 1], head.split, head.active_exits):
                 h = torch.from_numpy(step.tensor)
                 if step.logits is not None:
-                    s, _ = confidence(view.exits[step.boundary](h))
+                    s = score_logits(view.exits[step.boundary](h).numpy()).score
                     if float(s[0]) >= thresholds[step.boundary]:
                         decided = step.boundary
                         break
@@ -273,11 +272,6 @@ def test_numpy_uint8_affine_and_normalisation_are_bit_exact():
     rgb = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     assert np.array_equal(normalise(rgb, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]),
                           to_model_input(rgb, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]).numpy())
-    logits = rng.standard_normal((50, 10)).astype(np.float32) * 3
-    for kind in ("max_softmax", "margin", "neg_entropy"):
-        s, _, pred = scores(logits, kind)
-        ref, ref_pred = confidence(torch.from_numpy(logits), kind)
-        assert np.abs(s - ref.numpy()).max() <= 1e-6 and np.array_equal(pred, ref_pred.numpy())
     with pytest.raises(InvalidInput):
         encode_uint8_affine(np.full((1, 4, 4, 4), np.nan, np.float32))
 
@@ -292,7 +286,7 @@ def test_head_backend_onnx_setting_runs_the_runtime_on_onnx_runtime(bundles, exp
     client = CapturingClient(bundle)
     rt = EdgeRuntime(bundle, client, settings, metrics=EdgeMetrics())
     torch_rt, _ = runtime(bundle)
-    assert rt.head is rt._onnx and rt.exit_heads is rt._onnx.exits
+    assert rt.engine.kind == "onnx" and isinstance(rt.engine.head, OnnxHead)
     x = to_model_input(images[:40], bundle.plan.input.mean, bundle.plan.input.std)
     edge = NumpyEdge(OnnxHead.load(exported["uint8"]))
     for i in range(len(x)):
@@ -388,7 +382,7 @@ def test_corrupted_or_foreign_exports_are_refused(exported, bundles, tmp_path):
     with pytest.raises(BundleError, match="other weights"):  # exported from another bundle's weights
         OnnxHead.load(src, bundle_dir=bundles["learned"])
     with pytest.raises(BundleError, match="not a loadable ONNX model"):
-        _session(b"", "empty.onnx")
+        session(b"", "empty.onnx")
 
 
 def test_int8_heads_are_not_exported(bundles, tmp_path):
@@ -398,3 +392,50 @@ def test_int8_heads_are_not_exported(bundles, tmp_path):
     with pytest.raises(HeadExportError, match="int8"):
         export_head(int8, out_dir=tmp_path / "x")
     assert issubclass(HeadExportError, BundleError)
+
+
+def test_importing_the_onnx_head_does_not_import_torch():
+    code = ("import sys, edge_agent.onnx_head, splitinfer.codec_numpy, splitinfer.onnx_util; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_export_carries_its_plan_and_numpy_edge_applies_the_plans_rules(bundles, exported, images):
+    """Without the bundle, the plan copied into the export gives the rules: the exits evaluated at a split
+    (Plan.exits_at) and the codec there (Plan.codec_at, uint8-affine where the learned codec does not apply); the
+    numpy codecs give the torch codecs' bytes."""
+    head = OnnxHead.load(exported["learned"])
+    bundle = load_bundle(bundles["learned"])
+    plan = bundle.plan  # split 8, learned codec at 8, exit 4
+    assert head.plan is not None and head.plan.files == plan.files
+    assert head.policy().thresholds == bundle.thresholds()
+    planned = NumpyEdge(head)
+    assert (planned.split, planned.exits, planned.codec) == (8, plan.planned_exits(), "bottleneck")
+    at4 = NumpyEdge(head, 4)  # not an exported configuration, but its segment 0 -> 4 is
+    assert (at4.exits, at4.codec) == (plan.exits_at(4), "uint8-affine")
+    assert NumpyEdge(head, 8, exits=[]).exits == []
+    with pytest.raises(InvalidInput, match="cannot be used at split 4"):
+        NumpyEdge(head, 4, codec="bottleneck")
+    x = normalise(images[:20], plan.input.mean, plan.input.std)
+    for i in range(len(x)):
+        d = at4.infer(x[i : i + 1])
+        assert d.decided_by in (4, "cloud") and d.exit_scores.keys() == {4}
+    h = np.random.default_rng(3).standard_normal((2, *plan.boundaries[8].shape)).astype(np.float32)
+    for name in ("float32", "uint8-affine"):
+        assert head.codec(name).encode(h) == bundle.codec_for(name, 8).encode(torch.from_numpy(h))
+    assert head.codec("bottleneck", 8).encode(h)[0] == bundle.learned_codec.encode(torch.from_numpy(h))[0]
+    with pytest.raises(InvalidInput, match="boundary 8, not 4"):
+        head.codec("bottleneck", 4)
+
+
+def test_bench_measure_config_smoke(bundles, exported, images):
+    """bench.onnx_head's in-process measurement (the one walk and policy on both backends) keeps its fields."""
+    from bench.onnx_head import measure_config
+
+    res = measure_config("demo", bundles["demo"], exported["demo"], images[:8], warmup=2)
+    assert {"torch_head", "ort_head", "view_head", "torch_encode", "ort_encode", "torch_policy",
+            "ort_policy"} <= set(res["latency"])
+    assert res["agreement"]["requests"] == 8 and res["agreement"]["same_decision"] == 8
+    assert res["codec"] == "bottleneck" and res["exits"] == [6]

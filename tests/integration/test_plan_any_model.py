@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from partitioner.cli import app
 from splitinfer.bundle import load_bundle
-from tests.integration.test_cloud_server import _port, start_server
+from tests.support.servers import free_port, start_server
+
+pytestmark = pytest.mark.slow  # plans and serves torchvision models (about 17 s)
 
 pytest.importorskip("torchvision")
 SHAPE = "3,64,64"
@@ -83,7 +85,7 @@ def test_server_answers_at_every_operating_point_split(tmp_path, profiles):
     res = _make(tmp_path / "b", profiles, "--bandwidth", "1mbit", "--rtt", "50ms", "--edge-slowdown", "8")
     assert res.exit_code == 0, res.output
     bundle = load_bundle(tmp_path / "b")
-    server = start_server(tmp_path / "b", _port(), _port(), tmp_path / "server.log")
+    server = start_server(tmp_path / "b", free_port(), free_port(), tmp_path / "server.log")
     try:
         address = f"127.0.0.1:{server.port}"
         rt = EdgeRuntime(bundle, CloudClient(address, "resnet18", timeout_s=30),

@@ -9,8 +9,11 @@ from partitioner.search import Objective
 from splitinfer.bundle import load_bundle
 from splitinfer.data import fashion_mnist_dir
 
-pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [
+    pytest.mark.slow,  # plans with a learned codec (about 12 s)
+    pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
 
 
 def test_plan_considers_and_carries_the_learned_codec(tmp_path):

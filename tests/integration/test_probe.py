@@ -7,15 +7,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from bench.linkemu import LinkSettings, start_in_thread
 from partitioner.cli import app
-from partitioner.linkemu import LinkSettings, start_in_thread
 from partitioner.probe import probe, request_overhead_bytes
-from tests.integration.test_cloud_server import _port, start_server
+from tests.support.servers import free_port, start_server
+
+pytestmark = pytest.mark.slow  # live link probes (about 20 s)
 
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
-    proc = start_server(bundle_dir, _port(), _port(), tmp_path_factory.mktemp("probe") / "server.log")
+    proc = start_server(bundle_dir, free_port(), free_port(), tmp_path_factory.mktemp("probe") / "server.log")
     yield proc
     proc.stop()
 

@@ -11,6 +11,8 @@ from partitioner.target import load_target
 from splitinfer.codec import get_codec
 from splitinfer.errors import BundleError
 
+pytestmark = pytest.mark.slow  # profiles torchvision models (about 12 s)
+
 pytest.importorskip("torchvision")
 
 # torchvision's model cards: parameters and GFLOPS (which count multiply-accumulates) at 224x224

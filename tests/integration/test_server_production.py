@@ -3,17 +3,13 @@ bearer tokens, per-client limits, TLS and mutual TLS, drain on SIGTERM under loa
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -32,8 +28,10 @@ from splitinfer.protocol import converters
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.certs import make_certificates
+from tests.support.servers import ServerProcess, spawn_server
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # a dozen servers: TLS, drains, replicas (about a minute)
+
 MODEL = "default"
 SPLIT = 9
 CODEC = "uint8-affine"
@@ -41,61 +39,14 @@ TOKEN = "edge-device-token-0123456789"
 OTHER_TOKEN = "second-device-token-987654321"
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    metrics_port: int = 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def _healthy(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
-    channel = (grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
-               if credentials else grpc.insecure_channel(address))
-    with channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
-        except grpc.RpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
-
-
 def spawn(port: int, log_path: Path, env: dict[str, str], bundle: Path | None = None, metrics_port: int = 0,
-          health_credentials: grpc.ChannelCredentials | None = None) -> Server:
-    """Start ``python -m cloud_server serve`` with ``SPLITINFER_CLOUD_*`` env and wait until it is SERVING."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SPLITINFER_CLOUD_TORCH_THREADS": "1", **env}
-    args = [sys.executable, "-m", "cloud_server", "serve", "--port", str(port), "--metrics-port", str(metrics_port)]
-    if bundle is not None:
-        args += ["--bundle", str(bundle)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, port, log_path, metrics_port)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-        if _healthy(server.address, health_credentials):
-            return server
-        time.sleep(0.2)
-    server.stop(signal.SIGKILL)
-    raise AssertionError(f"server did not become healthy:\n{server.log()}")
+          health_credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
+    """``python -m cloud_server serve`` with 1 torch thread and ``SPLITINFER_CLOUD_*`` env, once it is SERVING
+    (checked over TLS with ``health_credentials``); ``stop()`` waits up to 60 s for a drain."""
+    return spawn_server(port, log_path, bundle=bundle, metrics_port=metrics_port,
+                        env={"SPLITINFER_CLOUD_TORCH_THREADS": "1", **env}, credentials=health_credentials,
+                        options=[("grpc.ssl_target_name_override", "localhost")] if health_credentials else (),
+                        name="server", stop_timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +429,7 @@ def test_image_codec_gives_cloud_only_inference_from_png_and_refuses_bad_images(
     pixels = rng.integers(0, 256, size=(28, 28), dtype=np.uint8)
     png, meta = ImageCodec(bundle.plan.input).encode(pixels)
     assert meta == {"format": "png"} and png.startswith(b"\x89PNG")
-    x = decode_image(png, bundle.plan.input)
+    x = torch.from_numpy(decode_image(png, bundle.plan.input))
     with torch.inference_mode():
         expected = bundle.staged.run(x, 0, bundle.staged.num_stages).numpy()
     huge = io.BytesIO()

@@ -22,19 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2
 
 from edge_agent.transport import CloudClient
 from splitinfer.bundle import load_bundle
 from splitinfer.codec import get_codec
-from tests.integration.test_cloud_server import (
-    ROOT,
-    START_TIMEOUT_S,
-    ServerProcess,
-    _health_status,
-    _port,
-    start_server,
-)
+from tests.support.servers import ROOT, ServerProcess, free_port, spawn_server, start_server
+
+pytestmark = pytest.mark.slow  # tritonclient and grpcurl in subprocesses (about 15 s)
 
 MODEL = "default"
 SPLIT = 9
@@ -94,7 +88,7 @@ def run_triton(tmp_path: Path, body: str, **args) -> dict:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    proc = start_server(bundle_dir, _port(), _port(), tmp_path_factory.mktemp("stock") / "server.log")
+    proc = start_server(bundle_dir, free_port(), free_port(), tmp_path_factory.mktemp("stock") / "server.log")
     yield proc
     proc.stop()
 
@@ -271,30 +265,16 @@ def test_tritonclient_unknown_model_is_not_found(server, tmp_path, x_file):
 
 def start_repository_server(repo: Path, port: int, log_path: Path) -> ServerProcess:
     """``python -m cloud_server serve`` over a model repository directory (no --bundle), once SERVING."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPLITINFER_CLOUD_MODEL_REPOSITORY": str(repo),
-           "SPLITINFER_CLOUD_GRACE_S": "2"}
-    env.pop("SPLITINFER_CLOUD_BUNDLE", None)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud_server", "serve", "--port", str(port), "--metrics-port", "0"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(proc, port, 0, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"repository server exited with {proc.returncode} while starting:\n{server.log()}")
-        if _health_status(server.address) == health_pb2.HealthCheckResponse.SERVING:
-            return server
-        time.sleep(0.2)
-    server.stop()
-    pytest.fail(f"repository server did not become SERVING:\n{server.log()}")
+    return spawn_server(port, log_path, env={"SPLITINFER_CLOUD_MODEL_REPOSITORY": str(repo),
+                                             "SPLITINFER_CLOUD_GRACE_S": "2"},
+                        unset=("SPLITINFER_CLOUD_BUNDLE",), name="repository server")
 
 
 def test_tritonclient_model_repository(bundle_dir, tmp_path, reference, x_file):
     repo = tmp_path / "repo"
     for version in ("1", "2"):
         shutil.copytree(bundle_dir, repo / MODEL / version)
-    server = start_repository_server(repo, _port(), tmp_path / "repo-server.log")
+    server = start_repository_server(repo, free_port(), tmp_path / "repo-server.log")
     try:
         out = run_triton(tmp_path, '''
             import shutil

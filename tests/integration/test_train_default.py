@@ -8,8 +8,11 @@ import pytest
 
 from splitinfer.data import fashion_mnist_dir
 
-pytestmark = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [
+    pytest.mark.slow,  # trains on Fashion-MNIST (about 50 s)
+    pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
 
 
 def test_short_training_writes_weights_that_load(tmp_path):

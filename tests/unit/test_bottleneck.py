@@ -24,7 +24,7 @@ from splitinfer.bundle import load_bundle
 from splitinfer.errors import BundleError, InvalidInput
 from splitinfer.models import build_default
 from splitinfer.staged import stage_model
-from tests.conftest import LEARNED_SPLIT, make_learned_bundle
+from tests.support.bundles import LEARNED_SPLIT, make_learned_bundle
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from splitinfer.bundle import load_bundle, read_plan
 from splitinfer.errors import BundleError
-from tests.conftest import TEST_EXITS, TEST_SPLIT, make_test_bundle
+from tests.support.bundles import TEST_EXITS, TEST_SPLIT, make_test_bundle
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from splitinfer.calibration import (
     binom_cdf,
     binom_upper_bound,
     calibrate,
-    confidence,
     evaluate,
     min_calibration_samples,
 )
+from splitinfer.head import score_logits
 
 MACS_TO, EXIT_MACS, FULL_MACS = [10, 20], [1, 2], 40
 
@@ -75,17 +75,18 @@ def test_binom_upper_bound():
 def test_confidence_scores_on_hand_made_logits():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
     p2 = torch.softmax(logits[2], 0)
-    c, pred = confidence(logits, "max_softmax")
-    assert pred[1].item() == 0 and pred[2].item() == 2
-    assert c.tolist() == pytest.approx([0.25, 0.5, p2.max().item()], abs=1e-6)
-    c, _ = confidence(logits, "margin")
+    s = score_logits(logits.numpy(), "max_softmax")
+    assert s.label[1] == 0 and s.label[2] == 2
+    assert s.score.tolist() == pytest.approx([0.25, 0.5, p2.max().item()], abs=1e-6)
+    assert s.confidence.tolist() == pytest.approx(s.score.tolist())
+    c = score_logits(logits.numpy(), "margin").score
     assert c.tolist() == pytest.approx([0.0, 1 / 3, (p2[2] - p2[0]).item()], abs=1e-6)
-    c, _ = confidence(logits, "neg_entropy")
+    c = score_logits(logits.numpy(), "neg_entropy").score
     expected = [-math.log(4), 0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6), (p2 * p2.log()).sum().item()]
     assert c.tolist() == pytest.approx(expected, abs=1e-6)
     assert all(v <= 0 for v in c.tolist())
     with pytest.raises(ValueError, match="unknown confidence score"):
-        confidence(logits, "nope")
+        score_logits(logits.numpy(), "nope")
 
 
 # --------------------------------------------------------------------------------------- apply / evaluate

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_agent.metrics import EdgeMetrics
 from edge_agent.runtime import EdgeRuntime
-from edge_agent.settings import EdgeSettings
-from splitinfer.bundle import Bundle, ExitSpec, load_bundle
+from splitinfer.bundle import Bundle, load_bundle
 from splitinfer.codec import get_codec
 from splitinfer.data import to_model_input
 from splitinfer.errors import InvalidInput, Unavailable
@@ -27,88 +24,13 @@ from splitinfer.imaging import (
     decode_npy,
     decode_upload,
 )
-from tests.conftest import TEST_EXITS, make_test_bundle
-
-
-@dataclass
-class FakeResult:
-    logits: np.ndarray
-    bytes_sent: int
-    bytes_received: int
-    server_queue_ms: float
-    server_compute_ms: float
-    round_trip_s: float
-
-
-class FakeClient:
-    """Same shape as edge_agent.transport.CloudClient; runs the tail in-process, or fails on demand."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self.bundle = bundle
-        self.calls = 0
-        self.fail: Exception | None = None
-        self.bad_logits = False
-        self.closed = False
-
-    def infer_features(self, payload: bytes, meta: dict, split: int, codec: str,
-                       request_id: str = "") -> FakeResult:
-        self.calls += 1
-        if self.fail is not None:
-            raise self.fail
-        x = self.bundle.codec_for(codec, split).decode(payload, meta)
-        with torch.inference_mode():
-            logits = self.bundle.staged.run(x, split, self.bundle.num_stages).numpy()
-        if self.bad_logits:
-            logits = logits[:, :3]
-        return FakeResult(logits, len(payload) + 120, 80, 0.2, 1.5, 0.004)
-
-    def server_ready(self) -> bool:
-        return self.fail is None
-
-    def check_ready(self) -> None:
-        if self.fail is not None:
-            raise Unavailable(f"fake server down: {self.fail}")
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.bundles import TEST_EXITS, make_test_bundle
+from tests.support.fakes import FakeClock, make_runtime, sample, with_plan
 
 
 @pytest.fixture(scope="module")
 def base_bundle(tmp_path_factory) -> Bundle:
     return load_bundle(make_test_bundle(tmp_path_factory.mktemp("edge") / "b"))
-
-
-def with_plan(bundle: Bundle, thresholds: tuple[float, float] = (0.5, 0.5),
-              split: int | None = None) -> Bundle:
-    exits = [ExitSpec(boundary=b, threshold=t) for b, t in zip(TEST_EXITS, thresholds, strict=True)]
-    update: dict = {"exits": exits}
-    if split is not None:
-        update["split"] = split
-    return dataclasses.replace(bundle, plan=bundle.plan.model_copy(update=update))
-
-
-def settings(bundle: Bundle, **kw) -> EdgeSettings:
-    return EdgeSettings(bundle=bundle.path, server="127.0.0.1:1", recheck_interval_s=5.0, **kw)
-
-
-def make_runtime(bundle: Bundle, clock: FakeClock | None = None, **kw) -> tuple[EdgeRuntime, FakeClient]:
-    client = FakeClient(bundle)
-    rt = EdgeRuntime(bundle, client, settings(bundle, **kw), metrics=EdgeMetrics(),
-                     clock=clock or FakeClock())
-    return rt, client
-
-
-def sample(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 1, 28, 28, generator=g)
 
 
 def metric(rt: EdgeRuntime, name: str, **labels: str) -> float:
@@ -273,13 +195,13 @@ def pixels(shape=(28, 28)) -> np.ndarray:
 def test_png_grey_matches_the_training_normalisation(spec):
     img = pixels()
     x = decode_upload(png_bytes(img), spec)
-    assert x.shape == (1, 1, 28, 28) and x.dtype == torch.float32
-    assert torch.allclose(x, to_model_input(img[None], spec.mean, spec.std))
+    assert x.shape == (1, 1, 28, 28) and x.dtype == np.float32
+    assert np.array_equal(x, to_model_input(img[None], spec.mean, spec.std).numpy())
 
 
 def test_rgb_jpeg_of_another_size_is_converted_and_resized(spec):
     x = decode_upload(png_bytes(pixels((50, 40, 3)), fmt="JPEG"), spec)
-    assert x.shape == (1, 1, 28, 28) and torch.isfinite(x).all()
+    assert x.shape == (1, 1, 28, 28) and np.isfinite(x).all()
     x = decode_upload(png_bytes(pixels((64, 64, 3))), spec)
     assert x.shape == (1, 1, 28, 28)
 
@@ -288,15 +210,15 @@ def test_rgb_jpeg_of_another_size_is_converted_and_resized(spec):
 def test_npy_uint8_shapes(spec, shape):
     img = pixels((28, 28))
     x = decode_upload(npy_bytes(img.reshape(shape)), spec)
-    assert torch.allclose(x, to_model_input(img[None], spec.mean, spec.std))
+    assert np.array_equal(x, to_model_input(img[None], spec.mean, spec.std).numpy())
 
 
 def test_npy_float_is_taken_as_normalised(spec):
     arr = np.random.default_rng(1).standard_normal((1, 28, 28)).astype(np.float64)
     x = decode_npy(npy_bytes(arr), spec)
-    assert torch.allclose(x, torch.from_numpy(arr.astype(np.float32))[None])
+    assert np.array_equal(x, arr.astype(np.float32)[None])
     fortran = np.asfortranarray(np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32))
-    assert torch.equal(decode_npy(npy_bytes(fortran), spec), torch.from_numpy(np.ascontiguousarray(fortran)))
+    assert np.array_equal(decode_npy(npy_bytes(fortran), spec), np.ascontiguousarray(fortran))
 
 
 class _Evil:

@@ -15,8 +15,8 @@ from partitioner.search import CodecOption, Planner
 from splitinfer.bundle import load_bundle
 from splitinfer.codec import get_codec
 from splitinfer.imaging import ImageCodec, decode_image
-from tests.conftest import make_test_bundle
-from tests.unit.test_edge_runtime import FakeResult
+from tests.support.bundles import make_test_bundle
+from tests.support.fakes import FakeResult
 
 
 class Capture:
@@ -83,6 +83,6 @@ def test_agent_forwards_the_upload_or_encodes_the_input_again_losslessly(tmp_pat
     second = rt.infer(x, "b")  # no file: the agent encodes x as PNG again (lossless for uint8 pixels)
     payload, meta, split, codec = client.sent[-1]
     assert (meta, split, codec) == ({"format": "png"}, 0, "image") and payload.startswith(b"\x89PNG")
-    torch.testing.assert_close(decode_image(payload, bundle.plan.input), x, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decode_image(payload, bundle.plan.input), x, atol=1e-5, rtol=0)
     assert second.label == first.label
     rt.close()

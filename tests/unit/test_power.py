@@ -13,8 +13,8 @@ from edge_agent.runtime import EdgeRuntime
 from edge_agent.settings import EdgeSettings
 from splitinfer.bundle import load_bundle
 from splitinfer.power import Ina3221Meter, Rail, RaplMeter, find_ina3221, find_meter
-from tests.conftest import make_test_bundle
-from tests.unit.test_edge_runtime import FakeClient, sample, with_plan
+from tests.support.bundles import make_test_bundle
+from tests.support.fakes import FakeClient, sample, with_plan
 
 
 def _domain(root: Path, name: str, uj: int, max_uj: int = 1_000_000, label: str = "package-0") -> Path:

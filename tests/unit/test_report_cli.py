@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from partitioner.cli import app
 from splitinfer.bundle import LatencyCurve, OperatingPoint, SplitEstimate, read_plan
-from tests.conftest import make_learned_bundle
+from tests.support.bundles import make_learned_bundle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

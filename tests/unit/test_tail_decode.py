@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud_server.batcher import Staged
+from cloud_server.decode import Staged
 from cloud_server.tail import TailRuntime
 from splitinfer.bundle import load_bundle
 from splitinfer.errors import InvalidInput
-from tests.conftest import make_learned_bundle
+from tests.support.bundles import make_learned_bundle
 
 
 @pytest.fixture(scope="module")

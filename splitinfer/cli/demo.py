@@ -11,15 +11,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import typer
+
+from splitinfer.daemons import Daemon, DaemonError, free_port
 
 DEMO_BANDWIDTH = "5mbit"
 DEMO_RTT = "20ms"
@@ -30,64 +29,13 @@ OFFLOAD_STAGES = ("encode", "transfer")
 SOMETIMES_STAGES = ("tail",)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 image as PNG bytes, as the demo uploads it."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready within {timeout:.0f} s")
-
-
-def _wait_grpc_health(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"cloud server exited with code {proc.returncode} before it was healthy")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"cloud server at {address} did not become healthy within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> int | None:
-    if proc is None or proc.poll() is not None:
-        return None if proc is None else proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -110,6 +58,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64)
     return {"p50": round(float(np.percentile(arr, 50)), 3), "p95": round(float(np.percentile(arr, 95)), 3),
             "count": len(values)}
+
+
+def _overhead_ms(answer: dict) -> float:
+    """The agent's own time in one answer: its total minus the stages it reports (head, exit, encode,
+    transfer, tail)."""
+    lat = answer.get("latency_ms", {})
+    return max(0.0, float(lat.get("total", 0.0)) - sum(float(v) for k, v in lat.items() if k != "total" and v))
 
 
 def summarize(answers: list[dict], labels: np.ndarray, full_pred: np.ndarray, feature_bytes_fp32: int,
@@ -144,6 +99,7 @@ def summarize(answers: list[dict], labels: np.ndarray, full_pred: np.ndarray, fe
         "bytes_per_offloaded": round(float(np.mean([a["bytes_sent"] for a in offloaded])), 1) if offloaded else 0.0,
         "feature_bytes_fp32": feature_bytes_fp32,
         "latency_ms": {k: _percentiles(v) for k, v in sorted(stages.items())},
+        "agent_overhead_ms": _percentiles([_overhead_ms(a) for a in answers]) if n else {},
         "energy_j_per_request": round(float(np.mean([energy(a) for a in answers])), 6) if n else 0.0,
     }
 
@@ -184,6 +140,20 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def plan_demo_bundle(out: Path, bandwidth: str = DEMO_BANDWIDTH, rtt: str = DEMO_RTT, device: str = DEMO_DEVICE,
+                     data_dir: str | None = None):
+    """Plan the demo's bundle (the embedded default, interior splits, the demo's objective) into ``out``;
+    returns the partitioner's ``PlanResult``."""
+    from partitioner.cost import Link, parse_bandwidth, parse_duration
+    from partitioner.make import make_default_plan
+    from partitioner.search import Objective
+    from splitinfer.energy import get_profile
+
+    dev = get_profile(device)
+    return make_default_plan(out, Link(parse_bandwidth(bandwidth), parse_duration(rtt)), dev, dev.compute_slowdown,
+                             splits="interior", data_dir=data_dir, objective=Objective.parse(*DEMO_OBJECTIVE))
+
+
 def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = False,
              workdir: Path = Path("runs/demo"), data_dir: str | None = None, bandwidth: str = DEMO_BANDWIDTH,
              rtt: str = DEMO_RTT, device: str = DEMO_DEVICE, progress: bool = True) -> dict:
@@ -191,8 +161,7 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
     import httpx
     import torch
 
-    from partitioner.cost import Link, parse_bandwidth, parse_duration
-    from partitioner.make import make_default_plan
+    from partitioner.cost import parse_bandwidth, parse_duration
     from partitioner.report import split_table
     from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
     from splitinfer.energy import get_profile
@@ -204,8 +173,7 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
         else:
             typer.echo(msg, err=True)
 
-    link = Link(parse_bandwidth(bandwidth), parse_duration(rtt))  # bad options fail before any work
-    dev = get_profile(device)
+    parse_bandwidth(bandwidth), parse_duration(rtt), get_profile(device)  # bad options fail before any work
     workdir.mkdir(parents=True, exist_ok=True)
     test = load_fashion_mnist("test", data_dir)
     if not 1 <= requests <= len(test):
@@ -213,43 +181,35 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
     n = requests
     say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device}, objective "
         f"{DEMO_OBJECTIVE[0]} {DEMO_OBJECTIVE[1]} ...")
-    from partitioner.search import Objective
-
-    result = make_default_plan(workdir / "bundle", link, dev,
-                               dev.compute_slowdown, splits="interior", data_dir=data_dir,
-                               objective=Objective.parse(*DEMO_OBJECTIVE))
+    result = plan_demo_bundle(workdir / "bundle", bandwidth, rtt, device, data_dir)
     say(split_table(result))
     plan = result.plan
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The daemons talk over loopback, not the planned link: an adaptive agent would measure loopback and
     # leave the planned operating point, so the demo pins it (adaptation is tested through the emulator).
-    grpc_port, metrics_port, edge_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, edge_port = free_port(), free_port(), free_port()
     server = agent = None
-    logs = []
     try:
-        cloud_log = open(workdir / "cloud.log", "w")  # noqa: SIM115 - closed in finally
-        logs.append(cloud_log)
-        server = subprocess.Popen(
+        server = Daemon(
             [sys.executable, "-m", "cloud_server", "serve", "--bundle", str(result.path), "--host", "127.0.0.1",
              "--port", str(grpc_port), "--metrics-port", str(metrics_port)],
-            stdout=cloud_log, stderr=subprocess.STDOUT, env=env)
-        _wait_grpc_health(f"127.0.0.1:{grpc_port}", server)
-        edge_log = open(workdir / "edge.log", "w")  # noqa: SIM115 - closed in finally
-        logs.append(edge_log)
-        agent = subprocess.Popen(
+            name="cloud server", log_path=workdir / "cloud.log", append=False, env=env)
+        server.wait_grpc_ready(f"127.0.0.1:{grpc_port}")
+        agent = Daemon(
             [sys.executable, "-m", "edge_agent", "run", "--bundle", str(result.path), "--server",
              f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1", "--port", str(edge_port), "--device", device],
-            stdout=edge_log, stderr=subprocess.STDOUT, env={**env, "SPLITINFER_EDGE_ADAPTIVE": "false"})
+            name="edge agent", log_path=workdir / "edge.log", append=False,
+            env={**env, "SPLITINFER_EDGE_ADAPTIVE": "false"})
         base = f"http://127.0.0.1:{edge_port}"
-        _wait_http(f"{base}/readyz", agent)
+        agent.wait_http_ready(f"{base}/readyz")
         say(f"cloud server pid {server.pid} on 127.0.0.1:{grpc_port} (metrics :{metrics_port}); "
             f"edge agent pid {agent.pid} on {base}; logs in {workdir}")
 
         answers = []
         with httpx.Client(timeout=30.0) as http:
             for i in progress_bar(range(n), desc="requests", enabled=progress):
-                r = http.post(f"{base}/v1/infer", files={"file": (f"{i}.png", _png(test.images[i]), "image/png")})
+                r = http.post(f"{base}/v1/infer", files={"file": (f"{i}.png", encode_png(test.images[i]), "image/png")})
                 if r.status_code != 200:
                     raise RuntimeError(f"request {i} failed: HTTP {r.status_code} {r.text[:200]}")
                 answers.append(r.json())
@@ -298,16 +258,15 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
             say(f"--keep-running: edge agent at {base} (POST /v1/infer), cloud server at 127.0.0.1:{grpc_port}; "
                 "Ctrl-C to stop")
             try:
-                while server.poll() is None and agent.poll() is None:
+                while server.alive() and agent.alive():
                     time.sleep(1.0)
             except KeyboardInterrupt:
                 pass
         return summary
     finally:
-        _stop(agent)
-        _stop(server)
-        for f in logs:
-            f.close()
+        for daemon in (agent, server):
+            if daemon is not None:
+                daemon.stop(timeout=20.0)
 
 
 def demo_command(
@@ -330,6 +289,9 @@ def demo_command(
     except (SplitInferError, ValueError) as exc:  # bad options or data: the message says what to do
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    except RuntimeError as exc:  # a daemon failed to start or a request failed: the logs say more
+    except DaemonError as exc:  # a daemon failed to start: its log says more
+        typer.echo(f"error: {exc.headline} (logs in {workdir})", err=True)
+        raise typer.Exit(1) from None
+    except RuntimeError as exc:  # a request failed: the logs say more
         typer.echo(f"error: {exc} (logs in {workdir})", err=True)
         raise typer.Exit(1) from None

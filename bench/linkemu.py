@@ -1,5 +1,8 @@
 """A user-space link emulator: a TCP proxy that imposes bandwidth, one-way delay, stalls and connection drops.
 
+Bench and test machinery (``bench/`` is not installed): benches and integration tests put it between a client
+and a server; nothing in the installed packages imports it.
+
 This kernel has no netem, so delay and loss are emulated here, between an edge agent (or any client) and a
 server on loopback. Each direction of each connection is a separate link::
 
@@ -20,7 +23,7 @@ Use :class:`LinkEmulator` from asyncio, or :func:`start_in_thread` from synchron
     with start_in_thread("127.0.0.1", server_port, LinkSettings(rate_bps=5e6, delay_s=0.02)) as emu:
         client = CloudClient(f"127.0.0.1:{emu.port}", ...)
 
-``python -m partitioner.linkemu --target HOST:PORT --rate 5mbit --delay 20ms [--listen-port P]`` runs one.
+``python -m bench.linkemu --target HOST:PORT --rate 5mbit --delay 20ms [--listen-port P]`` runs one.
 """
 
 from __future__ import annotations

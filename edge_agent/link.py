@@ -1,0 +1,179 @@
+"""The link controller: the link estimate (bandwidth, RTT), the active prober, and the operating-point
+selector that turns estimates into switches. Shared by the agent's daemon (a background task calls
+:meth:`LinkController.tick`) and ``bench/edge_worker.py``.
+
+Offloads feed the estimate for free (:meth:`observe_transfer`). When the agent is idle (no request for
+``probe_idle_s``) and the link has not been probed for ``probe_interval_s``, or under continuous load every
+``probe_max_interval_s``, :meth:`probe` measures the RTT (ServerReady) and, when no offload measured the
+bandwidth lately (idle, or running edge-only), the throughput (a ``probe_bytes`` message).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_agent.adapt import OperatingPointSelector
+from edge_agent.linkest import LinkEstimator
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.offload import Offloader
+from splitinfer.errors import InvalidInput
+from splitinfer.plan import OperatingPoint, Plan
+
+log = logging.getLogger("edge_agent.link")
+
+PROBE_ANSWER_BYTES = 64  # the probe's small answer (an empty OK response, or another server's NOT_FOUND), roughly
+
+
+class LinkController:
+    """Estimator + prober + selector. ``switch(point)`` applies a selected operating point (raises
+    InvalidInput when the bundle cannot run it)."""
+
+    def __init__(self, plan: Plan, settings: Any, offloader: Offloader, metrics: EdgeMetrics,
+                 switch: Callable[[OperatingPoint], None], current: tuple[int, str, list[int] | None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.offloader = offloader
+        self.metrics = metrics
+        self.clock = clock
+        self._switch = switch
+        self.estimator = LinkEstimator(clock=clock)
+        self._lock = threading.Lock()
+        self._changes_seen = 0
+        self._last_probe = clock()
+        self._serving = 0  # requests being served now
+        self._last_served = -math.inf  # clock() when the last one finished
+        self._adapted_for: tuple[float | None, float | None] | None = None
+        self.selector: OperatingPointSelector | None = None
+        if settings.adaptive and plan.operating_points:
+            self.selector = OperatingPointSelector(plan.operating_points, settings.adapt_margin,
+                                                   settings.adapt_min_dwell_s, clock)
+            split, codec, exits = current
+            here = [p for p in plan.operating_points if p.split == split and p.codec == codec
+                    and (exits is None or sorted(p.exits) == sorted(exits))]
+            if here:  # the cell of the planned link (plan.notes), not merely the first with this config
+                bw, rtt_ms = plan.notes.get("bandwidth_bps"), plan.notes.get("rtt_ms")
+                if isinstance(bw, int | float) and isinstance(rtt_ms, int | float) and bw > 0:
+                    here.sort(key=lambda p: self.selector.distance(p, float(bw), float(rtt_ms) / 1e3))
+                self.selector.start_at(here[0])
+
+    # ------------------------------------------------------------------ requests
+
+    def request_started(self) -> None:
+        with self._lock:
+            self._serving += 1
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self._serving -= 1
+            self._last_served = self.clock()
+
+    def observe_transfer(self, nbytes: int, seconds: float) -> None:
+        """An offload moved ``nbytes`` over the network in ``seconds``."""
+        self.estimator.observe_transfer(nbytes, seconds)
+        self.publish()
+
+    # ------------------------------------------------------------------ probing
+
+    def needs_probe(self) -> bool:
+        """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
+        for ``probe_interval_s`` and the agent is idle (no request for ``probe_idle_s``), or when the last probe
+        is older than ``probe_max_interval_s`` (continuous load)."""
+        s = self.settings
+        with self._lock:
+            now = self.clock()
+            age = now - self._last_probe
+            if age < s.probe_interval_s:
+                return False
+            if age >= s.probe_max_interval_s:
+                return True
+            return self._serving == 0 and now - self._last_served >= s.probe_idle_s
+
+    def probe(self) -> bool:
+        """Active probes (see the module docstring); feeds the estimator and may switch the operating point.
+        False when the server could not be reached (it is then marked down)."""
+        last_bw = self.estimator.last_bandwidth_sample
+        idle = last_bw is None or self.clock() - last_bw >= self.settings.probe_interval_s
+        try:
+            self.estimator.observe_rtt(self.offloader.probe_rtt())
+            measured = self.offloader.probe_transfer(self.settings.probe_bytes) if idle else None
+        except Exception as exc:  # noqa: BLE001 - a failed probe marks the server down like a failed offload
+            self.offloader.mark_down(exc)
+            return False
+        self.offloader.mark_up()
+        if measured is not None:  # request bytes + the small answer
+            self.estimator.observe_transfer(measured[0] + PROBE_ANSWER_BYTES, measured[1])
+        self.publish()
+        with self._lock:
+            self._last_probe = self.clock()
+        self.adapt()
+        return True
+
+    @property
+    def period_s(self) -> float:
+        """How often a prober loop calls :meth:`tick`."""
+        return min(1.0, self.settings.probe_interval_s)
+
+    def tick(self) -> bool:
+        """Probe if due (:meth:`needs_probe`); True when a probe ran and reached the server. Never raises (a
+        prober loop must not die): an unexpected error is logged."""
+        try:
+            return self.needs_probe() and self.probe()
+        except Exception:  # noqa: BLE001
+            log.warning("link probe failed", exc_info=True)
+            return False
+
+    def publish(self) -> None:
+        """Copy the estimate to the gauges; count and log newly detected step changes."""
+        snap = self.estimator.snapshot()
+        if snap["bandwidth_bps"]:
+            self.metrics.bandwidth.set(float(snap["bandwidth_bps"]) / 8.0)  # the gauge is in bytes/s
+        if snap["rtt_s"] is not None:
+            self.metrics.rtt.set(float(snap["rtt_s"]))
+        new = int(snap["changes"] or 0) - self._changes_seen
+        if new > 0:
+            self._changes_seen += new
+            self.metrics.link_changes.inc(new)
+            bw = "not measured yet" if not snap["bandwidth_bps"] else f"{snap['bandwidth_bps'] / 1e6:.3g} Mbit/s"
+            rtt = "not measured yet" if snap["rtt_s"] is None else f"{snap['rtt_s'] * 1e3:.3g} ms"
+            log.info("link change detected: bandwidth %s, RTT %s", bw, rtt)
+
+    # ------------------------------------------------------------------ adaptation
+
+    def adapt(self) -> bool:
+        """Switch operating point if the link estimate calls for it (logged and counted); True if switched."""
+        if self.selector is None:
+            return False
+        estimate = (self.estimator.bandwidth_bps, self.estimator.rtt_s)
+        if estimate == self._adapted_for:  # nothing new (e.g. edge-only between probes): skip the grid search
+            return False
+        decision = self.selector.update(*estimate)
+        sel = self.selector
+        dwelling = sel.last_switch is not None and sel.clock() - sel.last_switch < sel.min_dwell_s
+        self._adapted_for = None if dwelling else estimate  # a switch held back by dwell is retried later
+        if decision is None:
+            return False
+        p = decision.point
+        try:
+            self._switch(p)
+        except InvalidInput as exc:  # a table entry this bundle cannot run: keep the current point
+            log.warning("cannot switch to split %d (%s): %s", p.split, p.codec, exc)
+            return False
+        self.metrics.switches.inc()
+        log.info("operating point -> split %d, codec %s, exits %s (%s)", p.split, p.codec, list(p.exits),
+                 decision.reason)
+        return True
+
+    def status(self) -> dict[str, Any] | None:
+        """The ``adaptive`` section of ``/v1/status`` (None without a selector)."""
+        sel = self.selector
+        if sel is None:
+            return None
+        return {"switches": sel.switches,
+                "cell": None if sel.current is None else
+                {"bandwidth_bps": sel.current.bandwidth_bps, "rtt_ms": sel.current.rtt_ms},
+                "margin": sel.margin, "min_dwell_s": sel.min_dwell_s}

@@ -1,0 +1,391 @@
+"""The plan schema (``plan.json``) and the plan's rules, readable without torch.
+
+Everything a role needs to know about a bundle without loading its weights lives here: the pydantic models of
+``plan.json``, :func:`read_plan`, the learned bottleneck's configuration, and the two rules every role applies
+the same way, on the plan:
+
+* :meth:`Plan.exits_at` -- which exits the edge evaluates at a split (the enabled ones, in ``1..split``);
+* :meth:`Plan.codec_at` -- which codec carries the features at a split (the plan's where it applies, else
+  ``uint8-affine``).
+
+:mod:`splitinfer.bundle` (weights, needs torch) re-exports these names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel as _PydanticBase
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from splitinfer.errors import BundleError
+
+PLAN_FORMAT = "splitinfer-plan"
+PLAN_VERSION = 1
+PLAN_FILE = "plan.json"
+MAX_INPUT_ELEMENTS = 50_000_000
+TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
+MODEL_FILE = "model.safetensors"
+EXITS_FILE = "exits.safetensors"
+CODEC_FILE = "codec.safetensors"
+HEAD_CALIBRATION_FILE = "head_calibration.safetensors"
+LEARNED_CODECS = ("bottleneck",)
+GENERIC_CODECS = ("float32", "uint8-affine")  # splitinfer.codec.CODECS (checked there)
+FALLBACK_CODEC = "uint8-affine"  # where the plan's codec does not apply: works at every split
+IMAGE_CODEC = "image"  # cloud-only by sending the input as a PNG/JPEG file (split 0; splitinfer.imaging)
+
+
+class BaseModel(_PydanticBase):
+    """Plan models: infinite thresholds (an exit that never fires) are written as JSON ``Infinity``."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class InputSpec(BaseModel):
+    """What one input sample looks like before the model and how raw images are normalised."""
+
+    shape: list[int] = Field(description="per-sample tensor shape [C, H, W]")
+    dtype: Literal["float32"] = "float32"
+    mean: list[float]
+    std: list[float]
+    labels: list[str]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if len(self.shape) != 3 or any(d <= 0 for d in self.shape):
+            raise ValueError(f"input shape must be 3 positive dimensions [C, H, W], got {self.shape}")
+        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input shape {self.shape} exceeds {MAX_INPUT_ELEMENTS} elements")
+        c = self.shape[0]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean and std need one value per channel ({c}); got {len(self.mean)} and {len(self.std)}")
+        if any(not math.isfinite(v) for v in self.mean) or any(not (v > 0 and math.isfinite(v)) for v in self.std):
+            raise ValueError("mean must be finite and std positive")
+        if not self.labels:
+            raise ValueError("labels must not be empty")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """Model identity: a registry name or a ``module:factory`` import path, plus its weights."""
+
+    name: str
+    factory: str | None = Field(None, description="module:function building the nn.Module (user models)")
+    num_classes: int
+    params: int
+    weights: str = MODEL_FILE
+    weights_source: Literal["committed", "checkpoint", "random"] | None = Field(
+        None, description="where the weights came from: 'committed' (the embedded default's), 'checkpoint' (a "
+                          "user's safetensors) or 'random' (an untrained initialisation: latency and bytes are "
+                          "real, answers are not); None in bundles written before this field existed")
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the weights are an untrained initialisation (answers are meaningless)."""
+        return self.weights_source == "random"
+
+
+class BoundarySpec(BaseModel):
+    index: int
+    node: str
+    shape: list[int]
+    fp32_bytes: int
+
+
+class StageSpec(BaseModel):
+    index: int
+    macs: int
+    params: int
+    edge_ms: float | None = None
+    server_ms: float | None = None
+
+
+class ExitSpec(BaseModel):
+    """An exit head at a boundary, with its confidence threshold and calibration figures.
+
+    ``threshold`` may be ``Infinity`` in JSON (the exit never fires, e.g. when nothing could be certified).
+    """
+
+    boundary: int
+    threshold: float
+    score: Literal["max_softmax", "margin", "neg_entropy"] = "max_softmax"
+    hidden: int = Field(32, ge=1, le=4096)
+    macs: int = 0
+    val_exit_rate: float | None = None
+
+
+class ExitCalibrationSpec(BaseModel):
+    """How the exit thresholds were chosen, and the reference the edge's drift monitor compares with."""
+
+    mode: Literal["certified", "empirical"]
+    score: Literal["max_softmax", "margin", "neg_entropy"]
+    epsilon: float
+    delta: float
+    n_path: int
+    n_test: int
+    disagreements: int
+    p_value: float | None = None
+    upper_bound: float | None = Field(None, description="Clopper-Pearson upper bound on the disagreement rate")
+    exit_rates: dict[int, float] = Field(description="fraction of calibration samples answered at each exit")
+    first_exit_conf_edges: list[float] = Field(
+        default_factory=list, description="deciles of the first exit's score on calibration samples")
+    notes: list[str] = Field(default_factory=list)
+
+
+class CodecSpec(BaseModel):
+    name: str
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+
+class SplitEstimate(BaseModel):
+    """The planner's estimate for one split and codec (every split is listed, the chosen one included)."""
+
+    split: int
+    codec: str = "uint8-affine"
+    expected_latency_ms: float
+    edge_ms: float
+    transfer_ms: float
+    server_ms: float
+    bytes_per_offload: int
+    offload_rate: float
+    exits: list[int]
+    expected_energy_j: float | None = None
+    expected_bytes: float | None = Field(None, description="bytes sent per request (offload rate x payload)")
+    accuracy_drop_points: float | None = Field(None, description="estimated validation accuracy drop vs the full "
+                                                                 "model (exits and codec), in points")
+    edge_memory_bytes: int | None = Field(None, description="head weights + peak activations on the edge")
+
+
+class OperatingPoint(BaseModel):
+    """A network condition and the configuration chosen for it."""
+
+    bandwidth_bps: float
+    rtt_ms: float
+    split: int
+    codec: str
+    exits: list[int]
+    expected_latency_ms: float
+    expected_bytes: float
+    expected_agreement: float | None = None
+    expected_energy_j: float | None = None
+
+
+class LatencyCurve(BaseModel):
+    """Expected latency of every split (its best codec and exits) at one bandwidth and RTT."""
+
+    bandwidth_bps: float
+    rtt_ms: float
+    splits: list[int]
+    latency_ms: list[float]
+
+
+class HeadSpec(BaseModel):
+    """How the edge runs its head: float32 as trained, or int8 (post-training static quantization, per
+    segment between ``cuts``: 0, every exit boundary before the split, and the split)."""
+
+    kind: Literal["fp32", "int8"] = "fp32"
+    cuts: list[int] = Field(default_factory=list)
+    calibration_images: int = 0
+    notes: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class Plan(BaseModel):
+    """``plan.json``. Versioned: a loader refuses a format or version it does not know."""
+
+    format: Literal["splitinfer-plan"] = PLAN_FORMAT
+    version: Literal[1] = PLAN_VERSION
+    created: str
+    model: ModelSpec
+    input: InputSpec
+    boundaries: list[BoundarySpec]
+    stages: list[StageSpec]
+    exits: list[ExitSpec] = Field(default_factory=list)
+    exit_calibration: ExitCalibrationSpec | None = None
+    split: int
+    codec: CodecSpec
+    active_exits: list[int] | None = Field(None, description="exits the edge evaluates at the chosen split "
+                                           "(None: every exit before the split)")
+    active_exit_rates: dict[int, float] | None = Field(None, description="validation exit rates of the active "
+                                                       "exits used together (the drift monitor's reference)")
+    learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    estimates: list[SplitEstimate] = Field(default_factory=list)
+    operating_points: list[OperatingPoint] = Field(default_factory=list)
+    pareto: list[SplitEstimate] = Field(default_factory=list, description="configurations not dominated in "
+                                        "latency, edge energy and bytes at the planned link (within constraints)")
+    objective: dict[str, str | float] = Field(default_factory=dict, description="objective, weights, constraints")
+    latency_curves: list[LatencyCurve] = Field(default_factory=list, description="latency vs split at several "
+                                               "bandwidths (the planned RTT), for reports")
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every other file")
+    notes: dict[str, str | float | int] = Field(default_factory=dict)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: CodecSpec) -> CodecSpec:
+        known = sorted([*GENERIC_CODECS, *LEARNED_CODECS, IMAGE_CODEC])
+        if codec.name not in known:
+            raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(known)}")
+        return codec
+
+    @field_validator("learned_codec")
+    @classmethod
+    def _known_learned_codec(cls, codec: CodecSpec | None) -> CodecSpec | None:
+        if codec is None:
+            return None
+        if codec.name not in LEARNED_CODECS:
+            raise ValueError(f"unknown learned codec {codec.name!r}; known: {', '.join(LEARNED_CODECS)}")
+        BottleneckConfig.from_params(codec.params)  # raises ValueError on incomplete params
+        return codec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if len(self.input.labels) != self.model.num_classes:
+            raise ValueError(f"{len(self.input.labels)} labels for a model with {self.model.num_classes} classes")
+        boundaries = [e.boundary for e in self.exits]
+        if len(set(boundaries)) != len(boundaries):
+            raise ValueError(f"exit boundaries repeat: {boundaries}")
+        points = [("the plan", self.active_exits)] + [(f"operating point at split {p.split}", p.exits)
+                                                      for p in self.operating_points]
+        for where, active in points:
+            if active is not None and not set(active) <= set(boundaries):
+                raise ValueError(f"{where} enables exits {sorted(set(active) - set(boundaries))} the plan lacks")
+        if self.active_exit_rates is not None and not set(self.active_exit_rates) <= set(self.active_exits or []):
+            raise ValueError("active_exit_rates names exits that are not active")
+        lc = self.learned_codec
+        uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
+        for split, name in uses:
+            if name == IMAGE_CODEC and split != 0:
+                raise ValueError(f"codec {IMAGE_CODEC!r} sends the input file: it works at split 0 only, not {split}")
+            if name not in LEARNED_CODECS:
+                continue
+            if lc is None or lc.name != name:
+                raise ValueError(f"the plan uses codec {name!r}, which this bundle does not carry")
+            at = int(lc.params["boundary"])
+            if split != at:
+                raise ValueError(f"the {name} codec works at boundary {at} only; the plan uses it at split {split}")
+        if lc is not None:
+            at = int(lc.params["boundary"])
+            if not 0 < at < len(self.boundaries) - 1:
+                raise ValueError(f"learned codec boundary {at} is not an interior boundary")
+        if self.head.kind == "int8":
+            expected = sorted({0, self.split, *(e.boundary for e in self.exits if e.boundary < self.split)})
+            if self.head.cuts != expected:
+                raise ValueError(f"int8 head cuts {self.head.cuts} must be {expected} (0, exits before the split, "
+                                 "the split)")
+        return self
+
+    # ------------------------------------------------------------------ rules every role applies
+
+    def exits_at(self, split: int, enabled: Iterable[int] | None = None,
+                 available: Iterable[int] | None = None) -> list[int]:
+        """The exits the edge evaluates at ``split``, in order: the ``enabled`` ones (default: every exit of the
+        plan) in ``1..split`` that have a head (``available``, default: the plan's exits)."""
+        have = {e.boundary for e in self.exits} if available is None else set(available)
+        chosen = sorted(have) if enabled is None else sorted(set(enabled))
+        return [b for b in chosen if 0 < b <= split and b in have]
+
+    def planned_exits(self, available: Iterable[int] | None = None) -> list[int]:
+        """The exits evaluated at the planned split (``active_exits``; every exit before it when unset)."""
+        return self.exits_at(self.split, self.active_exits, available)
+
+    def codec_applies(self, name: str, split: int) -> bool:
+        """True when codec ``name`` can carry the features at ``split`` for this plan."""
+        if name in GENERIC_CODECS:
+            return True
+        if name == IMAGE_CODEC:
+            return split == 0
+        lc = self.learned_codec
+        return lc is not None and lc.name == name and int(lc.params["boundary"]) == split
+
+    def codec_at(self, split: int, codec: str | None = None) -> str:
+        """The codec used at ``split``: ``codec`` when given, else the plan's codec where it applies, else
+        ``uint8-affine`` (which works everywhere)."""
+        if codec is not None:
+            return codec
+        return self.codec.name if self.codec_applies(self.codec.name, split) else FALLBACK_CODEC
+
+    def thresholds(self, boundaries: Iterable[int] | None = None) -> dict[int, float]:
+        """Threshold of every exit (or of ``boundaries``)."""
+        want = None if boundaries is None else set(boundaries)
+        return {e.boundary: e.threshold for e in self.exits if want is None or e.boundary in want}
+
+    def scores(self) -> dict[int, str]:
+        """Confidence score of every exit."""
+        return {e.boundary: e.score for e in self.exits}
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """Architecture and rate settings (stored in the plan's codec params)."""
+
+    boundary: int
+    in_shape: tuple[int, int, int]
+    channels: int = 8
+    bits: int = 3
+    stride: int = 2
+    hidden: int = 64
+    coder: str = "ans"
+
+    def __post_init__(self):
+        if len(self.in_shape) != 3:
+            raise ValueError(f"a bottleneck attaches to a [C, H, W] boundary, not {list(self.in_shape)}")
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be 1..8, got {self.bits}")
+        if self.stride not in (1, 2, 4):
+            raise ValueError(f"stride must be 1, 2 or 4, got {self.stride}")
+        if not 1 <= self.channels <= 1024 or not 1 <= self.hidden <= 4096:
+            raise ValueError("channels must be 1..1024 and hidden 1..4096")
+
+    @property
+    def latent_shape(self) -> list[int]:
+        _, h, w = self.in_shape
+        return [self.channels, latent_side(h, self.stride), latent_side(w, self.stride)]
+
+    def to_params(self) -> dict[str, int | str]:
+        d = asdict(self)
+        d["in_shape"] = ",".join(str(v) for v in self.in_shape)
+        return d
+
+    @classmethod
+    def from_params(cls, params: dict) -> BottleneckConfig:
+        try:
+            shape = tuple(int(v) for v in str(params["in_shape"]).split(","))
+            return cls(boundary=int(params["boundary"]), in_shape=shape, channels=int(params["channels"]),
+                       bits=int(params["bits"]), stride=int(params["stride"]), hidden=int(params["hidden"]),
+                       coder=str(params.get("coder", "ans")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bottleneck codec params are incomplete or invalid: {exc}") from exc
+
+
+def latent_side(n: int, stride: int) -> int:
+    """Latent height/width of a bottleneck with this stride over a side of ``n``."""
+    return -(-n // stride)  # ceil: the encoder pads to a multiple of the stride
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read and validate ``plan.json`` only (no weights)."""
+    path = Path(path)
+    plan_path = path / PLAN_FILE if path.is_dir() else path
+    if not plan_path.is_file():
+        raise BundleError(f"no {PLAN_FILE} in bundle {path}")
+    try:
+        raw = json.loads(plan_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{plan_path} is not valid JSON (corrupted bundle?): {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{plan_path} must hold a JSON object")
+    if raw.get("format") != PLAN_FORMAT:
+        raise BundleError(f"{plan_path} is not a splitinfer plan (format {raw.get('format')!r})")
+    if raw.get("version") != PLAN_VERSION:
+        raise BundleError(
+            f"{plan_path} has plan version {raw.get('version')!r}; this build reads version {PLAN_VERSION}"
+        )
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{plan_path} does not match the plan schema: {exc}") from exc
