@@ -177,9 +177,9 @@ def default_heads(staged, model, split: int, x_te, y_te, prune_ratio: float, pru
     q = int8_head(staged, split, calib, cuts=[3, 6])  # the default exits before the split stay float
     head = torch.nn.Sequential(*staged.stages[:split]).eval()
 
-    def accuracy(run_head) -> tuple[float, float]:
+    def accuracy(head_fn) -> tuple[float, float]:
         with torch.inference_mode():
-            preds = torch.cat([staged.run(run_head(x_te[i : i + 1000].clone()), split, n)
+            preds = torch.cat([staged.run(head_fn(x_te[i : i + 1000].clone()), split, n)
                                for i in range(0, len(x_te), 1000)]).argmax(1).numpy()
             ref = torch.cat([staged(x_te[i : i + 1000]) for i in range(0, len(x_te), 1000)]).argmax(1).numpy()
         return float((preds == y_te).mean()), float((preds == ref).mean())

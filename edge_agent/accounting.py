@@ -53,7 +53,7 @@ class EdgeResult:
         return d
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTrace:
     """What one request did and cost, filled in as it runs (seconds)."""
 

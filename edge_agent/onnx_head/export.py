@@ -91,12 +91,13 @@ class Exporter:
         self.bundle = bundle
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(CHECK_BATCH, *bundle.plan.input.shape, generator=gen)
-        self.inputs = [x]
-        with torch.inference_mode():
-            h = x
-            for stage in bundle.staged.stages:
-                h = stage(h.clone())
-                self.inputs.append(h.clone())
+        from splitinfer.head import walk
+        from splitinfer.torch_head import TorchStages
+
+        n = bundle.staged.num_stages
+        with torch.inference_mode():  # every boundary's tensor, kept (a stage may work in place on its input)
+            steps = walk(TorchStages(bundle.staged), x.clone(), n, points=range(1, n))
+            self.inputs = [x, *(step.tensor.clone() for step in steps)]
 
     def _export(self, what: str, module, boundary: int) -> tuple[bytes, float]:
         try:
