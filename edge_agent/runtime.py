@@ -212,9 +212,10 @@ class EdgeRuntime:
         x = self._checked_input(x)
         t0 = time.perf_counter()
         op = self.op  # the operating point of this request, whatever switches meanwhile
+        h = self.engine.prepare(x)  # the input as the backend's tensor (as decoding did before the engines)
         self.links.request_started()
         try:
-            res = self._infer(op, x, request_id, raw)
+            res = self._infer(op, x, h, request_id, raw)
         finally:
             self.links.request_finished()
         parts = sum(v for k, v in res.latency_ms.items() if k != "total")
@@ -225,11 +226,12 @@ class EdgeRuntime:
         self.links.adapt()
         return res
 
-    def _infer(self, op: OperatingState, x: np.ndarray, request_id: str, raw: bytes | None) -> EdgeResult:
+    def _infer(self, op: OperatingState, x: np.ndarray, h: Any, request_id: str, raw: bytes | None) -> EdgeResult:
+        """``x``: the input as numpy; ``h``: the same input as the backend's tensor."""
         trace = self.accounting.begin(request_id)
         trace.ran.add("head")
         with self.engine.session():
-            head = run_head(op.backend, self.policy, self.engine.prepare(x), op.split, op.exits)
+            head = run_head(op.backend, self.policy, h, op.split, op.exits)
             trace.latency["head"] = head.head_s
             if head.checks:
                 trace.add("exit", head.exit_s)
