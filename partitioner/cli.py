@@ -12,7 +12,6 @@ import typer
 app = typer.Typer(help="Plan a deployment: train the default model, profile, choose splits, write bundles.",
                   no_args_is_help=True)
 
-DEFAULT_EXIT_BOUNDARIES = "3,6,8,11"
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
@@ -92,11 +91,15 @@ def _out_dir(path: Path) -> Path:
     return path
 
 
-@app.command("train-default")
+@app.command("train-embedded")
+@app.command("train-default", help="Same as train-embedded (the default model unless --model names another).")
 def train_default_cmd(
-    epochs: int = typer.Option(9, callback=AT_LEAST_ONE, help="training epochs for the backbone"),
+    model: str = typer.Option("default", help="embedded model to train: default (28x28 CNN) or "
+                                              "mobilenet_v2_fmnist (torchvision MobileNetV2 at 64x64)"),
+    epochs: int = typer.Option(None, callback=AT_LEAST_ONE,
+                               help="training epochs for the backbone (default: the committed weights' epochs)"),
     seed: int = typer.Option(20261122, help="random seed (data order, augmentation, initialisation)"),
-    exits: str = typer.Option(DEFAULT_EXIT_BOUNDARIES, help="comma-separated boundaries that get exit heads"),
+    exits: str = typer.Option(None, help="comma-separated boundaries that get exit heads (default: the model's)"),
     exit_epochs: int = typer.Option(3, callback=AT_LEAST_ONE,
                                     help="distillation epochs for the exit heads (backbone frozen)"),
     threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
@@ -108,33 +111,39 @@ def train_default_cmd(
                                    help="evaluate on only the first N test images (quick runs)"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
-    """Train the embedded default model and its exit heads on Fashion-MNIST; write safetensors weights."""
-    import torch
-
-    from partitioner.train import TrainConfig, split_train_validation, train_default
+    """Train an embedded model and its exit heads on Fashion-MNIST (rendered at the model's input size); write
+    safetensors weights with the command and figures beside them."""
+    from partitioner.train import TrainConfig, model_input, split_train_validation, train_embedded
     from partitioner.weights import save_default, weights_dir
-    from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
+    from splitinfer.data import load_fashion_mnist
     from splitinfer.exits import train_exits
+    from splitinfer.models import embedded_model
     from splitinfer.staged import stage_model
 
+    try:
+        spec = embedded_model(model)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    epochs = epochs or spec.epochs
+    exits = exits or ",".join(map(str, spec.exits))
     cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit)
     start = time.perf_counter()
-    model, report = train_default(cfg, data_dir, progress=progress)
+    net, report = train_embedded(model, cfg, data_dir, progress=progress)
     typer.echo(f"backbone: test accuracy {report['test_accuracy']:.4f}, validation {report['validation_accuracy']:.4f}")
     boundaries = [int(b) for b in exits.split(",") if b.strip()]
-    staged = stage_model(model, torch.zeros(1, 1, 28, 28))
+    staged = stage_model(net, spec.example())
     train = load_fashion_mnist("train", data_dir)
     tr_idx, _ = split_train_validation(len(train), seed)
     if train_limit:
         tr_idx = tr_idx[:train_limit]
-    x_tr = to_model_input(train.images[tr_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x_tr = model_input(train.images[tr_idx], spec.size)
     heads = train_exits(staged, boundaries, x_tr, num_classes=10, epochs=exit_epochs, seed=seed, progress=progress)
     report["exit_epochs"] = exit_epochs
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    report["command"] = (f"splitinfer plan train-default --epochs {epochs} --seed {seed} --exits {exits} "
-                         f"--exit-epochs {exit_epochs} --threads {threads}")
+    report["command"] = (f"splitinfer plan train-embedded --model {model} --epochs {epochs} --seed {seed} "
+                         f"--exits {exits} --exit-epochs {exit_epochs} --threads {threads}")
     target = out_dir or weights_dir()
-    save_default(Path(target), model, heads, report)
+    save_default(Path(target), net, heads, report, name=model)
     typer.echo(f"wrote weights to {target} in {report['total_seconds']:.0f} s")
 
 

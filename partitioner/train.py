@@ -1,4 +1,4 @@
-"""Training of the embedded default model on Fashion-MNIST (``splitinfer plan train-default``)."""
+"""Training of the embedded models on Fashion-MNIST (``splitinfer plan train-embedded``, ``train-default``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
-from splitinfer.models import build_default
+from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, render, to_model_input
+from splitinfer.models import embedded_model
 from splitinfer.progress import progress_bar
 
 VALIDATION_SIZE = 5000  # carved from the training set (never the test set); used to pick exit thresholds
@@ -20,7 +20,7 @@ VALIDATION_SIZE = 5000  # carved from the training set (never the test set); use
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``plan train-default``; the defaults reproduce the committed weights."""
+    """Hyper-parameters of ``plan train-embedded``; with the model's epochs they reproduce the committed weights."""
 
     epochs: int = 9
     batch_size: int = 128
@@ -65,8 +65,16 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / max(1, len(x))
 
 
-def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool = True) -> tuple[torch.nn.Module, dict]:
-    """Train the default model; returns the model and a report (accuracies, time, config)."""
+def model_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """Fashion-MNIST uint8 images rendered at ``size`` and normalised: an embedded model's input."""
+    return to_model_input(render(images, size), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+def train_embedded(name: str, cfg: TrainConfig, data_dir: str | None = None,
+                   progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Train the embedded model ``name`` on Fashion-MNIST rendered at its input size; returns the model and a
+    report (accuracies, time, config)."""
+    spec = embedded_model(name)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train = load_fashion_mnist("train", data_dir)
@@ -74,15 +82,16 @@ def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool 
     tr_idx, va_idx = split_train_validation(len(train), cfg.seed)
     if cfg.train_limit:
         tr_idx = tr_idx[: cfg.train_limit]
-    x_tr = to_model_input(train.images[tr_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x_tr = model_input(train.images[tr_idx], spec.size)
     y_tr = torch.from_numpy(train.labels[tr_idx])
-    x_va = to_model_input(train.images[va_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x_va = model_input(train.images[va_idx], spec.size)
     y_va = torch.from_numpy(train.labels[va_idx])
     test_n = cfg.test_limit or len(test)
-    x_te = to_model_input(test.images[:test_n], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x_te = model_input(test.images[:test_n], spec.size)
     y_te = torch.from_numpy(test.labels[:test_n])
+    pad = max(2, round(2 * spec.size / 28))  # the same translation, in source pixels, at every rendering
 
-    model = build_default(len(train.classes)).to(memory_format=torch.channels_last)
+    model = spec.build(len(train.classes)).to(memory_format=torch.channels_last)
     steps_per_epoch = (len(x_tr) + cfg.batch_size - 1) // cfg.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
@@ -98,7 +107,7 @@ def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool 
         total = 0.0
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = augment(x_tr[idx], gen).contiguous(memory_format=torch.channels_last)
+            xb = augment(x_tr[idx], gen, pad).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -113,6 +122,8 @@ def train_default(cfg: TrainConfig, data_dir: str | None = None, progress: bool 
             bar.write(f"epoch {epoch + 1}: loss {total / steps_per_epoch:.4f}  val acc {va:.4f}")
     model = model.to(memory_format=torch.contiguous_format).eval()
     report = {
+        "model": name,
+        "input_size": spec.size,
         "config": asdict(cfg),
         "train_images": len(x_tr),
         "validation_images": len(x_va),

@@ -138,6 +138,20 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
     return ImageDataset(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64), classes=classes)
 
 
+def render(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 grey images ``[N, H, W]`` resized to ``[N, size, size]`` the way the edge agent resizes an upload
+    (Pillow, bilinear), so a model trained on rendered images sees the same pixels when it is served; unchanged
+    when they already have that size."""
+    from PIL import Image
+
+    if images.shape[1:] == (size, size):
+        return images
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
 def to_model_input(images: np.ndarray, mean: float | list[float], std: float | list[float]) -> torch.Tensor:
     """uint8 images ``[N,H,W]`` or ``[N,H,W,C]`` -> normalised float32 tensor ``[N,C,H,W]``
     (:func:`splitinfer.imaging.normalise`, as a tensor)."""

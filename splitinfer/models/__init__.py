@@ -5,15 +5,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+from typing import Callable
+
 from splitinfer.models.default import DefaultNet, build_default
+from splitinfer.models.fashion_mobilenet import build_fashion_mobilenet
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model trained here on Fashion-MNIST whose weights ship in ``splitinfer/weights/<name>*``.
+
+    ``size``: the side of the square grey input the Fashion-MNIST images are rendered at (bilinear, as the
+    edge agent resizes uploads); ``exits``: the boundaries that get exit heads; ``epochs``: the backbone's
+    training epochs that reproduce the committed weights.
+    """
+
+    name: str
+    size: int
+    build: Callable[[int], nn.Module]
+    exits: tuple[int, ...]
+    epochs: int
+    file_stem: str
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        """A zero input of the model's shape (for staging)."""
+        return torch.zeros(batch, 1, self.size, self.size)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "default": EmbeddedModel("default", 28, build_default, (3, 6, 8, 11), 9, "default"),
+    "mobilenet_v2_fmnist": EmbeddedModel("mobilenet_v2_fmnist", 64, build_fashion_mobilenet, (17, 27, 38, 48), 4,
+                                         "mobilenet_v2_fmnist"),
+}
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The embedded model called ``name``; ValueError naming the choices otherwise."""
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedded model {name!r}; choose {', '.join(EMBEDDED_MODELS)}") from None
+
 
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "vgg16")
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """Build an (untrained) model by name: ``default`` or one of :data:`TORCHVISION_MODELS`."""
-    if name == "default":
-        return build_default(num_classes or 10)
+    """Build an (untrained) model by name: an embedded model (:data:`EMBEDDED_MODELS`) or one of :data:`TORCHVISION_MODELS`."""
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name].build(num_classes or 10)
     if name in TORCHVISION_MODELS:
         try:
             import torchvision.models as tvm
@@ -21,15 +62,17 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
             raise ImportError(f"model {name!r} needs torchvision: pip install 'splitinfer[vision]'") from exc
         model = getattr(tvm, name)(weights=None, num_classes=num_classes or 1000)
         return model.eval()
-    raise ValueError(f"unknown model {name!r}; choose 'default' or one of {', '.join(TORCHVISION_MODELS)}")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join([*EMBEDDED_MODELS, *TORCHVISION_MODELS])}")
 
 
 def example_input(name: str, batch: int = 1, size: int | None = None) -> torch.Tensor:
     """A random input of the right shape for a registered model."""
-    if name == "default":
-        return torch.randn(batch, 1, 28, 28)
+    if name in EMBEDDED_MODELS:
+        side = EMBEDDED_MODELS[name].size
+        return torch.randn(batch, 1, side, side)
     s = size or 224
     return torch.randn(batch, 3, s, s)
 
 
-__all__ = ["DefaultNet", "build_default", "build_model", "example_input", "TORCHVISION_MODELS"]
+__all__ = ["DefaultNet", "EMBEDDED_MODELS", "EmbeddedModel", "build_default", "build_fashion_mobilenet",
+           "embedded_model", "build_model", "example_input", "TORCHVISION_MODELS"]
