@@ -106,9 +106,10 @@ import numpy as np
 import torch
 
 from bench.planner import ROOT, CpuLimit, EdgeWorker, _log, start_server
+from splitinfer.models import EMBEDDED_MODELS
 
 MODELS = ("default", "resnet50")
-REQUESTS = {"default": 200, "resnet50": 30, "mobilenet_v2": 60}
+REQUESTS = {"default": 200, "resnet50": 30, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
 # The default model's edge requests take ~1.5 ms with a long tail: the configurations run on the edge get 20x the
 # requests (4,000: cheap), cloud-only (60-170 ms each) every 20th of them. With 600, the means of two identical
 # configurations differed by up to 5 % (standard error of the difference ~4 %); 4,000 brings that to ~1.5 %.
@@ -119,11 +120,12 @@ EDGE_FACTOR = {"default": 20}
 # The order within a round follows a Williams design (ORDERS): over 4 rounds every configuration runs right after
 # every other one exactly once, so what one leaves behind (cloud-only leaves the edge's CPU idle for seconds)
 # costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests.
-ROUNDS = {"default": 40, "resnet50": 4, "mobilenet_v2": 4}
+ROUNDS = {"default": 40, "resnet50": 4, "mobilenet_v2": 4, "mobilenet_v2_fmnist": 4}
 ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 CHUNK_WARMUP = {"default": 20}
-DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40}  # per candidate configuration after the drop
-EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25}
+# per candidate configuration after the drop
+DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40, "mobilenet_v2_fmnist": 40}
+EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25, "mobilenet_v2_fmnist": 0.25}
 CONFIGS = ("splitinfer", "edge_only", "cloud_only", "best_fixed")
 TIMEOUT_S = 60.0
 CGROUP = "splitinfer_e2e_edge"  # + the pid: not bench.planner's, nor another bench.e2e's (they may run at once)
@@ -174,8 +176,10 @@ class Worker(EdgeWorker):
     """``bench.edge_worker`` with the benchmark's pixels as inputs (``send``/``receive`` for calls that overlap
     with the driver's own actions: the drop trace)."""
 
-    def __init__(self, bundle: Path, pixels: Path, log_path: Path, limit: CpuLimit):  # noqa: D107
-        self._start(["--bundle", str(bundle), "--pixels", str(pixels), "--log-level", "info"], log_path, limit)
+    def __init__(self, bundle: Path, pixels: Path, log_path: Path, limit: CpuLimit,  # noqa: D107
+                 file_format: str = "auto"):
+        self._start(["--bundle", str(bundle), "--pixels", str(pixels), "--log-level", "info", "--file-format",
+                     file_format], log_path, limit)
 
     def close(self) -> None:
         super().close()
@@ -222,12 +226,12 @@ def photo_pixels(size: int = 224) -> tuple[np.ndarray, str]:
 
 def plan_bundle(name: str, workdir: Path, repeats: int, quick: bool):
     """The first plan (profiles measured here): bench.planner's plan_model, or a lighter one for --quick."""
-    if name == "default" and quick:
+    if name in EMBEDDED_MODELS and quick:
         from partitioner.cost import Link
         from partitioner.make import make_default_plan
 
         return make_default_plan(workdir / name / "bundle", Link(*PLAN_LINK), repeats=repeats,
-                                 validation_limit=2000)
+                                 validation_limit=2000, model=name)
     from bench.planner import plan_model
 
     return plan_model(name, workdir, repeats).result
@@ -242,6 +246,12 @@ def replan_for_device(name: str, first, edge_profile, workdir: Path, repeats: in
     from splitinfer.imaging import ImageCodec
 
     server = first.server_profile or first.profile
+    if name in EMBEDDED_MODELS:  # exits, certified thresholds and learned codecs, planned for the device (its
+        # cloud-only candidate sends each validation image as PNG or JPEG q90, whichever is smaller)
+        from partitioner.make import make_default_plan
+
+        return make_default_plan(workdir / name / "bundle_device", Link(*PLAN_LINK), repeats=repeats,
+                                 edge_profile=edge_profile, server_profile=server, model=name)
     target = load_target(name)
     # The photos as users send them (JPEG q90, the cloud-only baseline's files): with them the table may
     # hold cloud-only by sending the file (codec ``image`` at split 0), not only the uint8 tensor.
@@ -591,24 +601,27 @@ def drop_trace(worker: Worker, emu: Emulator, ctx: dict, args) -> dict:
 def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workdir: Path, limit: CpuLimit,
               with_trace: bool) -> tuple[list[dict], dict, dict | None]:
     from partitioner.profile import Profile
-    from splitinfer.data import load_fashion_mnist
+    from splitinfer.data import load_fashion_mnist, render
 
     wd = workdir / name
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     first = plan_bundle(name, workdir, args.repeats, args.quick)
     _log(f"{name}: first plan in {time.perf_counter() - t0:.1f} s")
-    if name == "default":
+    if name in EMBEDDED_MODELS:
         test = load_fashion_mnist("test")
-        pixels, labels = np.asarray(test.images, dtype=np.uint8), np.asarray(test.labels)
-        origin, image_format = "Fashion-MNIST test set (splitinfer.data)", "png"
+        side = int(first.plan.input.shape[-1])
+        pixels, labels = render(np.asarray(test.images, dtype=np.uint8), side), np.asarray(test.labels)
+        origin = f"Fashion-MNIST test set (splitinfer.data), rendered at {side}x{side}"
+        image_format = "png" if name == "default" else "smaller"
     else:
         pixels, origin = photo_pixels(int(first.plan.input.shape[-1]))
         labels, image_format = None, "jpeg"
     pixel_path = wd / "pixels.npy"
     np.save(pixel_path, pixels)
     info: dict = {"inputs": origin, "n_inputs": int(len(pixels)), "cloud_only_format": image_format}
-    worker = Worker(first.path, pixel_path, wd / "edge.log", limit)
+    worker = Worker(first.path, pixel_path, wd / "edge.log", limit,
+                    "smaller" if image_format == "smaller" else "auto")
     server = emu = None
     cells: list[dict] = []
     trace = None
@@ -626,6 +639,7 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
             result = first
             info["plan"] = "bench.planner.plan_model: profiles measured here (the unthrottled edge)"
         plan, planner = result.plan, result.planner
+        info["plan_result"] = result  # for callers that model further (bench.split_pays); popped before output
         n_stages = plan.boundaries[-1].index
         bf = best_fixed_config(planner, bandwidths, rtts) if bandwidths and rtts else None
         ops = sorted({(p.split, p.codec, tuple(p.exits)) for p in plan.operating_points})
@@ -652,7 +666,7 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
         emu = Emulator(port, (bandwidths or [args.drop_from_mbps * 1e6])[0], (rtts or [args.drop_rtt_ms / 1e3])[0],
                        wd / "emulator.log")
         n_req = args.requests or REQUESTS[name]
-        warm_start = 9000 if name == "default" else 0  # cells measure images 0..8999
+        warm_start = 9000 if name in EMBEDDED_MODELS else 0  # cells measure images 0..8999
         ctx = {"name": name, "plan": plan, "planner": planner, "n_stages": n_stages, "best_fixed": bf,
                "requests": n_req, "rounds": args.rounds or ROUNDS[name], "n_inputs": len(pixels),
                "chunk_warmup": CHUNK_WARMUP.get(name, 1),
@@ -866,8 +880,9 @@ def _code_version() -> dict:
             "modified": [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """The benchmark's options with their defaults resolved (``bench.split_pays`` reuses them)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="smoke run: default model, 2 cells, few requests, short "
                                                           "drop trace on the default model, no cgroup")
@@ -933,7 +948,19 @@ def main(argv: list[str] | None = None) -> None:
     args.startup_s = args.startup_s if args.startup_s is not None else (2.0 if q else 30.0)
     if q and args.drop_requests is None:
         args.drop_requests = 10
+    return args
 
+
+def edge_share(args: argparse.Namespace, name: str) -> float:
+    """The edge process's CPU share for ``name`` (1 with --quick: no cgroup)."""
+    if args.quick:
+        return 1.0
+    return args.edge_cpu if args.edge_cpu is not None else EDGE_CPU.get(name, 0.25)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    q = args.quick
     from splitinfer.allocator import tune_allocator
 
     tune_allocator()
@@ -948,8 +975,7 @@ def main(argv: list[str] | None = None) -> None:
     trace = startup = None
     for name in models + ([args.drop_model] if args.drop_model in EDGE_CPU and args.drop_model not in models
                           else []):
-        share = 1.0 if q else (args.edge_cpu if args.edge_cpu is not None else EDGE_CPU.get(name, 0.25))
-        limit = CpuLimit(share, name=f"{CGROUP}_{os.getpid()}")
+        limit = CpuLimit(edge_share(args, name), name=f"{CGROUP}_{os.getpid()}")
         t0 = time.perf_counter()
         try:
             grid = (bandwidths, rtts) if name in models else ([], [])  # the drop-trace model alone: no cells
@@ -957,6 +983,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             limit.close()
         info["seconds"] = round(time.perf_counter() - t0, 1)
+        info.pop("plan_result", None)
         startup = info.pop("startup_trace", None) or startup
         cells += c
         infos[name] = info

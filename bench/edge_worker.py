@@ -23,20 +23,21 @@ Added for ``bench.e2e`` (named runtimes next to the one above, each with its own
 * ``{"cmd": "ready", "name": N}``: ``probe_server()`` (the agent's start-up check; not a link observation)
 * ``{"cmd": "probe", "name": N}``: one ``probe_link()`` now
 * ``{"cmd": "requests", "name": N, "indices": [...], "warmup": W, "raw": bool}``: answer those inputs -> one
-  record each; with ``raw`` each request also carries the file a user would upload (PNG for grey inputs, JPEG
-  quality 90 for colour), as ``edge_agent.app`` passes it (``infer(raw=...)``: the ``image`` operating point
-  forwards it); ``warmup`` and ``trace`` take ``raw`` too
+  record each; with ``raw`` each request also carries the file a user would upload (``--file-format``: PNG for
+  grey inputs and JPEG quality 90 for colour, or the smaller of the two), as ``edge_agent.app`` passes it
+  (``infer(raw=...)``: the ``image`` operating point forwards it); ``warmup`` and ``trace`` take ``raw`` too
 * ``{"cmd": "warmup", "name": N, "indices": [...], "min_s": S, "max_s": M, "stable_n": K, "max_n": R}``:
   requests (cycling over ``indices``) until the operating point has stayed the same for the last ``K`` requests
   and ``min_s`` have passed (or ``max_s`` / ``max_n``)
 * ``{"cmd": "trace", "name": N, "indices": [...], "duration_s": D}``: requests back to back for ``D`` seconds;
   records carry ``time.monotonic()`` start times (comparable across processes) and the link estimate
-* ``{"cmd": "cloud", "address": A, "indices": [...], "fmt": "png"|"jpeg", "quality": Q, "timeout_s": T,
+* ``{"cmd": "cloud", "address": A, "indices": [...], "fmt": "png"|"jpeg"|"smaller", "quality": Q, "timeout_s": T,
   "warmup": W}``: cloud-only as a user sends it: encode the pixels (``--pixels``) as PNG/JPEG and call the
   server's ``image`` codec at split 0 -> one record each (energy from the device power model)
 * ``{"cmd": "status", "name": N}``, ``{"cmd": "close", "name": N}``
 
-Inputs: the Fashion-MNIST test images for the default model, seeded random tensors otherwise; or, with
+Inputs: the Fashion-MNIST test images (rendered at the input size) for an embedded model, seeded random tensors
+otherwise; or, with
 ``--pixels FILE.npy`` (uint8 ``[N, H, W]`` or ``[N, H, W, 3]``), those images normalised with the plan's input
 spec (the ``cloud`` command encodes the same pixels).
 """
@@ -59,11 +60,14 @@ from splitinfer.gc_freeze import freeze_loaded
 
 
 def _inputs(bundle, n: int) -> torch.Tensor:
-    if bundle.plan.model.name == "default":
-        from splitinfer.data import load_fashion_mnist, to_model_input
+    from splitinfer.models import EMBEDDED_MODELS
+
+    if bundle.plan.model.name in EMBEDDED_MODELS:  # trained on Fashion-MNIST: its test images, rendered
+        from splitinfer.data import load_fashion_mnist, render, to_model_input
 
         test = load_fashion_mnist("test")
-        return to_model_input(test.images[:n], bundle.plan.input.mean, bundle.plan.input.std)
+        side = int(bundle.plan.input.shape[-1])
+        return to_model_input(render(test.images[:n], side), bundle.plan.input.mean, bundle.plan.input.std)
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, *bundle.plan.input.shape, generator=g)
 
@@ -144,26 +148,43 @@ def _record(named: _Named, res, t0: float, wall_ms: float, op_before: list) -> d
 
 
 class _Files:
-    """The file a user would upload for input ``i`` (PNG for grey, JPEG quality 90 for colour: what ``cloud``
-    sends), made once per input; passed to ``EdgeRuntime.infer(raw=...)`` as the agent's HTTP API does."""
+    """The file a user would upload for input ``i``, made once per input; passed to ``EdgeRuntime.infer(raw=...)``
+    as the agent's HTTP API does. ``fmt``: ``png``, ``jpeg`` (quality 90) or ``smaller`` (whichever of the two is
+    smaller for that input); ``auto`` (default): PNG for grey inputs, JPEG for colour."""
 
     def __init__(self) -> None:
         self.cache: dict[int, bytes] = {}
-        self.codec = None
+        self.spec = None
+        self.fmt = "auto"
 
-    def reset(self, bundle) -> None:
-        from splitinfer.imaging import ImageCodec
-
+    def reset(self, bundle, fmt: str = "auto") -> None:
         self.cache.clear()
-        spec = bundle.plan.input
-        self.codec = ImageCodec(spec, fmt="png" if int(spec.shape[0]) == 1 else "jpeg", quality=90)
+        self.spec = bundle.plan.input
+        self.fmt = fmt
+
+    def fmt_for(self, spec, fmt: str) -> str:
+        """``auto`` resolved for ``spec`` (PNG for grey, JPEG for colour); other formats unchanged."""
+        if fmt != "auto":
+            return fmt
+        return "png" if int(spec.shape[0]) == 1 else "jpeg"
 
     def get(self, pixels: np.ndarray | None, i: int) -> bytes | None:
-        if pixels is None or self.codec is None:
+        if pixels is None or self.spec is None:
             return None
         if i not in self.cache:
-            self.cache[i] = self.codec.encode(pixels[i])[0]
+            self.cache[i] = encode_file(self.spec, pixels[i], self.fmt_for(self.spec, self.fmt))[0]
         return self.cache[i]
+
+
+def encode_file(spec, pixels: np.ndarray, fmt: str, quality: int = 90) -> tuple[bytes, dict]:
+    """``pixels`` as a PNG or JPEG file (``fmt`` ``png``/``jpeg``), or as whichever of the two is smaller
+    (``smaller``: both are encoded)."""
+    from splitinfer.imaging import ImageCodec
+
+    if fmt == "smaller":
+        return min((ImageCodec(spec, fmt=f, quality=quality).encode(pixels) for f in ("png", "jpeg")),
+                   key=lambda out: len(out[0]))
+    return ImageCodec(spec, fmt=fmt, quality=quality).encode(pixels)
 
 
 FILES = _Files()
@@ -192,18 +213,23 @@ def _cloud_only(msg: dict, bundle, pixels: np.ndarray | None) -> dict:
 
     if pixels is None:
         raise ValueError("the cloud command needs --pixels")
-    fmt = msg.get("fmt", "png")
-    codec = ImageCodec(bundle.plan.input, fmt=fmt, quality=int(msg.get("quality", 90)))
+    fmt = FILES.fmt_for(bundle.plan.input, msg.get("fmt", "png"))
+    quality = int(msg.get("quality", 90))
+    indices = [int(i) for i in msg["indices"]]
+    if fmt == "smaller":  # which format each input's file takes is known before the clock starts
+        formats = {i: encode_file(bundle.plan.input, pixels[i], "smaller", quality)[1]["format"] for i in indices}
+    else:
+        formats = dict.fromkeys(indices, fmt)
+    codecs = {f: ImageCodec(bundle.plan.input, fmt=f, quality=quality) for f in set(formats.values())}
     profile = get_profile(msg.get("device", DEFAULT_DEVICE))
     records = []
     with CloudClient(msg["address"], bundle.plan.model.name, timeout_s=float(msg.get("timeout_s", 60.0))) as client:
-        indices = [int(i) for i in msg["indices"]]
         warm = int(msg.get("warmup", 0))
         for j, i in enumerate(indices[:warm] + indices):
             t0 = time.monotonic()
             p0 = time.perf_counter()
             c0 = time.thread_time()
-            payload, meta = codec.encode(pixels[i])
+            payload, meta = codecs[formats[i]].encode(pixels[i])
             cpu_s = time.thread_time() - c0
             encode_ms = (time.perf_counter() - p0) * 1e3
             res = client.infer_features(payload, meta, 0, "image", f"c{j}")
@@ -265,8 +291,8 @@ def _e2e_command(cmd: str, msg: dict, bundle, bundle_dir: Path, inputs: torch.Te
                 "op": item.op()}
     indices = [int(i) for i in msg.get("indices", [])]
     with_raw = bool(msg.get("raw", False))
-    if with_raw and FILES.codec is None:
-        FILES.reset(bundle)
+    if with_raw and FILES.spec is None:
+        FILES.reset(bundle, FILES.fmt)
 
     def raw(i: int) -> bytes | None:
         return FILES.get(pixels, i) if with_raw else None
@@ -319,8 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--inputs", type=int, default=100)
     ap.add_argument("--pixels", type=Path, default=None, help="uint8 images (.npy) to use as inputs")
+    ap.add_argument("--file-format", default="auto", choices=("auto", "png", "jpeg", "smaller"),
+                    help="the file a user uploads (requests with raw): auto = PNG for grey, JPEG q90 for colour; "
+                         "smaller = whichever of PNG and JPEG q90 is smaller for each input")
     ap.add_argument("--log-level", default="warning", help="log level of the runtime's loggers (to stderr)")
     args = ap.parse_args(argv)
+    FILES.fmt = args.file_format
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -411,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
                         runtime = None
                     args.bundle = Path(msg["bundle"])
                     bundle = load_bundle(args.bundle)
-                    FILES.reset(bundle)
+                    FILES.reset(bundle, FILES.fmt)
                     inputs = _inputs(bundle, args.inputs) if pixels is None else _pixel_inputs(bundle, pixels)
                     answer({"ok": True})
                 else:

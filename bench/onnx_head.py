@@ -100,10 +100,11 @@ def default_bundle(path: Path, split: int, exits: list[int] | None, codec: str =
         "default", staged,
         InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
         split=split, codec=CodecSpec(name=codec),
-        learned_codec=CodecSpec(name="bottleneck", params=bn.cfg.to_params()) if bn is not None else None,
+        learned_codecs=[CodecSpec(name="bottleneck", params=bn.cfg.to_params())] if bn is not None else [],
         exits=[ExitSpec(boundary=b, threshold=thresholds.get(b, 0.9)) for b in sorted(heads)],
         active_exits=exits)
-    return save_bundle(path, plan, model, heads, codec_state=bn.state_for_bundle() if bn is not None else None)
+    return save_bundle(path, plan, model, heads,
+                       codec_states={bn.cfg.boundary: bn.state_for_bundle()} if bn is not None else None)
 
 
 def sample_images(n: int, data_dir: str | None = None) -> tuple[np.ndarray, str]:

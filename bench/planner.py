@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from splitinfer.daemons import Daemon, free_port
+from splitinfer.models import EMBEDDED_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("default", "resnet50", "mobilenet_v2")
@@ -120,8 +121,8 @@ def plan_model(name: str, workdir: Path, repeats: int) -> ModelSetup:
 
     out = workdir / name / "bundle"
     link = Link(10e6, 0.05)
-    if name == "default":
-        result = make_default_plan(out, link, repeats=repeats, progress=True)
+    if name in EMBEDDED_MODELS:
+        result = make_default_plan(out, link, repeats=repeats, progress=True, model=name)
     else:
         result = make_model_plan(out, load_target(name), PlanOptions(link=link, repeats=repeats, progress=True))
     return ModelSetup(name, result)

@@ -18,8 +18,8 @@ What the exported model computes, for split ``k`` (default: the plan's chosen sp
   tensor. Codec decoding (uint8-affine, float32 payload bytes, the learned codec's entropy coding) is not
   part of the model; the caller (a client, a Triton python-backend step of an ensemble, a KServe transformer)
   decodes the payload first, e.g. with :func:`splitinfer.codec.get_codec`.
-* ``k`` is the boundary of the bundle's learned bottleneck (``--decoder``, the default there): the bottleneck's
-  decoder is exported in front of the tail. Input ``symbols`` UINT8 ``[-1, *latent_shape]``: the quantized
+* ``k`` is the boundary of one of the bundle's learned bottlenecks (``--decoder``, the default there): that
+  bottleneck's decoder is exported in front of the tail. Input ``symbols`` UINT8 ``[-1, *latent_shape]``: the quantized
   latent symbols, exactly what the entropy decoder (:class:`splitinfer.entropy.SymbolCoder`) returns. The
   per-channel de-quantization (``lo + s * scale``) is inside the model, so the caller needs no quantizer
   parameters, only the entropy decoding, which has no ONNX form. ``--no-decoder`` exports the bare tail.
@@ -43,13 +43,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cloud_server.tail import TailRuntime
-from splitinfer.bundle import Bundle, load_bundle
+from splitinfer.bundle import Bundle, boundaries_text, load_bundle
 from splitinfer.errors import InvalidInput, SplitInferError
 from splitinfer.onnx_util import OPSET as ONNX_OPSET
 from splitinfer.onnx_util import RTOL, compare, export_onnx, session
@@ -157,6 +158,7 @@ class _Plan:
     model_name: str
     platform: str
     filename: str
+    codec: Any = None  # the learned codec (splitinfer.bottleneck.LearnedCodec) at the split, with the decoder
 
 
 def _choose_split(runtime: TailRuntime, split: int | None) -> int:
@@ -181,10 +183,11 @@ def _check_options(fmt: str, max_batch: int) -> None:
 def _prepare(bundle: Bundle, runtime: TailRuntime, split: int | None, fmt: str, model_name: str | None,
              decoder: bool | None) -> _Plan:
     k = _choose_split(runtime, split)
-    lc = bundle.learned_codec
-    at_learned = lc is not None and lc.boundary == k
+    lc = bundle.learned_codec_at(k)
+    at_learned = lc is not None
     if decoder and not at_learned:
-        where = f"at boundary {lc.boundary} only" if lc is not None else "none"
+        have = sorted(bundle.learned_codecs)
+        where = f"one at {boundaries_text(have)} only" if have else "none"
         raise InvalidInput(f"--decoder needs the bundle's learned codec at split {k}; this bundle has {where}")
     with_decoder = at_learned if decoder is None else bool(decoder)
     stages = list(bundle.staged.stages[k:])
@@ -206,7 +209,8 @@ def _prepare(bundle: Bundle, runtime: TailRuntime, split: int | None, fmt: str, 
         raise InvalidInput(f"model name {model_name!r} must be 1..128 letters, digits, '_', '.' or '-' (starting "
                            "with a letter or digit); pass --model-name")
     platform, filename = FORMATS[fmt]
-    return _Plan(k, module.eval(), name, dtype, dims, with_decoder, model_name, platform, filename)
+    return _Plan(k, module.eval(), name, dtype, dims, with_decoder, model_name, platform, filename,
+                 lc if with_decoder else None)
 
 
 def _example(p: _Plan, batch: int, runtime: TailRuntime, bundle: Bundle, seed: int) -> torch.Tensor:
@@ -217,7 +221,7 @@ def _example(p: _Plan, batch: int, runtime: TailRuntime, bundle: Bundle, seed: i
     with torch.inference_mode():
         feats = bundle.staged.run(x, 0, p.split).clone()
     if p.with_decoder:
-        return torch.from_numpy(bundle.learned_codec.symbols(feats))
+        return torch.from_numpy(p.codec.symbols(feats))
     return feats
 
 
@@ -262,8 +266,8 @@ def _run_exported(p: _Plan, fmt: str, path: Path, x: torch.Tensor) -> np.ndarray
 def _reference(p: _Plan, runtime: TailRuntime, bundle: Bundle, x: torch.Tensor) -> np.ndarray:
     """What ``splitinfer cloud serve`` computes for the same request (the tail may work in place: copies)."""
     if p.with_decoder:
-        payload = bundle.learned_codec.coder.encode(x.numpy())
-        return runtime.run_features(payload, bundle.learned_codec.name, {"v": 1}, p.split)
+        payload = p.codec.coder.encode(x.numpy())
+        return runtime.run_features(payload, p.codec.name, {"v": 1}, p.split)
     return runtime.run_tail(x.clone(), p.split)
 
 
@@ -293,7 +297,7 @@ def _input_contract(p: _Plan, bundle: Bundle) -> list[str]:
     plan = bundle.plan
     n = bundle.num_stages
     if p.with_decoder:
-        lc = bundle.learned_codec
+        lc = p.codec
         return [
             f"Decoder of the learned '{lc.name}' codec + tail from split {p.split} (stages {p.split}..{n - 1}).",
             f"Input '{p.input_name}' (UINT8 [-1, {', '.join(map(str, p.input_dims))}]): the quantized latent symbols "
@@ -431,7 +435,7 @@ def export_triton(bundle_path: str | Path, out: str | Path, split: int | None = 
                   force: bool = False) -> ExportResult:
     """Write ``OUT/<model_name>/`` (config, labels, README, ``1/model.onnx|pt``) for the tail of a bundle.
 
-    ``split`` defaults to the plan's chosen split; ``decoder`` (default: when the bundle's learned codec sits
+    ``split`` defaults to the plan's chosen split; ``decoder`` (default: when the bundle carries a learned codec
     at the split) puts the bottleneck decoder in front of the tail. Raises
     :class:`~splitinfer.errors.BundleError` for a bad bundle, :class:`~splitinfer.errors.InvalidInput` for bad
     options (split out of range, unknown format, existing model directory without ``force``, ...) and

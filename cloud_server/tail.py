@@ -27,8 +27,8 @@ class TailRuntime:
         self.staged = bundle.staged
         self.max_batch = max_batch
         self.staged.eval()
-        if bundle.learned_codec is not None:  # refuse larger batches from the payload header, before decoding
-            bundle.learned_codec.coder.max_batch = min(bundle.learned_codec.coder.max_batch, max_batch)
+        for lc in bundle.learned_codecs.values():  # refuse larger batches from the payload header, before decoding
+            lc.coder.max_batch = min(lc.coder.max_batch, max_batch)
 
     @property
     def model_name(self) -> str:

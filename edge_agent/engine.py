@@ -3,9 +3,9 @@
 Two engines, chosen by ``head_backend``:
 
 * :class:`TorchEngine` -- the bundle's staged model (or its int8 head at the planned split) and exit heads in
-  torch; torch codecs (and the bundle's learned codec).
-* :class:`OnnxEngine` -- an exported head in ONNX Runtime, numpy codecs (the learned codec's encoder in ONNX
-  Runtime). Loaded from an export directory it never imports torch: the agent then runs in a venv without
+  torch; torch codecs (and the bundle's learned codec at the split, if it carries one there).
+* :class:`OnnxEngine` -- an exported head in ONNX Runtime, numpy codecs (the encoder of the learned codec at the
+  split in ONNX Runtime). Loaded from an export directory it never imports torch: the agent then runs in a venv without
   torch (``pip install 'splitinfer[edge]'``).
 
 The request path (:mod:`edge_agent.runtime`) sees only this interface: inputs arrive as float32 numpy
@@ -132,8 +132,9 @@ class OnnxEngine(HeadEngine):
             from edge_agent.onnx_head import numpy_codec
 
             if not self.plan.codec_applies(name, split) or name == "image":
+                have = ", ".join(map(str, self.plan.learned_boundaries())) or "none"
                 raise InvalidInput(f"codec {name!r} cannot be used at split {split} (known: float32, uint8-affine, "
-                                   "the bundle's learned codec at its boundary)")
+                                   f"a learned codec where the bundle carries one: boundaries {have})")
             self._codecs[key] = numpy_codec(name, self.head, split)
         return self._codecs[key]
 

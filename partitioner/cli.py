@@ -240,10 +240,29 @@ def _read_images(folder: Path | None) -> tuple[bytes, ...]:
     return tuple(p.read_bytes() for p in files)
 
 
+def _bottleneck_source(value: str, model: str):
+    """``--bottlenecks``: None for the committed ones, [] for none, or the bottlenecks a directory holds."""
+    if value == "committed":
+        return None
+    if value == "none":
+        return []
+    folder = Path(value)
+    if not folder.is_dir():
+        raise ValueError(f"--bottlenecks must be committed, auto, none or a directory written by `plan "
+                         f"train-bottleneck`; {value!r} is none of these")
+    from partitioner.codec import load_bottlenecks
+
+    found = load_bottlenecks(folder, model)
+    if not found:
+        raise ValueError(f"--bottlenecks {folder} holds no bottleneck of model {model}")
+    return [bn for bn, _ in found.values()]
+
+
 @app.command("make")
 def make_cmd(
     out: Path = typer.Option(..., callback=_out_dir, help="bundle directory to write"),
-    model: str = typer.Option("default", help="default, a torchvision name or package.module:function"),
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), a torchvision "
+                                              "name or package.module:function"),
     bandwidth: str = typer.Option("5mbit", callback=_bandwidth,
                                   help="uplink bandwidth in bits per second: 5mbit, 500kbit, 1.5gbit or a bare "
                                        "number of bit/s (byte units are refused)"),
@@ -284,7 +303,15 @@ def make_cmd(
     calibration_mode: Mode = "certified",
     repeats: int = typer.Option(30, callback=AT_LEAST_ONE,
                                 help="timed runs per stage after warm-up (the cost model uses their mean)"),
-    learned_codec: bool = typer.Option(True, help="consider the committed learned bottleneck codec at its boundary"),
+    learned_codec: bool = typer.Option(True, help="consider learned bottleneck codecs (--no-learned-codec: none)"),
+    bottlenecks: str = typer.Option("committed", help="learned codecs to consider: 'committed' (an embedded "
+                                                      "model's own), 'auto' (train them here at the most "
+                                                      "promising boundaries within --bottleneck-budget), or a "
+                                                      "directory written by `plan train-bottleneck`"),
+    bottleneck_budget: float = typer.Option(600.0, callback=POSITIVE,
+                                            help="seconds --bottlenecks auto may spend training"),
+    bottleneck_count: int = typer.Option(3, callback=AT_LEAST_ONE,
+                                         help="at most this many boundaries for --bottlenecks auto"),
     max_codec_drop: float = typer.Option(1.0, callback=NON_NEGATIVE,
                                          help="accept the learned codec only if its validation accuracy drop is at "
                                               "most this many points"),
@@ -299,6 +326,7 @@ def make_cmd(
 ) -> None:
     """Profile (or read profiles), estimate every (split, codec, exits) configuration, choose one under the
     objective and constraints, tabulate operating points over bandwidth x RTT, and write the bundle."""
+    from partitioner.auto_bottleneck import AutoBottlenecks
     from partitioner.cost import PROTOCOL_OVERHEAD_BYTES, Link, parse_bandwidth, parse_duration
     from partitioner.make import PlanOptions, make_default_plan, make_model_plan
     from partitioner.profile import load_profile
@@ -307,6 +335,7 @@ def make_cmd(
     from partitioner.target import load_target
     from splitinfer.energy import DEFAULT_DEVICE, get_profile
     from splitinfer.errors import SplitInferError
+    from splitinfer.models import EMBEDDED_MODELS
 
     try:
         link = Link(parse_bandwidth(bandwidth), parse_duration(rtt), loss=loss,
@@ -340,13 +369,21 @@ def make_cmd(
                 raise ValueError("--agent-overhead-ms applies to an edge profile: give --edge-profile")
             eprof.request_overhead_ms = agent_overhead_ms
         sprof = load_profile(server_profile) if server_profile else None
-        if model == "default":
+        if model in EMBEDDED_MODELS:
+            if checkpoint is not None:
+                raise ValueError(f"{model} is an embedded model with committed weights: --checkpoint does not apply")
+            auto = None
+            if learned_codec and bottlenecks == "auto":
+                auto = AutoBottlenecks(budget_s=bottleneck_budget, count=bottleneck_count,
+                                       echo=lambda line: typer.echo(line, err=True))
             result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir,
                                        score=score, calibration_mode=calibration_mode, learned_codec=learned_codec,
                                        max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop,
                                        objective=obj, constraints=cons, server_load_rps=server_load,
                                        edge_profile=eprof, server_profile=sprof, progress=progress,
-                                       input_images=_read_images(input_images))
+                                       input_images=_read_images(input_images), model=model,
+                                       bottlenecks=_bottleneck_source(bottlenecks, model) if auto is None else None,
+                                       auto_bottlenecks=auto)
         else:
             if head != "fp32":
                 raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
@@ -403,47 +440,156 @@ def calibrate_exits_cmd(
     typer.echo(f"updated {bundle / 'plan.json'}")
 
 
+_DEFAULT_MODEL_BOUNDARY = 6  # partitioner.codec.DEFAULT_BOUNDARY: where the committed default bottleneck sits
+
+
+def _choice_of_ints(*choices: int):
+    """A typer callback that accepts only ``choices`` (None passes: the option was not given)."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"must be one of {', '.join(map(str, choices))}, got {value}")
+        return value
+
+    return check
+
+
+def _shape(dims) -> str:
+    return "x".join(str(int(d)) for d in dims)
+
+
+def _command_line(prefix: str, options: list[tuple[str, object]]) -> str:
+    """``prefix`` followed by every option that has a value (shell-quoted)."""
+    import shlex
+
+    parts = [prefix]
+    for flag, value in options:
+        if value is not None:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
 @app.command("train-bottleneck")
 def train_bottleneck_cmd(
-    boundary: int = typer.Option(8, help="boundary of the default model where the bottleneck sits"),
-    channels: int = typer.Option(8, callback=AT_LEAST_ONE, help="latent channels"),
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), a torchvision "
+                                              "name (resnet18, mobilenet_v2, ...) or package.module:function"),
+    checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model (without "
+                                               "it a torchvision model has random weights: no accuracy)"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
+    images: Path = typer.Option(None, help="train on an image folder (DIR/<class>/<image>) instead of "
+                                           "Fashion-MNIST; a seeded 20 % is held out as the test set"),
+    boundary: str = typer.Option(None, help="boundary, or comma-separated boundaries, to train a bottleneck at "
+                                            f"(default: {_DEFAULT_MODEL_BOUNDARY} for the default model; "
+                                            "required for the others)"),
+    channels: int = typer.Option(None, callback=AT_LEAST_ONE,
+                                 help="latent channels (default: the size rule, BottleneckConfig.for_boundary)"),
     bits: int = typer.Option(3, callback=_range(1, 8), help="quantization bits per latent value (1-8)"),
-    hidden: int = typer.Option(64, callback=AT_LEAST_ONE, help="hidden channels of encoder and decoder"),
-    stride: int = typer.Option(2, help="spatial downsampling of the latent (1, 2 or 4)"),
+    hidden: int = typer.Option(None, callback=AT_LEAST_ONE,
+                               help="hidden channels of encoder and decoder (default: the size rule)"),
+    stride: int = typer.Option(None, callback=_choice_of_ints(1, 2, 4),
+                               help="spatial downsampling of the latent: 1, 2 or 4 (default: the size rule)"),
     coder: str = typer.Option("ans", callback=_one_of("ans", "zstd", "raw"), help="entropy coder: ans, zstd or raw"),
     epochs_float: int = typer.Option(1, callback=NON_NEGATIVE, help="distillation epochs without rounding"),
     epochs_qat: int = typer.Option(3, callback=NON_NEGATIVE,
                                    help="quantization-aware distillation epochs (straight-through rounding)"),
+    train_limit: int = typer.Option(20000, callback=NON_NEGATIVE,
+                                    help="training images (the first N of the training split; 0: all)"),
+    test_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="evaluate on only the first N test images"),
+    max_tail_cost: float = typer.Option(50.0, callback=NON_NEGATIVE,
+                                        help="when a training step through the tail after a boundary costs more "
+                                             "than this many million MAC-equivalents per sample (MACs + 256 per "
+                                             "activation), match features at a nearer boundary (cheaper steps, "
+                                             "no logits term) if that costs at most half; a huge value always "
+                                             "distils through the whole tail"),
+    budget_s: float = typer.Option(None, callback=POSITIVE,
+                                   help="stop after this many seconds in all (each boundary gets an equal share of "
+                                        "what is left; its epochs are shortened to fit)"),
     seed: int = typer.Option(0, help="random seed"),
     threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
-    train_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N training images"),
-    test_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="evaluate on only the first N test images"),
-    out_dir: Path = typer.Option(None, help="where to write it (default: the packaged splitinfer/weights)"),
+    out_dir: Path = typer.Option(None, help="where to write <stem>_bottleneck_<B>.safetensors/.json (default for "
+                                            "embedded models: the packaged splitinfer/weights; required otherwise)"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
-    """Train the default model's learned bottleneck codec by distillation (no labels) and evaluate it."""
-    from partitioner.codec import save_bottleneck, train_default_bottleneck
+    """Train learned bottleneck codecs for any model at one or more boundaries by distillation from the frozen
+    model (no labels), evaluate each on test images, and write one safetensors + JSON pair per boundary."""
+    from partitioner.codec import (
+        describe_eval,
+        fashion_mnist_inputs,
+        image_folder_inputs,
+        load_teacher,
+        save_bottleneck,
+        train_bottlenecks,
+    )
     from partitioner.weights import weights_dir
-    from splitinfer.bottleneck import DistillConfig
+    from splitinfer.bottleneck import DistillConfig, agreement_note, check_boundaries
+    from splitinfer.errors import SplitInferError
 
-    dcfg = DistillConfig(epochs_float=epochs_float, epochs_qat=epochs_qat, seed=seed, threads=threads)
     try:
-        bn, report = train_default_bottleneck(boundary, channels, bits, dcfg, hidden, stride, coder, train_limit,
-                                              test_limit, data_dir, progress)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    report["command"] = (f"splitinfer plan train-bottleneck --boundary {boundary} --channels {channels} --bits {bits} "
-                         f"--hidden {hidden} --stride {stride} --coder {coder} --epochs-float {epochs_float} "
-                         f"--epochs-qat {epochs_qat} --seed {seed} --threads {threads}")
-    target = Path(out_dir or weights_dir())
-    save_bottleneck(target, bn, report)
-    t = report["test"]
-    typer.echo(f"bottleneck at boundary {boundary}: {t['bytes_mean']:.1f} B/sample "
-               f"({report['fp32_bytes'] / t['bytes_mean']:.0f}x below float32), test accuracy {t['accuracy']:.4f} "
-               f"(uncompressed {t['reference_accuracy']:.4f}), agreement {t['agreement']:.4f}; "
-               f"{report['seconds']:.0f} s; wrote {target}")
+        shape = _ints(input_shape) if input_shape else None
+        teacher = load_teacher(model, checkpoint, shape)
+        wanted = _ints(boundary) if boundary else ([_DEFAULT_MODEL_BOUNDARY] if model == "default" else [])
+        check_boundaries(teacher.staged, wanted, model)
+        if out_dir is None and not teacher.embedded:
+            raise ValueError(f"--out-dir is required for {model} (only embedded models have a packaged "
+                             "weights directory)")
+        target = Path(out_dir) if out_dir is not None else weights_dir()
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"--out-dir {target} exists and is not a directory")
+        if images is not None:
+            folder = image_folder_inputs(images, teacher.input_spec, seed=seed, train_limit=train_limit or None,
+                                         test_limit=test_limit)
+            x_tr, x_te, y_te, data_note = folder.x_train, folder.x_test, folder.y_test, folder.note
+        else:
+            x_tr, _ = fashion_mnist_inputs("train", teacher.input_spec, seed=teacher.seed,
+                                           limit=train_limit or None, data_dir=data_dir)
+            x_te, y_te = fashion_mnist_inputs("test", teacher.input_spec, seed=teacher.seed, limit=test_limit,
+                                              data_dir=data_dir)
+            c, h, w = teacher.input_spec.shape
+            data_note = (f"Fashion-MNIST: {len(x_tr)} training images (validation split of seed {teacher.seed} "
+                         f"excluded) and {len(x_te)} test images, rendered at {h}x{w}, grey"
+                         + (" replicated to 3 channels" if c == 3 else ""))
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    note = agreement_note(teacher.weights, model)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+    dcfg = DistillConfig(epochs_float=epochs_float, epochs_qat=epochs_qat, seed=seed, threads=threads,
+                         max_tail_cost=int(max_tail_cost * 1e6))
+    options = [("--model", model), ("--checkpoint", checkpoint), ("--input-shape", input_shape),
+               ("--images", images), ("--boundary", ",".join(map(str, wanted))), ("--channels", channels),
+               ("--bits", bits), ("--hidden", hidden), ("--stride", stride), ("--coder", coder),
+               ("--epochs-float", epochs_float), ("--epochs-qat", epochs_qat), ("--train-limit", train_limit),
+               ("--test-limit", test_limit), ("--max-tail-cost", f"{max_tail_cost:g}"), ("--budget-s", budget_s),
+               ("--seed", seed), ("--threads", threads)]
+    command = _command_line("splitinfer plan train-bottleneck", options)
+
+    def provenance(report: dict) -> dict:
+        cfg = report["config"]
+        one = [(k, v) for k, v in options if k not in ("--boundary", "--channels", "--hidden", "--stride")]
+        one[4:4] = [("--boundary", cfg["boundary"]), ("--channels", cfg["channels"]), ("--hidden", cfg["hidden"]),
+                    ("--stride", cfg["stride"])]
+        return {**report, "model": model, "input_shape": list(teacher.input_spec.shape),
+                "teacher_weights": teacher.weights, "teacher_sha256": teacher.weights_sha256, "data": data_note,
+                "seed": seed, "command": command, "reproduce": _command_line("splitinfer plan train-bottleneck", one)}
+
+    def done(bn, report: dict) -> None:
+        path = save_bottleneck(target, bn, provenance(report), teacher.stem)
+        stopped = " (time budget: epochs cut short)" if report.get("stopped_early") or \
+            report.get("steps_per_epoch") else ""
+        typer.echo(f"bottleneck at boundary {report['boundary']} ({_shape(bn.cfg.in_shape)} -> "
+                   f"{_shape(bn.cfg.latent_shape)}, {bn.cfg.bits} bits): {describe_eval(report)}; "
+                   f"{report['seconds']:.0f} s{stopped}; wrote {path}")
+
+    try:
+        results = train_bottlenecks(teacher.staged, wanted, x_tr, x_te, y_te, bits=bits, coder=coder,
+                                    channels=channels, hidden=hidden, stride=stride, dcfg=dcfg, budget_s=budget_s,
+                                    teacher_weights=teacher.weights, model=model, progress=progress,
+                                    on_result=done, echo=lambda line: typer.echo(f"note: {line}", err=True))
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    if results and "not_trained" in results[-1][1].get("budget", {}):
+        save_bottleneck(target, results[-1][0], provenance(results[-1][1]), teacher.stem)  # record the stop
 
 
 @app.command("codec-sweep")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from partitioner.auto_bottleneck import AutoBottlenecks
 from partitioner.cost import Link
 from partitioner.profile import Profile, profile_model
 from partitioner.search import CodecOption, Constraints, ExitConfig, Objective, Planner, best
-from partitioner.train import split_train_validation
+from partitioner.train import model_input, split_train_validation
 from partitioner.weights import load_default
-from splitinfer.bottleneck import LearnedCodec
+from splitinfer.bottleneck import Bottleneck, LearnedCodec
 from splitinfer.bundle import (
     CodecSpec,
     ExitCalibrationSpec,
@@ -29,14 +30,9 @@ from splitinfer.bundle import (
 )
 from splitinfer.calibration import Calibration, ExitScores, apply, calibrate, collect_scores, evaluate
 from splitinfer.codec import get_codec
-from splitinfer.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    load_fashion_mnist,
-    to_model_input,
-)
+from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, render
 from splitinfer.energy import DeviceProfile
+from splitinfer.models import embedded_model
 from splitinfer.timing import time_calls, time_codec
 
 GRID_BANDWIDTHS = (0.5e6, 1e6, 2e6, 5e6, 10e6, 20e6, 50e6, 100e6, 200e6)
@@ -111,10 +107,9 @@ def _agreement(scores: ExitScores, thresholds: dict[int, float], active: list[in
 
 @dataclass
 class LearnedCandidate:
-    """The committed bottleneck as a planning candidate: its codec, measured costs and validation figures."""
+    """A trained bottleneck as a planning candidate: its codec, measured costs and validation figures."""
 
     codec: LearnedCodec
-    profile: Profile | None
     drop_points: float
     agreement: float
     notes: dict[str, float | int | str]
@@ -124,31 +119,54 @@ class LearnedCandidate:
         return self.codec.boundary
 
 
-def _learned_candidate(staged, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate | None:
-    """Load the committed bottleneck (None when there is none), measure its bytes, time (means, as the
-    profile's) and accuracy on validation images, and return a profile whose costs at its boundary are the
-    learned codec's."""
-    from partitioner.codec import evaluate_codec, load_default_bottleneck
-    from splitinfer.errors import BundleError
+def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate:
+    """Measure bottleneck ``bn`` as a candidate: its bytes, time (means, as the profile's) and accuracy on the
+    validation images (every sample encoded alone, as the edge does)."""
+    from partitioner.codec import evaluate_codec
 
-    try:
-        bn, _ = load_default_bottleneck()
-    except BundleError:
-        return None
     codec = LearnedCodec(bn)
     k = codec.boundary
     n = min(limit, len(x_val))
     ev = evaluate_codec(staged, codec, k, x_val[:n], np.asarray(y_val[:n], dtype=np.int64))
     feats = staged.run(x_val[:1], 0, k).detach()
     timing = time_codec(codec, feats, runs=max(10, repeats), warmup=1)
-    return LearnedCandidate(codec=codec, profile=None, drop_points=100 * (ev.reference_accuracy - ev.accuracy),
-                            agreement=ev.agreement,
+    drop = 100 * (ev.reference_accuracy - ev.accuracy)
+    return LearnedCandidate(codec=codec, drop_points=drop, agreement=ev.agreement,
                             notes={"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
+                                   "fp32_bytes": int(staged.boundaries[k].fp32_bytes),
                                    "validation_accuracy": round(ev.accuracy, 5),
                                    "validation_agreement": round(ev.agreement, 5),
-                                   "validation_drop_points": round(100 * (ev.reference_accuracy - ev.accuracy), 3),
+                                   "validation_drop_points": round(drop, 3),
                                    "encode_ms": round(timing.encode_ms, 4),
                                    "decode_ms": round(timing.decode_ms, 4)})
+
+
+def screen_learned(candidates: Sequence[LearnedCandidate], splits: Sequence[int], max_drop: float,
+                   ) -> tuple[list[LearnedCandidate], dict[str, str | float | int]]:
+    """The candidates the planner may use (validation drop at most ``max_drop`` points, boundary among the
+    candidate splits) and plan notes for every one: ``learned_codec_<B>_<figure>``, and
+    ``learned_codec_<B>_rejected`` saying why one was left out."""
+    kept, notes = [], {}
+    for lc in candidates:
+        k = lc.boundary
+        notes.update({f"learned_codec_{k}_{key}": v for key, v in lc.notes.items() if key not in ("name", "boundary")})
+        if lc.drop_points > max_drop:
+            notes[f"learned_codec_{k}_rejected"] = f"validation accuracy drop {lc.drop_points:.2f} points > {max_drop}"
+        elif k not in splits:
+            notes[f"learned_codec_{k}_rejected"] = f"boundary {k} is not a candidate split"
+        else:
+            kept.append(lc)
+    if candidates:
+        notes["learned_codec_boundaries"] = ",".join(str(lc.boundary) for lc in candidates)
+    return kept, notes
+
+
+def smaller_file(spec: InputSpec, pixels: np.ndarray) -> bytes:
+    """The pixels as a user's camera would send them: PNG or JPEG quality 90, whichever is smaller."""
+    from splitinfer.imaging import ImageCodec
+
+    files = [ImageCodec(spec, fmt=fmt, quality=90).encode(pixels)[0] for fmt in ("png", "jpeg")]
+    return min(files, key=len)
 
 
 def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], spec) -> CodecOption | None:
@@ -190,6 +208,13 @@ def image_codec_option(edge: Profile, server: Profile, images: Sequence[bytes], 
     return CodecOption("image", at_zero(edge, encode, decode), at_zero(server, encode, decode), frozenset({0}))
 
 
+def learned_option(edge: Profile, server: Profile, lc: LearnedCandidate) -> CodecOption:
+    """The planner's option for a learned codec: it applies at its boundary only, with its measured costs,
+    accuracy drop and agreement."""
+    return CodecOption(lc.codec.name, _with_codec_at(edge, lc), _with_codec_at(server, lc), frozenset({lc.boundary}),
+                       lc.drop_points, lc.agreement)
+
+
 def _with_codec_at(prof: Profile, lc: LearnedCandidate) -> Profile:
     """A copy of ``prof`` whose payload size and codec times at the learned codec's boundary are its own."""
     import dataclasses
@@ -204,7 +229,7 @@ def _with_codec_at(prof: Profile, lc: LearnedCandidate) -> Profile:
 
 
 def choose_head(staged, plan: Plan, x_val, y_val, head: str, max_drop: float, data_dir: str | None, seed: int,
-                calibration_images: int = 256, limit: int = 2000):
+                calibration_images: int = 256, limit: int = 2000, size: int = 28):
     """Quantize the plan's head to int8 (segments at its exits and split), measure its validation accuracy and
     batch-1 time against fp32; returns the HeadSpec to record and the calibration inputs."""
     import statistics
@@ -217,7 +242,7 @@ def choose_head(staged, plan: Plan, x_val, y_val, head: str, max_drop: float, da
 
     train = load_fashion_mnist("train", data_dir)
     tr_idx, _ = split_train_validation(len(train), seed)
-    calib = to_model_input(train.images[tr_idx[:calibration_images]], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    calib = model_input(train.images[tr_idx[:calibration_images]], size)
     cuts = sorted({0, plan.split, *(e.boundary for e in plan.exits if e.boundary < plan.split)})
     q = int8_head(staged, plan.split, calib, cuts)
     n, k = min(limit, len(x_val)), plan.split
@@ -367,63 +392,79 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                       objective: Objective = Objective(), constraints: Constraints = Constraints(),
                       server_load_rps: float = 0.0, edge_profile: Profile | None = None,
                       server_profile: Profile | None = None, progress: bool = False,
-                      input_images: tuple[bytes, ...] = ()) -> PlanResult:
-    """Plan the embedded default model for one link condition and write the bundle to ``out``.
+                      input_images: tuple[bytes, ...] = (), model: str = "default",
+                      bottlenecks: Sequence[Bottleneck] | None = None,
+                      auto_bottlenecks: AutoBottlenecks | None = None) -> PlanResult:
+    """Plan an embedded model (``model``: the default, or another of :data:`splitinfer.models.EMBEDDED_MODELS`)
+    for one link condition and write the bundle to ``out``.
 
     Exit thresholds are calibrated on the validation images (carved from the training set) so that the
     disagreement with the full model is at most ``epsilon`` with probability ``1 - delta`` (certified mode).
     Every subset of the exits is a candidate (a left-out exit never fires, so the guarantee still holds).
 
-    With ``learned_codec`` the committed bottleneck codec is a candidate at its boundary, next to ``codec``
-    at every boundary, provided its accuracy drop on the validation images is at most ``max_codec_drop``
-    points; the bundle then carries it, whichever split wins.
+    With ``learned_codec`` every learned bottleneck codec is a candidate at its boundary, next to ``codec`` at
+    every boundary, provided its accuracy drop on the validation images is at most ``max_codec_drop`` points;
+    the bundle then carries every accepted one (an operating point may use any of them). The bottlenecks are
+    ``bottlenecks`` when given; else, with ``auto_bottlenecks``, trained here at the boundaries where they are
+    predicted to pay most (:mod:`partitioner.auto_bottleneck`); else the model's committed ones.
 
     ``head``: ``fp32``, ``int8`` (quantize the chosen split's head), or ``auto`` (int8 when it is measured
     faster here and its validation accuracy drop is at most ``max_head_drop`` points).
 
     ``edge_profile``/``server_profile``: profiles measured on the two machines (default: measured here).
+    ``input_images``: sample files as users send them (default: each validation image as PNG or JPEG quality
+    90, whichever is smaller).
     """
     if head not in ("fp32", "int8", "auto"):
         raise ValueError(f"head must be fp32, int8 or auto, not {head!r}")
     opts = PlanOptions(link=link, device=device, edge_slowdown=edge_slowdown, splits=splits, objective=objective,
                        constraints=constraints, server_load_rps=server_load_rps, repeats=repeats, progress=progress,
                        input_images=input_images)
-    model, staged, exits, info = load_default(weights)
+    size = embedded_model(model).size
+    net, staged, exits, info = load_default(weights, model)
+    seed = int(info["config"]["seed"])
     train = load_fashion_mnist("train", data_dir)
-    _, va_idx = split_train_validation(len(train), int(info["config"]["seed"]))
+    _, va_idx = split_train_validation(len(train), seed)
     if validation_limit:
         va_idx = va_idx[:validation_limit]
-    x_val = to_model_input(train.images[va_idx], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x_val = model_input(train.images[va_idx], size)
     y_val = np.asarray(train.labels[va_idx])
     scores = collect_scores(staged, exits, x_val, score)
-    cal = calibrate(scores, epsilon, delta, score=score, mode=calibration_mode, seed=int(info["config"]["seed"]))
+    cal = calibrate(scores, epsilon, delta, score=score, mode=calibration_mode, seed=seed)
     thresholds = dict(zip(cal.boundaries, cal.thresholds, strict=True))
-
-    edge, server = _profiles(staged, exits, codec, x_val[:1], opts, edge_profile, server_profile, "default")
-    candidates = _candidates(staged.num_stages, splits)
-    lc = _learned_candidate(staged, x_val, y_val, repeats) if learned_codec else None
-    codec_notes: dict[str, str | float | int] = {}
-    if lc is not None:
-        codec_notes = {f"learned_codec_{k}": v for k, v in lc.notes.items()}
-        if lc.drop_points > max_codec_drop or lc.boundary not in candidates:
-            codec_notes["learned_codec_rejected"] = (
-                f"validation accuracy drop {lc.drop_points:.2f} points > {max_codec_drop}"
-                if lc.drop_points > max_codec_drop else f"boundary {lc.boundary} is not a candidate split")
-            lc = None
-    codecs = [CodecOption(codec, edge, server)]
-    from splitinfer.imaging import ImageCodec
-
-    spec = InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+    spec = InputSpec(shape=[1, size, size], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
                      labels=FASHION_MNIST_CLASSES)
-    samples = opts.input_images or tuple(ImageCodec(spec).encode(img)[0] for img in train.images[va_idx][:256])
+
+    edge, server = _profiles(staged, exits, codec, x_val[:1], opts, edge_profile, server_profile, model)
+    candidates = _candidates(staged.num_stages, splits)
+    codecs = [CodecOption(codec, edge, server)]
+    samples = opts.input_images or tuple(smaller_file(spec, img) for img in render(train.images[va_idx][:256], size))
     image = image_codec_option(edge, server, samples, spec)
     if image is not None:
         codecs.append(image)
-    if lc is not None:
-        codecs.append(CodecOption(lc.codec.name, _with_codec_at(edge, lc), _with_codec_at(server, lc),
-                                  frozenset({lc.boundary}), lc.drop_points, lc.agreement))
-    planner = Planner(codecs, candidates, exit_config_fn(scores, thresholds, y_val), sorted(exits), device,
-                      edge_slowdown, server_load_rps)
+    exit_config = exit_config_fn(scores, thresholds, y_val)
+    if learned_codec and bottlenecks is None and auto_bottlenecks is not None:
+        tr_idx, _ = split_train_validation(len(train), seed)
+        base = Planner(list(codecs), candidates, exit_config, sorted(exits), device, edge_slowdown, server_load_rps)
+        links = [Link(bw, rtt, link.loss, None, link.request_overhead, link.response_overhead)
+                 for bw in GRID_BANDWIDTHS for rtt in GRID_RTTS]
+        bottlenecks = auto_bottlenecks.train(base, staged, links,
+                                             model_input(train.images[tr_idx[:auto_bottlenecks.train_images]], size),
+                                             x_val, y_val, progress)
+    elif learned_codec and bottlenecks is None:
+        from partitioner.codec import load_bottlenecks
+        from partitioner.weights import weights_dir
+
+        bottlenecks = [bn for bn, _ in load_bottlenecks(Path(weights) if weights else weights_dir(), model,
+                                                          staged=staged).values()]
+    learned = [learned_candidate(staged, bn, x_val, y_val, repeats) for bn in (bottlenecks or [])] \
+        if learned_codec else []
+    learned, codec_notes = screen_learned(learned, candidates, max_codec_drop)
+    if auto_bottlenecks is not None:
+        codec_notes.update({f"bottlenecks_auto_{r['boundary']}": f"{r['status']}: {r['reason']}"
+                            for r in auto_bottlenecks.report})
+    codecs += [learned_option(edge, server, lc) for lc in learned]
+    planner = Planner(codecs, candidates, exit_config, sorted(exits), device, edge_slowdown, server_load_rps)
     chosen, estimates, pareto, points = _tables(planner, opts)
     agreement = _agreement(scores, thresholds, chosen.exits)
 
@@ -431,12 +472,11 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                            macs=exits[b].macs(), val_exit_rate=round(r, 5))
                   for b, r in zip(cal.boundaries, cal.exit_rates, strict=True)]
     plan = new_plan(
-        "default", staged,
-        InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD], labels=FASHION_MNIST_CLASSES),
+        model, staged, spec,
         split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
         weights_source="committed",
         active_exit_rates={b: round(r, 5) for b, r in planner.exit_rates(tuple(chosen.exits)).items()},
-        learned_codec=CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) if lc else None,
+        learned_codecs=[CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) for lc in learned],
         exit_calibration=calibration_spec(cal, scores),
         estimates=estimates, operating_points=points, pareto=pareto, objective=_objective_record(opts),
         latency_curves=latency_curves(planner, opts),
@@ -451,11 +491,10 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     _stage_times(plan, edge, server, edge_slowdown)
     calib = None
     if head != "fp32" and chosen.split > 0:
-        spec, calib = choose_head(staged, plan, x_val, y_val, head, max_head_drop, data_dir,
-                                  int(info["config"]["seed"]))
-        plan = plan.model_copy(update={"head": spec})
-    path = save_bundle(out, plan, model, {b: exits[b] for b in sorted(exits)},
-                       codec_state=lc.codec.bottleneck.state_for_bundle() if lc else None,
+        head_spec, calib = choose_head(staged, plan, x_val, y_val, head, max_head_drop, data_dir, seed, size=size)
+        plan = plan.model_copy(update={"head": head_spec})
+    path = save_bundle(out, plan, net, {b: exits[b] for b in sorted(exits)},
+                       codec_states={lc.boundary: lc.codec.bottleneck.state_for_bundle() for lc in learned},
                        head_calibration=calib if plan.head.kind == "int8" else None)
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=agreement,
                       path=path, server_profile=server, pareto=pareto, planner=planner)

@@ -10,7 +10,7 @@ def accuracy_measured(plan) -> bool:
     evaluated); False for random weights and for models planned without validation data."""
     if plan.model.random_weights:
         return False
-    return bool(plan.exits or plan.learned_codec is not None or "validation_images" in plan.notes)
+    return bool(plan.exits or plan.learned_codecs or "validation_images" in plan.notes)
 
 
 def accuracy_reason(plan) -> str:
@@ -47,8 +47,10 @@ def split_table(result: PlanResult) -> str:
                                                         f"drop {hn['validation_drop_points']} points"
                                                         + (f"; not used: {hn['rejected']}" if "rejected" in hn else "")
                                                         + ")" if "speedup" in hn else ""))
-    if "learned_codec_rejected" in plan.notes:
-        lines.append(f"note: learned codec not used: {plan.notes['learned_codec_rejected']}")
+    for key, why in sorted(plan.notes.items()):  # learned_codec_<B>_rejected (learned_codec_rejected: older plans)
+        if key.startswith("learned_codec_") and key.endswith("_rejected"):
+            at = key[len("learned_codec_"):-len("_rejected")]
+            lines.append(f"note: learned codec{f' at boundary {at}' if at else ''} not used: {why}")
     obj = plan.objective
     if obj:
         cons = ", ".join(f"{k} {v:g}" for k, v in obj.items() if k.startswith("max_")) or "none"

@@ -195,7 +195,8 @@ class Planner:
                     bw, rtt, base.loss, None, base.request_overhead, base.response_overhead)
                 e = self.choose(link, objective, constraints)
                 ex = self._exits(tuple(e.exits))
-                codec = next(c for c in self.codecs if c.name == e.codec)
+                codec = next(c for c in self.codecs if c.name == e.codec
+                             and (c.boundaries is None or e.split in c.boundaries))
                 agreement = ex.agreement * (codec.agreement if e.offload_rate > 0 else 1.0)
                 points.append(OperatingPoint(
                     bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=e.split, codec=e.codec, exits=e.exits,

@@ -13,7 +13,7 @@ from torch import nn
 from splitinfer.bundle import InputSpec, is_safetensors
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
-from splitinfer.models import TORCHVISION_MODELS, build_model
+from splitinfer.models import EMBEDDED_MODELS, TORCHVISION_MODELS, build_model
 from splitinfer.staged import StagedModel, stage_model
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -82,17 +82,19 @@ def _build_factory(spec: str) -> nn.Module:
 
 def load_target(model: str, checkpoint: Path | None = None, input_shape: list[int] | None = None,
                 weights: Path | None = None) -> PlanTarget:
-    """Load ``model``: ``default`` (the committed weights and exits), a torchvision name (random weights unless
+    """Load ``model``: an embedded model (``default``, ``mobilenet_v2_fmnist``: the committed weights and exits),
+    a torchvision name (random weights unless
     ``checkpoint``, a safetensors state dict), or ``module:factory`` (a user's model; ``input_shape`` [C, H, W]
     required)."""
-    if model == "default":
+    if model in EMBEDDED_MODELS:
         from partitioner.weights import load_default
         from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-        m, staged, exits, info = load_default(weights)
-        spec = InputSpec(shape=[1, 28, 28], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+        side = EMBEDDED_MODELS[model].size
+        m, staged, exits, info = load_default(weights, model)
+        spec = InputSpec(shape=[1, side, side], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
                          labels=FASHION_MNIST_CLASSES)
-        return PlanTarget("default", m, staged, spec, exits, weights_note="committed default weights", info=info,
+        return PlanTarget(model, m, staged, spec, exits, weights_note=f"committed {model} weights", info=info,
                           weights_source="committed")
     factory = None
     if model in TORCHVISION_MODELS:
@@ -105,7 +107,7 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
         m = _build_factory(model)
         shape = input_shape
     else:
-        raise ValueError(f"unknown model {model!r}; choose default, {', '.join(TORCHVISION_MODELS)} "
+        raise ValueError(f"unknown model {model!r}; choose {', '.join([*EMBEDDED_MODELS, *TORCHVISION_MODELS])} "
                          "or package.module:function")
     if checkpoint is not None:
         _load_checkpoint(m, Path(checkpoint))

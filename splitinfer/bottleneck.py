@@ -1,21 +1,24 @@
 """Learned bottleneck codec: encoder on the edge, few-bit quantization, entropy coding, decoder on the server.
 
-At boundary ``k`` (features ``[Cb, H, W]``) the edge runs ``encoder`` (conv 3x3 with optional stride, BN,
-ReLU, conv 1x1 down to ``channels``), maps each latent channel affinely onto ``0..2**bits - 1`` with a
-per-channel range calibrated on training data, rounds, and entropy-codes the symbols
+At boundary ``k`` (features ``[Cb, H, W]``) the edge runs ``encoder`` (an ``s x s`` patch convolution, or a 3x3
+one at stride 1, BN, ReLU, conv 1x1 down to ``channels``), maps each latent channel affinely onto
+``0..2**bits - 1`` with a per-channel range calibrated on training data, rounds, and entropy-codes the symbols
 (:mod:`splitinfer.entropy`). The server decodes the symbols, de-quantizes, and its ``decoder`` (conv 1x1, BN,
-ReLU, nearest upsampling to ``H x W``, conv 3x3) rebuilds boundary-``k`` features for the unchanged tail.
+ReLU, conv 3x3, BN, ReLU, transposed convolution back to ``H x W``) rebuilds boundary-``k`` features for the
+unchanged tail. :meth:`BottleneckConfig.for_boundary` sizes encoder and decoder from the boundary's shape.
 
 Training is head-network distillation from the unmodified model (:func:`train_bottleneck`): no labels. The
 backbone stays frozen; the loss matches the tail's features at a later boundary and the final logits
-(temperature-scaled KL). Rounding is trained with a straight-through estimator once the ranges are
-calibrated (quantization-aware fine-tuning).
+(temperature-scaled KL), or, when the tail is expensive, features at a nearer boundary only
+(:func:`match_boundary`). Rounding is trained with a straight-through estimator once the ranges are
+calibrated (quantization-aware fine-tuning). A deadline shortens the epochs so the schedule fits.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +34,7 @@ from splitinfer.progress import progress_bar
 from splitinfer.staged import StagedModel
 
 CODEC_NAME = "bottleneck"
+DEFAULT_MAX_TAIL_COST = 50_000_000  # MAC-equivalents per sample (tail_cost); plan train-bottleneck's default
 
 
 class BottleneckEncoder(nn.Module):
@@ -155,7 +159,11 @@ class Bottleneck(nn.Module):
     def calibrate(self, feats: torch.Tensor, ranges: bool = True) -> np.ndarray:
         """Fit the quantizer's per-channel ranges (unless ``ranges`` is false) and the probability tables on
         ``feats``; returns the symbols they produce."""
-        z = self.latents(feats)
+        return self.calibrate_latents(self.latents(feats), ranges)
+
+    @torch.no_grad()
+    def calibrate_latents(self, z: torch.Tensor, ranges: bool = True) -> np.ndarray:
+        """As :meth:`calibrate`, on continuous encoder outputs ``z`` (:meth:`latents`) already computed."""
         if ranges:
             self.quantizer.calibrate(z)
         sym = self.quantizer.to_symbols(z).to(torch.uint8).numpy()
@@ -320,6 +328,16 @@ def fuse_bn(module: nn.Module) -> nn.Module:
 
 @dataclass
 class DistillConfig:
+    """Hyper-parameters of :func:`train_bottleneck`.
+
+    ``max_tail_cost``: when a training step through the tail after the bottleneck's boundary costs more than
+    this many MAC-equivalents per sample (:func:`tail_cost`), the student matches features at a nearer boundary
+    instead of running the whole tail at every step (:func:`match_boundary`); None always distils through the
+    whole tail (:data:`DEFAULT_MAX_TAIL_COST` is what ``plan train-bottleneck`` uses).
+    ``cache_mb``: memory for the training images' boundary features and the teacher's targets; whatever does
+    not fit is recomputed for every batch (slower, same result).
+    """
+
     epochs_float: int = 1
     epochs_qat: int = 2
     batch_size: int = 128
@@ -328,41 +346,164 @@ class DistillConfig:
     feature_weight: float = 1.0
     seed: int = 0
     threads: int = 0
+    max_tail_cost: int | None = None
+    cache_mb: int = 2048
 
 
-def match_boundary(staged: StagedModel, boundary: int) -> int:
-    """The boundary whose features the student matches: the last ``[C, H, W]`` boundary after ``boundary`` (for
-    the default model the globally pooled 96x1x1 penultimate features), or the output when none exists."""
-    spatial = [b.index for b in staged.boundaries if len(b.shape) == 3 and b.index > boundary]
-    return spatial[-1] if spatial else staged.num_stages
+ACTIVATION_MACS = 256  # training cost of one activation element, in multiply-accumulates (see tail_cost)
 
 
-def _batches(n: int, batch: int, gen: torch.Generator):
+def tail_cost(staged: StagedModel, start: int, end: int) -> int:
+    """Estimated cost per sample of a training step (forward and backward) through stages ``start..end-1``, in
+    MAC-equivalents: their multiply-accumulates plus :data:`ACTIVATION_MACS` for every element of the boundary
+    tensors they output.
+
+    MACs alone miss memory-bound layers: the default model's tail after boundary 6 and MobileNetV2's (64x64)
+    after boundary 17 both have 18.3 M MACs, yet a step took 11 and 39 ms per image here (2 cores); the
+    boundary tensors they write hold 43 K and 323 K elements. The constant fits those two and keeps the
+    others measured then within a factor of 1.5 (MobileNetV2 after 9, 27, 38: 51, 32, 23 ms).
+    """
+    n = staged.num_stages
+    elements = sum(staged.boundaries[i].numel for i in range(start + 1, min(end, n) + 1))
+    return staged.macs_between(start, end) + ACTIVATION_MACS * elements
+
+
+def match_boundary(staged: StagedModel, boundary: int, max_tail_cost: int | None = None) -> int:
+    """The boundary whose features the student matches.
+
+    By default the last ``[C, H, W]`` boundary after ``boundary`` (for the default model the globally pooled
+    96x1x1 penultimate features), or the output when none exists; the loss then adds the KL divergence of the
+    final logits, so every training step runs the whole tail forward and backward.
+
+    When ``max_tail_cost`` is given and the whole tail costs more than that (:func:`tail_cost`, per sample),
+    the deepest ``[C, H, W]`` boundary reached within ``max_tail_cost`` (at least the first one after a layer
+    that computes anything), provided it costs at most half the whole tail (else the last one, as above): the
+    loss is then the feature MSE there only. That is still distillation through the frozen network (the error
+    that counts is the one the next layers do not discard, not a plain reconstruction of the boundary), at a
+    fraction of the cost; it gives up matching the output directly, so it is used only where the whole tail is
+    expensive. With :data:`DEFAULT_MAX_TAIL_COST` the default model keeps the whole tail at every boundary;
+    MobileNetV2 at 64x64 matches nearer up to its boundary 17 (steps about 3 times cheaper).
+    """
+    n = staged.num_stages
+    spatial = [b.index for b in staged.boundaries if len(b.shape) == 3 and boundary < b.index < n]
+    last = spatial[-1] if spatial else n
+    whole = tail_cost(staged, boundary, n)
+    if max_tail_cost is None or whole <= max_tail_cost:
+        return last
+    costs = {m: tail_cost(staged, boundary, m) for m in spatial}
+    computes = [m for m in spatial if staged.macs_between(boundary, m) > 0]
+    within = [m for m in computes if costs[m] <= max_tail_cost]
+    near = within[-1] if within else computes[0] if computes else last
+    return near if costs.get(near, whole) * 2 <= whole else last
+
+
+def _batches(n: int, batch: int, gen: torch.Generator, limit: int | None = None):
+    """Random batches of ``0..n-1`` (a new permutation per call); at most ``limit`` of them."""
     perm = torch.randperm(n, generator=gen)
-    for i in range(0, n, batch):
+    for j, i in enumerate(range(0, n, batch)):
+        if limit is not None and j >= limit:
+            return
         yield perm[i : i + batch]
 
 
 @torch.no_grad()
-def _features(staged: StagedModel, x: torch.Tensor, boundary: int, batch: int = 512) -> torch.Tensor:
+def _features(staged: StagedModel, x, boundary: int, batch: int = 512) -> torch.Tensor:
     return torch.cat([staged.run(x[i : i + batch], 0, boundary).clone() for i in range(0, len(x), batch)])
 
 
-def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.Tensor,
+class _Features:
+    """Boundary-``k`` features of the training inputs: all computed once when they fit in ``budget`` bytes,
+    else recomputed from the inputs for every batch (the head is frozen, so both give the same values)."""
+
+    def __init__(self, staged: StagedModel, x, k: int, budget: int):
+        self.staged, self.x, self.k, self.n = staged, x, k, len(x)
+        self.cached = self.n * staged.boundaries[k].fp32_bytes <= budget
+        self.feats = _features(staged, x, k) if self.cached else None
+        self.nbytes = self.feats.numel() * 4 if self.feats is not None else 0
+
+    @torch.no_grad()
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.feats is not None:
+            return self.feats[idx]
+        return self.staged.run(self.x[idx], 0, self.k).clone()
+
+    def chunks(self, idx: torch.Tensor, batch: int = 512):
+        for i in range(0, len(idx), batch):
+            yield self.get(idx[i : i + batch])
+
+
+class _Targets:
+    """The teacher's targets: features at the match boundary ``m`` and, with ``logits``, its output; cached
+    like :class:`_Features` when they fit in ``budget`` bytes."""
+
+    def __init__(self, staged: StagedModel, src: _Features, k: int, m: int, logits: bool, budget: int,
+                 needed: bool):
+        self.staged, self.src, self.k, self.m, self.logits = staged, src, k, m, logits
+        n = staged.num_stages
+        per = staged.boundaries[m].fp32_bytes + (staged.boundaries[n].fp32_bytes if logits and m < n else 0)
+        self.cached = needed and src.n * per <= budget
+        self.feat = self.out = None
+        if self.cached:
+            parts = [self._compute(src.get(idx)) for idx in torch.arange(src.n).split(512)]
+            self.feat = torch.cat([p[0] for p in parts])
+            self.out = torch.cat([p[1] for p in parts]) if logits else None
+
+    @torch.no_grad()
+    def _compute(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = self.staged.num_stages
+        t = self.staged.run(f.clone(), self.k, self.m)
+        if not self.logits:
+            return t, None
+        return t, (self.staged.run(t.clone(), self.m, n) if self.m < n else t)
+
+    def get(self, idx: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Targets of samples ``idx`` whose boundary features are ``f``."""
+        if self.feat is not None:
+            return self.feat[idx], (self.out[idx] if self.out is not None else None)
+        return self._compute(f)
+
+
+def _calibration_indices(n: int, per_sample_bytes: int, budget: int, gen: torch.Generator) -> torch.Tensor:
+    """Samples the quantizer ranges and tables are fitted on: all of them when their latents fit in ``budget``
+    bytes, else a random subset that does."""
+    keep = max(1, budget // max(1, per_sample_bytes))
+    if keep >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:keep].sort().values
+
+
+def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train,
                      dcfg: DistillConfig | None = None, progress: bool = True,
-                     init: Bottleneck | None = None) -> tuple[Bottleneck, dict]:
+                     init: Bottleneck | None = None, deadline: float | None = None) -> tuple[Bottleneck, dict]:
     """Train a bottleneck at ``cfg.boundary`` by distillation from the frozen ``staged`` model (no labels).
+
+    ``x_train``: the model's (normalised) inputs, a float tensor ``[N, C, H, W]`` or any object with ``len``
+    whose slices and index tensors give such tensors (e.g. images normalised batch by batch).
 
     Phase 1 trains encoder and decoder without rounding; the quantizer's per-channel ranges are then
     calibrated on the training latents; phase 2 fine-tunes with rounding in the loop (straight-through).
     Finally the per-channel symbol tables are fitted. ``init`` starts from another bottleneck's encoder and
-    decoder (same architecture, any bit width). Returns the bottleneck (eval mode) and a report.
+    decoder (same architecture, any bit width).
+
+    ``deadline`` (a :func:`time.perf_counter` value): after the fixed costs (features, targets) the time of a
+    training step is measured on a scratch copy, and every epoch is shortened to a random subset of the
+    training images so that both phases, learning-rate schedules included, end by then; should it still run
+    over, training stops at the deadline (``report["stopped_early"]``) and the bottleneck is finished
+    (ranges, tables) as it is. Returns the bottleneck (eval mode) and a report.
     """
     dcfg = dcfg or DistillConfig()
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
     if dcfg.threads:
         torch.set_num_threads(dcfg.threads)
+    try:
+        return _train(staged, cfg, x_train, dcfg, progress, init, deadline, t_start)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(staged: StagedModel, cfg: BottleneckConfig, x_train, dcfg: DistillConfig, progress: bool,
+           init: Bottleneck | None, deadline: float | None, t_start: float) -> tuple[Bottleneck, dict]:
     torch.manual_seed(dcfg.seed)
     gen = torch.Generator().manual_seed(dcfg.seed)
     staged.eval()
@@ -373,47 +514,74 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
         raise ValueError(f"bottleneck boundary {k} must be inside 1..{n - 1}")
     if list(staged.boundaries[k].shape) != list(cfg.in_shape):
         raise ValueError(f"boundary {k} has shape {staged.boundaries[k].shape}, config says {list(cfg.in_shape)}")
-    m = match_boundary(staged, k)
-    feats = _features(staged, x_train, k)
-    nonneg = bool(feats.min() >= 0)
+    if len(x_train) < 1:
+        raise ValueError("no training images")
+    full = match_boundary(staged, k)
+    m = match_boundary(staged, k, dcfg.max_tail_cost)
+    with_logits = m == full  # full distillation: the last [C, H, W] features and the output
+    total_epochs = dcfg.epochs_float + dcfg.epochs_qat
+    budget = int(dcfg.cache_mb) << 20
+    src = _Features(staged, x_train, k, budget)
+    calib = _calibration_indices(src.n, 4 * math.prod(cfg.latent_shape), max(256 << 20, budget // 4), gen)
+    if src.feats is not None:
+        nonneg = bool(src.feats.min() >= 0)
+    else:
+        nonneg = all(bool(f.min() >= 0) for f in src.chunks(calib[:4096]))
     bn = Bottleneck(cfg, nonneg)
     if init is not None:
         keep = {k: v for k, v in init.state_dict().items() if k.startswith(("encoder.", "decoder."))}
         bn.load_state_dict(keep, strict=False)
-    tgt_feat = tgt_logits = torch.empty(0)
-    if dcfg.epochs_float + dcfg.epochs_qat > 0:  # teacher targets are needed only to train
-        with torch.no_grad():
-            tgt_feat = torch.cat([staged.run(feats[i : i + 512].clone(), k, m) for i in range(0, len(feats), 512)])
-            tgt_logits = torch.cat([staged.run(tgt_feat[i : i + 512].clone(), m, n)
-                                    for i in range(0, len(feats), 512)])
-    feat_scale = float(tgt_feat.pow(2).mean()) if tgt_feat.numel() else 1.0
-    history = []
-    total_epochs = dcfg.epochs_float + dcfg.epochs_qat
-    steps_per_epoch = math.ceil(len(feats) / dcfg.batch_size)
-    bar = progress_bar(total=total_epochs * steps_per_epoch, desc=f"bottleneck@{k}", enabled=progress,
-                       leave=False)
+    targets = _Targets(staged, src, k, m, with_logits, budget - src.nbytes, needed=total_epochs > 0)
+    if targets.feat is not None:
+        feat_scale = float(targets.feat.pow(2).mean())
+    elif total_epochs > 0:  # estimated on (up to) 2048 samples
+        sub = calib[:2048]
+        feat_scale = float(torch.cat([targets.get(i, src.get(i))[0] for i in sub.split(512)]).pow(2).mean())
+    else:
+        feat_scale = 1.0
+    feat_scale = feat_scale if feat_scale > 0 else 1.0
+    steps_per_epoch = math.ceil(src.n / dcfg.batch_size)
+    steps = steps_per_epoch  # per epoch; fewer when a deadline would cut the schedule
     T = dcfg.temperature
+
+    def loss_of(model: Bottleneck, idx: torch.Tensor) -> torch.Tensor:
+        f = src.get(idx)
+        t_feat, t_out = targets.get(idx, f)
+        s_feat = staged.run(model(f).clone(), k, m)  # a stage may begin in place
+        loss = F.mse_loss(s_feat, t_feat) / feat_scale
+        if not with_logits:
+            return loss
+        s_out = staged.run(s_feat.clone(), m, n) if m < n else s_feat
+        kl = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out / T, 1), reduction="batchmean") * T * T
+        return dcfg.feature_weight * loss + kl
+
+    if deadline is not None and total_epochs > 0:
+        step_s = _time_step(bn, loss_of, src.n, dcfg, gen)
+        fit = int((deadline - time.perf_counter()) / step_s) if step_s > 0 else steps * total_epochs
+        if fit < steps * total_epochs:
+            steps = max(1, fit // total_epochs)
+    history: list[dict] = []
+    stopped_early = False
+    ranges_calibrated = False
+    bar = progress_bar(total=total_epochs * steps, desc=f"bottleneck@{k}", enabled=progress, leave=False)
     try:
         for phase, epochs in (("float", dcfg.epochs_float), ("qat", dcfg.epochs_qat)):
-            if epochs <= 0:
+            if epochs <= 0 or stopped_early:
                 continue
             if phase == "qat":
                 bn.eval()
-                bn.quantizer.calibrate(bn.latents(feats))
+                with torch.no_grad():
+                    bn.quantizer.calibrate(torch.cat([bn.encoder(f) for f in src.chunks(calib)]))
+                ranges_calibrated = True
             bn.quantize = phase == "qat"
             lr = dcfg.lr if phase == "float" else dcfg.lr / 2
             opt = torch.optim.AdamW(bn.parameters(), lr=lr, weight_decay=1e-4)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
             for epoch in range(epochs):
                 bn.train()
                 total, count = 0.0, 0
-                for idx in _batches(len(feats), dcfg.batch_size, gen):
-                    s_feat = staged.run(bn(feats[idx]).clone(), k, m)  # a stage may begin in place
-                    s_logits = staged.run(s_feat.clone(), m, n) if m < n else s_feat
-                    loss_f = F.mse_loss(s_feat, tgt_feat[idx]) / feat_scale
-                    loss_o = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(tgt_logits[idx] / T, 1),
-                                      reduction="batchmean") * T * T
-                    loss = dcfg.feature_weight * loss_f + loss_o
+                for idx in _batches(src.n, dcfg.batch_size, gen, steps):
+                    loss = loss_of(bn, idx)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -421,21 +589,223 @@ def train_bottleneck(staged: StagedModel, cfg: BottleneckConfig, x_train: torch.
                     total += float(loss.detach()) * len(idx)
                     count += len(idx)
                     bar.update(1)
-                history.append({"phase": phase, "epoch": epoch + 1, "loss": round(total / count, 5)})
+                    if deadline is not None and time.perf_counter() > deadline:
+                        stopped_early = True
+                        break
+                entry = {"phase": phase, "epoch": epoch + 1, "loss": round(total / max(1, count), 5)}
+                if count < src.n:
+                    entry["images"] = count
+                history.append(entry)
+                if stopped_early:
+                    break
         bn.eval()
         bn.quantize = True
-        sym = bn.calibrate(feats, ranges=dcfg.epochs_qat <= 0)  # QAT calibrated its ranges before fine-tuning
+        with torch.no_grad():
+            z = torch.cat([bn.encoder(f) for f in src.chunks(calib)])
+        sym = bn.calibrate_latents(z, ranges=not ranges_calibrated)  # QAT calibrated its ranges before tuning
         tables = bn.tables.numpy()
     finally:
         bar.close()
-        torch.set_num_threads(prev_threads)
     report = {
-        "boundary": k, "match_boundary": m, "train_images": len(x_train), "nonneg": nonneg,
+        "boundary": k, "match_boundary": m, "match": "features+logits" if with_logits else "features",
+        "tail_cost": tail_cost(staged, k, n), "match_cost": tail_cost(staged, k, m),
+        "train_images": src.n, "nonneg": nonneg,
         "history": history, "train_seconds": round(time.perf_counter() - t_start, 1),
         "train_bits_per_sample": round(cross_entropy_bits(sym, tables), 2),
         "config": cfg.to_params(), "distill": asdict(dcfg),
     }
+    if steps < steps_per_epoch:
+        report["steps_per_epoch"] = {"planned": steps_per_epoch, "run": steps}
+    if deadline is not None:
+        report["stopped_early"] = stopped_early
+    if not (src.cached and (targets.cached or total_epochs == 0)) or len(calib) < src.n:
+        report["cache"] = {"features": src.cached, "targets": targets.cached, "calibration_images": len(calib)}
     return bn, report
+
+
+def _time_step(bn: Bottleneck, loss_of: Callable[[Bottleneck, torch.Tensor], torch.Tensor], n: int,
+               dcfg: DistillConfig, gen: torch.Generator) -> float:
+    """Seconds per training step, measured on a scratch copy of ``bn``: a warm-up step on a few samples, then one
+    full batch. The random state of ``gen`` is restored, so training does not depend on the measurement."""
+    import copy
+
+    state = gen.get_state()
+    scratch = copy.deepcopy(bn).train()
+    opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
+    perm = torch.randperm(n, generator=gen)
+    gen.set_state(state)
+    elapsed = 0.0
+    for idx in (perm[: min(8, dcfg.batch_size)], perm[: dcfg.batch_size]):
+        t0 = time.perf_counter()
+        loss = loss_of(scratch, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed = time.perf_counter() - t0
+    return elapsed
+
+
+# ---------------------------------------------------------------------------------------------- several boundaries
+
+TRAINED_WEIGHTS = ("committed", "checkpoint")  # teachers whose answers mean something: labels are used
+EVAL_RESERVE = 0.15  # share of each boundary's time budget kept for calibration and the test evaluation
+
+
+def bottleneck_boundaries(staged: StagedModel) -> list[int]:
+    """The boundaries a bottleneck can attach to: interior boundaries with ``[C, H, W]`` features."""
+    return [b.index for b in staged.boundaries if 0 < b.index < staged.num_stages and len(b.shape) == 3]
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``1,2,3,5`` -> ``1-3, 5``."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def check_boundaries(staged: StagedModel, boundaries: Sequence[int], model: str = "the model") -> None:
+    """ValueError naming the valid boundaries when one of ``boundaries`` cannot take a bottleneck, when none is
+    given, or when one repeats."""
+    valid = bottleneck_boundaries(staged)
+    if not boundaries:
+        raise ValueError(f"no boundary given; {model}'s [C, H, W] boundaries are {_ranges(valid)}")
+    bad = [b for b in boundaries if b not in valid]
+    if bad:
+        raise ValueError(f"boundary {', '.join(map(str, bad))} is not an interior [C, H, W] boundary of {model} "
+                         f"({staged.num_stages} stages); choose from {_ranges(valid)}")
+    if len(set(boundaries)) != len(boundaries):
+        raise ValueError(f"boundaries repeat: {list(boundaries)}")
+
+
+@dataclass
+class CodecEval:
+    """Rate and accuracy of one codec on a set of images (per offloaded sample). ``accuracy`` and
+    ``reference_accuracy`` are None without labels; ``agreement`` is with the uncompressed model."""
+
+    bytes_mean: float
+    accuracy: float | None
+    agreement: float
+    reference_accuracy: float | None
+
+    def to_dict(self) -> dict:
+        """JSON figures: bytes_mean, accuracy, agreement, reference_accuracy, drop_points (no accuracy keys
+        without labels)."""
+        scored = self.accuracy is not None and self.reference_accuracy is not None
+        out: dict = {"bytes_mean": round(self.bytes_mean, 2)}
+        if scored:
+            out["accuracy"] = round(self.accuracy, 5)
+        out["agreement"] = round(self.agreement, 5)
+        if scored:
+            out["reference_accuracy"] = round(self.reference_accuracy, 5)
+            out["drop_points"] = round(100 * (self.reference_accuracy - self.accuracy), 3)
+        return out
+
+
+@torch.inference_mode()
+def evaluate_codec(staged: StagedModel, codec, boundary: int, x, y: np.ndarray | None,
+                   batch: int = 500) -> CodecEval:
+    """Encode every sample's boundary features on its own (as the edge does), decode, run the tail; compare
+    with labels ``y`` (None: no accuracy) and with the uncompressed model. ``x``: normalised inputs (a tensor,
+    or anything whose slices are such tensors)."""
+    n = staged.num_stages
+    sizes, preds, refs = [], [], []
+    for i in range(0, len(x), batch):
+        f = staged.run(x[i : i + batch], 0, boundary)
+        refs.append(staged.run(f.clone(), boundary, n).argmax(1))
+        dec = []
+        for j in range(len(f)):
+            payload, meta = codec.encode(f[j : j + 1])
+            sizes.append(len(payload))
+            dec.append(codec.decode(payload, meta))
+        preds.append(staged.run(torch.cat(dec), boundary, n).argmax(1))
+    p, r = torch.cat(preds).numpy(), torch.cat(refs).numpy()
+    if y is None:
+        return CodecEval(bytes_mean=float(np.mean(sizes)), accuracy=None, agreement=float((p == r).mean()),
+                         reference_accuracy=None)
+    y = np.asarray(y)
+    return CodecEval(bytes_mean=float(np.mean(sizes)), accuracy=float((p == y).mean()),
+                     agreement=float((p == r).mean()), reference_accuracy=float((r == y).mean()))
+
+
+def agreement_note(teacher_weights: str, model: str = "the model") -> str | None:
+    """What the test figures mean when the teacher's weights are not trained (no accuracy), else None."""
+    if teacher_weights == "random":
+        return (f"agreement with a random teacher, not accuracy: {model} has random weights (give --checkpoint "
+                "with trained weights to measure accuracy)")
+    if teacher_weights not in TRAINED_WEIGHTS:
+        return (f"agreement with {model}'s own answers, not accuracy: its weights are whatever its factory "
+                "returns (give --checkpoint to measure accuracy)")
+    return None
+
+
+def train_bottlenecks(staged: StagedModel, boundaries: Sequence[int], x_train, x_test, y_test: np.ndarray | None,
+                      *, bits: int, coder: str = "ans", channels: int | None = None, hidden: int | None = None,
+                      stride: int | None = None, dcfg: DistillConfig | None = None, budget_s: float | None = None,
+                      teacher_weights: str = "committed", model: str = "the model", progress: bool = True,
+                      on_result: Callable[[Bottleneck, dict], None] | None = None,
+                      echo: Callable[[str], None] | None = None) -> list[tuple[Bottleneck, dict]]:
+    """Train a bottleneck at each of ``boundaries``, in order, by distillation from the frozen ``staged`` model
+    (:func:`train_bottleneck`, no labels), and evaluate each on ``x_test`` (every sample encoded on its own).
+
+    The architecture follows :meth:`BottleneckConfig.for_boundary` (``channels``, ``hidden``, ``stride``
+    override it). ``y_test`` scores accuracy only when ``teacher_weights`` is ``committed`` or ``checkpoint``;
+    otherwise the test figures are bytes and agreement with the teacher, and each report's ``note`` says so
+    (``random``: "agreement with a random teacher, not accuracy").
+
+    ``budget_s``: seconds for the whole call. Each boundary gets an equal share of what is left when it starts:
+    85 % for training, whose epochs are shortened to fit (``deadline`` of :func:`train_bottleneck`), the rest
+    for calibration and the test evaluation. When the budget is spent before a boundary starts, it and every
+    later one are not trained: ``echo`` is told, and the last trained report's ``budget.not_trained`` lists
+    them. ``on_result`` is called with each trained ``(bottleneck, report)`` as soon as it is ready (e.g. to
+    save it). Returns the trained ones, in order.
+    """
+    dcfg = dcfg or DistillConfig()
+    check_boundaries(staged, list(boundaries), model)
+    labels = y_test if teacher_weights in TRAINED_WEIGHTS else None
+    note = agreement_note(teacher_weights, model)
+    t0 = time.perf_counter()
+    results: list[tuple[Bottleneck, dict]] = []
+    for i, b in enumerate(boundaries):
+        start = time.perf_counter()
+        cfg = BottleneckConfig.for_boundary(b, staged.boundaries[b].shape, bits=bits, coder=coder,
+                                            channels=channels, hidden=hidden, stride=stride)
+        deadline = None
+        budget: dict = {}
+        if budget_s is not None:
+            remaining = budget_s - (start - t0)
+            if remaining <= 0:
+                skipped = list(boundaries[i:])
+                why = (f"the time budget of {budget_s:g} s was spent after {start - t0:.0f} s: boundaries "
+                       f"{', '.join(map(str, skipped))} not trained")
+                if results:
+                    results[-1][1]["budget"]["not_trained"] = skipped
+                    results[-1][1]["budget"]["stopped"] = why
+                if echo is not None:
+                    echo(why)
+                break
+            share = remaining / (len(boundaries) - i)
+            budget = {"budget_s": budget_s, "share_s": round(share, 1)}
+            deadline = start + share * (1 - EVAL_RESERVE)
+        bn, report = train_bottleneck(staged, cfg, x_train, dcfg, progress=progress, deadline=deadline)
+        ev = evaluate_codec(staged, LearnedCodec(bn), b, x_test, labels)
+        report["test"] = ev.to_dict()
+        report["test_images"] = len(x_test)
+        report["fp32_bytes"] = staged.boundaries[b].fp32_bytes
+        report["teacher_weights"] = teacher_weights
+        if note:
+            report["note"] = note
+        if budget:
+            report["budget"] = {**budget, "stopped_early": bool(report.get("stopped_early"))}
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["torch"] = torch.__version__
+        results.append((bn, report))
+        if on_result is not None:
+            on_result(bn, report)
+    return results
 
 
 def requantize(bn: Bottleneck, bits: int, feats: torch.Tensor) -> Bottleneck:

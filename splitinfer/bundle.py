@@ -6,8 +6,10 @@ A directory holding a versioned ``plan.json`` (validated with pydantic) and safe
                          split, operating points, and the sha256 of every other file
     model.safetensors    the model's weights
     exits.safetensors    the exit heads' weights (absent when the plan has no exits)
-    codec.safetensors    the learned bottleneck codec (encoder, quantizer ranges, probability tables,
-                         decoder), present when the plan carries one (``learned_codec``)
+    codec_<B>.safetensors
+                         one per learned bottleneck codec the plan carries (``learned_codecs``), at boundary B:
+                         encoder, quantizer ranges, probability tables, decoder (bundles written before
+                         several learned codecs hold their one codec in ``codec.safetensors``; still read)
     head_calibration.safetensors
                          calibration inputs of an int8 head (``head.kind == "int8"``): the edge quantizes
                          its head from them at start-up (quantized tensors do not fit safetensors)
@@ -23,8 +25,9 @@ import importlib
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -34,12 +37,12 @@ from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
 from splitinfer.models import build_model
 from splitinfer.plan import (  # noqa: F401 - re-exported: the plan schema lives in splitinfer.plan (no torch)
-    CODEC_FILE,
     EXITS_FILE,
     GENERIC_CODECS,
     HEAD_CALIBRATION_FILE,
     IMAGE_CODEC,
     LEARNED_CODECS,
+    LEGACY_CODEC_FILE,
     MAX_INPUT_ELEMENTS,
     MODEL_FILE,
     PLAN_FILE,
@@ -58,9 +61,14 @@ from splitinfer.plan import (  # noqa: F401 - re-exported: the plan schema lives
     Plan,
     SplitEstimate,
     StageSpec,
+    boundaries_text,
+    codec_file,
     read_plan,
 )
 from splitinfer.staged import StagedModel, stage_model
+
+if TYPE_CHECKING:
+    from splitinfer.bottleneck import LearnedCodec
 
 log = logging.getLogger("splitinfer.bundle")
 
@@ -72,7 +80,8 @@ class Bundle:
     plan: Plan
     staged: StagedModel
     exits: dict[int, ExitHead]
-    learned_codec: object | None = None  # splitinfer.bottleneck.LearnedCodec when the plan carries one
+    learned_codecs: dict[int, LearnedCodec] = field(default_factory=dict)
+    """The plan's learned codecs, keyed by boundary."""
     _edge_head: object | None = None
 
     def edge_head(self):
@@ -95,9 +104,14 @@ class Bundle:
     def num_stages(self) -> int:
         return self.staged.num_stages
 
+    def learned_codec_at(self, split: int) -> LearnedCodec | None:
+        """The learned codec at boundary ``split``, or None when the bundle carries none there."""
+        return self.learned_codecs.get(split)
+
     def codec_for(self, name: object, split: int | None = None):
-        """The codec instance called ``name``: a generic one, the bundle's learned codec (which only works at
-        its own boundary), or ``image`` (a PNG/JPEG of the input, split 0). Raises InvalidInput otherwise."""
+        """The codec instance called ``name`` for features at ``split``: a generic one, the bundle's learned codec
+        at that boundary (a learned codec only works at its own boundary; with ``split`` None, the bundle's only
+        one of that name), or ``image`` (a PNG/JPEG of the input, split 0). Raises InvalidInput otherwise."""
         from splitinfer.codec import get_codec
         from splitinfer.errors import InvalidInput
 
@@ -110,12 +124,16 @@ class Bundle:
                 raise InvalidInput(f"codec 'image' carries the model input: split must be 0, not {split}")
             return ImageCodec(self.plan.input)
         if name in LEARNED_CODECS:
-            lc = self.learned_codec
-            if lc is None or lc.name != name:
+            have = sorted(b for b, c in self.learned_codecs.items() if c.name == name)
+            if not have:
                 raise InvalidInput(f"codec {name!r} is not in this bundle")
-            if split is not None and split != lc.boundary:
-                raise InvalidInput(f"codec {name!r} works at boundary {lc.boundary} only, not at split {split}")
-            return lc
+            if split is None:
+                if len(have) > 1:
+                    raise InvalidInput(f"codec {name!r} works at {boundaries_text(have)}: name the split")
+                return self.learned_codecs[have[0]]
+            if split not in have:
+                raise InvalidInput(f"codec {name!r} works at {boundaries_text(have)} only, not at split {split}")
+            return self.learned_codecs[split]
         return get_codec(name)
 
     def thresholds(self) -> dict[int, float]:
@@ -188,17 +206,20 @@ def build_from_spec(spec: ModelSpec, trust_factory: bool = False) -> torch.nn.Mo
 
 
 def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead],
-                codec_state: dict[str, torch.Tensor] | None = None,
+                codec_states: dict[int, dict[str, torch.Tensor]] | None = None,
                 head_calibration: torch.Tensor | None = None) -> Path:
     """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes.
 
-    ``codec_state`` holds the learned codec's tensors (required when the plan carries a learned codec);
-    ``head_calibration`` the int8 head's calibration inputs (required when ``plan.head.kind == "int8"``).
+    ``codec_states`` holds each learned codec's tensors keyed by its boundary (exactly the boundaries of
+    ``plan.learned_codecs``), written to ``codec_<boundary>.safetensors``; ``head_calibration`` the int8 head's
+    calibration inputs (required when ``plan.head.kind == "int8"``).
     """
     if (plan.head.kind == "int8") != (head_calibration is not None):
         raise BundleError("an int8 head needs its calibration inputs (head_calibration), and only an int8 head")
-    if (plan.learned_codec is not None) != (codec_state is not None):
-        raise BundleError("a plan with a learned codec needs its weights (codec_state), and only such a plan")
+    codec_states = dict(codec_states or {})
+    if sorted(codec_states) != plan.learned_boundaries():
+        raise BundleError(f"the plan carries learned codecs at boundaries {plan.learned_boundaries()}: codec_states "
+                          f"must hold their weights, keyed by those boundaries (got {sorted(codec_states)})")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / MODEL_FILE))
@@ -209,11 +230,13 @@ def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dic
         files[EXITS_FILE] = sha256_file(path / EXITS_FILE)
     elif (path / EXITS_FILE).exists():
         (path / EXITS_FILE).unlink()
-    if codec_state is not None:
-        save_file({k: v.detach().contiguous() for k, v in codec_state.items()}, str(path / CODEC_FILE))
-        files[CODEC_FILE] = sha256_file(path / CODEC_FILE)
-    elif (path / CODEC_FILE).exists():
-        (path / CODEC_FILE).unlink()
+    for boundary, state in sorted(codec_states.items()):
+        name = codec_file(boundary)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / name))
+        files[name] = sha256_file(path / name)
+    for stale in [*path.glob("codec_*.safetensors"), path / LEGACY_CODEC_FILE]:
+        if stale.name not in files and stale.is_file():
+            stale.unlink()
     if head_calibration is not None:
         save_file({"x": head_calibration.detach().to(torch.float32).contiguous()}, str(path / HEAD_CALIBRATION_FILE))
         files[HEAD_CALIBRATION_FILE] = sha256_file(path / HEAD_CALIBRATION_FILE)
@@ -297,31 +320,39 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
             exits[spec.boundary] = head.eval()
     if plan.head.kind == "int8" and HEAD_CALIBRATION_FILE not in plan.files:
         raise BundleError(f"plan has an int8 head but lists no {HEAD_CALIBRATION_FILE}")
-    return Bundle(path=path, plan=plan, staged=staged, exits=exits, learned_codec=_load_learned_codec(path, plan))
+    return Bundle(path=path, plan=plan, staged=staged, exits=exits, learned_codecs=_load_learned_codecs(path, plan))
 
 
-def _load_learned_codec(path: Path, plan: Plan):
-    """The plan's learned codec built from ``codec.safetensors`` (None when the plan carries none)."""
-    if plan.learned_codec is None:
-        return None
+def _load_learned_codecs(path: Path, plan: Plan) -> dict[int, LearnedCodec]:
+    """The plan's learned codecs keyed by boundary, each built from its file (:meth:`Plan.learned_codec_file`:
+    ``codec_<boundary>.safetensors``, or an old bundle's ``codec.safetensors``), whose hash
+    :func:`_check_files` has checked."""
+    if not plan.learned_codecs:
+        return {}
     from splitinfer.bottleneck import Bottleneck, BottleneckConfig, LearnedCodec
 
-    if CODEC_FILE not in plan.files:
-        raise BundleError(f"plan carries codec {plan.learned_codec.name!r} but lists no {CODEC_FILE}")
-    cfg = BottleneckConfig.from_params(plan.learned_codec.params)
-    if list(cfg.in_shape) != list(plan.boundaries[cfg.boundary].shape):
-        raise BundleError(f"bottleneck input shape {list(cfg.in_shape)} does not match boundary {cfg.boundary} "
-                          f"({plan.boundaries[cfg.boundary].shape})")
-    try:
-        return LearnedCodec(Bottleneck.from_state(cfg, _load_safetensors(path / CODEC_FILE)))
-    except (RuntimeError, ValueError) as exc:
-        raise BundleError(f"codec weights in {CODEC_FILE} do not fit the plan's bottleneck: {exc}") from exc
+    out: dict[int, LearnedCodec] = {}
+    for spec in plan.learned_codecs:
+        cfg = BottleneckConfig.from_params(spec.params)
+        name = plan.learned_codec_file(cfg.boundary)
+        if name not in plan.files:
+            raise BundleError(f"plan carries codec {spec.name!r} at boundary {cfg.boundary} but lists no {name}")
+        if list(cfg.in_shape) != list(plan.boundaries[cfg.boundary].shape):
+            raise BundleError(f"bottleneck input shape {list(cfg.in_shape)} does not match boundary {cfg.boundary} "
+                              f"({plan.boundaries[cfg.boundary].shape})")
+        try:
+            out[cfg.boundary] = LearnedCodec(Bottleneck.from_state(cfg, _load_safetensors(path / name)))
+        except (RuntimeError, ValueError) as exc:
+            raise BundleError(f"codec weights in {name} do not fit the plan's bottleneck at boundary "
+                              f"{cfg.boundary}: {exc}") from exc
+    return out
 
 
 def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split: int, codec: CodecSpec,
              exits: list[ExitSpec] | None = None, factory: str | None = None, created: str | None = None,
-             weights_source: str | None = None, **extra) -> Plan:
-    """Assemble a :class:`Plan` from a staged model (boundaries and stages filled in from it)."""
+             weights_source: str | None = None, learned_codecs: list[CodecSpec] | None = None, **extra) -> Plan:
+    """Assemble a :class:`Plan` from a staged model (boundaries and stages filled in from it); ``learned_codecs``
+    are the learned codecs the bundle carries (each at the boundary its params name)."""
     import datetime as _dt
 
     num_classes = len(input_spec.labels)
@@ -336,5 +367,6 @@ def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split:
         exits=exits or [],
         split=split,
         codec=codec,
+        learned_codecs=list(learned_codecs or []),
         **extra,
     )

@@ -6,7 +6,8 @@ the same way, on the plan:
 
 * :meth:`Plan.exits_at` -- which exits the edge evaluates at a split (the enabled ones, in ``1..split``);
 * :meth:`Plan.codec_at` -- which codec carries the features at a split (the plan's where it applies, else
-  ``uint8-affine``).
+  ``uint8-affine``); a learned codec applies only at a boundary where the plan carries one
+  (:meth:`Plan.learned_codec_at`: a plan carries any number of learned codecs, one per boundary at most).
 
 :mod:`splitinfer.bundle` (weights, needs torch) re-exports these names.
 """
@@ -32,7 +33,7 @@ MAX_INPUT_ELEMENTS = 50_000_000
 TRUST_FACTORY_ENV = "SPLITINFER_TRUST_MODEL_FACTORY"
 MODEL_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
-CODEC_FILE = "codec.safetensors"
+LEGACY_CODEC_FILE = "codec.safetensors"  # the one learned codec of bundles written before codec_<boundary> files
 HEAD_CALIBRATION_FILE = "head_calibration.safetensors"
 LEARNED_CODECS = ("bottleneck",)
 GENERIC_CODECS = ("float32", "uint8-affine")  # splitinfer.codec.CODECS (checked there)
@@ -212,7 +213,9 @@ class Plan(BaseModel):
                                            "(None: every exit before the split)")
     active_exit_rates: dict[int, float] | None = Field(None, description="validation exit rates of the active "
                                                        "exits used together (the drift monitor's reference)")
-    learned_codec: CodecSpec | None = Field(None, description="the learned codec this bundle carries, if any")
+    learned_codecs: list[CodecSpec] = Field(default_factory=list, description="the learned codecs this bundle "
+                                            "carries, each at its own interior boundary (params 'boundary'), "
+                                            "sorted by boundary; weights in codec_<boundary>.safetensors")
     head: HeadSpec = Field(default_factory=HeadSpec)
     estimates: list[SplitEstimate] = Field(default_factory=list)
     operating_points: list[OperatingPoint] = Field(default_factory=list)
@@ -232,15 +235,31 @@ class Plan(BaseModel):
             raise ValueError(f"unknown codec {codec.name!r}; known: {', '.join(known)}")
         return codec
 
-    @field_validator("learned_codec")
+    @model_validator(mode="before")
     @classmethod
-    def _known_learned_codec(cls, codec: CodecSpec | None) -> CodecSpec | None:
-        if codec is None:
-            return None
-        if codec.name not in LEARNED_CODECS:
-            raise ValueError(f"unknown learned codec {codec.name!r}; known: {', '.join(LEARNED_CODECS)}")
-        BottleneckConfig.from_params(codec.params)  # raises ValueError on incomplete params
-        return codec
+    def _legacy_learned_codec(cls, data: object) -> object:
+        """Plans written before several learned codecs held ``learned_codec`` (one spec or null): read it as
+        ``learned_codecs``."""
+        if isinstance(data, dict) and "learned_codec" in data:
+            data = dict(data)
+            legacy = data.pop("learned_codec")
+            if legacy is not None:
+                if data.get("learned_codecs"):
+                    raise ValueError("the plan holds both learned_codec (old) and learned_codecs; keep one")
+                data["learned_codecs"] = [legacy]
+        return data
+
+    @field_validator("learned_codecs")
+    @classmethod
+    def _known_learned_codecs(cls, codecs: list[CodecSpec]) -> list[CodecSpec]:
+        for codec in codecs:
+            if codec.name not in LEARNED_CODECS:
+                raise ValueError(f"unknown learned codec {codec.name!r}; known: {', '.join(LEARNED_CODECS)}")
+            BottleneckConfig.from_params(codec.params)  # raises ValueError on incomplete params
+        at = [_boundary(c) for c in codecs]
+        if len(set(at)) != len(at):
+            raise ValueError(f"learned codec boundaries repeat: {at} (one learned codec per boundary)")
+        return sorted(codecs, key=_boundary)
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -256,22 +275,21 @@ class Plan(BaseModel):
                 raise ValueError(f"{where} enables exits {sorted(set(active) - set(boundaries))} the plan lacks")
         if self.active_exit_rates is not None and not set(self.active_exit_rates) <= set(self.active_exits or []):
             raise ValueError("active_exit_rates names exits that are not active")
-        lc = self.learned_codec
+        for lc in self.learned_codecs:
+            at = _boundary(lc)
+            if not 0 < at < len(self.boundaries) - 1:
+                raise ValueError(f"learned codec boundary {at} is not an interior boundary")
         uses = [(self.split, self.codec.name)] + [(p.split, p.codec) for p in self.operating_points]
         for split, name in uses:
             if name == IMAGE_CODEC and split != 0:
                 raise ValueError(f"codec {IMAGE_CODEC!r} sends the input file: it works at split 0 only, not {split}")
-            if name not in LEARNED_CODECS:
+            if name not in LEARNED_CODECS or self.codec_applies(name, split):
                 continue
-            if lc is None or lc.name != name:
+            have = self.learned_boundaries(name)
+            if not have:
                 raise ValueError(f"the plan uses codec {name!r}, which this bundle does not carry")
-            at = int(lc.params["boundary"])
-            if split != at:
-                raise ValueError(f"the {name} codec works at boundary {at} only; the plan uses it at split {split}")
-        if lc is not None:
-            at = int(lc.params["boundary"])
-            if not 0 < at < len(self.boundaries) - 1:
-                raise ValueError(f"learned codec boundary {at} is not an interior boundary")
+            raise ValueError(f"the {name} codec works at {boundaries_text(have)} only; the plan uses it at split "
+                             f"{split}")
         if self.head.kind == "int8":
             expected = sorted({0, self.split, *(e.boundary for e in self.exits if e.boundary < self.split)})
             if self.head.cuts != expected:
@@ -299,8 +317,25 @@ class Plan(BaseModel):
             return True
         if name == IMAGE_CODEC:
             return split == 0
-        lc = self.learned_codec
-        return lc is not None and lc.name == name and int(lc.params["boundary"]) == split
+        lc = self.learned_codec_at(split)
+        return lc is not None and lc.name == name
+
+    def learned_codec_at(self, split: int) -> CodecSpec | None:
+        """The learned codec the plan carries at boundary ``split`` (None when it carries none there)."""
+        return next((c for c in self.learned_codecs if _boundary(c) == split), None)
+
+    def learned_boundaries(self, name: str | None = None) -> list[int]:
+        """The boundaries of the plan's learned codecs (called ``name``, when given), ascending."""
+        return sorted(_boundary(c) for c in self.learned_codecs if name is None or c.name == name)
+
+    def learned_codec_file(self, boundary: int) -> str:
+        """The bundle file holding the weights of the learned codec at ``boundary``: ``codec_<boundary>.safetensors``,
+        or ``codec.safetensors`` for a bundle written before several learned codecs (its plan lists that file, and
+        one learned codec)."""
+        name = codec_file(boundary)
+        if name not in self.files and LEGACY_CODEC_FILE in self.files and len(self.learned_codecs) == 1:
+            return LEGACY_CODEC_FILE
+        return name
 
     def codec_at(self, split: int, codec: str | None = None) -> str:
         """The codec used at ``split``: ``codec`` when given, else the plan's codec where it applies, else
@@ -317,6 +352,9 @@ class Plan(BaseModel):
     def scores(self) -> dict[int, str]:
         """Confidence score of every exit."""
         return {e.boundary: e.score for e in self.exits}
+
+
+LATENT_FRACTION = 24  # BottleneckConfig.for_boundary: the latent keeps ~1/24 of the boundary's values
 
 
 @dataclass(frozen=True)
@@ -341,6 +379,39 @@ class BottleneckConfig:
         if not 1 <= self.channels <= 1024 or not 1 <= self.hidden <= 4096:
             raise ValueError("channels must be 1..1024 and hidden 1..4096")
 
+    @classmethod
+    def for_boundary(cls, boundary: int, shape: Iterable[int], *, bits: int = 2, coder: str = "ans",
+                     channels: int | None = None, hidden: int | None = None,
+                     stride: int | None = None) -> BottleneckConfig:
+        """The bottleneck for boundary ``boundary`` with features ``shape`` ``[C, H, W]``: the size rule.
+
+        ``channels``, ``hidden`` and ``stride`` given explicitly are kept; each one left ``None`` follows from
+        the shape, in this order:
+
+        * ``stride`` = 2 when both ``H`` and ``W`` are at least 8, else 1: a 2x2 patch convolution halves each
+          side of the latent while it keeps at least 4x4 positions; smaller maps are not downsampled.
+        * ``hidden`` = ``min(64, max(16, C))``: encoder and decoder are as wide as the boundary, at least 16
+          channels and at most 64 (their cost grows with it, and the encoder runs on the edge per request).
+        * ``channels`` = ``round(C * stride**2 / 24)``, clamped to ``4..64`` and to at most ``hidden``: the
+          latent holds about 1/24 of the boundary's values (:data:`LATENT_FRACTION`), the ratio of the committed
+          default codec (48x14x14 -> 8x7x7), before ``bits``-bit quantization and entropy coding.
+
+        The default model's boundary 6 (48x14x14) gets that codec's stride 2, hidden 48 and 8 channels; a
+        512x7x7 map stride 1, hidden 64, 21 channels; 1280x2x2 stride 1, hidden 64, 53 channels.
+        """
+        dims = [int(d) for d in shape]
+        if len(dims) != 3 or any(d <= 0 for d in dims):
+            raise ValueError(f"a bottleneck attaches to a [C, H, W] boundary, not {dims}")
+        c, h, w = dims
+        if stride is None:
+            stride = 2 if min(h, w) >= 8 else 1
+        if hidden is None:
+            hidden = min(64, max(16, c))
+        if channels is None:
+            channels = min(max(4, round(c * stride * stride / LATENT_FRACTION)), 64, hidden)
+        return cls(boundary=boundary, in_shape=(c, h, w), channels=channels, bits=bits, stride=stride,
+                   hidden=hidden, coder=coder)
+
     @property
     def latent_shape(self) -> list[int]:
         _, h, w = self.in_shape
@@ -360,6 +431,23 @@ class BottleneckConfig:
                        coder=str(params.get("coder", "ans")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bottleneck codec params are incomplete or invalid: {exc}") from exc
+
+
+def _boundary(codec: CodecSpec) -> int:
+    return int(codec.params["boundary"])
+
+
+def codec_file(boundary: int) -> str:
+    """The bundle file of the learned codec at ``boundary`` (hashed in ``plan.files`` like every weight file)."""
+    return f"codec_{int(boundary)}.safetensors"
+
+
+def boundaries_text(boundaries: Iterable[int]) -> str:
+    """``boundary 8`` or ``boundaries 3, 6``: where a learned codec works, for error messages."""
+    bs = sorted(boundaries)
+    if not bs:
+        return "no boundary"
+    return f"boundary {bs[0]}" if len(bs) == 1 else f"boundaries {', '.join(map(str, bs))}"
 
 
 def latent_side(n: int, stride: int) -> int:

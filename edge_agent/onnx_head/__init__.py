@@ -25,9 +25,10 @@ What is exported (:func:`export_head`, or :meth:`OnnxHead.from_bundle` in memory
   is down and no exit ran). The plan's configuration and, by default, every operating point's are exported;
   segment files are shared between configurations.
 * one **exit** model per exit boundary (input ``x``: the boundary tensor, output ``y``: logits).
-* the learned codec's **encoder** when the bundle carries one (the bottleneck encoder with batch norm and the
-  quantizer's affine map folded in, i.e. the very module :class:`splitinfer.bottleneck.LearnedCodec` runs;
-  output: the latent in quantizer units, rounded and clipped to give the symbols).
+* each learned codec's **encoder** (a bundle carries any number, one per boundary): the bottleneck encoder with
+  batch norm and the quantizer's affine map folded in, i.e. the very module
+  :class:`splitinfer.bottleneck.LearnedCodec` runs; output: the latent in quantizer units, rounded and clipped
+  to give the symbols.
 
 Every model has a dynamic batch dimension and is checked at export against torch on a seeded batch of
 realistic inputs (max abs diff <= ``1e-4 * max(1, max |reference|)``, else :class:`HeadExportError`).
@@ -36,12 +37,13 @@ On disk (``out_dir``)::
 
     onnx_head.json      manifest (format ``splitinfer-onnx-head``, version 1): the source bundle's weight hashes,
                         input spec (shape, mean, std, labels), boundaries, exits (threshold, score), the
-                        configurations covered, the codec (and for the learned codec: bits, latent shape, coder,
-                        probability tables), and per file: sha256, bytes, export check figure
+                        configurations covered, the planned codec, every learned codec by boundary
+                        (``learned_codecs``: bits, latent shape, coder, probability tables, encoder), and per
+                        file: sha256, bytes, export check figure
     plan.json           the source bundle's plan (sha256 in the manifest): the rules for other splits and exits
     seg_AA_BB.onnx      stages AA..BB-1
     exit_BB.onnx        the exit head at boundary BB
-    encoder_BB.onnx     the learned codec's encoder at boundary BB
+    encoder_BB.onnx     the encoder of the learned codec at boundary BB
 
 Running (numpy in and out, never imports torch)::
 

@@ -2,7 +2,8 @@
 
 Per configuration ``(split, exits)`` -- the plan's, and by default every operating point's, with the exits and
 codec the plan's rules give (:meth:`splitinfer.plan.Plan.exits_at`, :meth:`~splitinfer.plan.Plan.codec_at`) --
-one segment model per stretch between two cut points, plus every exit head, plus the learned codec's encoder.
+one segment model per stretch between two cut points, plus every exit head, plus the encoder of every learned
+codec the bundle carries (one per boundary; listed by boundary in the manifest's ``learned_codecs``).
 Each model goes through :func:`splitinfer.onnx_util.export_onnx` and is checked against torch with
 :func:`splitinfer.onnx_util.check_against` on a seeded batch.
 """
@@ -116,9 +117,11 @@ class Exporter:
     def exit(self, b: int) -> tuple[bytes, float]:
         return self._export(f"the exit at boundary {b}", self.bundle.exits[b].eval(), b)
 
-    def encoder(self) -> tuple[bytes, float]:
-        lc = self.bundle.learned_codec  # its fused, quantizer-folded encoder: the module LearnedCodec runs
-        return self._export("the learned codec's encoder", lc._encoder, lc.boundary)
+    def encoder(self, boundary: int) -> tuple[bytes, float]:
+        """The encoder of the learned codec at ``boundary``: its fused, quantizer-folded encoder, the module
+        :class:`~splitinfer.bottleneck.LearnedCodec` runs."""
+        lc = self.bundle.learned_codecs[boundary]
+        return self._export(f"the learned codec's encoder at boundary {boundary}", lc._encoder, boundary)
 
 
 def build(bundle, split: int | None, exits: Sequence[int] | None, operating_points: bool, fallback_tail: bool,
@@ -151,16 +154,16 @@ def build(bundle, split: int | None, exits: Sequence[int] | None, operating_poin
         files[name] = data
         exit_entries.append(ExitEntry(file=name, sha256=sha256(data), bytes=len(data), max_abs_diff=diff,
                                       boundary=b, threshold=spec[b].threshold, score=spec[b].score))
-    codec = CodecEntry(name=main.codec)
-    lc = bundle.learned_codec
-    if lc is not None:
-        data, diff = ex.encoder()
-        name = f"encoder_{lc.boundary:02d}.onnx"
+    learned = []
+    for b, lc in sorted(bundle.learned_codecs.items()):  # every one, so any operating point finds its encoder
+        data, diff = ex.encoder(b)
+        name = f"encoder_{b:02d}.onnx"
         files[name] = data
-        codec = CodecEntry(name=main.codec, boundary=lc.boundary, bits=lc.cfg.bits, coder=lc.cfg.coder,
-                           latent_shape=list(lc.cfg.latent_shape),
-                           tables=[[float(v) for v in row] for row in lc.bottleneck.tables.numpy()],
-                           encoder=FileEntry(file=name, sha256=sha256(data), bytes=len(data), max_abs_diff=diff))
+        learned.append(CodecEntry(name=lc.name, boundary=b, bits=lc.cfg.bits, coder=lc.cfg.coder,
+                                  latent_shape=list(lc.cfg.latent_shape),
+                                  tables=[[float(v) for v in row] for row in lc.bottleneck.tables.numpy()],
+                                  encoder=FileEntry(file=name, sha256=sha256(data), bytes=len(data),
+                                                    max_abs_diff=diff)))
     plan_bytes = (plan.model_dump_json(indent=2) + "\n").encode()
     files[PLAN_FILE] = plan_bytes
     manifest = HeadManifest(
@@ -168,7 +171,8 @@ def build(bundle, split: int | None, exits: Sequence[int] | None, operating_poin
         num_stages=n, boundaries=[list(b.shape) for b in plan.boundaries],
         input=InputInfo(shape=list(plan.input.shape), mean=list(plan.input.mean), std=list(plan.input.std),
                         labels=list(plan.input.labels)),
-        bundle_files=dict(plan.files), split=main.split, active_exits=main.exits, codec=codec, configs=configs,
+        bundle_files=dict(plan.files), split=main.split, active_exits=main.exits,
+        codec=CodecEntry(name=main.codec), learned_codecs=learned, configs=configs,
         segments=segments, exits=exit_entries, fallback_tail=fallback_tail,
         plan=PlanEntry(file=PLAN_FILE, sha256=sha256(plan_bytes), bytes=len(plan_bytes)))
     return manifest, files

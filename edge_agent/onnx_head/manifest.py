@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from splitinfer.errors import BundleError
 from splitinfer.onnx_util import OPSET
@@ -51,7 +51,8 @@ class PlanEntry(BaseModel):
 
 
 class CodecEntry(BaseModel):
-    """The planned codec; for the learned codec also what the torch-free path needs to entropy-code."""
+    """A codec: the planned one (``HeadManifest.codec``: its name), or a learned codec at its boundary
+    (``HeadManifest.learned_codecs``: also what the torch-free path needs to entropy-code, and its encoder)."""
 
     name: str
     boundary: int | None = None
@@ -93,7 +94,9 @@ class HeadManifest(BaseModel):
     bundle_files: dict[str, str] = Field(description="sha256 of the source bundle's weight files (plan.files)")
     split: int
     active_exits: list[int] = Field(description="exits evaluated at the planned split")
-    codec: CodecEntry
+    codec: CodecEntry = Field(description="the codec at the planned split (its name)")
+    learned_codecs: list[CodecEntry] = Field(default_factory=list, description="every learned codec of the "
+                                             "bundle, one per boundary, ascending: tables, bits and encoder")
     configs: list[HeadConfig]
     segments: list[SegmentEntry]
     exits: list[ExitEntry]
@@ -101,9 +104,36 @@ class HeadManifest(BaseModel):
     plan: PlanEntry | None = Field(None, description="the source plan.json, copied (None: an export made before "
                                                      "plans were copied; pass the bundle)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_codec(cls, data: object) -> object:
+        """Exports made before several learned codecs held the one learned codec (with its encoder) in
+        ``codec``: read it as ``learned_codecs``."""
+        if isinstance(data, dict) and "learned_codecs" not in data and isinstance(data.get("codec"), dict):
+            codec = data["codec"]
+            if codec.get("encoder") is not None:
+                data = {**data, "codec": {"name": codec.get("name")}, "learned_codecs": [codec]}
+        return data
+
+    @field_validator("learned_codecs")
+    @classmethod
+    def _one_per_boundary(cls, codecs: list[CodecEntry]) -> list[CodecEntry]:
+        at = [c.boundary for c in codecs]
+        if any(c.boundary is None or c.encoder is None or c.tables is None or c.bits is None
+               or c.latent_shape is None for c in codecs):
+            raise ValueError("every learned codec needs its boundary, bits, latent shape, tables and encoder")
+        if len(set(at)) != len(at):
+            raise ValueError(f"learned codec boundaries repeat: {at}")
+        return sorted(codecs, key=lambda c: c.boundary)
+
+    def learned_codec_at(self, boundary: int) -> CodecEntry | None:
+        """The learned codec exported for ``boundary`` (None when the bundle carries none there)."""
+        return next((c for c in self.learned_codecs if c.boundary == boundary), None)
+
     def entries(self) -> list[FileEntry]:
         """The ONNX models of the export."""
         out: list[FileEntry] = [*self.segments, *self.exits]
+        out += [c.encoder for c in self.learned_codecs if c.encoder is not None]
         if self.codec.encoder is not None:
             out.append(self.codec.encoder)
         return out

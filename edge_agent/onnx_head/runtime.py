@@ -3,6 +3,7 @@ arrays (no torch), and :class:`TorchHeadView`, the same head on torch tensors fo
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from splitinfer.codec_numpy import numpy_codec as _numpy_codec
 from splitinfer.errors import ConfigError, InvalidInput
 from splitinfer.head import ExitPolicy
 from splitinfer.onnx_util import session
-from splitinfer.plan import Plan
+from splitinfer.plan import Plan, boundaries_text
 
 
 def _session(data: bytes, name: str, threads: int = 1, in_shape: Sequence[int] | None = None,
@@ -54,9 +55,9 @@ class OnnxHead:
     A :class:`splitinfer.head.StageBackend`: ``run(x, start, end)`` runs stages ``start..end-1`` through the
     exported segments (``start`` and ``end`` must be cut points of an exported configuration);
     ``exit_logits(b, h)`` runs the exit at boundary ``b``; ``all_finite(h)``. Walk it with
-    :func:`splitinfer.head.walk` / :func:`splitinfer.head.run_head` and :meth:`policy`. ``latent(h)`` runs the
-    learned codec's encoder; ``plan`` is the plan the export was made for (None for an old export loaded
-    without its bundle).
+    :func:`splitinfer.head.walk` / :func:`splitinfer.head.run_head` and :meth:`policy`. ``latent(h, boundary)``
+    runs the encoder of the learned codec at that boundary; ``plan`` is the plan the export was made for (None
+    for an old export loaded without its bundle).
     """
 
     def __init__(self, manifest: HeadManifest, models: Mapping[str, bytes], threads: int = 1, bundle=None,
@@ -71,17 +72,16 @@ class OnnxHead:
         self._lock = threading.RLock()
         self._segments: dict[tuple[int, int], Any] = {}
         self._exits: dict[int, Any] = {}
-        self._encoder = None
+        self._encoders: dict[int, Any] = {}
         shapes, classes = manifest.boundaries, [len(manifest.input.labels)]
         for s in manifest.segments:
             self._segments[(s.start, s.end)] = _session(models[s.file], s.file, threads, shapes[s.start],
                                                         shapes[s.end])
         for e in manifest.exits:
             self._exits[e.boundary] = _session(models[e.file], e.file, threads, shapes[e.boundary], classes)
-        c = manifest.codec
-        if c.encoder is not None:
-            self._encoder = _session(models[c.encoder.file], c.encoder.file, threads, shapes[c.boundary],
-                                     c.latent_shape)
+        for c in manifest.learned_codecs:
+            self._encoders[c.boundary] = _session(models[c.encoder.file], c.encoder.file, threads,
+                                                  shapes[c.boundary], c.latent_shape)
         self._chains: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.thresholds = {e.boundary: e.threshold for e in manifest.exits}
         self.scores = {e.boundary: e.score for e in manifest.exits}
@@ -147,8 +147,8 @@ class OnnxHead:
 
     def codec(self, name: str, split: int | None = None) -> NumpyEncoder:
         """The torch-free codec ``name`` (:func:`splitinfer.codec_numpy.numpy_codec`) for boundary tensors of this
-        head; the learned codec's encoder runs on this head's exported encoder, at its boundary only (InvalidInput
-        for another ``split``)."""
+        head; a learned codec runs on this head's exported encoder of the learned codec at ``split`` (InvalidInput
+        where the export has none)."""
         return numpy_codec(name, self, split)
 
     # ------------------------------------------------------------------ running
@@ -227,12 +227,26 @@ class OnnxHead:
         """True when ``h`` holds no NaN or infinite value."""
         return bool(np.isfinite(h).all())
 
-    def latent(self, h: np.ndarray) -> np.ndarray:
-        """The learned codec's encoder output in quantizer units (round and clip to ``0..2**bits-1`` for the
-        symbols) for features ``h`` at the codec's boundary."""
-        if self._encoder is None:
+    @property
+    def learned_boundaries(self) -> list[int]:
+        """Boundaries with a learned codec's exported encoder, ascending."""
+        return sorted(self._encoders)
+
+    def latent(self, h: np.ndarray, boundary: int | None = None) -> np.ndarray:
+        """The output of the encoder of the learned codec at ``boundary`` (default: the export's only one) in
+        quantizer units (round and clip to ``0..2**bits-1`` for the symbols) for features ``h`` there."""
+        if not self._encoders:
             raise InvalidInput("this head carries no learned codec encoder")
-        return self._encoder.run(None, {INPUT_NAME: self._check(h, self.manifest.codec.boundary, "the encoder")})[0]
+        if boundary is None:
+            if len(self._encoders) > 1:
+                raise InvalidInput(f"this head carries learned codecs at {boundaries_text(self._encoders)}: "
+                                   "name the boundary")
+            boundary = next(iter(self._encoders))
+        sess = self._encoders.get(boundary)
+        if sess is None:
+            raise InvalidInput(f"this head carries no learned codec encoder at boundary {boundary} (it has "
+                               f"{boundaries_text(self._encoders)})")
+        return sess.run(None, {INPUT_NAME: self._check(h, boundary, "the encoder")})[0]
 
     def torch_view(self) -> TorchHeadView:
         """This head on torch tensors, shaped like the staged model the runtime uses (needs torch)."""
@@ -241,17 +255,22 @@ class OnnxHead:
 
 def numpy_codec(name: str, head: OnnxHead | None = None, split: int | None = None) -> NumpyEncoder:
     """The torch-free codec ``name`` for boundary-``split`` tensors of ``head``:
-    :func:`splitinfer.codec_numpy.numpy_codec`, with the learned codec built on the head's exported encoder
-    (which works at its boundary only). InvalidInput for an unknown codec or one the head cannot run there."""
+    :func:`splitinfer.codec_numpy.numpy_codec`, with a learned codec built on the head's exported encoder of the
+    learned codec at ``split`` (each works at its own boundary only; with ``split`` None, the head's only one).
+    InvalidInput for an unknown codec or one the head cannot run there."""
     if name != LearnedEncoder.name:
         return _numpy_codec(name)
-    c = None if head is None else head.manifest.codec
-    if c is None or head._encoder is None or c.tables is None or c.bits is None or c.latent_shape is None:
+    have = [] if head is None else [c for c in head.manifest.learned_codecs if c.name == name]
+    if not have:
         raise InvalidInput("the exported head carries no learned codec")
-    if split is not None and split != c.boundary:
-        raise InvalidInput(f"the learned codec works at boundary {c.boundary}, not {split}")
-    return _numpy_codec(name, latent=head.latent, latent_shape=c.latent_shape, bits=c.bits, tables=c.tables,
-                        coder=c.coder or "ans")
+    at = [c.boundary for c in have]
+    if split is None and len(have) > 1:
+        raise InvalidInput(f"the learned codec works at {boundaries_text(at)}: name the split")
+    c = have[0] if split is None else next((c for c in have if c.boundary == split), None)
+    if c is None:
+        raise InvalidInput(f"the learned codec works at {boundaries_text(at)}, not {split}")
+    return _numpy_codec(name, latent=functools.partial(head.latent, boundary=c.boundary), latent_shape=c.latent_shape,
+                        bits=c.bits, tables=c.tables, coder=c.coder or "ans")
 
 
 class _TorchExit:
@@ -278,7 +297,8 @@ class TorchHeadView:
 
         return torch.from_numpy(self.head.run(x.detach().contiguous().numpy(), start, end))
 
-    def latent(self, h):
+    def latent(self, h, boundary: int | None = None):
+        """:meth:`OnnxHead.latent` on a torch tensor."""
         import torch
 
-        return torch.from_numpy(self.head.latent(h.detach().contiguous().numpy()))
+        return torch.from_numpy(self.head.latent(h.detach().contiguous().numpy(), boundary))

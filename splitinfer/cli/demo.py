@@ -1,4 +1,5 @@
-"""``splitinfer demo``: plan the embedded default, start server and agent as processes, stream the test set.
+"""``splitinfer demo``: plan an embedded model (the default unless --model), start server and agent as processes,
+stream the test set.
 
 Everything real: the committed weights are planned for a link and device, the cloud server and the edge
 agent run as separate processes on free loopback ports, each Fashion-MNIST test image is PNG-encoded and
@@ -141,9 +142,9 @@ def format_summary(s: dict) -> str:
 
 
 def plan_demo_bundle(out: Path, bandwidth: str = DEMO_BANDWIDTH, rtt: str = DEMO_RTT, device: str = DEMO_DEVICE,
-                     data_dir: str | None = None):
-    """Plan the demo's bundle (the embedded default, interior splits, the demo's objective) into ``out``;
-    returns the partitioner's ``PlanResult``."""
+                     data_dir: str | None = None, model: str = "default"):
+    """Plan the demo's bundle (an embedded model, the default unless ``model`` names another; interior splits,
+    the demo's objective) into ``out``; returns the partitioner's ``PlanResult``."""
     from partitioner.cost import Link, parse_bandwidth, parse_duration
     from partitioner.make import make_default_plan
     from partitioner.search import Objective
@@ -151,19 +152,20 @@ def plan_demo_bundle(out: Path, bandwidth: str = DEMO_BANDWIDTH, rtt: str = DEMO
 
     dev = get_profile(device)
     return make_default_plan(out, Link(parse_bandwidth(bandwidth), parse_duration(rtt)), dev, dev.compute_slowdown,
-                             splits="interior", data_dir=data_dir, objective=Objective.parse(*DEMO_OBJECTIVE))
+                             splits="interior", data_dir=data_dir, objective=Objective.parse(*DEMO_OBJECTIVE),
+                             model=model)
 
 
 def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = False,
              workdir: Path = Path("runs/demo"), data_dir: str | None = None, bandwidth: str = DEMO_BANDWIDTH,
-             rtt: str = DEMO_RTT, device: str = DEMO_DEVICE, progress: bool = True) -> dict:
+             rtt: str = DEMO_RTT, device: str = DEMO_DEVICE, progress: bool = True, model: str = "default") -> dict:
     """Run the demo end to end and return the summary dict."""
     import httpx
     import torch
 
     from partitioner.cost import parse_bandwidth, parse_duration
     from partitioner.report import split_table
-    from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, to_model_input
+    from splitinfer.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, render, to_model_input
     from splitinfer.energy import get_profile
     from splitinfer.progress import progress_bar
 
@@ -173,15 +175,18 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
         else:
             typer.echo(msg, err=True)
 
-    parse_bandwidth(bandwidth), parse_duration(rtt), get_profile(device)  # bad options fail before any work
+    from splitinfer.models import embedded_model
+
+    side = embedded_model(model).size  # bad options fail before any work
+    parse_bandwidth(bandwidth), parse_duration(rtt), get_profile(device)
     workdir.mkdir(parents=True, exist_ok=True)
     test = load_fashion_mnist("test", data_dir)
     if not 1 <= requests <= len(test):
         raise ValueError(f"--requests must be between 1 and {len(test)} (the test set's size), got {requests}")
     n = requests
-    say(f"planning the embedded default for {bandwidth}, RTT {rtt}, edge device {device}, objective "
+    say(f"planning the embedded {model} model for {bandwidth}, RTT {rtt}, edge device {device}, objective "
         f"{DEMO_OBJECTIVE[0]} {DEMO_OBJECTIVE[1]} ...")
-    result = plan_demo_bundle(workdir / "bundle", bandwidth, rtt, device, data_dir)
+    result = plan_demo_bundle(workdir / "bundle", bandwidth, rtt, device, data_dir, model)
     say(split_table(result))
     plan = result.plan
 
@@ -217,7 +222,8 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
             cloud_metrics = parse_prometheus(http.get(f"http://127.0.0.1:{metrics_port}/metrics").text)
 
         with torch.inference_mode():
-            x = to_model_input(test.images[:n], FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+            # the agent resizes each 28x28 upload to the model's input size exactly as render() does
+            x = to_model_input(render(test.images[:n], side), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
             from splitinfer.bundle import load_bundle
 
             staged = load_bundle(result.path).staged
@@ -237,8 +243,10 @@ def run_demo(requests: int = 10000, keep_running: bool = False, as_json: bool = 
                 "calibration_samples": cal.n_path + cal.n_test,
             }
         summary["codec"] = plan.codec.name
-        if plan.learned_codec is not None and plan.codec.name == plan.learned_codec.name:
-            agreement = plan.notes.get("learned_codec_validation_agreement")
+        learned = plan.learned_codec_at(plan.split)
+        if learned is not None and plan.codec.name == learned.name:
+            agreement = plan.notes.get(f"learned_codec_{plan.split}_validation_agreement",
+                                       plan.notes.get("learned_codec_validation_agreement"))  # older plans
             summary["codec_validation_agreement"] = float(agreement) if agreement is not None else None
         summary["bundle"] = str(result.path)
         summary["metrics"] = {
@@ -280,12 +288,15 @@ def demo_command(
     rtt: str = typer.Option(DEMO_RTT, help="link RTT to plan for"),
     device: str = typer.Option(DEMO_DEVICE, help="edge device profile to plan for"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    model: str = typer.Option("default", help="embedded model: default (28x28 CNN) or mobilenet_v2_fmnist "
+                                              "(MobileNetV2 at 64x64; the test images are sent as 28x28 PNGs "
+                                              "and the agent resizes them)"),
 ) -> None:
-    """Run the whole system on the embedded default and print a summary."""
+    """Run the whole system on an embedded model (the default unless --model) and print a summary."""
     from splitinfer.errors import SplitInferError
 
     try:
-        run_demo(requests, keep_running, as_json, workdir, data_dir, bandwidth, rtt, device, progress)
+        run_demo(requests, keep_running, as_json, workdir, data_dir, bandwidth, rtt, device, progress, model)
     except (SplitInferError, ValueError) as exc:  # bad options or data: the message says what to do
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

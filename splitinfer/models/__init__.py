@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-
-from dataclasses import dataclass
-from typing import Callable
 
 from splitinfer.models.default import DefaultNet, build_default
 from splitinfer.models.fashion_mobilenet import build_fashion_mobilenet
@@ -52,7 +52,8 @@ TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_larg
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """Build an (untrained) model by name: an embedded model (:data:`EMBEDDED_MODELS`) or one of :data:`TORCHVISION_MODELS`."""
+    """Build an (untrained) model by name: an embedded model (:data:`EMBEDDED_MODELS`) or one of
+    :data:`TORCHVISION_MODELS`."""
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name].build(num_classes or 10)
     if name in TORCHVISION_MODELS:

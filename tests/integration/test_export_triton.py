@@ -111,7 +111,7 @@ def test_torchscript_export_names_its_forward_argument_like_the_config_input(bun
 def test_learned_codec_split_exports_decoder_and_tail_on_symbols(learned_bundle_dir, tmp_path):
     bundle = load_bundle(learned_bundle_dir)
     rt = TailRuntime(bundle)
-    lc = bundle.learned_codec
+    lc = bundle.learned_codec_at(LEARNED_SPLIT)
     res = export(learned_bundle_dir, tmp_path)
     assert res.exit_code == 0, res.output
     model_dir = tmp_path / f"default_tail{LEARNED_SPLIT}_bottleneck"

@@ -122,9 +122,10 @@ def test_boundaries_exit_logits_and_encoder_match_torch(name, bundles, exported,
         assert seen[-1] == split
         tail = bundle.staged.run(h_t.clone(), split, n).numpy()  # the degraded on-device answer
         assert np.abs(head.run(step.tensor, split, n) - tail).max() <= TOL
-        if bundle.learned_codec is not None:
-            ref = bundle.learned_codec._latent(h_t.clone())
-            assert np.abs(head.latent(step.tensor) - ref).max() <= TOL
+        lc = bundle.learned_codec_at(split)
+        if lc is not None:
+            ref = lc._latent(h_t.clone())
+            assert np.abs(head.latent(step.tensor, split) - ref).max() <= TOL
     manifest = head.manifest
     assert all(e.max_abs_diff <= TOL for e in manifest.entries())
 
@@ -425,7 +426,7 @@ def test_the_export_carries_its_plan_and_numpy_edge_applies_the_plans_rules(bund
     h = np.random.default_rng(3).standard_normal((2, *plan.boundaries[8].shape)).astype(np.float32)
     for name in ("float32", "uint8-affine"):
         assert head.codec(name).encode(h) == bundle.codec_for(name, 8).encode(torch.from_numpy(h))
-    assert head.codec("bottleneck", 8).encode(h)[0] == bundle.learned_codec.encode(torch.from_numpy(h))[0]
+    assert head.codec("bottleneck", 8).encode(h)[0] == bundle.learned_codecs[8].encode(torch.from_numpy(h))[0]
     with pytest.raises(InvalidInput, match="boundary 8, not 4"):
         head.codec("bottleneck", 4)
 

@@ -25,25 +25,28 @@ def test_plan_considers_and_carries_the_learned_codec(tmp_path):
                                repeats=3, validation_limit=1000,
                                objective=Objective.parse("weighted", "latency=1,energy=1"))
     plan = result.plan
-    assert plan.learned_codec is not None
-    at = int(plan.learned_codec.params["boundary"])
+    assert plan.learned_codecs
+    at = plan.learned_boundaries()
     learned = [e for e in result.estimates if e.codec == "bottleneck"]
     generic = {e.split: e for e in result.estimates if e.codec == "uint8-affine"}
-    assert [e.split for e in learned] == [at]
+    assert sorted(e.split for e in learned) == at
     assert any(e.codec == "bottleneck" for e in result.pareto)
-    assert learned[0].bytes_per_offload * 20 < generic[at].bytes_per_offload
-    assert 0 <= plan.notes["learned_codec_validation_drop_points"] <= 1.0
+    for e in learned:
+        assert e.bytes_per_offload * 20 < generic[e.split].bytes_per_offload
+        assert 0 <= plan.notes[f"learned_codec_{e.split}_validation_drop_points"] <= 1.0
     assert any(p.codec == "bottleneck" for p in plan.operating_points)
     bundle = load_bundle(result.path)
-    assert bundle.learned_codec is not None and bundle.learned_codec.boundary == at
+    assert sorted(bundle.learned_codecs) == at
+    assert all(bundle.learned_codecs[b].boundary == b for b in at)
     if plan.codec.name == "bottleneck":
-        assert plan.split == at
+        assert plan.split in at
 
 
 def test_learned_codec_is_rejected_above_the_accuracy_limit(tmp_path):
     result = make_default_plan(tmp_path / "b", Link(0.5e6, 0.005), splits="interior", repeats=3,
                                validation_limit=1000, max_codec_drop=-100.0)
-    assert result.plan.learned_codec is None
-    assert "accuracy drop" in result.plan.notes["learned_codec_rejected"]
+    assert result.plan.learned_codecs == []
+    rejected = [v for k, v in result.plan.notes.items() if k.startswith("learned_codec_") and k.endswith("_rejected")]
+    assert rejected and all("accuracy drop" in str(v) for v in rejected)
     assert all(e.codec == "uint8-affine" for e in result.estimates)
-    assert load_bundle(result.path).learned_codec is None
+    assert load_bundle(result.path).learned_codecs == {}

@@ -138,8 +138,8 @@ def test_broken_learned_codec_bundles_are_refused(tmp_path, learned_bundle_dir):
         return d
 
     d = copy("missing")
-    (d / "codec.safetensors").unlink()
-    with pytest.raises(BundleError, match="missing codec.safetensors"):
+    (d / "codec_8.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing codec_8.safetensors"):
         load_bundle(d)
     d = copy("wrong_split")
     plan = json.loads((d / "plan.json").read_text())
@@ -149,13 +149,13 @@ def test_broken_learned_codec_bundles_are_refused(tmp_path, learned_bundle_dir):
         load_bundle(d)
     d = copy("not_carried")
     plan = json.loads((d / "plan.json").read_text())
-    plan["learned_codec"] = None
+    plan["learned_codecs"] = []
     (d / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(BundleError, match="does not carry"):
         load_bundle(d)
     d = copy("bad_params")
     plan = json.loads((d / "plan.json").read_text())
-    plan["learned_codec"]["params"]["channels"] = 5
+    plan["learned_codecs"][0]["params"]["channels"] = 5
     (d / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(BundleError, match="do not fit"):
         load_bundle(d)

@@ -17,7 +17,7 @@ from tests.support.bundles import make_learned_bundle
 def learned(tmp_path_factory):
     bundle = load_bundle(make_learned_bundle(tmp_path_factory.mktemp("tail") / "b"))
     tail = TailRuntime(bundle)
-    split = bundle.learned_codec.boundary
+    (split,) = bundle.learned_codecs
     codec = bundle.codec_for("bottleneck", split)
     x = bundle.staged.run(torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0, split)
     payloads = [codec.encode(x[i:i + n])[0] for i, n in ((0, 1), (1, 2), (3, 1), (4, 1))]
