@@ -240,7 +240,7 @@ def _read_images(folder: Path | None) -> tuple[bytes, ...]:
     return tuple(p.read_bytes() for p in files)
 
 
-def _bottleneck_source(value: str, model: str):
+def _bottleneck_source(value: str, model: str, staged=None):
     """``--bottlenecks``: None for the committed ones, [] for none, or the bottlenecks a directory holds."""
     if value == "committed":
         return None
@@ -252,7 +252,7 @@ def _bottleneck_source(value: str, model: str):
                          f"train-bottleneck`; {value!r} is none of these")
     from partitioner.codec import load_bottlenecks
 
-    found = load_bottlenecks(folder, model)
+    found = load_bottlenecks(folder, model, staged=staged)
     if not found:
         raise ValueError(f"--bottlenecks {folder} holds no bottleneck of model {model}")
     return [bn for bn, _ in found.values()]
@@ -369,13 +369,13 @@ def make_cmd(
                 raise ValueError("--agent-overhead-ms applies to an edge profile: give --edge-profile")
             eprof.request_overhead_ms = agent_overhead_ms
         sprof = load_profile(server_profile) if server_profile else None
+        auto = None
+        if learned_codec and bottlenecks == "auto":
+            auto = AutoBottlenecks(budget_s=bottleneck_budget, count=bottleneck_count,
+                                   echo=lambda line: typer.echo(line, err=True))
         if model in EMBEDDED_MODELS:
             if checkpoint is not None:
                 raise ValueError(f"{model} is an embedded model with committed weights: --checkpoint does not apply")
-            auto = None
-            if learned_codec and bottlenecks == "auto":
-                auto = AutoBottlenecks(budget_s=bottleneck_budget, count=bottleneck_count,
-                                       echo=lambda line: typer.echo(line, err=True))
             result = make_default_plan(out, link, dev, slowdown, splits, epsilon, delta, repeats, data_dir,
                                        score=score, calibration_mode=calibration_mode, learned_codec=learned_codec,
                                        max_codec_drop=max_codec_drop, head=head, max_head_drop=max_head_drop,
@@ -393,7 +393,10 @@ def make_cmd(
             opts = PlanOptions(link=link, device=dev, edge_slowdown=slowdown, splits=splits, objective=obj,
                                constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress,
                                input_images=_read_images(input_images))
-            result = make_model_plan(out, target, opts, eprof, sprof)
+            chosen_bns = None if auto is not None or not learned_codec else \
+                _bottleneck_source(bottlenecks, model, target.staged)
+            result = make_model_plan(out, target, opts, eprof, sprof, bottlenecks=chosen_bns or [],
+                                     max_codec_drop=max_codec_drop, auto_bottlenecks=auto, data_dir=data_dir)
     except (ValueError, SplitInferError) as exc:
         raise _fail(exc) from exc
     if as_json:

@@ -121,24 +121,27 @@ class LearnedCandidate:
 
 def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate:
     """Measure bottleneck ``bn`` as a candidate: its bytes, time (means, as the profile's) and accuracy on the
-    validation images (every sample encoded alone, as the edge does)."""
+    validation images (every sample encoded alone, as the edge does). Without labels (``y_val`` None: a
+    torchvision or user model) the drop is bounded by the disagreement with the model: 100 x (1 - agreement)
+    points, an upper bound of the accuracy drop whatever the labels."""
     from partitioner.codec import evaluate_codec
 
     codec = LearnedCodec(bn)
     k = codec.boundary
     n = min(limit, len(x_val))
-    ev = evaluate_codec(staged, codec, k, x_val[:n], np.asarray(y_val[:n], dtype=np.int64))
+    ev = evaluate_codec(staged, codec, k, x_val[:n], None if y_val is None else np.asarray(y_val[:n], dtype=np.int64))
     feats = staged.run(x_val[:1], 0, k).detach()
     timing = time_codec(codec, feats, runs=max(10, repeats), warmup=1)
-    drop = 100 * (ev.reference_accuracy - ev.accuracy)
-    return LearnedCandidate(codec=codec, drop_points=drop, agreement=ev.agreement,
-                            notes={"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
-                                   "fp32_bytes": int(staged.boundaries[k].fp32_bytes),
-                                   "validation_accuracy": round(ev.accuracy, 5),
-                                   "validation_agreement": round(ev.agreement, 5),
-                                   "validation_drop_points": round(drop, 3),
-                                   "encode_ms": round(timing.encode_ms, 4),
-                                   "decode_ms": round(timing.decode_ms, 4)})
+    labelled = ev.accuracy is not None and ev.reference_accuracy is not None
+    drop = 100 * (ev.reference_accuracy - ev.accuracy) if labelled else 100 * (1 - ev.agreement)
+    notes: dict[str, float | int | str] = {"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
+                                           "fp32_bytes": int(staged.boundaries[k].fp32_bytes)}
+    if labelled:
+        notes["validation_accuracy"] = round(ev.accuracy, 5)
+    notes.update({"validation_agreement": round(ev.agreement, 5),
+                  ("validation_drop_points" if labelled else "drop_bound_points"): round(drop, 3),
+                  "encode_ms": round(timing.encode_ms, 4), "decode_ms": round(timing.decode_ms, 4)})
+    return LearnedCandidate(codec=codec, drop_points=drop, agreement=ev.agreement, notes=notes)
 
 
 def screen_learned(candidates: Sequence[LearnedCandidate], splits: Sequence[int], max_drop: float,
@@ -151,7 +154,9 @@ def screen_learned(candidates: Sequence[LearnedCandidate], splits: Sequence[int]
         k = lc.boundary
         notes.update({f"learned_codec_{k}_{key}": v for key, v in lc.notes.items() if key not in ("name", "boundary")})
         if lc.drop_points > max_drop:
-            notes[f"learned_codec_{k}_rejected"] = f"validation accuracy drop {lc.drop_points:.2f} points > {max_drop}"
+            what = "validation accuracy drop" if "validation_drop_points" in lc.notes else \
+                "disagreement with the model (bounds the accuracy drop)"
+            notes[f"learned_codec_{k}_rejected"] = f"{what} {lc.drop_points:.2f} points > {max_drop}"
         elif k not in splits:
             notes[f"learned_codec_{k}_rejected"] = f"boundary {k} is not a candidate split"
         else:
@@ -357,17 +362,66 @@ def _stage_times(plan: Plan, edge: Profile, server: Profile, slowdown: float) ->
         spec.server_ms = round(s_ms, 5)
 
 
+def model_validation_images(target, opts: PlanOptions, limit: int = 1000, data_dir: str | None = None):
+    """Images to measure a learned codec of a torchvision or user model on: the users' files
+    (``opts.input_images``) decoded as the agent decodes uploads, else Fashion-MNIST test images rendered at the
+    model's input size (grey replicated to RGB). No labels: the model's classes are its own."""
+    if opts.input_images:
+        import torch
+
+        from splitinfer.imaging import decode_upload
+
+        return torch.from_numpy(np.concatenate([decode_upload(f, target.input_spec)
+                                                for f in opts.input_images[:limit]]))
+    from partitioner.codec import fashion_mnist_inputs
+
+    return fashion_mnist_inputs("test", target.input_spec, seed=0, limit=limit, data_dir=data_dir)[0]
+
+
 def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile | None = None,
-                    server_profile: Profile | None = None, codec: str = "uint8-affine") -> PlanResult:
-    """Plan a model without exits or validation data (torchvision or a user's model; random weights are fine
-    for timing) and write its bundle."""
+                    server_profile: Profile | None = None, codec: str = "uint8-affine",
+                    bottlenecks: Sequence[Bottleneck] = (), max_codec_drop: float = 1.0,
+                    auto_bottlenecks: AutoBottlenecks | None = None, data_dir: str | None = None) -> PlanResult:
+    """Plan a model without exits (torchvision or a user's model; random weights are fine for timing) and write
+    its bundle.
+
+    Learned codecs (``bottlenecks``, e.g. from ``plan train-bottleneck``, or trained here by
+    ``auto_bottlenecks`` on Fashion-MNIST rendered at the model's size) are candidates each at its boundary,
+    measured on :func:`model_validation_images` against the model's own answers: their drop is bounded by
+    the disagreement (with random weights that is agreement with a random teacher, not accuracy)."""
     staged = target.staged
     edge, server = _profiles(staged, {}, codec, target.example(), opts, edge_profile, server_profile, target.name)
     codecs = [CodecOption(codec, edge, server)]
     image = image_codec_option(edge, server, opts.input_images, target.input_spec)
     if image is not None:
         codecs.append(image)
-    planner = Planner(codecs, _candidates(staged.num_stages, opts.splits),
+    candidates = _candidates(staged.num_stages, opts.splits)
+    learned: list[LearnedCandidate] = []
+    codec_notes: dict[str, str | float | int] = {}
+    if bottlenecks or auto_bottlenecks is not None:
+        x_val = model_validation_images(target, opts, data_dir=data_dir)
+        if auto_bottlenecks is not None and not bottlenecks:
+            from partitioner.codec import fashion_mnist_inputs
+
+            auto_bottlenecks.teacher_weights = target.weights_source
+            base = Planner(list(codecs), candidates, device=opts.device, edge_slowdown=opts.edge_slowdown,
+                           server_load_rps=opts.server_load_rps)
+            link = opts.link
+            links = [Link(bw, rtt, link.loss, None, link.request_overhead, link.response_overhead)
+                     for bw in GRID_BANDWIDTHS for rtt in GRID_RTTS]
+            x_train = fashion_mnist_inputs("train", target.input_spec, seed=0, limit=auto_bottlenecks.train_images,
+                                           data_dir=data_dir)[0]
+            bottlenecks = auto_bottlenecks.train(base, staged, links, x_train, x_val[:500], None, opts.progress)
+            codec_notes.update({f"bottlenecks_auto_{r['boundary']}": f"{r['status']}: {r['reason']}"
+                                for r in auto_bottlenecks.report})
+        learned = [learned_candidate(staged, bn, x_val, None, opts.repeats) for bn in bottlenecks]
+        learned, notes = screen_learned(learned, candidates, max_codec_drop)
+        codec_notes.update(notes)
+        if target.random_weights:
+            codec_notes["learned_codec_figures"] = ("agreement with a random teacher (the model has random "
+                                                    "weights), not accuracy")
+        codecs += [learned_option(edge, server, lc) for lc in learned]
+    planner = Planner(codecs, candidates,
                       device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
     chosen, estimates, pareto, points = _tables(planner, opts)
     plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=chosen.codec),
@@ -375,10 +429,12 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
                     weights_source=None if target.weights_source == "unknown" else target.weights_source,
                     estimates=estimates,
                     operating_points=points, pareto=pareto,
+                    learned_codecs=[CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) for lc in learned],
                     objective=_objective_record(opts), latency_curves=latency_curves(planner, opts),
-                    notes={**_link_notes(opts, edge, server), "weights": target.weights_note})
+                    notes={**_link_notes(opts, edge, server), "weights": target.weights_note, **codec_notes})
     _stage_times(plan, edge, server, opts.edge_slowdown)
-    path = save_bundle(out, plan, target.model, {})
+    path = save_bundle(out, plan, target.model, {},
+                       codec_states={lc.boundary: lc.codec.bottleneck.state_for_bundle() for lc in learned})
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=1.0,
                       path=path, server_profile=server, pareto=pareto, planner=planner)
 

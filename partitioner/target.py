@@ -98,7 +98,9 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
                           weights_source="committed")
     factory = None
     if model in TORCHVISION_MODELS:
-        m = build_model(model)
+        with torch.random.fork_rng():  # random weights, but the same ones in every process (a bottleneck
+            torch.manual_seed(0)       # trained by one command fits the model another command plans)
+            m = build_model(model)
         shape = input_shape or [3, 224, 224]
     elif ":" in model:
         if not input_shape:
@@ -128,7 +130,7 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     if labels is None or len(labels) != num_classes:
         labels = [f"class_{i}" for i in range(num_classes)]
     spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=labels)
-    note = (f"checkpoint {checkpoint}" if checkpoint else "random initialisation (timing only)" if factory is None
+    note = (f"checkpoint {checkpoint}" if checkpoint else "random initialisation, seeded (timing only)" if factory is None
             else f"whatever {model} returns (its own weights, or a random initialisation)")
     return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
                       factory=factory, weights_note=note,
