@@ -98,19 +98,6 @@ class NormalisedImages:
         return x
 
 
-def render_at(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 grey images resized to ``height x width`` as the edge agent resizes an upload (Pillow, bilinear;
-    :func:`splitinfer.data.render` for square sizes)."""
-    if height == width:
-        return render(images, height)
-    from PIL import Image
-
-    out = np.empty((len(images), height, width), dtype=np.uint8)
-    for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
-    return out
-
-
 def _spec_channels(spec: InputSpec, source: str) -> int:
     c = int(spec.shape[0])
     if c not in (1, 3):
@@ -133,7 +120,7 @@ def fashion_mnist_inputs(split: str, spec: InputSpec, *, seed: int, limit: int |
     if limit:
         idx = idx[:limit]
     _, h, w = (int(d) for d in spec.shape)
-    return NormalisedImages(render_at(data.images[idx], h, w), spec.mean, spec.std), data.labels[idx].astype(np.int64)
+    return NormalisedImages(render(data.images[idx], (h, w)), spec.mean, spec.std), data.labels[idx].astype(np.int64)
 
 
 @dataclass

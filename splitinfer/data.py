@@ -138,17 +138,18 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
     return ImageDataset(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64), classes=classes)
 
 
-def render(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 grey images ``[N, H, W]`` resized to ``[N, size, size]`` the way the edge agent resizes an upload
-    (Pillow, bilinear), so a model trained on rendered images sees the same pixels when it is served; unchanged
-    when they already have that size."""
+def render(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """uint8 grey images ``[N, H, W]`` resized to ``size`` (a side, or ``(height, width)``) the way the edge
+    agent resizes an upload (Pillow, bilinear), so a model trained on rendered images sees the same pixels when
+    it is served; unchanged when they already have that size."""
     from PIL import Image
 
-    if images.shape[1:] == (size, size):
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if images.shape[1:] == (h, w):
         return images
-    out = np.empty((len(images), size, size), dtype=np.uint8)
+    out = np.empty((len(images), h, w), dtype=np.uint8)
     for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR))
+        out[i] = np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BILINEAR))
     return out
 
 

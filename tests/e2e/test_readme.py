@@ -38,6 +38,8 @@ PORTS = ("8001", "8002", "8003", "8080")
 QUICK = {
     "splitinfer plan train-default": "--epochs 1 --exit-epochs 1 --train-limit 512 --test-limit 256 "
                                      "--out-dir weights-tmp --no-progress",
+    "splitinfer plan train-embedded": "--epochs 1 --exit-epochs 1 --train-limit 512 --test-limit 256 "
+                                      "--out-dir weights-tmp --no-progress",
     "splitinfer plan train-bottleneck": "--epochs-float 1 --epochs-qat 1 --train-limit 512 --test-limit 256 "
                                         "--out-dir weights-tmp --no-progress",
     "splitinfer plan codec-sweep": "--train-limit 256 --test-limit 256",
