@@ -130,7 +130,8 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     if labels is None or len(labels) != num_classes:
         labels = [f"class_{i}" for i in range(num_classes)]
     spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=labels)
-    note = (f"checkpoint {checkpoint}" if checkpoint else "random initialisation, seeded (timing only)" if factory is None
+    note = (f"checkpoint {checkpoint}" if checkpoint
+            else "random initialisation, seeded (timing only)" if factory is None
             else f"whatever {model} returns (its own weights, or a random initialisation)")
     return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
                       factory=factory, weights_note=note,
