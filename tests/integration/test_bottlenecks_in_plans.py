@@ -22,15 +22,30 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_auto_trains_where_the_planner_predicts_a_gain(tmp_path):
+    import dataclasses
+
+    import torch
+
     from partitioner.auto_bottleneck import AutoBottlenecks
     from partitioner.cost import Link
     from partitioner.make import make_default_plan
+    from partitioner.profile import profile_model
+    from partitioner.weights import load_default
     from splitinfer.bundle import load_bundle
+    from splitinfer.codec import get_codec
 
+    # Profiles with fixed stage times (a slow edge: 2 ms per stage; a fast server), so that which boundaries
+    # pay does not depend on how loaded this machine is while the test runs.
+    _, staged, exits, _ = load_default()
+    measured = profile_model(staged, exits, get_codec("uint8-affine"), torch.zeros(1, 1, 28, 28), repeats=1, threads=1, model_name="default")
+    n = measured.num_stages
+    edge = dataclasses.replace(measured, stage_ms=[2.0] * n)
+    server = dataclasses.replace(measured, stage_ms=[0.01] * n)
     lines: list[str] = []
     auto = AutoBottlenecks(budget_s=60, count=1, train_images=256, echo=lines.append)
-    result = make_default_plan(tmp_path / "b", Link(1e6, 0.02), repeats=2, validation_limit=700, edge_slowdown=4.0,
-                               auto_bottlenecks=auto, max_codec_drop=100.0)
+    result = make_default_plan(tmp_path / "b", Link(1e6, 0.02), repeats=2, validation_limit=700,
+                               edge_profile=edge, server_profile=server, auto_bottlenecks=auto,
+                               max_codec_drop=100.0)
     chosen = [line for line in lines if "chose boundary" in line]
     assert len(chosen) == 1 and "grid cells" in chosen[0], lines
     assert [r["status"] for r in auto.report] == ["trained"]
