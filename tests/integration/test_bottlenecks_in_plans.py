@@ -37,7 +37,8 @@ def test_auto_trains_where_the_planner_predicts_a_gain(tmp_path):
     # Profiles with fixed stage times (a slow edge: 2 ms per stage; a fast server), so that which boundaries
     # pay does not depend on how loaded this machine is while the test runs.
     _, staged, exits, _ = load_default()
-    measured = profile_model(staged, exits, get_codec("uint8-affine"), torch.zeros(1, 1, 28, 28), repeats=1, threads=1, model_name="default")
+    measured = profile_model(staged, exits, get_codec("uint8-affine"), torch.zeros(1, 1, 28, 28), repeats=1,
+                             threads=1, model_name="default")
     n = measured.num_stages
     edge = dataclasses.replace(measured, stage_ms=[2.0] * n)
     server = dataclasses.replace(measured, stage_ms=[0.01] * n)
