@@ -34,14 +34,22 @@ def test_auto_trains_where_the_planner_predicts_a_gain(tmp_path):
     from splitinfer.bundle import load_bundle
     from splitinfer.codec import get_codec
 
-    # Profiles with fixed stage times (a slow edge: 2 ms per stage; a fast server), so that which boundaries
-    # pay does not depend on how loaded this machine is while the test runs.
+    # Profiles with fixed times (an edge whose first stages are cheap and the rest slow, a fast server), so that
+    # which boundaries pay does not depend on how loaded this machine is while the test runs: a small codec
+    # after the cheap stages beats sending the input file on slow links by a clear margin (~5 % of the
+    # expected latency over the grid; with a uniform 2 ms per stage the margin was ~0 and the test flaky).
     _, staged, exits, _ = load_default()
     measured = profile_model(staged, exits, get_codec("uint8-affine"), torch.zeros(1, 1, 28, 28), repeats=1,
                              threads=1, model_name="default")
     n = measured.num_stages
-    edge = dataclasses.replace(measured, stage_ms=[2.0] * n)
-    server = dataclasses.replace(measured, stage_ms=[0.01] * n)
+
+    def fixed(stage_ms: list[float]):
+        return dataclasses.replace(measured, stage_ms=stage_ms, stage_ms_stats=[],
+                                   exit_ms={b: 0.2 for b in measured.exit_ms}, encode_ms=[0.15] * n,
+                                   decode_ms=[0.05] * n)
+
+    edge = fixed([0.2] * 5 + [3.0] * (n - 5))
+    server = fixed([0.01] * n)
     lines: list[str] = []
     auto = AutoBottlenecks(budget_s=60, count=1, train_images=256, echo=lines.append)
     result = make_default_plan(tmp_path / "b", Link(1e6, 0.02), repeats=2, validation_limit=700,
