@@ -96,7 +96,7 @@ def export_triton(
                                           help="Model name (default: NAME_tailK; the plan's model name for split 0)."),
     decoder: bool | None = typer.Option(None, "--decoder/--no-decoder",
                                         help="Put the learned bottleneck's decoder in front of the tail (default: "
-                                             "when the bundle's learned codec sits at the split)."),
+                                             "when one of the bundle's learned codecs sits at the split)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT/<model name> if it exists."),
 ) -> None:
     """Write OUT/<model name>/{config.pbtxt,1/model.onnx|model.pt} so Triton or KServe can run BUNDLE's tail.
@@ -105,7 +105,8 @@ def export_triton(
 
     Codec decoding stays with the caller: decode the uint8-affine/float32 payload before calling the model.
 
-    At the learned codec's split the model includes the bottleneck decoder and takes entropy-decoded UINT8 'symbols'.
+    At a split where the bundle has a learned codec the model includes that bottleneck's decoder and takes
+    entropy-decoded UINT8 'symbols'.
 
     The written model is run on a batch of 3 and compared with the torch tail before it is moved into place.
 
