@@ -35,8 +35,11 @@ from splitinfer.energy import DeviceProfile
 from splitinfer.models import embedded_model
 from splitinfer.timing import time_calls, time_codec
 
-GRID_BANDWIDTHS = (0.5e6, 1e6, 2e6, 5e6, 10e6, 20e6, 50e6, 100e6, 200e6)
-GRID_RTTS = (0.005, 0.020, 0.050, 0.100, 0.150)
+# The operating-point table's grid (bit/s, s). The agent picks the cell nearest its link estimate in log space,
+# so neighbouring RTTs must not be too far apart: on a slow edge the agent's own gRPC work adds ~5 ms to the RTT
+# it measures, and with only 5 and 20 ms an estimate of 10-14 ms on a 5 ms link fell in the 20 ms row.
+GRID_BANDWIDTHS = (0.25e6, 0.5e6, 1e6, 2e6, 5e6, 10e6, 20e6, 50e6, 100e6, 200e6)
+GRID_RTTS = (0.002, 0.005, 0.010, 0.020, 0.050, 0.100, 0.150)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from partitioner.cli import app
+from partitioner.make import GRID_BANDWIDTHS, GRID_RTTS
 from splitinfer.bundle import load_bundle
 from tests.support.servers import free_port, start_server
 
@@ -45,7 +46,8 @@ def test_plan_from_profile_files_writes_a_loadable_bundle(tmp_path, profiles):
     plan = bundle.plan
     n = bundle.staged.num_stages
     assert plan.split == out["split"] and plan.model.name == "resnet18" and plan.input.shape == [3, 64, 64]
-    assert {p.split for p in plan.operating_points} and len(plan.operating_points) == 45
+    assert {p.split for p in plan.operating_points}
+    assert len(plan.operating_points) == len(GRID_BANDWIDTHS) * len(GRID_RTTS)
     assert plan.pareto and plan.latency_curves and plan.objective["objective"] == "latency"
     assert plan.notes["edge_slowdown"] == 8
     # a slower edge makes offloading earlier worthwhile on a fast link, never later
