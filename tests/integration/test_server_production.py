@@ -309,13 +309,14 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate_and_plaintext(bu
 # ------------------------------------------------------------------------------------------ lifecycle
 
 
-def test_sigterm_under_load_answers_every_accepted_request(bundle_dir, tmp_path, free_port, sample):
+def _sigterm_under_load(bundle_dir, log_path, port: int, sample) -> tuple[int, str, list[str]]:
+    """Eight clients hammer a fresh server; after 100 answers it gets SIGTERM. Returns its exit code, its log and
+    every request's outcome ("ok", "refused" or "LOST <code>: <details>")."""
     # Inline runs off: a request run on the event loop is always finished before the loop handles the signal,
     # so it can never be the in-flight request a drain must wait for; the worker path is what this exercises.
-    server = spawn(free_port(), tmp_path / "server.log", {"SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS": "30",
-                                                        "SPLITINFER_CLOUD_WORKERS": "1",
-                                                        "SPLITINFER_CLOUD_INLINE_COMPUTE_MAX_MS": "0",
-                                                        "SPLITINFER_CLOUD_GRACE_S": "20"}, bundle=bundle_dir)
+    server = spawn(port, log_path, {"SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS": "30", "SPLITINFER_CLOUD_WORKERS": "1",
+                                    "SPLITINFER_CLOUD_INLINE_COMPUTE_MAX_MS": "0", "SPLITINFER_CLOUD_GRACE_S": "20"},
+                   bundle=bundle_dir)
     outcomes: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -349,21 +350,34 @@ def test_sigterm_under_load_answers_every_accepted_request(bundle_dir, tmp_path,
     stop.set()
     for t in threads:
         t.join(timeout=60)
-    log = server.log()
-    assert code == 0, log
-    counts = Counter(outcomes)
-    drained = re.search(r'"msg": "draining".*?"inflight": (\d+)', log)
-    assert drained and int(drained.group(1)) > 0, log  # requests were in flight when the signal came
-    stopped = re.search(r'"msg": "stopped".*?"unanswered": (\d+), "admitted": (\d+), "completed": (\d+)', log)
-    assert stopped, log
-    unanswered, admitted, completed = map(int, stopped.groups())
-    # Every request the server admitted was answered with its result, and the clients got exactly those:
-    assert unanswered == 0 and admitted == completed == counts["ok"], (stopped.groups(), counts)
-    # Anything else was refused before admission (UNAVAILABLE while draining, or the transport refusing new
-    # calls as it closes: CANCELLED/UNAVAILABLE), which a client may safely retry elsewhere.
-    others = {o for o in outcomes if o.startswith("LOST")}
-    assert all(o.startswith(("LOST CANCELLED", "LOST UNAVAILABLE")) for o in others), others
-    assert counts["ok"] >= 100
+    return code, server.log(), outcomes
+
+
+def test_sigterm_under_load_answers_every_accepted_request(bundle_dir, tmp_path, free_port, sample):
+    # The drain must meet requests in flight for the test to mean anything. Eight clients nearly always keep some
+    # in flight, but on a loaded machine the signal once landed between two waves (inflight 0: CI, 2026-12-03);
+    # such a run still has to answer everything, and the scenario is repeated until one drains in-flight work.
+    drained_inflight = []
+    for attempt in range(4):
+        code, log, outcomes = _sigterm_under_load(bundle_dir, tmp_path / f"server{attempt}.log", free_port(), sample)
+        assert code == 0, log
+        counts = Counter(outcomes)
+        drained = re.search(r'"msg": "draining".*?"inflight": (\d+)', log)
+        assert drained, log
+        stopped = re.search(r'"msg": "stopped".*?"unanswered": (\d+), "admitted": (\d+), "completed": (\d+)', log)
+        assert stopped, log
+        unanswered, admitted, completed = map(int, stopped.groups())
+        # Every request the server admitted was answered with its result, and the clients got exactly those:
+        assert unanswered == 0 and admitted == completed == counts["ok"], (stopped.groups(), counts)
+        # Anything else was refused before admission (UNAVAILABLE while draining, or the transport refusing new
+        # calls as it closes: CANCELLED/UNAVAILABLE), which a client may safely retry elsewhere.
+        others = {o for o in outcomes if o.startswith("LOST")}
+        assert all(o.startswith(("LOST CANCELLED", "LOST UNAVAILABLE")) for o in others), others
+        assert counts["ok"] >= 100
+        drained_inflight.append(int(drained.group(1)))
+        if drained_inflight[-1] > 0:
+            break
+    assert drained_inflight[-1] > 0, drained_inflight  # some run had requests in flight when the signal came
 
 
 # -------------------------------------------------------------------------------------------- replicas
