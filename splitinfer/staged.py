@@ -74,8 +74,11 @@ class StageInfo:
     peak_activation_bytes: int = 0  # largest set of simultaneously live tensors while the stage runs (batch 1)
 
 
-def _macs_of_module(mod: nn.Module, out_shape: torch.Size) -> int:
-    """Multiply-accumulates of one conv/linear call producing ``out_shape`` (batch 1)."""
+def module_macs(mod: nn.Module, out_shape: torch.Size, in_shape: torch.Size | None = None) -> int:
+    """Multiply-accumulates per sample of one conv/linear call producing ``out_shape``; a compound leaf (a
+    factorized layer, ``splitinfer_leaf``) counts its own from its input and output shapes."""
+    if getattr(mod, "splitinfer_leaf", False):
+        return int(mod.macs(in_shape, out_shape))
     out_per_sample = 1
     for s in list(out_shape)[1:]:
         out_per_sample *= s
@@ -87,6 +90,13 @@ def _macs_of_module(mod: nn.Module, out_shape: torch.Size) -> int:
     if isinstance(mod, nn.Linear):
         return out_per_sample * mod.in_features
     return 0
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping compound leaves (``splitinfer_leaf``: a factorized layer) as one call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return bool(getattr(m, "splitinfer_leaf", False)) or super().is_leaf_module(m, module_qualified_name)
 
 
 class StagedModel(nn.Module):
@@ -162,7 +172,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
     """
     model = model.eval()
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         raise ValueError(f"model is not fx-traceable: {exc}") from exc
     with torch.no_grad():
@@ -218,7 +228,9 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
             env[n] = g.node_copy(n, lookup)
             if n.op == "call_module":
                 mods.append(str(n.target))
-                macs += _macs_of_module(named_modules[n.target], n.meta["tensor_meta"].shape)
+                src = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], fx.Node) else None
+                macs += module_macs(named_modules[n.target], n.meta["tensor_meta"].shape,
+                                    src.shape if isinstance(src, TensorMeta) else None)
             live[n] = _tensor_bytes(n)
             peak = max(peak, sum(live.values()))
             i = pos[n]
