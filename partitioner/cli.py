@@ -315,6 +315,8 @@ def make_cmd(
     max_codec_drop: float = typer.Option(1.0, callback=NON_NEGATIVE,
                                          help="accept the learned codec only if its validation accuracy drop is at "
                                               "most this many points"),
+    compressed: Path = typer.Option(None, help="plan the compressed model `plan compress` wrote in this directory "
+                                               "(embedded models)"),
     head: str = typer.Option("fp32", callback=_one_of("fp32", "int8", "auto"),
                              help="edge head: fp32, int8 (post-training quantized), or auto (int8 when faster here "
                                   "and within --max-head-drop)"),
@@ -383,8 +385,10 @@ def make_cmd(
                                        edge_profile=eprof, server_profile=sprof, progress=progress,
                                        input_images=_read_images(input_images), model=model,
                                        bottlenecks=_bottleneck_source(bottlenecks, model) if auto is None else None,
-                                       auto_bottlenecks=auto)
+                                       auto_bottlenecks=auto, compressed=compressed)
         else:
+            if compressed is not None:
+                raise ValueError("--compressed applies to embedded models (plan compress writes them)")
             if head != "fp32":
                 raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
             target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
@@ -407,6 +411,51 @@ def make_cmd(
                                "pareto": [e.model_dump() for e in result.pareto or []]}, indent=2))
     else:
         typer.echo(split_table(result))
+
+
+@app.command("compress")
+def compress_cmd(
+    out: Path = typer.Option(..., help="directory for the compressed model (then: plan make --compressed DIR)"),
+    method: str = typer.Option(..., help="deep (prune + k-means sharing + entropy coding), lowrank (Tucker-2/SVD, "
+                                         "one rank rule for all layers), auto (per-layer ranks chosen by "
+                                         "sensitivity), ternary, binary, mixed (per-layer bit widths chosen by "
+                                         "sensitivity), uniform-bits"),
+    model: str = typer.Option("default", help="embedded model to compress"),
+    budget: float = typer.Option(None, help="lowrank/auto: fraction of the model's MACs kept (default 0.5); "
+                                            "mixed: mean bits per weight (default 4)"),
+    sparsity: float = typer.Option(0.7, callback=_range(0, 1, hi_open=True),
+                                   help="deep: fraction of each layer's weights pruned"),
+    bits: int = typer.Option(4, help="deep: bits per cluster index; uniform-bits: weight bits"),
+    epochs: float = typer.Option(2.0, callback=POSITIVE, help="distillation fine-tuning epochs (may be fractional)"),
+    train_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N training images"),
+    pow2: bool = typer.Option(False, help="uniform/mixed bits: power-of-two scales (dynamic fixed point)"),
+    seed: int = typer.Option(0, help="random seed"),
+    threads: int = typer.Option(None, callback=AT_LEAST_ONE, help="torch threads"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+) -> None:
+    """Compress an embedded model (see docs/compression.md) and write it with its recipe and test figures."""
+    from partitioner.compress import compress_embedded
+    from splitinfer.compression.methods import METHODS, Options
+    from splitinfer.errors import SplitInferError
+    from splitinfer.models import EMBEDDED_MODELS
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"choose one of {', '.join(METHODS)}, not {method!r}", param_hint="'--method'")
+    if model not in EMBEDDED_MODELS:
+        raise typer.BadParameter(f"plan compress needs training data: choose an embedded model "
+                                 f"({', '.join(EMBEDDED_MODELS)}), not {model!r}", param_hint="'--model'")
+    if not 1 <= bits <= 8:
+        raise typer.BadParameter(f"must be 1..8, got {bits}", param_hint="'--bits'")
+    try:
+        info = compress_embedded(model, method, out, Options(epochs=epochs, budget=budget, sparsity=sparsity,
+                                                              bits=bits, seed=seed, pow2=pow2),
+                                 train_limit, data_dir, threads)
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    f = info["figures"]
+    typer.echo(f"{method}: test accuracy {f['test_accuracy']:.4f} (fp32 {f['test_accuracy_fp32']:.4f}, drop "
+               f"{f['drop_points']:.2f} points); stored {f['stored_bytes']:,} B ({f['storage_ratio']:.1f}x below "
+               f"fp32 safetensors); MACs {f['macs']:,} ({f['mac_reduction']:.0%} fewer); wrote {out}")
 
 
 @app.command("calibrate-exits")

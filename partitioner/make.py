@@ -33,6 +33,7 @@ from splitinfer.codec import get_codec
 from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, render
 from splitinfer.energy import DeviceProfile
 from splitinfer.models import embedded_model
+from splitinfer.staged import stage_model
 from splitinfer.timing import time_calls, time_codec
 
 # The operating-point table's grid (bit/s, s). The agent picks the cell nearest its link estimate in log space,
@@ -442,6 +443,18 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
                       path=path, server_profile=server, pareto=pareto, planner=planner)
 
 
+def load_compressed_for(path: Path, model: str):
+    """The compressed model written by ``plan compress`` in ``path`` (it must compress embedded model ``model``):
+    (model, staged, weights file bytes, recipe for ``plan.model.compression``)."""
+    from splitinfer.compression import artifact
+
+    net, info = artifact.load(Path(path), lambda name: embedded_model(name).build(10))
+    if info["base_model"] != model:
+        raise ValueError(f"{path} compresses model {info['base_model']!r}, not {model!r}")
+    staged = stage_model(net, embedded_model(model).example())
+    return net, staged, (Path(path) / artifact.WEIGHTS_FILE).read_bytes(), artifact.recipe_of(info)
+
+
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,
                       splits: str = "all", epsilon: float = 0.01, delta: float = 0.05, repeats: int = 30,
                       data_dir: str | None = None, weights: Path | None = None, codec: str = "uint8-affine",
@@ -453,7 +466,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                       server_profile: Profile | None = None, progress: bool = False,
                       input_images: tuple[bytes, ...] = (), model: str = "default",
                       bottlenecks: Sequence[Bottleneck] | None = None,
-                      auto_bottlenecks: AutoBottlenecks | None = None) -> PlanResult:
+                      auto_bottlenecks: AutoBottlenecks | None = None,
+                      compressed: Path | None = None) -> PlanResult:
     """Plan an embedded model (``model``: the default, or another of :data:`splitinfer.models.EMBEDDED_MODELS`)
     for one link condition and write the bundle to ``out``.
 
@@ -470,6 +484,9 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     ``head``: ``fp32``, ``int8`` (quantize the chosen split's head), or ``auto`` (int8 when it is measured
     faster here and its validation accuracy drop is at most ``max_head_drop`` points).
 
+    ``compressed``: a directory written by ``plan compress`` for this model: the plan runs that compressed
+    model (exits and codecs as committed; thresholds calibrated on it), and the bundle ships its weights file.
+
     ``edge_profile``/``server_profile``: profiles measured on the two machines (default: measured here).
     ``input_images``: sample files as users send them (default: each validation image as PNG or JPEG quality
     90, whichever is smaller).
@@ -481,6 +498,9 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                        input_images=input_images)
     size = embedded_model(model).size
     net, staged, exits, info = load_default(weights, model)
+    weights_data, recipe = None, None
+    if compressed is not None:
+        net, staged, weights_data, recipe = load_compressed_for(compressed, model)
     seed = int(info["config"]["seed"])
     train = load_fashion_mnist("train", data_dir)
     _, va_idx = split_train_validation(len(train), seed)
@@ -533,7 +553,7 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     plan = new_plan(
         model, staged, spec,
         split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
-        weights_source="committed",
+        weights_source="committed", compression=recipe,
         active_exit_rates={b: round(r, 5) for b, r in planner.exit_rates(tuple(chosen.exits)).items()},
         learned_codecs=[CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) for lc in learned],
         exit_calibration=calibration_spec(cal, scores),
@@ -554,6 +574,6 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         plan = plan.model_copy(update={"head": head_spec})
     path = save_bundle(out, plan, net, {b: exits[b] for b in sorted(exits)},
                        codec_states={lc.boundary: lc.codec.bottleneck.state_for_bundle() for lc in learned},
-                       head_calibration=calib if plan.head.kind == "int8" else None)
+                       head_calibration=calib if plan.head.kind == "int8" else None, weights_data=weights_data)
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=agreement,
                       path=path, server_profile=server, pareto=pareto, planner=planner)

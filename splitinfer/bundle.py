@@ -207,13 +207,17 @@ def build_from_spec(spec: ModelSpec, trust_factory: bool = False) -> torch.nn.Mo
 
 def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dict[int, ExitHead],
                 codec_states: dict[int, dict[str, torch.Tensor]] | None = None,
-                head_calibration: torch.Tensor | None = None) -> Path:
+                head_calibration: torch.Tensor | None = None, weights_data: bytes | None = None) -> Path:
     """Write a bundle directory (created if needed); fills ``plan.files`` with the files' hashes.
 
     ``codec_states`` holds each learned codec's tensors keyed by its boundary (exactly the boundaries of
     ``plan.learned_codecs``), written to ``codec_<boundary>.safetensors``; ``head_calibration`` the int8 head's
-    calibration inputs (required when ``plan.head.kind == "int8"``).
+    calibration inputs (required when ``plan.head.kind == "int8"``); ``weights_data`` the model file as written
+    by ``plan compress`` (coded layers; ``plan.model.compression`` says how to rebuild it), copied unchanged.
     """
+    if (plan.model.compression is not None) != (weights_data is not None):
+        raise BundleError("a compressed model needs its weights file (weights_data) and its recipe "
+                          "(plan.model.compression), both or neither")
     if (plan.head.kind == "int8") != (head_calibration is not None):
         raise BundleError("an int8 head needs its calibration inputs (head_calibration), and only an int8 head")
     codec_states = dict(codec_states or {})
@@ -222,7 +226,10 @@ def save_bundle(path: str | Path, plan: Plan, model: torch.nn.Module, exits: dic
                           f"must hold their weights, keyed by those boundaries (got {sorted(codec_states)})")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / MODEL_FILE))
+    if weights_data is not None:
+        (path / MODEL_FILE).write_bytes(weights_data)
+    else:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / MODEL_FILE))
     files = {MODEL_FILE: sha256_file(path / MODEL_FILE)}
     if exits:
         tensors = {f"{b}.{k}": v.detach().contiguous() for b, h in exits.items() for k, v in h.state_dict().items()}
@@ -284,11 +291,19 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
             raise BundleError(f"plan.json lists no hash for {required}")
     _check_files(path, plan)
     model = build_from_spec(plan.model, trust_factory)
-    state = _load_safetensors(path / plan.model.weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"weights in {plan.model.weights} do not fit model {plan.model.name}: {exc}") from exc
+    if plan.model.compression is not None:
+        from splitinfer.compression.artifact import rebuild
+
+        try:
+            model = rebuild(model, plan.model.compression, (path / plan.model.weights).read_bytes())
+        except BundleError as exc:
+            raise BundleError(f"{plan.model.weights}: {exc}") from exc
+    else:
+        state = _load_safetensors(path / plan.model.weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"weights in {plan.model.weights} do not fit model {plan.model.name}: {exc}") from exc
     model.eval()
     try:
         staged = stage_model(model, torch.zeros(1, *plan.input.shape))
@@ -350,7 +365,8 @@ def _load_learned_codecs(path: Path, plan: Plan) -> dict[int, LearnedCodec]:
 
 def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split: int, codec: CodecSpec,
              exits: list[ExitSpec] | None = None, factory: str | None = None, created: str | None = None,
-             weights_source: str | None = None, learned_codecs: list[CodecSpec] | None = None, **extra) -> Plan:
+             weights_source: str | None = None, learned_codecs: list[CodecSpec] | None = None,
+             compression: dict | None = None, **extra) -> Plan:
     """Assemble a :class:`Plan` from a staged model (boundaries and stages filled in from it); ``learned_codecs``
     are the learned codecs the bundle carries (each at the boundary its params name)."""
     import datetime as _dt
@@ -359,7 +375,8 @@ def new_plan(model_name: str, staged: StagedModel, input_spec: InputSpec, split:
     return Plan(
         created=created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         model=ModelSpec(name=model_name, factory=factory, num_classes=num_classes,
-                        params=sum(p.numel() for p in staged.model.parameters()), weights_source=weights_source),
+                        params=sum(p.numel() for p in staged.model.parameters()), weights_source=weights_source,
+                        compression=compression),
         input=input_spec,
         boundaries=[BoundarySpec(index=b.index, node=b.node, shape=b.shape, fp32_bytes=b.fp32_bytes)
                     for b in staged.boundaries],

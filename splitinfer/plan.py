@@ -85,6 +85,10 @@ class ModelSpec(BaseModel):
                           "user's safetensors) or 'random' (an untrained initialisation: latency and bytes are "
                           "real, answers are not); None in bundles written before this field existed")
 
+    compression: dict | None = Field(
+        None, description="the compressed model's recipe (splitinfer.compression.artifact: method, structure of "
+                          "factorized layers, base model); its weights file may hold coded layers; None: as trained")
+
     @property
     def random_weights(self) -> bool:
         """True when the weights are an untrained initialisation (answers are meaningless)."""
