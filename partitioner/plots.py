@@ -224,3 +224,25 @@ def operating_point_figure(plan: Plan) -> Figure:
 def operating_point_map(plan: Plan, path: Path) -> Path:
     """Write :func:`operating_point_figure` to ``path``."""
     return _write(operating_point_figure(plan), path)
+
+
+def compression_figure(variants: list[dict]) -> Figure:
+    """Accuracy vs stored bytes and accuracy vs latency of compressed variants. Each variant: ``name``,
+    ``test_accuracy``, ``stored_bytes`` and optionally ``latency_ms`` (None: not measured)."""
+    fig = _figure((11, 4.2))
+    left, right = fig.subplots(1, 2)
+    for v in variants:
+        marker = "*" if v["name"] == "fp32" else "o"
+        left.scatter(v["stored_bytes"] / 1e3, 100 * v["test_accuracy"], marker=marker, s=60, label=v["name"])
+        if v.get("latency_ms") is not None:
+            right.scatter(v["latency_ms"], 100 * v["test_accuracy"], marker=marker, s=60, label=v["name"])
+    left.set_xscale("log")
+    _finish(fig, left, "stored weights (kB, log)", "test accuracy (%)", "accuracy vs stored bytes")
+    _finish(fig, right, "full model latency, batch 1, 1 thread (ms)", "test accuracy (%)",
+            "accuracy vs latency (sub-8-bit: fp32 kernels)")
+    return fig
+
+
+def compression_plot(variants: list[dict], path: Path) -> Path:
+    """Write :func:`compression_figure` to ``path``."""
+    return _write(compression_figure(variants), path)

@@ -7,7 +7,8 @@ layer is stored as
 
 * ``NAME::payload``  uint8: the symbols in C order, coded by :class:`splitinfer.entropy.SymbolCoder` (ANS over
   the layer's own symbol frequencies, or raw bit-packing), with that payload's header and CRC32;
-* ``NAME::codebook`` float32 ``[groups, 2**bits]``;
+* ``NAME::codebook`` float32 ``[groups, 2**bits]``, or ``NAME::scales`` float32 ``[groups]`` for a symmetric
+  uniform grid (:func:`symmetric_codebook` rebuilds the codebook);
 * ``NAME::table``    float32 ``[1, 2**bits]``: the ANS probability table (absent for raw packing).
 
 Pruned weights are the symbol whose codebook value is 0 (Deep Compression keeps symbol 0 for them), so the
@@ -52,6 +53,9 @@ class CodedTensor:
     codebook: torch.Tensor
     """float32 ``[groups, 2**bits]``; groups is 1 or the weight's first dimension."""
     bits: int
+    scales: torch.Tensor | None = None
+    """For a symmetric uniform grid: the per-group scales the codebook was built from
+    (:func:`symmetric_codebook`); stored instead of the codebook (one float per channel, not ``2**bits``)."""
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
@@ -64,6 +68,15 @@ class CodedTensor:
     def values(self) -> torch.Tensor:
         """The float32 weight (exactly what the evaluated model used)."""
         return shared_weight(self.symbols, self.codebook)
+
+
+def symmetric_codebook(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 ``[groups, 2**bits]``: ``scale * k`` for ``k = -q..q`` (``q = 2**(bits-1) - 1``), then one unused 0
+    entry. The uniform quantizer and the decoder both build their codebooks here, so decoding is bit-exact."""
+    q = (1 << (bits - 1)) - 1
+    grid = torch.arange(-q, q + 1, dtype=torch.float32)
+    book = scales.to(torch.float32)[:, None] * grid[None, :]
+    return torch.cat([book, torch.zeros(len(scales), 1)], 1)
 
 
 def shared_weight(symbols: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -106,11 +119,18 @@ def encode_state(state: dict[str, torch.Tensor], coded: dict[str, CodedTensor], 
         table = fit_tables(sym, levels) if coder == "ans" else None
         payload = SymbolCoder([1, sym.shape[2]], c.bits, table, coder=coder, max_batch=1).encode(sym)
         tensors[name + SEP + "payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        tensors[name + SEP + "codebook"] = c.codebook.detach().to(torch.float32).contiguous()
+        grid = "codebook"
+        if c.scales is not None:
+            if not torch.equal(symmetric_codebook(c.scales, c.bits), c.codebook):
+                raise ValueError(f"coded {name}: codebook is not the symmetric grid of its scales")
+            tensors[name + SEP + "scales"] = c.scales.detach().to(torch.float32).contiguous()
+            grid = "symmetric"
+        else:
+            tensors[name + SEP + "codebook"] = c.codebook.detach().to(torch.float32).contiguous()
         if table is not None:
             tensors[name + SEP + "table"] = torch.from_numpy(table)
         recipe[name] = {"shape": list(value.shape), "bits": c.bits, "groups": int(c.codebook.shape[0]),
-                        "coder": coder}
+                        "coder": coder, "grid": grid}
     missing = set(coded) - set(state)
     if missing:
         raise ValueError(f"coded tensors not in the state: {sorted(missing)}")
@@ -185,6 +205,13 @@ def decode_state(data: bytes, max_elements: int = MAX_CODED_ELEMENTS) -> dict[st
         payload = tensors.get(name + SEP + "payload")
         codebook = tensors.get(name + SEP + "codebook")
         table = tensors.get(name + SEP + "table")
+        if r.get("grid") == "symmetric":
+            scales = tensors.get(name + SEP + "scales")
+            if scales is None or scales.dtype != torch.float32 or list(scales.shape) != [groups] or bits < 2:
+                raise BundleError(f"coded weights: {name} lacks its {groups} scales (or has {bits} bits)")
+            codebook = symmetric_codebook(scales, bits)
+        elif r.get("grid", "codebook") != "codebook":
+            raise BundleError(f"coded weights: {name} has an unknown grid {r.get('grid')!r}")
         if payload is None or codebook is None or payload.dtype != torch.uint8 or codebook.dtype != torch.float32:
             raise BundleError(f"coded weights: {name} lacks its payload or codebook")
         if list(codebook.shape) != [groups, 1 << bits] or not torch.isfinite(codebook).all():

@@ -10,9 +10,10 @@ sees one call, so boundaries, exits and codecs are unchanged, and MACs are count
 **Rank rule** (per layer): given the fraction ``keep`` of the layer's MACs it may keep, the ranks are the
 largest with the same fraction of input and output channels (``R_in / I == R_out / O``, rounded to a multiple
 of 4 where the layer has at least 16 channels) whose factorized MACs are at most ``keep`` times the original.
-A layer that no rank makes cheaper (a 1-channel stem, a 1x1 convolution whose rank would be near full) is left
-as it is. The per-layer ``keep`` is uniform or chosen by the automated policy
-(:mod:`splitinfer.compression.policy`). Depthwise/grouped convolutions are not factorized.
+A layer that no rank makes cheaper is left as it is, and so are convolutions with fewer than 4 input channels
+(a grey or RGB stem: its filters span at most 9-27 dimensions, there is nothing low-rank to remove) and layers
+with less than 1 % of the model's MACs (they cannot pay). The per-layer ``keep`` is uniform or chosen by the
+automated policy (:mod:`splitinfer.compression.policy`). Depthwise/grouped convolutions are not factorized.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 from splitinfer.compression.layers import layer_macs
+
+MIN_MAC_SHARE = 0.01
+MIN_IN_CHANNELS = 4
 
 
 class Tucker2Conv(nn.Module):
@@ -116,7 +120,7 @@ def ranks_for(layer: nn.Module, in_hw: int, out_hw: int, keep: float) -> tuple[i
     if keep >= 1:
         return None
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
+        if layer.groups != 1 or layer.in_channels < MIN_IN_CHANNELS:
             return None
         o, i = layer.out_channels, layer.in_channels
         k = math.prod(layer.kernel_size)
@@ -143,11 +147,15 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+
+
 def factorize(model: nn.Module, example: torch.Tensor, keep: float | dict[str, float],
-              layers: list[str] | None = None) -> list[dict]:
+              layers: list[str] | None = None, min_mac_share: float = MIN_MAC_SHARE) -> list[dict]:
     """Factorize ``model``'s layers in place by the rank rule: ``keep`` is the MAC fraction per layer (one value
-    for all, or per layer name; a missing name keeps the layer). Returns the structure recipe: one entry per
-    factorized layer (``{"layer", "kind", "ranks"}``), what :func:`apply_structure` rebuilds."""
+    for all, or per layer name; a missing name keeps the layer). Layers holding less than ``min_mac_share`` of
+    the model's MACs are left alone (they cannot pay: the default model's 96 -> 10 classifier, resnet50's fc).
+    Returns the structure recipe: one entry per factorized layer (``{"layer", "kind", "ranks"}``), what
+    :func:`apply_structure` rebuilds."""
     shapes: dict[str, tuple[int, int]] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -162,9 +170,13 @@ def factorize(model: nn.Module, example: torch.Tensor, keep: float | dict[str, f
     finally:
         for h in hooks:
             h.remove()
+    macs = layer_macs(model, example)
+    total = sum(macs.values())
     recipe = []
     for name, mod in list(model.named_modules()):
         if name not in shapes or (layers is not None and name not in layers):
+            continue
+        if macs.get(name, 0) < min_mac_share * total:
             continue
         k = keep if isinstance(keep, float | int) else keep.get(name, 1.0)
         ranks = ranks_for(mod, *shapes[name], float(k))

@@ -51,6 +51,8 @@ class Options:
     lr: float = 1e-3
     seed: int = 0
     pow2: bool = False
+    keep: float | None = None
+    """lowrank: one MAC keep fraction for every layer, given directly (instead of derived from ``budget``)."""
 
 
 @dataclass
@@ -82,8 +84,13 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
         if not 0 < keep_fraction < 1:
             raise ValueError(f"--budget for {method} is the fraction of MACs kept, in (0, 1): got {keep_fraction}")
         budget = keep_fraction * full_macs
-        if method == "lowrank":
-            keep: float | dict[str, float] = policy.uniform_keep(m, example, budget)
+        if method == "lowrank" and opts.keep is not None:
+            if not 0 < opts.keep < 1:
+                raise ValueError(f"keep must be in (0, 1), got {opts.keep}")
+            keep: float | dict[str, float] = opts.keep
+            rep["rule"] = f"one keep fraction {keep} for every layer (given)"
+        elif method == "lowrank":
+            keep = policy.uniform_keep(m, example, budget)
             rep["rule"] = f"one keep fraction {keep} for every layer (the largest meeting {keep_fraction:.0%} MACs)"
         else:
             sens = policy.lowrank_sensitivity(m, example, data.x_val)

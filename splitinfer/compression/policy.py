@@ -84,7 +84,7 @@ def bits_sensitivity(model: nn.Module, x_val: torch.Tensor, bits: tuple[int, ...
             m = copy.deepcopy(model)
             parametrize.register_parametrization(m.get_submodule(name), "weight", Uniform(b))
             row_d.append(kl_to(predict(m, x_val), ref))
-            row_c.append(float(b * n + 32 * m.get_submodule(name).weight.shape[0] * (1 << b)))
+            row_c.append(float(b * n + 32 * mod.weight.shape[0]))  # symbols + one float32 scale per channel
         sens.distortion[name], sens.cost[name] = row_d, row_c
     return sens
 

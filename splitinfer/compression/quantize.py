@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from splitinfer.compression.coding import CodedTensor, shared_weight
+from splitinfer.compression.coding import CodedTensor, shared_weight, symmetric_codebook
 from splitinfer.compression.layers import weight_layers
 
 TTQ_THRESHOLD = 0.05
@@ -100,10 +100,7 @@ class Uniform(nn.Module):
         return torch.clamp(torch.round(w.detach() / s), -self.q, self.q)
 
     def codebook(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.scale(w)
-        grid = torch.arange(-self.q, self.q + 1, dtype=torch.float32)
-        book = s[:, None] * grid[None, :]
-        return torch.cat([book, torch.zeros(len(s), 1)], 1)  # 2**bits entries: the last one unused
+        return symmetric_codebook(self.scale(w), self.bits)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         symbols = (self.levels(w) + self.q).long()
@@ -111,7 +108,7 @@ class Uniform(nn.Module):
         return hard + (w - w.detach())
 
     def coded(self, w: torch.Tensor) -> CodedTensor:
-        return CodedTensor((self.levels(w) + self.q).long(), self.codebook(w), self.bits)
+        return CodedTensor((self.levels(w) + self.q).long(), self.codebook(w), self.bits, scales=self.scale(w))
 
 
 def quantizable(model: nn.Module, keep_ends: bool) -> list[tuple[str, nn.Module]]:
@@ -158,4 +155,5 @@ def bake(model: nn.Module, quantizers: dict[str, nn.Module]) -> dict[str, CodedT
 
 def coded_bytes_estimate(coded: dict[str, CodedTensor]) -> int:
     """Raw bit-packed size of the coded layers (symbols at their bit width plus float32 codebooks)."""
-    return sum(math.ceil(c.symbols.numel() * c.bits / 8) + 4 * c.codebook.numel() for c in coded.values())
+    return sum(math.ceil(c.symbols.numel() * c.bits / 8)
+               + 4 * (c.scales.numel() if c.scales is not None else c.codebook.numel()) for c in coded.values())

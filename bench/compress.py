@@ -1,0 +1,226 @@
+"""Benchmark: every compression method on the default model, the full Fashion-MNIST test set, against fp32.
+
+Variants (each fine-tuned by distillation from the fp32 model for ``--epochs`` epochs on the training split,
+labels included; ``--train-limit`` trims the images):
+
+* ``deep``: Deep Compression (70 % sparsity per layer, 4-bit shared weights, ANS coded indices and positions);
+* ``lowrank``: Tucker-2 on every convolution with one MAC keep fraction ``--lowrank-keep`` (the rank rule);
+* ``auto`` and ``uniform``: low rank at the same whole-model MAC budget (``--mac-budget``, 50 %): per-layer keep
+  fractions chosen by the automated policy (greedy on measured sensitivity) vs one fraction for all layers;
+* ``ternary`` (TTQ) and ``binary`` (first and last layer in full precision);
+* ``mixed``: per-layer bit widths (2..8) chosen by the policy under a mean of ``--mixed-bits`` bits per weight,
+  and ``uniform-bits`` (every layer at ``--mixed-bits`` rounded) as its reference.
+
+Per variant: test accuracy and drop (points), stored bytes (the file a bundle ships) and the ratio to fp32
+safetensors, the ratio for the compressed layers alone, MACs, and latency (batch 1, 1 thread, medians; each
+variant timed alternately with fp32 in the same run, reported as ratios) of the whole model and of the
+split-6 head (stem and first downsampling). resnet50 (random weights, 224x224, latency only): its head to the
+end of layer2 with every convolution of layer1-2 factorized at ``--resnet-keep``.
+
+Sub-8-bit weights (ternary, binary, mixed) have no fast kernels in torch: their latency is fp32's and no
+speedup is claimed; their gain is storage (and the energy of moving weights, not modelled here).
+
+Run: ``python -m bench.compress --out FILE.json`` (also writes FILE.png and prints the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+
+from bench.codec import head_latency_pair
+from partitioner.compress import figures, training_data
+from partitioner.plots import compression_plot
+from splitinfer.compression import artifact
+from splitinfer.compression.coding import SEP
+from splitinfer.compression.layers import state_bytes
+from splitinfer.compression.lowrank import factorize, total_macs
+from splitinfer.compression.methods import Compressed, Data, Options, compress
+from splitinfer.staged import stage_model
+
+HEAD_SPLIT = 6
+
+
+def coded_layer_bytes(data: bytes, coded: dict) -> tuple[int, int]:
+    """(stored bytes of the coded layers, their fp32 bytes) in a coded-weights file."""
+    tensors = safetensors_load(data)
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if SEP in k)
+    fp32 = sum(4 * c.symbols.numel() for c in coded.values())
+    return stored, fp32
+
+
+def head(model: torch.nn.Module, example: torch.Tensor, split: int) -> torch.nn.Module:
+    """The staged head of ``model`` up to ``split`` (what the edge runs)."""
+    return torch.nn.Sequential(*stage_model(model, example).stages[:split]).eval()
+
+
+def latency(base: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
+    """Median batch-1 latency (ms) of two modules timed alternately, and their ratio."""
+    a, b = head_latency_pair(base, other, x, rounds=rounds, reps=200)
+    return {"fp32_ms": round(a, 4), "ms": round(b, 4), "speedup": round(a / b, 3)}
+
+
+def resnet50_lowrank(keep: float, rounds: int) -> dict:
+    """resnet50 (random weights) head to the end of layer2: fp32 vs every layer1-2 convolution factorized."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    ex = torch.zeros(1, 3, 224, 224)
+    staged = stage_model(model, ex)
+    split = max(b.index for b in staged.boundaries if b.node.startswith("layer2_"))
+    fact = torchvision.models.resnet50(weights=None).eval()
+    fact.load_state_dict(model.state_dict())
+    names = [n for n, m in fact.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and n.startswith(("layer1", "layer2"))]
+    recipe = factorize(fact, ex, keep, layers=names)
+    fstaged = stage_model(fact, ex)
+    if [b.shape for b in fstaged.boundaries] != [b.shape for b in staged.boundaries]:
+        raise RuntimeError("factorization changed resnet50's boundaries")
+    h0 = torch.nn.Sequential(*staged.stages[:split]).eval()
+    h1 = torch.nn.Sequential(*fstaged.stages[:split]).eval()
+    x = torch.randn(1, 3, 224, 224)
+    a, b = head_latency_pair(h0, h1, x, rounds=rounds, reps=10)
+    return {"split": split, "keep": keep, "factorized_layers": len(recipe),
+            "head_macs_fp32": staged.macs_between(0, split), "head_macs": fstaged.macs_between(0, split),
+            "fp32_ms": round(a, 3), "ms": round(b, 3), "speedup": round(a / b, 3),
+            "note": "random weights: latency only (a low-rank random layer has no accuracy to keep)"}
+
+
+def evaluate(name: str, base: torch.nn.Module, result: Compressed, x_test, y_test, example, rounds: int) -> dict:
+    """Figures of one variant (accuracy, bytes, MACs, latency ratios)."""
+    data = artifact.weights_bytes(result.model, result.coded)
+    row = {"name": name, **figures(base, result, x_test, y_test, len(data))}
+    if result.coded:
+        stored, fp32 = coded_layer_bytes(data, result.coded)
+        row.update(coded_layers_stored_bytes=stored, coded_layers_fp32_bytes=fp32,
+                   coded_layers_ratio=round(fp32 / stored, 2))
+    bh, ch = head(base, example, HEAD_SPLIT), head(result.model, example, HEAD_SPLIT)
+    sb, sc = stage_model(base, example), stage_model(result.model, example)
+    row["head_split"] = HEAD_SPLIT
+    row["head_macs_fp32"] = sb.macs_between(0, HEAD_SPLIT)
+    row["head_macs"] = sc.macs_between(0, HEAD_SPLIT)
+    row["head_mac_reduction"] = round(1 - row["head_macs"] / row["head_macs_fp32"], 4)
+    x1 = x_test[:1]
+    row["head_latency"] = latency(bh, ch, x1, rounds)
+    row["model_latency"] = latency(base, result.model, x1, rounds)
+    row["latency_ms"] = row["model_latency"]["ms"]
+    row["report"] = {k: v for k, v in result.report.items() if k not in ("sensitivity",)}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The printed table."""
+    lines = [f"{'variant':<14} {'acc':>7} {'drop':>6} {'stored B':>10} {'x fp32':>7} {'x layers':>8} "
+             f"{'MACs -%':>7} {'head MACs -%':>12} {'head x':>7} {'model x':>7}"]
+    for r in rows:
+        lines.append(f"{r['name']:<14} {r['test_accuracy']:>7.4f} {r['drop_points']:>6.2f} {r['stored_bytes']:>10,} "
+                     f"{r['storage_ratio']:>7.2f} {r.get('coded_layers_ratio', float('nan')):>8.2f} "
+                     f"{100 * r['mac_reduction']:>7.1f} {100 * r['head_mac_reduction']:>12.1f} "
+                     f"{r['head_latency']['speedup']:>7.3f} {r['model_latency']['speedup']:>7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--lowrank-keep", type=float, default=0.25)
+    ap.add_argument("--mac-budget", type=float, default=0.5)
+    ap.add_argument("--mixed-bits", type=float, default=3.0)
+    ap.add_argument("--resnet-keep", type=float, default=0.4)
+    ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per latency ratio")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training (timing uses 1)")
+    ap.add_argument("--skip-resnet50", action="store_true")
+    ap.add_argument("--methods", default="deep,lowrank,auto,uniform,ternary,binary,mixed,uniform-bits")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    net, _staged, x, y, x_val, x_test, y_test = training_data("default", train_limit=args.train_limit)
+    if args.test_limit:
+        x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
+    example = torch.zeros(1, 1, 28, 28)
+    torch.set_num_threads(args.threads)
+    data = Data.of(net, x, y, x_val)
+    full_macs = total_macs(net, example)
+    opts = Options(epochs=args.epochs)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    plan = {
+        "deep": ("deep", opts),
+        "lowrank": ("lowrank", Options(epochs=args.epochs, keep=args.lowrank_keep)),
+        "auto": ("auto", Options(epochs=args.epochs, budget=args.mac_budget)),
+        "uniform": ("lowrank", Options(epochs=args.epochs, budget=args.mac_budget)),
+        "ternary": ("ternary", opts),
+        "binary": ("binary", opts),
+        "mixed": ("mixed", Options(epochs=args.epochs, budget=args.mixed_bits)),
+        "uniform-bits": ("uniform-bits", Options(epochs=args.epochs, bits=max(2, round(args.mixed_bits)))),
+    }
+    rows: list[dict] = []
+    fp32 = Compressed(model=net, method="fp32", report={"macs_before": full_macs, "macs_after": full_macs})
+    torch.set_num_threads(1)
+    rows.append(evaluate("fp32", net, fp32, x_test, y_test, example, args.rounds))
+    for name in wanted:
+        method, o = plan[name]
+        torch.set_num_threads(args.threads)
+        result = compress(net, example, method, data, o)
+        torch.set_num_threads(1)
+        row = evaluate(name, net, result, x_test, y_test, example, args.rounds)
+        rows.append(row)
+        print(f"{name}: acc {row['test_accuracy']:.4f} drop {row['drop_points']:+.2f}, stored {row['stored_bytes']:,} "
+              f"B (x{row['storage_ratio']:.1f}), MACs -{100 * row['mac_reduction']:.0f} %, head "
+              f"x{row['head_latency']['speedup']:.2f} ({result.report['seconds']:.0f} s)", flush=True)
+    torch.set_num_threads(1)
+    r50 = None if args.skip_resnet50 else resnet50_lowrank(args.resnet_keep, max(3, args.rounds // 2))
+    by = {r["name"]: r for r in rows}
+
+    def get(name: str, key: str):
+        return by[name][key] if name in by else None
+
+    summary = {
+        "test_images": len(x_test),
+        "fp32_accuracy": by["fp32"]["test_accuracy"],
+        "deep_compression_ratio": get("deep", "storage_ratio"),
+        "deep_compression_drop": get("deep", "drop_points"),
+        "lowrank_mac_reduction": by["lowrank"]["head_mac_reduction"] if "lowrank" in by else None,
+        "lowrank_model_mac_reduction": get("lowrank", "mac_reduction"),
+        "lowrank_drop": get("lowrank", "drop_points"),
+        "lowrank_head_speedup": by["lowrank"]["head_latency"]["speedup"] if "lowrank" in by else None,
+        "ternary_storage_ratio": get("ternary", "coded_layers_ratio"),
+        "ternary_drop": get("ternary", "drop_points"),
+        "binary_drop": get("binary", "drop_points"),
+        "binary_storage_ratio": get("binary", "coded_layers_ratio"),
+        "mixed_precision_storage_ratio": get("mixed", "storage_ratio"),
+        "mixed_precision_drop": get("mixed", "drop_points"),
+        "uniform_bits_storage_ratio": get("uniform-bits", "storage_ratio"),
+        "uniform_bits_drop": get("uniform-bits", "drop_points"),
+        "auto_vs_uniform_drop_gain": (round(100 * (by["auto"]["test_accuracy"] - by["uniform"]["test_accuracy"]), 2)
+                                      if "auto" in by and "uniform" in by else None),
+        "auto_mac_fraction": round(1 - by["auto"]["mac_reduction"], 4) if "auto" in by else None,
+        "uniform_mac_fraction": round(1 - by["uniform"]["mac_reduction"], 4) if "uniform" in by else None,
+        "resnet50_lowrank_head_speedup": r50["speedup"] if r50 else None,
+    }
+    out = {"machine": f"{platform.node()} {platform.machine()}", "torch": torch.__version__,
+           "settings": vars(args) | {"out": str(args.out)}, "fp32_state_bytes": state_bytes(net),
+           "variants": rows, "resnet50": r50, "summary": summary,
+           "seconds": round(time.perf_counter() - t_start, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    compression_plot(rows, args.out.with_suffix(".png"))
+    print(table(rows))
+    if r50:
+        print(f"resnet50 head to layer2: {r50['factorized_layers']} convolutions factorized at keep {r50['keep']}: "
+              f"{r50['fp32_ms']} -> {r50['ms']} ms (x{r50['speedup']})")
+    print(json.dumps(summary, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
