@@ -7,6 +7,8 @@ labels included; ``--train-limit`` trims the images):
 * ``lowrank``: Tucker-2 on every convolution with one MAC keep fraction ``--lowrank-keep`` (the rank rule);
 * ``auto`` and ``uniform``: low rank at the same whole-model MAC budget (``--mac-budget``, 50 %): per-layer keep
   fractions chosen by the automated policy (greedy on measured sensitivity) vs one fraction for all layers;
+  ``auto-85``: the policy at 85 % of that budget (does it reach uniform's accuracy with 15 % fewer MACs?);
+  ``auto-tight`` / ``uniform-tight``: the same pair at ``--tight-budget`` (20 %);
 * ``ternary`` (TTQ) and ``binary`` (first and last layer in full precision);
 * ``mixed``: per-layer bit widths (2..8) chosen by the policy under a mean of ``--mixed-bits`` bits per weight,
   and ``uniform-bits`` (every layer at ``--mixed-bits`` rounded) as its reference.
@@ -135,12 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--lowrank-keep", type=float, default=0.25)
     ap.add_argument("--mac-budget", type=float, default=0.5)
+    ap.add_argument("--tight-budget", type=float, default=0.2, help="MAC budget of the auto/uniform-tight pair")
     ap.add_argument("--mixed-bits", type=float, default=3.0)
     ap.add_argument("--resnet-keep", type=float, default=0.4)
     ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per latency ratio")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training (timing uses 1)")
     ap.add_argument("--skip-resnet50", action="store_true")
-    ap.add_argument("--methods", default="deep,lowrank,auto,uniform,ternary,binary,mixed,uniform-bits")
+    ap.add_argument("--methods", default="deep,lowrank,auto,auto-85,uniform,auto-tight,uniform-tight,ternary,binary,"
+                                         "mixed,uniform-bits")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         "deep": ("deep", opts),
         "lowrank": ("lowrank", Options(epochs=args.epochs, keep=args.lowrank_keep)),
         "auto": ("auto", Options(epochs=args.epochs, budget=args.mac_budget)),
+        "auto-85": ("auto", Options(epochs=args.epochs, budget=0.85 * args.mac_budget)),
+        "auto-tight": ("auto", Options(epochs=args.epochs, budget=args.tight_budget)),
+        "uniform-tight": ("lowrank", Options(epochs=args.epochs, budget=args.tight_budget)),
         "uniform": ("lowrank", Options(epochs=args.epochs, budget=args.mac_budget)),
         "ternary": ("ternary", opts),
         "binary": ("binary", opts),
@@ -204,6 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
         "auto_vs_uniform_drop_gain": (round(100 * (by["auto"]["test_accuracy"] - by["uniform"]["test_accuracy"]), 2)
                                       if "auto" in by and "uniform" in by else None),
         "auto_mac_fraction": round(1 - by["auto"]["mac_reduction"], 4) if "auto" in by else None,
+        "auto_85_mac_fraction": round(1 - by["auto-85"]["mac_reduction"], 4) if "auto-85" in by else None,
+        "auto_85_vs_uniform_drop_gain": (round(100 * (by["auto-85"]["test_accuracy"]
+                                                      - by["uniform"]["test_accuracy"]), 2)
+                                         if "auto-85" in by and "uniform" in by else None),
+        "auto_vs_uniform_tight_drop_gain": (round(100 * (by["auto-tight"]["test_accuracy"]
+                                                         - by["uniform-tight"]["test_accuracy"]), 2)
+                                            if "auto-tight" in by and "uniform-tight" in by else None),
         "uniform_mac_fraction": round(1 - by["uniform"]["mac_reduction"], 4) if "uniform" in by else None,
         "resnet50_lowrank_head_speedup": r50["speedup"] if r50 else None,
     }

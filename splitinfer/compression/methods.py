@@ -32,6 +32,8 @@ class Data:
     teacher_logits: torch.Tensor
     labels: torch.Tensor | None
     x_val: torch.Tensor
+    sensitivity: dict = field(default_factory=dict)
+    """Sensitivities measured so far, by kind (one measurement serves every budget)."""
 
     @classmethod
     def of(cls, teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, x_val: torch.Tensor) -> Data:
@@ -93,7 +95,9 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
             keep = policy.uniform_keep(m, example, budget)
             rep["rule"] = f"one keep fraction {keep} for every layer (the largest meeting {keep_fraction:.0%} MACs)"
         else:
-            sens = policy.lowrank_sensitivity(m, example, data.x_val)
+            if "lowrank" not in data.sensitivity:
+                data.sensitivity["lowrank"] = policy.lowrank_sensitivity(m, example, data.x_val)
+            sens = data.sensitivity["lowrank"]
             choice, _, predicted = policy.greedy(sens, budget)
             keep = {n: float(sens.settings[i]) for n, i in choice.items()}
             rep.update(sensitivity=sens.to_json(), predicted_distortion=round(predicted, 6))
@@ -108,7 +112,9 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
             bits = {n: opts.bits for n, _ in weight_layers(m)}
         elif method == "mixed":
             mean_bits = opts.budget if opts.budget is not None else 4.0
-            sens = policy.bits_sensitivity(m, data.x_val)
+            if "bits" not in data.sensitivity:
+                data.sensitivity["bits"] = policy.bits_sensitivity(m, data.x_val)
+            sens = data.sensitivity["bits"]
             n_weights = sum(mod.weight.numel() for _, mod in weight_layers(m))
             choice, cost, predicted = policy.greedy(sens, mean_bits * n_weights)
             bits = {n: int(sens.settings[i]) for n, i in choice.items()}
