@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from splitinfer.compression.layers import kl_to, predict, weight_layers
+from splitinfer.compression.layers import kl_to, layer_macs, predict, weight_layers
 from splitinfer.compression.lowrank import factorize, total_macs
 from splitinfer.compression.quantize import Uniform
 
@@ -54,6 +54,7 @@ def lowrank_sensitivity(model: nn.Module, example: torch.Tensor, x_val: torch.Te
     """Distortion and MACs of factorizing each layer alone at each keep fraction (no fine-tuning)."""
     ref = predict(model, x_val)
     full = total_macs(model, example)
+    per_layer = layer_macs(model, example)
     sens = Sensitivity(settings=keeps)
     layers = [n for n, m in weight_layers(model)]
     own: dict[str, int] = {}
@@ -66,7 +67,7 @@ def lowrank_sensitivity(model: nn.Module, example: torch.Tensor, x_val: torch.Te
             row_c.append(float(macs))
             row_d.append(kl_to(predict(m, x_val), ref) if recipe else 0.0)
         if len(set(row_c)) > 1:  # a layer no rank makes cheaper is not the policy's to change
-            own[name] = int(row_c[0])
+            own[name] = per_layer[name]
             sens.distortion[name] = row_d
             sens.cost[name] = [c - (full - own[name]) for c in row_c]  # the layer's own MACs at each setting
     sens.base_cost = float(full - sum(own.values()))
