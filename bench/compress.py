@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as safetensors_load
 
-from bench.codec import head_latency_pair
-from partitioner.compress import figures, training_data
+from partitioner.compress import alternate_latency, figures, training_data
 from partitioner.plots import compression_plot
 from splitinfer.compression import artifact
 from splitinfer.compression.coding import SEP
@@ -64,7 +63,7 @@ def head(model: torch.nn.Module, example: torch.Tensor, split: int) -> torch.nn.
 
 def latency(base: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
     """Median batch-1 latency (ms) of two modules timed alternately, and their ratio."""
-    a, b = head_latency_pair(base, other, x, rounds=rounds, reps=200)
+    a, b = alternate_latency(base, other, x, rounds=rounds, runs=200)
     return {"fp32_ms": round(a, 4), "ms": round(b, 4), "speedup": round(a / b, 3)}
 
 
@@ -88,7 +87,7 @@ def resnet50_lowrank(keep: float, rounds: int) -> dict:
     h0 = torch.nn.Sequential(*staged.stages[:split]).eval()
     h1 = torch.nn.Sequential(*fstaged.stages[:split]).eval()
     x = torch.randn(1, 3, 224, 224)
-    a, b = head_latency_pair(h0, h1, x, rounds=rounds, reps=10)
+    a, b = alternate_latency(h0, h1, x, rounds=rounds, runs=10)
     return {"split": split, "keep": keep, "factorized_layers": len(recipe),
             "head_macs_fp32": staged.macs_between(0, split), "head_macs": fstaged.macs_between(0, split),
             "fp32_ms": round(a, 3), "ms": round(b, 3), "speedup": round(a / b, 3),
@@ -98,7 +97,7 @@ def resnet50_lowrank(keep: float, rounds: int) -> dict:
 def evaluate(name: str, base: torch.nn.Module, result: Compressed, x_test, y_test, example, rounds: int) -> dict:
     """Figures of one variant (accuracy, bytes, MACs, latency ratios)."""
     data = artifact.weights_bytes(result.model, result.coded)
-    row = {"name": name, **figures(base, result, x_test, y_test, len(data))}
+    row = {"name": name, **figures(base, result, x_test, y_test, len(data), rounds=1)}
     if result.coded:
         stored, fp32 = coded_layer_bytes(data, result.coded)
         row.update(coded_layers_stored_bytes=stored, coded_layers_fp32_bytes=fp32,

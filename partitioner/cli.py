@@ -702,14 +702,37 @@ def samples_cmd(
     typer.echo(f"wrote {len(paths)} images to {out} ({paths[0].name} ... {paths[-1].name})")
 
 
+def compressed_variants(directory: Path) -> list[dict]:
+    """Figures of the compressed models in ``directory`` (itself, or its subdirectories, each holding
+    compression.json), with the fp32 model first: the points of ``plan report``'s compression plot."""
+    from splitinfer.compression.artifact import INFO_FILE
+
+    paths = [directory] if (directory / INFO_FILE).is_file() else sorted(
+        p for p in directory.iterdir() if p.is_dir() and (p / INFO_FILE).is_file())
+    out: list[dict] = []
+    for p in paths:
+        try:
+            info = json.loads((p / INFO_FILE).read_text())
+            f = info["figures"]
+            if not out:
+                out.append({"name": "fp32", "test_accuracy": f["test_accuracy_fp32"], "stored_bytes": f["fp32_bytes"],
+                            "storage_ratio": 1.0, "mac_reduction": 0.0, "latency_ms": f.get("fp32_latency_ms")})
+            out.append({"name": f"{info['method']} ({p.name})", **f})
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            typer.echo(f"skipping {p}: unreadable compression.json ({exc})", err=True)
+    return out
+
+
 @app.command("report")
 def report_cmd(
-    directory: Path = typer.Argument(..., help="a bundle directory and/or a folder holding codec_sweep.json"),
+    directory: Path = typer.Argument(..., help="a bundle directory, and/or a folder holding codec_sweep.json or "
+                                               "compressed models (plan compress --out)"),
     out: Path = typer.Option(None, help="where to write the PNGs (default: DIRECTORY)"),
 ) -> None:
     """Print a bundle's operating points and Pareto set and write PNG plots: latency vs split at several
-    bandwidths, bytes per boundary, the operating-point map over bandwidth x RTT, and rate vs accuracy of a
-    codec sweep (``codec_sweep.json`` in DIRECTORY, from ``splitinfer plan codec-sweep``)."""
+    bandwidths, bytes per boundary, the operating-point map over bandwidth x RTT, rate vs accuracy of a
+    codec sweep (``codec_sweep.json`` in DIRECTORY, from ``splitinfer plan codec-sweep``), and accuracy vs stored
+    bytes and vs latency of compressed models (DIRECTORY or its subdirectories, from ``splitinfer plan compress``)."""
     from partitioner.plots import (
         bytes_per_boundary_plot,
         latency_vs_split_plot,
@@ -755,8 +778,19 @@ def report_cmd(
     sweep_path = directory / "codec_sweep.json"
     if sweep_path.is_file():
         wrote.append(rate_accuracy_plot(json.loads(sweep_path.read_text()), out / "rate_accuracy.png"))
+    variants = compressed_variants(directory)
+    if variants:
+        from partitioner.plots import compression_plot
+
+        typer.echo(f"{'variant':<28} {'accuracy':>8} {'stored B':>10} {'x fp32':>7} {'MACs -%':>7} {'latency ms':>10}")
+        for v in variants:
+            typer.echo(f"{v['name']:<28} {v['test_accuracy']:>8.4f} {v['stored_bytes']:>10,} "
+                       f"{v['storage_ratio']:>7.2f} {100 * v['mac_reduction']:>7.1f} "
+                       f"{'-' if v.get('latency_ms') is None else format(v['latency_ms'], '.3f'):>10}")
+        wrote.append(compression_plot(variants, out / "compression.png"))
     if not wrote:
-        typer.echo(f"error: {directory} holds neither plan.json nor codec_sweep.json", err=True)
+        typer.echo(f"error: {directory} holds neither plan.json, codec_sweep.json nor compressed models "
+                   "(compression.json)", err=True)
         raise typer.Exit(2)
     for p in wrote:
         typer.echo(f"wrote {p}")

@@ -8,6 +8,7 @@ automated policies, and the test set for the figures written beside the weights.
 from __future__ import annotations
 
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from splitinfer.compression.layers import accuracy, state_bytes
 from splitinfer.compression.methods import Compressed, Data, Options, compress
 from splitinfer.data import load_fashion_mnist
 from splitinfer.models import embedded_model
+from splitinfer.timing import time_calls
 
 
 def training_data(model_name: str, data_dir: str | None = None, train_limit: int | None = None,
@@ -39,9 +41,30 @@ def training_data(model_name: str, data_dir: str | None = None, train_limit: int
             torch.as_tensor(test.labels.astype(np.int64)))
 
 
+def alternate_latency(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, rounds: int = 5,
+                      runs: int = 100) -> tuple[float, float]:
+    """Median batch latency (ms) of two modules on ``x``, 1 thread, timed in alternating rounds (both see the
+    same machine state); each round's figure is a median of ``runs`` calls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ta, tb = [], []
+        with torch.inference_mode():
+            for _ in range(3):
+                a(x)
+                b(x)
+            for _ in range(rounds):
+                ta.append(time_calls(lambda _i: a(x), runs).p50)
+                tb.append(time_calls(lambda _i: b(x), runs).p50)
+        return statistics.median(ta), statistics.median(tb)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def figures(base: torch.nn.Module, result: Compressed, x_test: torch.Tensor, y_test: torch.Tensor,
-            stored_bytes: int) -> dict:
-    """Test accuracy before/after, storage and MAC figures of a compressed model."""
+            stored_bytes: int, rounds: int = 5) -> dict:
+    """Test accuracy before/after, storage and MAC figures of a compressed model, and its batch-1 latency next
+    to fp32's (1 thread, alternating)."""
     acc0, acc1 = accuracy(base, x_test, y_test), accuracy(result.model, x_test, y_test)
     fp32 = state_bytes(base)
     coded_layers = sum(c.symbols.numel() for c in result.coded.values())
@@ -49,7 +72,13 @@ def figures(base: torch.nn.Module, result: Compressed, x_test: torch.Tensor, y_t
             "drop_points": round(100 * (acc0 - acc1), 2), "fp32_bytes": fp32, "stored_bytes": stored_bytes,
             "storage_ratio": round(fp32 / stored_bytes, 3), "coded_weights": int(coded_layers),
             "macs_fp32": result.report["macs_before"], "macs": result.report["macs_after"],
-            "mac_reduction": round(1 - result.report["macs_after"] / result.report["macs_before"], 4)}
+            "mac_reduction": round(1 - result.report["macs_after"] / result.report["macs_before"], 4),
+            **_latency(base, result.model, x_test[:1], rounds)}
+
+
+def _latency(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict:
+    a, b = alternate_latency(base, model, x, rounds)
+    return {"fp32_latency_ms": round(a, 4), "latency_ms": round(b, 4), "speedup": round(a / b, 3)}
 
 
 def compress_embedded(model_name: str, method: str, out: Path, opts: Options, train_limit: int | None = None,

@@ -48,4 +48,22 @@ def test_report_writes_pngs_and_prints_operating_points(tmp_path):
 def test_report_on_an_empty_folder_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
-    assert "neither plan.json nor codec_sweep.json" in result.output
+    assert "neither plan.json, codec_sweep.json nor compressed models" in result.output
+
+
+def test_report_draws_compressed_variants(tmp_path):
+    for name, method, acc, stored, lat in (("a", "deep", 0.925, 70000, 2.0), ("b", "lowrank", 0.92, 300000, 1.4)):
+        (tmp_path / name).mkdir()
+        figures = {"test_accuracy_fp32": 0.928, "test_accuracy": acc, "fp32_bytes": 1066616, "stored_bytes": stored,
+                   "storage_ratio": round(1066616 / stored, 2), "mac_reduction": 0.5 if method == "lowrank" else 0.0,
+                   "fp32_latency_ms": 2.0, "latency_ms": lat}
+        (tmp_path / name / "compression.json").write_text(json.dumps({"method": method, "figures": figures}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compression.json").write_text("{broken")
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("fp32") and "1,066,616" in line for line in lines)
+    assert any(line.startswith("lowrank (b)") and "50.0" in line for line in lines)
+    assert "skipping" in result.output  # the unreadable one is named, not fatal
+    assert (tmp_path / "compression.png").read_bytes().startswith(PNG_MAGIC)
