@@ -37,7 +37,8 @@ from partitioner.codec import default_train_images, evaluate_codec, load_default
 from partitioner.weights import load_default
 from splitinfer.bottleneck import BottleneckConfig, LearnedCodec, requantize
 from splitinfer.codec import Float32Codec, Meta, UInt8AffineCodec
-from splitinfer.compress import distill_head, int8_head, prune_head, quantize_int8
+from splitinfer.compression.int8 import int8_head, quantize_int8
+from splitinfer.compression.prune import distill_head, prune_head
 from splitinfer.data import load_fashion_mnist
 from splitinfer.errors import InvalidInput
 from splitinfer.staged import stage_model

@@ -247,7 +247,7 @@ def choose_head(staged, plan: Plan, x_val, y_val, head: str, max_drop: float, da
     import torch
 
     from splitinfer.bundle import HeadSpec
-    from splitinfer.compress import int8_head
+    from splitinfer.compression.int8 import int8_head
 
     train = load_fashion_mnist("train", data_dir)
     tr_idx, _ = split_train_validation(len(train), seed)

@@ -86,12 +86,12 @@ class Bundle:
 
     def edge_head(self):
         """What the edge runs its head with: the staged model itself (fp32), or for an int8 plan a
-        :class:`~splitinfer.compress.SegmentedHead` quantized now from the bundled calibration inputs (built
+        :class:`~splitinfer.compression.int8.SegmentedHead` quantized now from the bundled calibration inputs (built
         once, a few seconds). Both offer ``run(x, start, end)`` between the plan's exit boundaries and split."""
         if self.plan.head.kind == "fp32":
             return self.staged
         if self._edge_head is None:
-            from splitinfer.compress import int8_head
+            from splitinfer.compression.int8 import int8_head
 
             calib = _load_safetensors(self.path / HEAD_CALIBRATION_FILE).get("x")
             if calib is None or list(calib.shape[1:]) != list(self.plan.input.shape):

@@ -12,14 +12,14 @@ from torch import nn
 from splitinfer.staged import StagedModel
 
 if TYPE_CHECKING:
-    from splitinfer.compress import SegmentedHead
+    from splitinfer.compression.int8 import SegmentedHead
 
 
 class TorchStages:
     """:class:`splitinfer.head.StageBackend` over torch modules.
 
     ``staged`` runs any stage range; ``head`` (optional) is what runs the edge's own ranges -- an
-    int8 :class:`~splitinfer.compress.SegmentedHead` runs the ranges between its cuts, every other range
+    int8 :class:`~splitinfer.compression.int8.SegmentedHead` runs the ranges between its cuts, every other range
     (the on-device tail of a degraded answer) runs in ``staged``. Exit logits leave as float32 numpy.
     Call under ``torch.inference_mode()`` (or ``no_grad``) when no gradients are wanted.
     """

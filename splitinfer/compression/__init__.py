@@ -12,6 +12,8 @@
 * :mod:`~splitinfer.compression.artifact` — a compressed model on disk (``plan compress --out DIR``): its
   weights (coded or not) and ``compression.json`` (structure, recipe, figures); how a bundle rebuilds it.
 
-int8 post-training quantization of a head and stage-internal structured pruning live in
-:mod:`splitinfer.compress` (the bundle's int8 head uses them).
+* :mod:`~splitinfer.compression.int8` — int8 post-training quantization of a head per segment (the bundle's
+  int8 head).
+* :mod:`~splitinfer.compression.prune` — stage-internal structured pruning of a head (one ratio, or one per
+  layer) with distillation.
 """

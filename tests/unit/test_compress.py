@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitinfer.compress import distill_head, int8_head, prune_head
+from splitinfer.compression.int8 import int8_head
+from splitinfer.compression.prune import distill_head, prune_head
 from splitinfer.models import build_default
 from splitinfer.staged import stage_model
 
@@ -66,3 +67,14 @@ def test_distillation_fine_tunes_only_the_head(model):
     for k, v in pruned.state_dict().items():
         if k in tail_before:
             assert torch.equal(v, tail_before[k]), k
+
+
+def test_pruning_takes_a_ratio_per_layer(model):
+    split = 13  # through the 7x7 residual block: two stage-internal convolutions
+    pruned, report = prune_head(model, EXAMPLE, split=split, ratio={"2.conv1.0": 0.75, "4.conv1.0": 0.25})
+    got = {p["module"]: (p["channels_before"], p["channels_after"]) for p in report["pruned"]}
+    assert got == {"2.conv1.0": (48, 12), "4.conv1.0": (96, 72)}
+    _, only = prune_head(model, EXAMPLE, split=split, ratio={"4.conv1.0": 0.5})
+    assert [p["module"] for p in only["pruned"]] == ["4.conv1.0"]
+    with pytest.raises(ValueError, match="ratio"):
+        prune_head(model, EXAMPLE, split=split, ratio={"4.conv1.0": 1.0})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitinfer.bundle import HeadSpec, load_bundle, read_plan, save_bundle
-from splitinfer.compress import SegmentedHead
+from splitinfer.compression.int8 import SegmentedHead
 from splitinfer.errors import BundleError
 from tests.support.bundles import TEST_EXITS, TEST_SPLIT, make_test_bundle
 from tests.support.fakes import make_runtime

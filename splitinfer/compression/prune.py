@@ -1,9 +1,5 @@
-"""Head compression: int8 post-training quantization and structured channel pruning with distillation.
-
-``quantize_int8`` quantizes a module with PyTorch's FX graph mode (x86 backend: fbgemm/oneDNN int8 kernels),
-calibrated on a few batches of real inputs; the result takes and returns float tensors.
-``int8_head`` does this per segment of a staged head (segments end at exit boundaries and at the split, so
-early exits still see float tensors at their boundaries).
+"""Structured pruning of a head: stage-internal output channels, one ratio or a ratio per layer, then
+distillation.
 
 ``prune_head`` removes output channels of convolutions whose whole dependency group (``torch-pruning``'s
 dependency graph: the convolution, its batch norm, the consumers of those channels) lies inside one stage of
@@ -15,69 +11,12 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitinfer.staged import StagedModel, stage_model
-
-
-def quantize_int8(module: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
-    """An int8 copy of ``module`` (FX post-training static quantization, x86 qconfig), calibrated on
-    ``calibration`` batches."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    if not calibration:
-        raise ValueError("int8 quantization needs at least one calibration batch")
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation on every call
-        m = copy.deepcopy(module).eval()
-        prepared = prepare_fx(m, get_default_qconfig_mapping("x86"), example_inputs=(calibration[0][:1],))
-        with torch.no_grad():
-            for batch in calibration:
-                prepared(batch)
-        return convert_fx(prepared).eval()
-
-
-class SegmentedHead(nn.Module):
-    """A head run as consecutive segments (``run(x, start, end)`` between cut boundaries, like a staged model)."""
-
-    def __init__(self, cuts: list[int], segments: list[nn.Module]):
-        super().__init__()
-        self.cuts = list(cuts)
-        self.segments = nn.ModuleList(segments)
-
-    def run(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Run from boundary ``start`` to ``end``; both must be cut points."""
-        i, j = self.cuts.index(start), self.cuts.index(end)
-        for seg in self.segments[i:j]:
-            x = seg(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, self.cuts[0], self.cuts[-1])
-
-
-def int8_head(staged: StagedModel, split: int, calibration: torch.Tensor, cuts: list[int] | None = None,
-              batch: int = 128) -> SegmentedHead:
-    """Quantize ``stages[:split]`` to int8, one segment between consecutive ``cuts`` (0 and ``split`` added)."""
-    points = sorted({0, split, *(c for c in (cuts or []) if 0 < c < split)})
-    segments = []
-    x = calibration
-    for a, b in zip(points, points[1:], strict=False):
-        seg = nn.Sequential(*staged.stages[a:b])
-        batches = [x[i : i + batch] for i in range(0, len(x), batch)]
-        segments.append(quantize_int8(seg, batches))
-        with torch.no_grad():
-            x = torch.cat([seg(t.clone()) for t in batches])
-    return SegmentedHead(points, segments)
-
-
-# ---------------------------------------------------------------------------------------------- pruning
 
 
 def _stage_of_modules(staged: StagedModel) -> dict[str, int]:
@@ -88,12 +27,15 @@ def _stage_of_modules(staged: StagedModel) -> dict[str, int]:
     return owner
 
 
-def prune_head(model: nn.Module, example: torch.Tensor, split: int, ratio: float = 0.5) -> tuple[nn.Module, dict]:
+def prune_head(model: nn.Module, example: torch.Tensor, split: int,
+               ratio: float | dict[str, float] = 0.5) -> tuple[nn.Module, dict]:
     """A copy of ``model`` whose head (stages before ``split``) has ``ratio`` of the output channels of every
-    stage-internal convolution removed (smallest L1 norm first). Returns the pruned model and a report."""
+    stage-internal convolution removed (smallest L1 norm first); ``ratio`` may be one value or one per
+    convolution name (a name absent, or at 0, is not pruned). Returns the pruned model and a report."""
     import torch_pruning as tp
 
-    if not 0 < ratio < 1:
+    ratios = ratio.values() if isinstance(ratio, dict) else [ratio]
+    if any(not 0 <= r < 1 for r in ratios) or (not isinstance(ratio, dict) and ratio == 0):
         raise ValueError(f"pruning ratio must be in (0, 1), got {ratio}")
     pruned = copy.deepcopy(model).eval()
     staged = stage_model(pruned, example)
@@ -104,13 +46,16 @@ def prune_head(model: nn.Module, example: torch.Tensor, split: int, ratio: float
     for name, conv in list(pruned.named_modules()):
         if not isinstance(conv, nn.Conv2d) or owner.get(name, split) >= split or conv.groups != 1:
             continue
+        layer_ratio = ratio.get(name, 0.0) if isinstance(ratio, dict) else ratio
+        if layer_ratio <= 0:
+            continue
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
         # parameter-free ops (ReLU, add) appear as pseudo-modules; the layers around them decide
         names = [name_of[dep.target.module] for dep, _ in group if dep.target.module in name_of]
         stages = {owner.get(n, -1) for n in names}
         if stages != {owner[name]}:
             continue  # these channels cross a stage boundary (or leave the head): keep them
-        keep = max(1, round(conv.out_channels * (1 - ratio)))
+        keep = max(1, round(conv.out_channels * (1 - layer_ratio)))
         importance = conv.weight.detach().abs().flatten(1).sum(1)
         idxs = importance.argsort()[: conv.out_channels - keep].tolist()
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
