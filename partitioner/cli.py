@@ -173,6 +173,7 @@ def profile_cmd(
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model"),
     input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
     codec: str = typer.Option("uint8-affine", help="codec timed at every boundary"),
+    compressed: Path = typer.Option(None, help="profile the compressed model `plan compress` wrote here"),
     as_json: bool = typer.Option(False, "--json", help="print the profile as JSON on stdout"),
     progress: bool = typer.Option(True, help="show a progress bar (on stderr)"),
 ) -> None:
@@ -184,7 +185,7 @@ def profile_cmd(
     from splitinfer.errors import SplitInferError
 
     try:
-        target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)
+        target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None, compressed=compressed)
         if target.weights_warning():
             typer.echo(target.weights_warning(), err=True)
         prof = profile_model(target.staged, target.exits, get_codec(codec), target.example(), repeats=repeats,
@@ -197,7 +198,8 @@ def profile_cmd(
     if as_json:
         typer.echo(json.dumps(prof.to_dict(), indent=1))
     else:
-        typer.echo(f"{target.name}: {prof.num_stages} stages, {prof.total_params:,} parameters, "
+        name = f"{target.name} ({target.weights_note})" if compressed else target.name
+        typer.echo(f"{name}: {prof.num_stages} stages, {prof.total_params:,} parameters, "
                    f"{prof.total_macs / 1e9:.3f} GMACs, {sum(prof.stage_ms):.2f} ms at batch 1 "
                    f"({threads} thread(s), {prof.machine})" + (f"; wrote {out}" if out else ""))
 

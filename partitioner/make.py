@@ -13,6 +13,7 @@ from partitioner.auto_bottleneck import AutoBottlenecks
 from partitioner.cost import Link
 from partitioner.profile import Profile, profile_model
 from partitioner.search import CodecOption, Constraints, ExitConfig, Objective, Planner, best
+from partitioner.target import load_compressed_for
 from partitioner.train import model_input, split_train_validation
 from partitioner.weights import load_default
 from splitinfer.bottleneck import Bottleneck, LearnedCodec
@@ -33,7 +34,6 @@ from splitinfer.codec import get_codec
 from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, render
 from splitinfer.energy import DeviceProfile
 from splitinfer.models import embedded_model
-from splitinfer.staged import stage_model
 from splitinfer.timing import time_calls, time_codec
 
 # The operating-point table's grid (bit/s, s). The agent picks the cell nearest its link estimate in log space,
@@ -441,18 +441,6 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
                        codec_states={lc.boundary: lc.codec.bottleneck.state_for_bundle() for lc in learned})
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=1.0,
                       path=path, server_profile=server, pareto=pareto, planner=planner)
-
-
-def load_compressed_for(path: Path, model: str):
-    """The compressed model written by ``plan compress`` in ``path`` (it must compress embedded model ``model``):
-    (model, staged, weights file bytes, recipe for ``plan.model.compression``)."""
-    from splitinfer.compression import artifact
-
-    net, info = artifact.load(Path(path), lambda name: embedded_model(name).build(10))
-    if info["base_model"] != model:
-        raise ValueError(f"{path} compresses model {info['base_model']!r}, not {model!r}")
-    staged = stage_model(net, embedded_model(model).example())
-    return net, staged, (Path(path) / artifact.WEIGHTS_FILE).read_bytes(), artifact.recipe_of(info)
 
 
 def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None, edge_slowdown: float = 1.0,

@@ -80,21 +80,40 @@ def _build_factory(spec: str) -> nn.Module:
     return model
 
 
+def load_compressed_for(path: Path, model: str):
+    """The compressed model written by ``plan compress`` in ``path`` (it must compress embedded model ``model``):
+    (model, staged, weights file bytes, recipe for ``plan.model.compression``)."""
+    from splitinfer.compression import artifact
+
+    net, info = artifact.load(Path(path), lambda name: EMBEDDED_MODELS[name].build(10))
+    if info["base_model"] != model:
+        raise ValueError(f"{path} compresses model {info['base_model']!r}, not {model!r}")
+    staged = stage_model(net, EMBEDDED_MODELS[model].example())
+    return net, staged, (Path(path) / artifact.WEIGHTS_FILE).read_bytes(), artifact.recipe_of(info)
+
+
 def load_target(model: str, checkpoint: Path | None = None, input_shape: list[int] | None = None,
-                weights: Path | None = None) -> PlanTarget:
+                weights: Path | None = None, compressed: Path | None = None) -> PlanTarget:
     """Load ``model``: an embedded model (``default``, ``mobilenet_v2_fmnist``: the committed weights and exits),
     a torchvision name (random weights unless
     ``checkpoint``, a safetensors state dict), or ``module:factory`` (a user's model; ``input_shape`` [C, H, W]
-    required)."""
+    required). ``compressed``: a directory written by ``plan compress`` for the embedded model: that model instead
+    of the committed weights (same exits)."""
+    if compressed is not None and model not in EMBEDDED_MODELS:
+        raise ValueError("--compressed applies to embedded models (plan compress writes them)")
     if model in EMBEDDED_MODELS:
         from partitioner.weights import load_default
         from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
         side = EMBEDDED_MODELS[model].size
         m, staged, exits, info = load_default(weights, model)
+        note = f"committed {model} weights"
+        if compressed is not None:
+            m, staged, _, recipe = load_compressed_for(compressed, model)
+            note = f"{model} compressed ({recipe['method']}, {compressed})"
         spec = InputSpec(shape=[1, side, side], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
                          labels=FASHION_MNIST_CLASSES)
-        return PlanTarget(model, m, staged, spec, exits, weights_note=f"committed {model} weights", info=info,
+        return PlanTarget(model, m, staged, spec, exits, weights_note=note, info=info,
                           weights_source="committed")
     factory = None
     if model in TORCHVISION_MODELS:
