@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--val-images", type=int, default=2000, help="held-out images for the policies' sensitivities")
     ap.add_argument("--lowrank-keep", type=float, default=0.25)
     ap.add_argument("--mac-budget", type=float, default=0.5)
     ap.add_argument("--tight-budget", type=float, default=0.2, help="MAC budget of the auto/uniform-tight pair")
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    net, _staged, x, y, x_val, x_test, y_test = training_data("default", train_limit=args.train_limit)
+    net, _staged, x, y, x_val, x_test, y_test = training_data("default", train_limit=args.train_limit,
+                                                              val_images=args.val_images)
     if args.test_limit:
         x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     example = torch.zeros(1, 1, 28, 28)
