@@ -28,7 +28,7 @@ from splitinfer.compression.layers import kl_to, layer_macs, predict, weight_lay
 from splitinfer.compression.lowrank import factorize, total_macs
 from splitinfer.compression.quantize import Uniform
 
-KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
+KEEPS = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
 BITS = (8, 6, 4, 3, 2)
 
 
