@@ -430,6 +430,8 @@ def compress_cmd(
     bits: int = typer.Option(4, help="deep: bits per cluster index; uniform-bits: weight bits"),
     epochs: float = typer.Option(2.0, callback=POSITIVE, help="distillation fine-tuning epochs (may be fractional)"),
     train_limit: int = typer.Option(None, callback=AT_LEAST_ONE, help="use only the first N training images"),
+    val_images: int = typer.Option(2000, callback=AT_LEAST_ONE,
+                                   help="validation images for the auto/mixed policies' sensitivity measurements"),
     pow2: bool = typer.Option(False, help="uniform/mixed bits: power-of-two scales (dynamic fixed point)"),
     seed: int = typer.Option(0, help="random seed"),
     threads: int = typer.Option(None, callback=AT_LEAST_ONE, help="torch threads"),
@@ -451,7 +453,7 @@ def compress_cmd(
     try:
         info = compress_embedded(model, method, out, Options(epochs=epochs, budget=budget, sparsity=sparsity,
                                                               bits=bits, seed=seed, pow2=pow2),
-                                 train_limit, data_dir, threads)
+                                 train_limit, data_dir, threads, val_images)
     except (ValueError, SplitInferError) as exc:
         raise _fail(exc) from exc
     f = info["figures"]

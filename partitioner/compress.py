@@ -82,12 +82,12 @@ def _latency(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, rou
 
 
 def compress_embedded(model_name: str, method: str, out: Path, opts: Options, train_limit: int | None = None,
-                      data_dir: str | None = None, threads: int | None = None) -> dict:
+                      data_dir: str | None = None, threads: int | None = None, val_images: int = 2000) -> dict:
     """Compress embedded model ``model_name`` with ``method``, evaluate it on the test set and write ``out``."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(opts.seed)
-    net, _staged, x, y, x_val, x_test, y_test = training_data(model_name, data_dir, train_limit)
+    net, _staged, x, y, x_val, x_test, y_test = training_data(model_name, data_dir, train_limit, val_images)
     result = compress(net, embedded_model(model_name).example(), method, Data.of(net, x, y, x_val), opts)
     data = artifact.weights_bytes(result.model, result.coded)
     figs = figures(net, result, x_test, y_test, len(data))

@@ -43,12 +43,14 @@ QUICK = {
     "splitinfer plan train-bottleneck": "--epochs-float 1 --epochs-qat 1 --train-limit 512 --test-limit 256 "
                                         "--out-dir weights-tmp --no-progress",
     "splitinfer plan codec-sweep": "--train-limit 256 --test-limit 256",
+    "splitinfer plan compress": "--epochs 0.05 --train-limit 512 --val-images 200",
 }
 # Every block the README has under "Using the pieces", by its heading: the test must know each one.
 BLOCKS = (
     "Plan a split, serve it, send it images",
     "Plan a split, serve it, send it images (latency only)",
     "Other models, measured profiles, users' photos",
+    "Compressed models",
     "Exits, exports, folders of files",
     "Production: repository, TLS, tokens, replicas",
     "Re-training the committed models",
@@ -56,7 +58,7 @@ BLOCKS = (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(2400),  # six blocks (about 4 minutes here); pyproject's 600 s is per test
+    pytest.mark.timeout(2400),  # seven blocks (about 5 minutes here); pyproject's 600 s is per test
     pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
                        reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
