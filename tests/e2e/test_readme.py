@@ -196,18 +196,26 @@ def test_readme_blocks_run_as_written(tmp_path):
     assert "image" in {e["codec"] for e in r50["estimates"]}
     assert "accuracy not measured (random weights)" in outputs[BLOCKS[2]]
 
+    # Compressed models: written, planned into a bundle that loads, drawn by plan report.
+    comp = outputs[BLOCKS[3]]
+    assert re.search(r"^deep: test accuracy .* stored [\d,]+ B \((\d+\.\d)x below fp32", comp, flags=re.M), comp
+    assert (tmp_path / "runs" / "bundle-deep" / "plan.json").is_file()
+    assert json.loads((tmp_path / "runs" / "bundle-deep" / "plan.json").read_text())["model"]["compression"]["method"] \
+        == "deep"
+    assert (tmp_path / "runs" / "compression.png").is_file() and "auto (auto)" in comp
+
     # Exits recalibrated, the Triton export written, the watched folder classified once per file.
     assert any((tmp_path / "triton-repo").glob("*/config.pbtxt"))
     watched = _json_lines((tmp_path / "results.jsonl").read_text())
     assert len(watched) == len(list((tmp_path / "inbox").iterdir())) and all("label" in r for r in watched)
 
     # Production: over mutual TLS with a token, through the replica that is up.
-    prod = _json_lines(outputs[BLOCKS[4]])
+    prod = _json_lines(outputs[BLOCKS[5]])
     assert len(prod) == 20 and not [a for a in prod if a["degraded"]]
     assert [a for a in prod if a["decided_by"] == "cloud"]
-    up = ports_of[BLOCKS[4]]["8001"]
+    up = ports_of[BLOCKS[5]]["8001"]
     assert re.search(rf'"address": "127.0.0.1:{up}",\s+"inflight": \d+,\s+"calls": [1-9]\d*,\s+"failures": 0,\s+'
-                     r'"state": "closed"', outputs[BLOCKS[4]]), outputs[BLOCKS[4]]
+                     r'"state": "closed"', outputs[BLOCKS[5]]), outputs[BLOCKS[5]]
 
     # Re-training and the sweep wrote into the temporary folders, not the committed weights.
     assert (tmp_path / "weights-tmp" / "default.safetensors").is_file()
