@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from splitinfer.compression.prune import distill_head, prune_head
 from splitinfer.data import load_fashion_mnist
 from splitinfer.errors import InvalidInput
 from splitinfer.staged import stage_model
-from splitinfer.timing import time_calls, time_codec
+from splitinfer.timing import alternate, time_calls, time_codec
 
 
 class Float16Codec:
@@ -78,10 +77,6 @@ class ZstdWrapped:
         if len(raw) != int(meta["n"]):
             raise InvalidInput("zstd payload length mismatch")
         return self.inner.decode(raw, meta)
-
-
-def _median_ms(fn, reps: int) -> float:
-    return time_calls(lambda _: fn(), reps).p50
 
 
 def codec_timing(codec, feats: torch.Tensor, reps: int = 400) -> dict:
@@ -137,15 +132,8 @@ def _size_bytes(module: torch.nn.Module) -> int:
 
 def head_latency_pair(fp32, int8, x: torch.Tensor, rounds: int = 5, reps: int = 20) -> tuple[float, float]:
     """Median batch-1 forward time (ms) of two heads, alternating rounds so both see the same machine state."""
-    a, b = [], []
     with torch.inference_mode():
-        for _ in range(3):
-            fp32(x)
-            int8(x)
-        for _ in range(rounds):
-            a.append(_median_ms(lambda: fp32(x), reps))
-            b.append(_median_ms(lambda: int8(x), reps))
-    return statistics.median(a), statistics.median(b)
+        return alternate(lambda: fp32(x), lambda: int8(x), rounds, reps)
 
 
 def resnet50_int8(rounds: int) -> dict:

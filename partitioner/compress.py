@@ -8,7 +8,6 @@ automated policies, and the test set for the figures written beside the weights.
 from __future__ import annotations
 
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from splitinfer.compression.layers import accuracy, state_bytes
 from splitinfer.compression.methods import Compressed, Data, Options, compress
 from splitinfer.data import load_fashion_mnist
 from splitinfer.models import embedded_model
-from splitinfer.timing import time_calls
+from splitinfer.timing import alternate
 
 
 def training_data(model_name: str, data_dir: str | None = None, train_limit: int | None = None,
@@ -43,20 +42,13 @@ def training_data(model_name: str, data_dir: str | None = None, train_limit: int
 
 def alternate_latency(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, rounds: int = 5,
                       runs: int = 100) -> tuple[float, float]:
-    """Median batch latency (ms) of two modules on ``x``, 1 thread, timed in alternating rounds (both see the
-    same machine state); each round's figure is a median of ``runs`` calls."""
+    """Median latency (ms) of two modules on ``x``, 1 thread, in alternating rounds (:func:`splitinfer.timing.
+    alternate`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ta, tb = [], []
         with torch.inference_mode():
-            for _ in range(3):
-                a(x)
-                b(x)
-            for _ in range(rounds):
-                ta.append(time_calls(lambda _i: a(x), runs).p50)
-                tb.append(time_calls(lambda _i: b(x), runs).p50)
-        return statistics.median(ta), statistics.median(tb)
+            return alternate(lambda: a(x), lambda: b(x), rounds, runs)
     finally:
         torch.set_num_threads(threads)
 

@@ -50,6 +50,21 @@ def time_calls(fn: Callable[[int], Any], runs: int, warmup: int = 0,
     return LatencyStats.of(seconds)
 
 
+def alternate(fn_a: Callable[[], Any], fn_b: Callable[[], Any], rounds: int, runs: int,
+              warmup: int = 3) -> tuple[float, float]:
+    """Median latency (ms) of two callables timed in alternating rounds (both see the same machine state): each
+    round times ``runs`` calls of ``fn_a`` then of ``fn_b`` (:func:`time_calls`, median); the result is the
+    median over rounds of each. ``warmup`` untimed calls of each first."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(time_calls(lambda _i: fn_a(), runs).p50)
+        tb.append(time_calls(lambda _i: fn_b(), runs).p50)
+    return statistics.median(ta), statistics.median(tb)
+
+
 @dataclass
 class CodecTiming:
     """Encode and decode time of a codec (per call, ms) and its mean payload size (bytes)."""

@@ -32,9 +32,10 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
-def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """MACs per sample of every top-level weight layer or compound leaf (one forward of ``example``)."""
-    found: dict[str, int] = {}
+def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """(input shape, output shape) of every top-level weight layer or compound leaf, from one forward of
+    ``example[:1]`` (layers inside a compound leaf are not listed)."""
+    found: dict[str, tuple[torch.Size, torch.Size]] = {}
     hooks = []
     compound_prefixes: list[str] = []
     for name, mod in model.named_modules():
@@ -46,7 +47,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
             continue
 
         def hook(m, args, out, name=name):
-            found[name] = module_macs(m, out.shape, args[0].shape)
+            found[name] = (args[0].shape, out.shape)
 
         hooks.append(mod.register_forward_hook(hook))
     try:
@@ -56,6 +57,12 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     return found
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs per sample of every top-level weight layer or compound leaf."""
+    return {name: module_macs(model.get_submodule(name), out, inp)
+            for name, (inp, out) in layer_shapes(model, example).items()}
 
 
 def state_bytes(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from splitinfer.compression.layers import layer_macs
+from splitinfer.compression.layers import layer_macs, layer_shapes
 
 MIN_MAC_SHARE = 0.01
 MIN_IN_CHANNELS = 4
@@ -156,20 +156,8 @@ def factorize(model: nn.Module, example: torch.Tensor, keep: float | dict[str, f
     the model's MACs are left alone (they cannot pay: the default model's 96 -> 10 classifier, resnet50's fc).
     Returns the structure recipe: one entry per factorized layer (``{"layer", "kind", "ranks"}``), what
     :func:`apply_structure` rebuilds."""
-    shapes: dict[str, tuple[int, int]] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d | nn.Linear):
-            def hook(m, args, out, name=name):
-                a, b = args[0].shape, out.shape
-                shapes[name] = (int(math.prod(a[2:])) if len(a) > 2 else 1, int(math.prod(b[2:])) if len(b) > 2 else 1)
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    shapes = {n: (math.prod(a[2:]) if len(a) > 2 else 1, math.prod(b[2:]) if len(b) > 2 else 1)
+              for n, (a, b) in layer_shapes(model, example).items()}
     macs = layer_macs(model, example)
     total = sum(macs.values())
     recipe = []
