@@ -421,10 +421,11 @@ def compress_cmd(
     method: str = typer.Option(..., help="deep (prune + k-means sharing + entropy coding), lowrank (Tucker-2/SVD, "
                                          "one rank rule for all layers), auto (per-layer ranks chosen by "
                                          "sensitivity), ternary, binary, mixed (per-layer bit widths chosen by "
-                                         "sensitivity), uniform-bits"),
+                                         "sensitivity), uniform-bits, prune (stage-internal channels)"),
     model: str = typer.Option("default", help="embedded model to compress"),
     budget: float = typer.Option(None, help="lowrank/auto: fraction of the model's MACs kept (default 0.5); "
-                                            "mixed: mean bits per weight (default 4)"),
+                                            "mixed: mean bits per weight (default 4); prune: fraction of each "
+                                            "stage-internal convolution's channels removed (default 0.5)"),
     sparsity: float = typer.Option(0.7, callback=_range(0, 1, hi_open=True),
                                    help="deep: fraction of each layer's weights pruned"),
     bits: int = typer.Option(4, help="deep: bits per cluster index; uniform-bits: weight bits"),

@@ -85,7 +85,8 @@ def load_compressed_for(path: Path, model: str):
     (model, staged, weights file bytes, recipe for ``plan.model.compression``)."""
     from splitinfer.compression import artifact
 
-    net, info = artifact.load(Path(path), lambda name: EMBEDDED_MODELS[name].build(10))
+    net, info = artifact.load(Path(path), lambda name: EMBEDDED_MODELS[name].build(10),
+                              EMBEDDED_MODELS[model].example())
     if info["base_model"] != model:
         raise ValueError(f"{path} compresses model {info['base_model']!r}, not {model!r}")
     staged = stage_model(net, EMBEDDED_MODELS[model].example())

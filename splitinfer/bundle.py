@@ -295,7 +295,8 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
         from splitinfer.compression.artifact import rebuild
 
         try:
-            model = rebuild(model, plan.model.compression, (path / plan.model.weights).read_bytes())
+            model = rebuild(model, plan.model.compression, (path / plan.model.weights).read_bytes(),
+                            torch.zeros(1, *plan.input.shape))
         except BundleError as exc:
             raise BundleError(f"{plan.model.weights}: {exc}") from exc
     else:

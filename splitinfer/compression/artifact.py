@@ -23,6 +23,7 @@ from torch import nn
 
 from splitinfer.compression.coding import decode_state, encode_state, is_coded
 from splitinfer.compression.lowrank import apply_structure
+from splitinfer.compression.prune import replay
 from splitinfer.errors import BundleError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -89,14 +90,21 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise BundleError(f"cannot read the weights as safetensors (corrupted?): {exc}") from None
 
 
-def rebuild(model: nn.Module, recipe: dict | None, data: bytes) -> nn.Module:
-    """``model`` (the base architecture, fresh) with the recipe's structure and the file's weights loaded."""
+def rebuild(model: nn.Module, recipe: dict | None, data: bytes, example: torch.Tensor | None = None) -> nn.Module:
+    """``model`` (the base architecture, fresh) with the recipe's structure and the file's weights loaded
+    (``example``: an input, needed to replay structured pruning)."""
     if recipe:
         if recipe.get("format") != ARTIFACT_FORMAT:
             raise BundleError(f"compression recipe format {recipe.get('format')!r}, this build reads {ARTIFACT_FORMAT}")
+        structure = recipe.get("structure", [])
         try:
-            apply_structure(model, recipe.get("structure", []))
-        except (ValueError, KeyError, TypeError) as exc:
+            pruned = [e for e in structure if e.get("kind") == "prune"]
+            if pruned:
+                if example is None:
+                    raise ValueError("replaying structured pruning needs an example input")
+                replay(model, example, pruned)
+            apply_structure(model, [e for e in structure if e.get("kind") != "prune"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"compression recipe does not fit the model: {exc}") from None
     state = state_from_bytes(data)
     try:
@@ -106,9 +114,13 @@ def rebuild(model: nn.Module, recipe: dict | None, data: bytes) -> nn.Module:
     return model.eval()
 
 
-def load(path: Path, build) -> tuple[nn.Module, dict]:
+def load(path: Path, build, example: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
     """The compressed model in directory ``path`` (``build(base_model_name)`` makes the fresh architecture) and
-    its info."""
+    its info; ``example`` (an input) defaults to the embedded base model's."""
+    from splitinfer.models import EMBEDDED_MODELS
+
     info = read_info(path)
     model = build(info["base_model"])
-    return rebuild(model, recipe_of(info), (Path(path) / WEIGHTS_FILE).read_bytes()), info
+    if example is None and info["base_model"] in EMBEDDED_MODELS:
+        example = EMBEDDED_MODELS[info["base_model"]].example()
+    return rebuild(model, recipe_of(info), (Path(path) / WEIGHTS_FILE).read_bytes(), example), info

@@ -19,9 +19,11 @@ from splitinfer.compression.coding import CodedTensor
 from splitinfer.compression.deep import DeepConfig, deep_compress
 from splitinfer.compression.layers import finetune, kl_to, predict, weight_layers
 from splitinfer.compression.lowrank import factorize, total_macs
+from splitinfer.compression.prune import prune_head, structure_of
 from splitinfer.compression.quantize import attach, bake
+from splitinfer.staged import stage_model
 
-METHODS = ("deep", "lowrank", "auto", "ternary", "binary", "mixed", "uniform-bits")
+METHODS = ("deep", "lowrank", "auto", "ternary", "binary", "mixed", "uniform-bits", "prune")
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Data:
 @dataclass
 class Options:
     """Method settings. ``budget``: the MAC fraction to keep for lowrank/auto (whole model), the mean bits per
-    weight for mixed; ``bits``: Deep Compression's cluster bits, or uniform-bits' width."""
+    weight for mixed, the fraction of channels removed for prune (every stage-internal convolution); ``bits``:
+    Deep Compression's cluster bits, or uniform-bits' width."""
 
     epochs: float = 2.0
     budget: float | None = None
@@ -104,6 +107,14 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
         out.structure = factorize(m, example, keep)
         rep["keep"] = keep
         rep["distortion_before_finetune"] = round(kl_to(predict(m, data.x_val), predict(model, data.x_val)), 6)
+        rep["finetune"] = finetune(m, data.x, data.teacher_logits, data.labels, epochs=opts.epochs, lr=opts.lr,
+                                   seed=opts.seed)
+    elif method == "prune":
+        ratio = opts.budget if opts.budget is not None else 0.5
+        if not 0 < ratio < 1:
+            raise ValueError(f"--budget for prune is the fraction of channels removed, in (0, 1): got {ratio}")
+        m, rep["prune"] = prune_head(m, example, split=stage_model(m, example).num_stages, ratio=ratio)
+        out.structure = structure_of(rep["prune"])
         rep["finetune"] = finetune(m, data.x, data.teacher_logits, data.labels, epochs=opts.epochs, lr=opts.lr,
                                    seed=opts.seed)
     elif method in ("ternary", "binary", "mixed", "uniform-bits"):

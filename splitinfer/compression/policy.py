@@ -100,19 +100,19 @@ def greedy(sens: Sensitivity, budget: float) -> tuple[dict[str, int], float, flo
         return sens.base_cost + sum(sens.cost[n][i] for n, i in choice.items())
 
     while total() > budget:
-        best, best_rate = None, float("inf")
+        best, best_rate, best_to = None, float("inf"), 0
         for n, i in choice.items():
-            if i + 1 >= len(sens.settings):
+            # the next setting that is strictly cheaper (ranks rounded to multiples of 4 can tie)
+            to = next((j for j in range(i + 1, len(sens.settings)) if sens.cost[n][j] < sens.cost[n][i]), None)
+            if to is None:
                 continue
-            saved = sens.cost[n][i] - sens.cost[n][i + 1]
-            if saved <= 0:
-                continue
-            rate = max(0.0, sens.distortion[n][i + 1] - sens.distortion[n][i]) / saved
+            saved = sens.cost[n][i] - sens.cost[n][to]
+            rate = max(0.0, sens.distortion[n][to] - sens.distortion[n][i]) / saved
             if rate < best_rate:
-                best, best_rate = n, rate
+                best, best_rate, best_to = n, rate, to
         if best is None:
             raise ValueError(f"budget {budget:.4g} is below the cheapest reachable cost {total():.4g}")
-        choice[best] += 1
+        choice[best] = best_to
     return choice, total(), sum(sens.distortion[n][i] for n, i in choice.items())
 
 

@@ -57,10 +57,11 @@ def prune_head(model: nn.Module, example: torch.Tensor, split: int,
             continue  # these channels cross a stage boundary (or leave the head): keep them
         keep = max(1, round(conv.out_channels * (1 - layer_ratio)))
         importance = conv.weight.detach().abs().flatten(1).sum(1)
-        idxs = importance.argsort()[: conv.out_channels - keep].tolist()
+        idxs = sorted(importance.argsort()[: conv.out_channels - keep].tolist())
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
         group.prune()
-        pruned_convs.append({"module": name, "channels_before": keep + len(idxs), "channels_after": keep})
+        pruned_convs.append({"module": name, "channels_before": keep + len(idxs), "channels_after": keep,
+                             "removed": idxs})
     after = stage_model(pruned, example)
     before_macs = staged.macs_between(0, split)
     report = {"split": split, "ratio": ratio, "pruned": pruned_convs,
@@ -118,3 +119,30 @@ def distill_head(student: StagedModel, teacher: StagedModel, split: int, x: torc
         p.requires_grad_(False)
     return {"epochs": epochs, "train_images": len(x), "seconds": round(time.perf_counter() - t0, 1),
             "history": history}
+
+
+def structure_of(report: dict) -> list[dict]:
+    """The structure recipe entries of a :func:`prune_head` report (what :func:`replay` rebuilds)."""
+    return [{"layer": p["module"], "kind": "prune", "removed": list(p["removed"])} for p in report["pruned"]]
+
+
+def replay(model: nn.Module, example: torch.Tensor, entries: list[dict]) -> nn.Module:
+    """Remove the recorded output channels from a fresh ``model`` in place, in the recorded order (the same
+    dependency groups as when they were chosen): the pruned architecture, ready for its state dict."""
+    import torch_pruning as tp
+
+    if not entries:
+        return model
+    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example)
+    for e in entries:
+        try:
+            conv = model.get_submodule(e["layer"])
+            removed = sorted({int(i) for i in e["removed"]})
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"prune entry {e!r} does not fit the model: {exc}") from None
+        if not isinstance(conv, nn.Conv2d) or not removed or removed[0] < 0 or removed[-1] >= conv.out_channels \
+                or len(removed) >= conv.out_channels:
+            raise ValueError(f"prune entry for {e['layer']} does not fit the model")
+        dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed).prune()
+    return model
+

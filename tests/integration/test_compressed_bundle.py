@@ -35,7 +35,7 @@ def _ok(result) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module", params=["deep", "lowrank"])
+@pytest.fixture(scope="module", params=["deep", "lowrank", "prune"])
 def planned(request, tmp_path_factory) -> tuple[Path, Path]:
     """(compressed model dir, bundle dir) for one method, tiny fine-tuning."""
     root = tmp_path_factory.mktemp(request.param)

@@ -166,6 +166,9 @@ def test_greedy_policy_takes_the_cheapest_distortion_per_cost():
     with pytest.raises(ValueError, match="below the cheapest"):
         policy.greedy(sens, 40.0)
     assert policy.uniform(sens, 120.0) == (1, 110.0)
+    tied = policy.Sensitivity(settings=(1.0, 0.7, 0.6, 0.5), base_cost=0.0)
+    tied.distortion, tied.cost = {"a": [0.0, 0.1, 0.1, 0.2]}, {"a": [100.0, 60.0, 60.0, 40.0]}
+    assert policy.greedy(tied, 50.0)[0] == {"a": 3}  # a setting that saves nothing more is stepped over
 
 
 def test_auto_policy_meets_its_mac_budget(model, data):
