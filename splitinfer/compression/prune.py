@@ -133,7 +133,12 @@ def replay(model: nn.Module, example: torch.Tensor, entries: list[dict]) -> nn.M
 
     if not entries:
         return model
-    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example)
+    with torch.inference_mode(False), torch.enable_grad():  # the dependency graph traces with autograd
+        return _replay(model, example, entries, tp)
+
+
+def _replay(model: nn.Module, example: torch.Tensor, entries: list[dict], tp) -> nn.Module:
+    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example.clone())
     for e in entries:
         try:
             conv = model.get_submodule(e["layer"])

@@ -66,8 +66,9 @@ def test_bundle_ships_the_compressed_file_and_rebuilds_the_evaluated_model(plann
     info = artifact.read_info(comp)
     assert bundle.plan.model.compression["method"] == info["method"]
     x, _ = fashion_test_images(limit=16)
+    model = _evaluated(comp)
     with torch.inference_mode():
-        assert torch.equal(bundle.staged(x), _evaluated(comp)(x))
+        assert torch.equal(bundle.staged(x), model(x))
     if info["method"] == "deep":
         assert info["figures"]["storage_ratio"] > 8 and info["coded_layers"]
     else:
@@ -126,7 +127,7 @@ def test_damaged_compressed_files_are_refused_clearly(planned, tmp_path):
     # the file itself, decoded without the directory's hash: its own digest catches it
     with pytest.raises(BundleError, match="coded weights|safetensors"):
         artifact.rebuild(embedded_model("default").build(10), artifact.recipe_of(artifact.read_info(comp)),
-                         bytes(data))
+                         bytes(data), embedded_model("default").example())
     # a bundle whose weights were truncated after planning
     bad_bundle = tmp_path / "bundle"
     shutil.copytree(bundle_dir, bad_bundle)
