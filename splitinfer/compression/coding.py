@@ -163,11 +163,6 @@ def is_coded(data: bytes) -> bool:
         return False
 
 
-def file_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors metadata of a coded-weights file (BundleError if unreadable)."""
-    return _metadata(data)
-
-
 def decode_state(data: bytes, max_elements: int = MAX_CODED_ELEMENTS) -> dict[str, torch.Tensor]:
     """The float state dict stored by :func:`encode_state` in ``data``. Raises BundleError (naming what is wrong)
     for anything truncated, corrupted or inconsistent; no allocation is sized by the file before its digest and

@@ -82,11 +82,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x).argmax(1) == torch.as_tensor(y)).float().mean())
 
 
-def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """Fraction of samples whose top-1 label equals the reference's."""
-    return float((logits.argmax(1) == reference.argmax(1)).float().mean())
-
-
 def kl_to(logits: torch.Tensor, reference: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean KL divergence of the reference's softmax to ``logits``' (a distortion measure, nats per sample)."""
     return float(F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(reference / temperature, 1),

@@ -116,15 +116,6 @@ def greedy(sens: Sensitivity, budget: float) -> tuple[dict[str, int], float, flo
     return choice, total(), sum(sens.distortion[n][i] for n, i in choice.items())
 
 
-def uniform(sens: Sensitivity, budget: float) -> tuple[int, float]:
-    """The first (most expensive) single setting index that, applied to every layer, meets ``budget``."""
-    for i in range(len(sens.settings)):
-        cost = sens.base_cost + sum(sens.cost[n][i] for n in sens.cost)
-        if cost <= budget:
-            return i, cost
-    raise ValueError(f"no uniform setting meets budget {budget:.4g}")
-
-
 def uniform_keep(model: nn.Module, example: torch.Tensor, budget_macs: float, step: float = 0.01) -> float:
     """The largest single low-rank keep fraction (on a ``step`` grid) whose factorized model has at most
     ``budget_macs`` MACs."""

@@ -24,8 +24,6 @@ that of fp32 (reported as such, no speedup claimed).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -151,9 +149,3 @@ def bake(model: nn.Module, quantizers: dict[str, nn.Module]) -> dict[str, CodedT
             mod.weight = nn.Parameter(c.values())
             coded[f"{name}.weight"] = c
     return coded
-
-
-def coded_bytes_estimate(coded: dict[str, CodedTensor]) -> int:
-    """Raw bit-packed size of the coded layers (symbols at their bit width plus float32 codebooks)."""
-    return sum(math.ceil(c.symbols.numel() * c.bits / 8)
-               + 4 * (c.scales.numel() if c.scales is not None else c.codebook.numel()) for c in coded.values())

@@ -165,7 +165,6 @@ def test_greedy_policy_takes_the_cheapest_distortion_per_cost():
     assert choice == {"a": 1, "b": 2} and cost == 85.0  # b's second step (0.1 per 25) beats a's (0.49 per 25)
     with pytest.raises(ValueError, match="below the cheapest"):
         policy.greedy(sens, 40.0)
-    assert policy.uniform(sens, 120.0) == (1, 110.0)
     tied = policy.Sensitivity(settings=(1.0, 0.7, 0.6, 0.5), base_cost=0.0)
     tied.distortion, tied.cost = {"a": [0.0, 0.1, 0.1, 0.2]}, {"a": [100.0, 60.0, 60.0, 40.0]}
     assert policy.greedy(tied, 50.0)[0] == {"a": 3}  # a setting that saves nothing more is stepped over
