@@ -290,9 +290,17 @@ def make_cmd(
     max_accuracy_drop: float = typer.Option(None, callback=NON_NEGATIVE,
                                             help="constraint: max estimated accuracy drop (points)"),
     max_edge_memory: int = typer.Option(None, callback=AT_LEAST_ONE,
-                                        help="constraint: max edge memory (bytes: head weights + activations)"),
+                                        help="constraint: max edge memory (bytes: head weights + activations; with "
+                                             "--head-variants also measured on the written bundle)"),
     max_bytes: int = typer.Option(None, callback=NON_NEGATIVE,
                                   help="constraint: max payload bytes per offloaded request"),
+    max_bundle_bytes: int = typer.Option(None, callback=AT_LEAST_ONE,
+                                         help="constraint: max bytes of the bundle's files (an over-the-air update); "
+                                              "with --head-variants"),
+    head_variants: str = typer.Option(None, help="plan jointly over head variants: 'all' (fp32 + every committed "
+                                                 "compressed variant), or names / `plan compress` directories, "
+                                                 "comma-separated; the certificate then covers the final answers "
+                                                 "end to end (embedded models)"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
     checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
     input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: 3,224,224)"),
@@ -359,7 +367,7 @@ def make_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--device'") from exc
     try:
-        cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes)
+        cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes, max_bundle_bytes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev and not edge_profile
@@ -387,10 +395,13 @@ def make_cmd(
                                        edge_profile=eprof, server_profile=sprof, progress=progress,
                                        input_images=_read_images(input_images), model=model,
                                        bottlenecks=_bottleneck_source(bottlenecks, model) if auto is None else None,
-                                       auto_bottlenecks=auto, compressed=compressed)
+                                       auto_bottlenecks=auto, compressed=compressed, head_variants=head_variants)
         else:
             if compressed is not None:
                 raise ValueError("--compressed applies to embedded models (plan compress writes them)")
+            if head_variants is not None or max_bundle_bytes is not None:
+                raise ValueError("--head-variants and --max-bundle-bytes apply to embedded models (their variants are "
+                                 "compressed and measured on their data)")
             if head != "fp32":
                 raise ValueError("--head int8/auto needs calibration data: only the default model supports it")
             target = load_target(model, checkpoint, _ints(input_shape) if input_shape else None)

@@ -54,6 +54,7 @@ class PlanResult:
     server_profile: Profile | None = None
     pareto: list[SplitEstimate] | None = None
     planner: Planner | None = None
+    joint: object | None = None  # partitioner.joint.JointResult when planned over head variants
 
 
 def _candidates(n: int, splits: str) -> list[int]:
@@ -66,8 +67,15 @@ def _candidates(n: int, splits: str) -> list[int]:
 
 def per_split(planner: Planner, link: Link, objective: Objective, constraints: Constraints) -> list[SplitEstimate]:
     """For every (split, codec): its best exit subset under ``objective`` (feasible ones first)."""
+    return best_per_split(planner.evaluate(link), objective, constraints)
+
+
+def best_per_split(estimates: Sequence[SplitEstimate], objective: Objective, constraints: Constraints
+                   ) -> list[SplitEstimate]:
+    """For every (split, codec) among ``estimates``: the best one (head variant, exit subset) under
+    ``objective``, feasible ones first."""
     groups: dict[tuple[int, str], list[SplitEstimate]] = {}
-    for e in planner.evaluate(link):
+    for e in estimates:
         groups.setdefault((e.split, e.codec), []).append(e)
     out = []
     for key in sorted(groups):
@@ -95,7 +103,7 @@ def exit_config_fn(scores: ExitScores, thresholds: dict[int, float], labels: np.
 
 def calibration_spec(cal: Calibration, scores: ExitScores) -> ExitCalibrationSpec:
     """The plan's record of a calibration, with the drift monitor's reference deciles of the first exit."""
-    first = scores.conf[0]
+    first = scores.conf[0] if len(scores.conf) else np.zeros(0)
     edges = [float(v) for v in np.quantile(first, np.linspace(0.1, 0.9, 9))] if first.size else []
     return ExitCalibrationSpec(
         mode=cal.mode, score=cal.score, epsilon=cal.epsilon, delta=cal.delta, n_path=cal.n_path, n_test=cal.n_test,
@@ -455,7 +463,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                       input_images: tuple[bytes, ...] = (), model: str = "default",
                       bottlenecks: Sequence[Bottleneck] | None = None,
                       auto_bottlenecks: AutoBottlenecks | None = None,
-                      compressed: Path | None = None) -> PlanResult:
+                      compressed: Path | None = None,
+                      head_variants: str | Sequence[str] | None = None) -> PlanResult:
     """Plan an embedded model (``model``: the default, or another of :data:`splitinfer.models.EMBEDDED_MODELS`)
     for one link condition and write the bundle to ``out``.
 
@@ -474,6 +483,10 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
 
     ``compressed``: a directory written by ``plan compress`` for this model: the plan runs that compressed
     model (exits and codecs as committed; thresholds calibrated on it), and the bundle ships its weights file.
+
+    ``head_variants``: plan jointly over head variants (:mod:`partitioner.joint`): ``"all"`` (fp32 and every
+    committed compressed variant), or names/directories; the certificate then covers the deployed system end to
+    end (final answers vs the full fp32 model), and the bundle ships the chosen variant.
 
     ``edge_profile``/``server_profile``: profiles measured on the two machines (default: measured here).
     ``input_images``: sample files as users send them (default: each validation image as PNG or JPEG quality
@@ -496,11 +509,34 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         va_idx = va_idx[:validation_limit]
     x_val = model_input(train.images[va_idx], size)
     y_val = np.asarray(train.labels[va_idx])
+    spec = InputSpec(shape=[1, size, size], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+                     labels=FASHION_MNIST_CLASSES)
+    if head_variants is not None:
+        if compressed is not None:
+            raise ValueError("--compressed and --head-variants: name the compressed directory among --head-variants")
+        if head != "fp32":
+            raise ValueError("--head int8/auto applies to single-variant planning; with --head-variants the head "
+                             "is one of the variants")
+        from partitioner.joint import JointInputs, load_variants
+
+        if bottlenecks is None and learned_codec:
+            from partitioner.codec import load_bottlenecks
+            from partitioner.weights import weights_dir
+
+            bottlenecks = [bn for bn, _ in load_bottlenecks(Path(weights) if weights else weights_dir(), model,
+                                                              staged=staged).values()]
+        samples = opts.input_images or tuple(smaller_file(spec, img)
+                                             for img in render(train.images[va_idx][:256], size))
+        inputs = JointInputs(model=model, exits=exits, x_val=x_val, y_val=y_val, codec=codec, spec=spec,
+                             image_samples=samples, val_images=train.images[va_idx],
+                             bottlenecks=list(bottlenecks or []) if learned_codec else [],
+                             max_codec_drop=max_codec_drop, epsilon=epsilon, delta=delta, score=score, seed=seed,
+                             mode=calibration_mode, repeats=repeats)
+        return make_joint_plan(out, load_variants(head_variants, model, net, staged), inputs, opts, info,
+                               edge_profile, server_profile, len(va_idx))
     scores = collect_scores(staged, exits, x_val, score)
     cal = calibrate(scores, epsilon, delta, score=score, mode=calibration_mode, seed=seed)
     thresholds = dict(zip(cal.boundaries, cal.thresholds, strict=True))
-    spec = InputSpec(shape=[1, size, size], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
-                     labels=FASHION_MNIST_CLASSES)
 
     edge, server = _profiles(staged, exits, codec, x_val[:1], opts, edge_profile, server_profile, model)
     candidates = _candidates(staged.num_stages, splits)
@@ -565,3 +601,104 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                        head_calibration=calib if plan.head.kind == "int8" else None, weights_data=weights_data)
     return PlanResult(plan=plan, profile=edge, estimates=estimates, chosen=chosen, validation_agreement=agreement,
                       path=path, server_profile=server, pareto=pareto, planner=planner)
+
+
+MEMORY_ATTEMPTS = 5  # configurations measured against --max-edge-memory before giving up
+
+
+def make_joint_plan(out: Path, variants, inputs, opts: PlanOptions, info: dict, edge_profile: Profile | None,
+                    server_profile: Profile | None, n_validation: int) -> PlanResult:
+    """Plan an embedded model jointly over head variants (:func:`partitioner.joint.plan_joint`) and write the
+    chosen variant's bundle with the end-to-end certificate.
+
+    ``--max-bundle-bytes`` is checked on the files the bundle will hold (plan.json included) before writing;
+    ``--max-edge-memory`` is screened with the computed figure during the search, then measured on the written
+    bundle (:mod:`partitioner.head_memory`); a configuration over the limit is excluded and the next best is
+    planned, up to :data:`MEMORY_ATTEMPTS` times."""
+    from partitioner import head_memory
+    from partitioner.joint import plan_joint
+
+    jr = plan_joint(variants, inputs, _candidates(variants[0].staged.num_stages, opts.splits), opts, edge_profile,
+                    server_profile)
+    mem_limit = opts.constraints.max_edge_memory
+    measured: list[tuple[str, int]] = []
+    for _ in range(MEMORY_ATTEMPTS):
+        plan, final, codec_states = _joint_plan_object(jr, opts, info, n_validation)
+        path = save_bundle(out, plan, jr.variant.variant.net, {b: inputs.exits[b] for b in sorted(inputs.exits)},
+                           codec_states=codec_states, weights_data=jr.variant.variant.weights_data)
+        if mem_limit is None:
+            break
+        m = head_memory.measure(path)
+        measured.append((f"{final.head} split {final.split}", int(m["head_peak_bytes"])))
+        plan.notes["edge_memory_measured_bytes"] = int(m["head_peak_bytes"])
+        if m["head_peak_bytes"] <= mem_limit:
+            save_bundle(out, plan, jr.variant.variant.net, {b: inputs.exits[b] for b in sorted(inputs.exits)},
+                        codec_states=codec_states, weights_data=jr.variant.variant.weights_data)
+            break
+        jr.exclude(jr.chosen, f"measured head memory {m['head_peak_bytes']} B > --max-edge-memory {mem_limit}")
+        try:
+            jr.certify_choice()
+        except ValueError as exc:
+            raise ValueError(f"--max-edge-memory {mem_limit}: no configuration left ({exc})") from exc
+    else:
+        best_m = min(measured, key=lambda t: t[1])
+        raise ValueError(f"--max-edge-memory {mem_limit}: the {MEMORY_ATTEMPTS} best configurations all measured "
+                         f"above it (lowest: {best_m[0]}, {best_m[1]} B); raise the limit")
+    return PlanResult(plan=plan, profile=jr.variant.edge, estimates=list(plan.estimates), chosen=final,
+                      validation_agreement=1.0 - (final.disagreement or 0.0), path=path,
+                      server_profile=jr.variant.server, pareto=list(plan.pareto or []), planner=jr.final, joint=jr)
+
+
+def _joint_plan_object(jr, opts: PlanOptions, info: dict, n_validation: int):
+    """The plan of joint planning's current choice (not written), its final estimate and the codec states;
+    ValueError when its files would exceed --max-bundle-bytes."""
+    import dataclasses
+
+    from partitioner.joint import bundle_files_bytes
+
+    inputs, ev, chosen, cal = jr.inputs, jr.variant, jr.chosen, jr.calibration
+    cons = jr.constraints
+    joint_opts = dataclasses.replace(opts, constraints=cons)
+    estimates = jr.search.table(opts.link, opts.objective, cons)
+    pareto = jr.search.pareto(opts.link, cons)
+    points = jr.final.grid(GRID_BANDWIDTHS, GRID_RTTS, opts.objective, cons, base=opts.link)
+    final = next(e for e in jr.final.evaluate(opts.link) if e.split == chosen.split and e.codec == chosen.codec
+                 and e.exits == chosen.exits)
+    jr.final.judge(final)
+    exits, staged = inputs.exits, ev.variant.staged
+    thresholds = jr.thresholds
+    exit_config = jr.final._exits(tuple(chosen.exits))
+    exit_specs = [ExitSpec(boundary=b, threshold=thresholds[b], score=inputs.score, hidden=exits[b].hidden,
+                           macs=exits[b].macs(), val_exit_rate=round(exit_config.rates.get(b, 0.0), 5))
+                  for b in sorted(exits)]
+    learned = jr.learned.get(ev.name, [])
+    plan = new_plan(
+        inputs.model, staged, inputs.spec,
+        split=chosen.split, codec=CodecSpec(name=chosen.codec), exits=exit_specs, active_exits=list(chosen.exits),
+        weights_source="committed", compression=ev.variant.recipe,
+        active_exit_rates={b: round(r, 5) for b, r in exit_config.rates.items()},
+        learned_codecs=[CodecSpec(name=lc.codec.name, params=lc.codec.cfg.to_params()) for lc in learned],
+        exit_calibration=calibration_spec(cal, jr.system_scores),
+        estimates=estimates, operating_points=points, pareto=pareto, objective=_objective_record(joint_opts),
+        latency_curves=latency_curves(jr.final, joint_opts),
+        notes={
+            **_link_notes(opts, ev.edge, ev.server), "epsilon": inputs.epsilon, "delta": inputs.delta,
+            "certificate": "end to end: final answers (head variant, exits, codec) vs the full fp32 model",
+            "validation_images": n_validation, "validation_agreement": round(1.0 - (final.disagreement or 0.0), 5),
+            "chosen_exits": ",".join(str(b) for b in chosen.exits), "head_variant": ev.name,
+            "head_variants": ",".join(x.name for x in jr.evals),
+            "planning_seconds": round(jr.seconds["total"], 2),
+            "weights_test_accuracy": float(info.get("test_accuracy", 0.0)),
+            **{f"rejected_{i}": r for i, r in enumerate(jr.rejected)}, **jr.notes,
+        },
+    )
+    _stage_times(plan, ev.edge, ev.server, opts.edge_slowdown)
+    codec_states = {lc.boundary: lc.codec.bottleneck.state_for_bundle() for lc in learned}
+    limit = cons.max_bundle_bytes
+    if limit is not None:
+        total = bundle_files_bytes(plan, ev.variant, exits, codec_states)
+        if total > limit:
+            raise ValueError(f"--max-bundle-bytes {limit}: the chosen plan's bundle holds {total} bytes "
+                             f"(weights, exits and codecs {final.bundle_bytes} + plan.json "
+                             f"{total - (final.bundle_bytes or 0)}); raise the limit by at least {total - limit}")
+    return plan, final, codec_states

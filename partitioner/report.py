@@ -21,6 +21,7 @@ def accuracy_reason(plan) -> str:
 def split_table(result: PlanResult) -> str:
     """A table of every split with its estimate; the chosen one marked."""
     plan = result.plan
+    joint = "head_variants" in plan.notes
     lines = [
         *([f"WARNING: {plan.model.name} has random weights: its answers are meaningless (timing only)"]
           if plan.model.random_weights else []),
@@ -31,7 +32,7 @@ def split_table(result: PlanResult) -> str:
                                f"(val exit rate {e.val_exit_rate:.1%})" for e in plan.exits) or "none"),
         "",
         f"{'split':>5} {'codec':>12} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} "
-        f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}  exits",
+        f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}  exits" + ("   head variant, e2e bound" if joint else ""),
     ]
     for e in sorted(result.estimates, key=lambda e: (e.split, e.codec)):
         shape = "x".join(str(s) for s in plan.boundaries[e.split].shape)
@@ -39,8 +40,19 @@ def split_table(result: PlanResult) -> str:
                                                                result.chosen.exits) else ""
         lines.append(f"{e.split:>5} {e.codec:>12} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} "
                      f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  "
-                     f"{e.exits}{mark}")
+                     f"{e.exits}" + (f"   {e.head}, " + ("not judged" if e.disagreement_bound is None else
+                                                             f"<= {e.disagreement_bound:.4f}") if joint else "")
+                     + mark)
     lines.append("")
+    if joint:
+        lines.append(f"head variants: {plan.notes['head_variants']}; chosen {plan.notes['head_variant']}")
+        for key, why in sorted(plan.notes.items()):
+            if key.startswith(("head_variant_", "rejected_")):
+                lines.append(f"  {key}: {why}")
+        cal = plan.exit_calibration
+        if cal is not None:
+            lines.append(f"certificate ({plan.notes['certificate']}): disagreement <= {cal.epsilon} with probability "
+                         f">= {1 - cal.delta:g}; {cal.disagreements} of {cal.n_test} in the test part")
     if plan.head.kind != "fp32" or plan.head.notes:
         hn = plan.head.notes
         lines.append(f"edge head: {plan.head.kind}" + (f" (int8 measured x{hn['speedup']} vs fp32 here, validation "
@@ -60,7 +72,8 @@ def split_table(result: PlanResult) -> str:
     energy = "" if c.expected_energy_j is None else f", {c.expected_energy_j * 1e3:.2f} mJ"
     accuracy = (f"est. accuracy drop {c.accuracy_drop_points or 0:.2f} points" if accuracy_measured(plan)
                 else f"accuracy not measured ({accuracy_reason(plan)})")
-    lines.append(f"chosen: split {c.split}, codec {c.codec}, exits {c.exits}: {c.expected_latency_ms:.2f} ms"
+    lines.append(f"chosen: split {c.split}, codec {c.codec}, exits {c.exits}"
+                 + (f", head {c.head}" if joint else "") + f": {c.expected_latency_ms:.2f} ms"
                  f"{energy}, {c.expected_bytes or 0:.0f} B/request, {accuracy}")
     if result.pareto:
         lines.append(f"Pareto set (latency, energy, bytes, accuracy drop): {len(result.pareto)} configurations")
@@ -68,7 +81,7 @@ def split_table(result: PlanResult) -> str:
             en = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:7.2f} mJ"
             drop = f"drop {e.accuracy_drop_points or 0:.2f}" if accuracy_measured(plan) else "drop not measured"
             lines.append(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} {e.expected_latency_ms:9.2f} ms"
-                         f"{en} {e.expected_bytes or 0:9.0f} B  {drop}")
+                         f"{en} {e.expected_bytes or 0:9.0f} B  {drop}" + (f"  {e.head}" if joint else ""))
         if len(result.pareto) > 12:
             lines.append(f"  ... {len(result.pareto) - 12} more in plan.json")
     agreement = (f", validation agreement of the exits with the full model {result.validation_agreement:.4f}"

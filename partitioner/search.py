@@ -70,6 +70,10 @@ class Constraints:
     max_accuracy_drop: float | None = None
     max_edge_memory: int | None = None
     max_bytes: int | None = None
+    max_bundle_bytes: int | None = None  # the bundle's files: what an over-the-air update costs
+    # certified at epsilon: the upper confidence bound of the final answers' disagreement with the fp32 model
+    # (estimates that carry one: joint planning) at most this
+    epsilon: float | None = None
 
     def admits(self, e: SplitEstimate) -> bool:
         if self.max_accuracy_drop is not None and (e.accuracy_drop_points or 0.0) > self.max_accuracy_drop + 1e-9:
@@ -78,11 +82,16 @@ class Constraints:
             return False
         if self.max_bytes is not None and e.offload_rate > 0 and e.bytes_per_offload > self.max_bytes:
             return False
+        if self.max_bundle_bytes is not None and (e.bundle_bytes or 0) > self.max_bundle_bytes:
+            return False
+        if self.epsilon is not None and e.disagreement_bound is not None and e.disagreement_bound > self.epsilon:
+            return False
         return e.expected_latency_ms != float("inf")
 
     def to_dict(self) -> dict[str, float]:
         return {k: v for k, v in (("max_accuracy_drop", self.max_accuracy_drop),
-                                  ("max_edge_memory", self.max_edge_memory), ("max_bytes", self.max_bytes))
+                                  ("max_edge_memory", self.max_edge_memory), ("max_bytes", self.max_bytes),
+                                  ("max_bundle_bytes", self.max_bundle_bytes), ("epsilon", self.epsilon))
                 if v is not None}
 
 
@@ -129,6 +138,11 @@ class Planner:
     device: DeviceProfile | None = None
     edge_slowdown: float = 1.0
     server_load_rps: float = 0.0
+    # joint planning: the head variant's name, its bundle's bytes, and a hook that fills an estimate's
+    # end-to-end figures (partitioner.joint.SystemJudge)
+    head: str = "fp32"
+    bundle_bytes: int | None = None
+    system: Callable[[SplitEstimate], None] | None = None
     _exit_cache: dict[tuple[int, ...], ExitConfig] = field(default_factory=dict, repr=False)
 
     def _exits(self, subset: tuple[int, ...]) -> ExitConfig:
@@ -169,21 +183,25 @@ class Planner:
                     e.accuracy_drop_points = round(drop, 4)
                     if c.edge.head_peak_bytes:
                         e.edge_memory_bytes = int(c.edge.head_peak_bytes[k])
+                    e.head = self.head
+                    e.bundle_bytes = self.bundle_bytes
                     out.append(e)
         return out
+
+    def judge(self, e: SplitEstimate) -> None:
+        """Fill ``e``'s end-to-end figures (joint planning's ``system`` hook; nothing without one)."""
+        if self.system is not None and e.disagreement is None:
+            self.system(e)
 
     def choose(self, link: Link, objective: Objective = Objective(),
                constraints: Constraints = Constraints()) -> SplitEstimate:
         """The feasible configuration with the best objective; ValueError when the constraints exclude all."""
-        feasible = [e for e in self.evaluate(link) if constraints.admits(e)]
-        if not feasible:
-            raise ValueError(f"no configuration satisfies the constraints {constraints.to_dict()}")
-        return best(feasible, objective)
+        return choose_among(self.evaluate(link), objective, constraints,
+                            self.judge if self.system is not None else None)
 
     def pareto(self, link: Link, constraints: Constraints = Constraints()) -> list[SplitEstimate]:
         """Feasible configurations not dominated in (latency, energy, bytes, accuracy drop), by latency."""
-        feasible = [e for e in self.evaluate(link) if constraints.admits(e)]
-        return pareto_front(feasible)
+        return lazy_pareto(self.evaluate(link), constraints, self.judge if self.system is not None else None)
 
     def grid(self, bandwidths: Iterable[float], rtts: Iterable[float], objective: Objective = Objective(),
              constraints: Constraints = Constraints(), base: Link | None = None) -> list[OperatingPoint]:
@@ -197,7 +215,8 @@ class Planner:
                 ex = self._exits(tuple(e.exits))
                 codec = next(c for c in self.codecs if c.name == e.codec
                              and (c.boundaries is None or e.split in c.boundaries))
-                agreement = ex.agreement * (codec.agreement if e.offload_rate > 0 else 1.0)
+                agreement = 1.0 - e.disagreement if e.disagreement is not None else \
+                    ex.agreement * (codec.agreement if e.offload_rate > 0 else 1.0)
                 points.append(OperatingPoint(
                     bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=e.split, codec=e.codec, exits=e.exits,
                     expected_latency_ms=e.expected_latency_ms, expected_bytes=metric(e, "bytes"),
@@ -205,8 +224,80 @@ class Planner:
         return points
 
 
+def choose_among(estimates: Sequence[SplitEstimate], objective: Objective = Objective(),
+                 constraints: Constraints = Constraints(),
+                 judge: Callable[[SplitEstimate], None] | None = None) -> SplitEstimate:
+    """The feasible estimate with the best objective; ValueError naming the tightest constraint when none is.
+
+    With ``judge`` (joint planning) the end-to-end figures are filled in best-first and only until one
+    configuration passes every constraint: the others are never judged."""
+    feasible = [e for e in estimates if constraints.admits(e)]
+    if judge is not None:
+        for e in ranked(feasible, objective):
+            judge(e)
+            if constraints.admits(e):
+                return e
+        feasible = []
+    if not feasible:
+        raise ValueError(f"no configuration satisfies the constraints {constraints.to_dict()}: "
+                         f"{explain_infeasible(estimates, constraints)}")
+    return best(feasible, objective)
+
+
+def lazy_pareto(estimates: Sequence[SplitEstimate], constraints: Constraints,
+                judge: Callable[[SplitEstimate], None] | None = None) -> list[SplitEstimate]:
+    """The Pareto front of the feasible estimates; with ``judge``, its members are judged end to end, those
+    failing dropped, and the front recomputed until every member passes."""
+    feasible = [e for e in estimates if constraints.admits(e)]
+    while True:
+        front = pareto_front(feasible)
+        if judge is None:
+            return front
+        for e in front:
+            judge(e)
+        failed = {id(e) for e in front if not constraints.admits(e)}
+        if not failed:
+            return front
+        feasible = [e for e in feasible if id(e) not in failed]
+
+
+def explain_infeasible(estimates: Sequence[SplitEstimate], constraints: Constraints) -> str:
+    """Which constraint is the tightest (alone, it admits the fewest configurations) and the best value any
+    configuration reaches for it."""
+    checks: dict[str, tuple[Callable[[SplitEstimate], float | None], float | None, str]] = {
+        "max_accuracy_drop": (lambda e: e.accuracy_drop_points, constraints.max_accuracy_drop, "points"),
+        "max_edge_memory": (lambda e: e.edge_memory_bytes, constraints.max_edge_memory, "bytes"),
+        "max_bundle_bytes": (lambda e: e.bundle_bytes, constraints.max_bundle_bytes, "bytes"),
+        "max_bytes": (lambda e: e.bytes_per_offload if e.offload_rate > 0 else 0, constraints.max_bytes, "bytes"),
+        "epsilon": (lambda e: e.disagreement_bound, constraints.epsilon, "(upper bound of the disagreement with "
+                                                                         "the fp32 model)"),
+    }
+    rows = []
+    for name, (get, limit, unit) in checks.items():
+        if limit is None:
+            continue
+        values = [v for v in (get(e) for e in estimates) if v is not None]
+        if not values:
+            continue
+        admitted = sum(v <= limit + 1e-9 for v in values)
+        rows.append((admitted, name, limit, min(values), unit))
+    if not rows:
+        return "no configuration has a finite latency estimate"
+    admitted, name, limit, best_value, unit = min(rows)
+    flag = "--" + name.replace("_", "-")
+    return (f"the tightest constraint is {flag} {limit:g}: {admitted} of {len(estimates)} configurations meet it "
+            f"alone; the best any configuration reaches is {best_value:g} {unit}")
+
+
+
+
 def best(estimates: Sequence[SplitEstimate], objective: Objective = Objective()) -> SplitEstimate:
     """The estimate minimising ``objective`` (ties: lower latency, earlier split, fewer bytes)."""
+    return ranked(estimates, objective)[0]
+
+
+def ranked(estimates: Sequence[SplitEstimate], objective: Objective = Objective()) -> list[SplitEstimate]:
+    """``estimates`` from best to worst under ``objective`` (ties: lower latency, earlier split, fewer bytes)."""
     if objective.kind == "weighted":
         means = {m: sum(metric(e, m) for e in estimates) / len(estimates) for m in METRICS}
         weights = dict(objective.weights)
@@ -216,7 +307,7 @@ def best(estimates: Sequence[SplitEstimate], objective: Objective = Objective())
     else:
         def score(e: SplitEstimate) -> float:
             return metric(e, objective.kind)
-    return min(estimates, key=lambda e: (score(e), e.expected_latency_ms, e.split, e.bytes_per_offload))
+    return sorted(estimates, key=lambda e: (score(e), e.expected_latency_ms, e.split, e.bytes_per_offload))
 
 
 def pareto_front(estimates: Sequence[SplitEstimate]) -> list[SplitEstimate]:

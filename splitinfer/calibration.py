@@ -90,10 +90,35 @@ class ExitScores:
     macs_to: list[int]
     exit_macs: list[int]
     full_macs: int
+    # The answers disagreement is counted against; None: ``full_pred``. With a deployed system whose answer
+    # when no exit fires (``full_pred``: compressed head, codec, tail) differs from the full fp32 model's
+    # (``reference``), the certificate covers the final answer's disagreement with the fp32 model end to end.
+    reference: np.ndarray | None = None
 
     def subset(self, idx: np.ndarray) -> ExitScores:
         return ExitScores(self.boundaries, self.conf[:, idx], self.pred[:, idx], self.full_pred[idx],
-                          self.macs_to, self.exit_macs, self.full_macs)
+                          self.macs_to, self.exit_macs, self.full_macs,
+                          None if self.reference is None else self.reference[idx])
+
+    def only_exits(self, boundaries: list[int] | tuple[int, ...]) -> ExitScores:
+        """The same samples with only the exits at ``boundaries`` (the others never fire)."""
+        idx = [self.boundaries.index(b) for b in boundaries]
+        return ExitScores([self.boundaries[i] for i in idx], self.conf[idx], self.pred[idx], self.full_pred,
+                          [self.macs_to[i] for i in idx], [self.exit_macs[i] for i in idx], self.full_macs,
+                          self.reference)
+
+    def with_fallback(self, fallback: np.ndarray, reference: np.ndarray) -> ExitScores:
+        """The deployed system's scores: ``fallback`` answers when no exit fires, disagreement counted against
+        ``reference`` (the full fp32 model's answers)."""
+        if len(fallback) != self.n or len(reference) != self.n:
+            raise ValueError(f"fallback/reference hold {len(fallback)}/{len(reference)} answers for {self.n} samples")
+        return ExitScores(self.boundaries, self.conf, self.pred, np.asarray(fallback), self.macs_to, self.exit_macs,
+                          self.full_macs, np.asarray(reference))
+
+    @property
+    def ref(self) -> np.ndarray:
+        """The answers disagreement is counted against."""
+        return self.full_pred if self.reference is None else self.reference
 
     @property
     def n(self) -> int:
@@ -138,7 +163,7 @@ def evaluate(scores: ExitScores, thresholds: list[float]) -> Outcome:
     counts = np.bincount(where, minlength=k_exits + 1)
     mean_macs = (sum(counts[i] * cost_at[i] for i in range(k_exits)) + counts[k_exits] * cost_full) / max(1, scores.n)
     return Outcome(thresholds=list(thresholds), exit_rates=[float(c) / max(1, scores.n) for c in counts[:k_exits]],
-                   disagreements=int((answer != scores.full_pred).sum()), n=scores.n, mean_macs=float(mean_macs))
+                   disagreements=int((answer != scores.ref).sum()), n=scores.n, mean_macs=float(mean_macs))
 
 
 def threshold_path(scores: ExitScores, steps: int = 400, max_disagreement: float = 0.1) -> list[list[float]]:
@@ -197,7 +222,9 @@ def certify_along(path: list[list[float]], test_part: ExitScores, pooled: ExitSc
         prefix.append(p)
     if not prefix:
         raise CalibrationTooSmall("even 'no exit' cannot be certified: the test part is too small")
-    k_accept = max(k for k in range(n_test + 1) if binom_cdf(k, n_test, epsilon) <= delta)
+    k_accept = 0  # the largest count whose p-value is <= delta (the tail grows with k: stop at the first above)
+    while k_accept < n_test and binom_cdf(k_accept + 1, n_test, epsilon) <= delta:
+        k_accept += 1
     chosen = next((j for j in range(len(prefix) - 1, 0, -1)
                    if evaluate(pooled, path[j]).disagreements * n_test <= k_accept * pooled.n), 0)
     return chosen, len(prefix), prefix[chosen]

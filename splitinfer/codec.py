@@ -98,6 +98,25 @@ class UInt8AffineCodec:
     def decode(self, payload: bytes, meta: Meta) -> torch.Tensor:
         return torch.from_numpy(decode_uint8_affine(payload, meta))
 
+    def roundtrip_each(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))`` of every sample of ``tensor`` encoded alone (as the edge sends them), for a
+        whole batch at once: the same float32 arithmetic per sample, so the same values (planning evaluates
+        the deployed system on thousands of samples with it)."""
+        x = tensor.detach().to(torch.float32)
+        if x.ndim < 2:
+            raise InvalidInput(f"uint8-affine needs a tensor with a channel dimension, got shape {list(x.shape)}")
+        b = x.shape[0]
+        groups = x.shape[1] if uint8_granularity(x[:1].shape) == "channel" else 1
+        flat = x.reshape(b, groups, -1)
+        lo, hi = flat.amin(dim=2), flat.amax(dim=2)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        view = [b, groups] + [1] * (x.ndim - 2) if groups > 1 else [b] + [1] * (x.ndim - 1)
+        lo, scale = lo.view(view), scale.view(view)
+        # in place: the values stay integers 0..255 held in float32, so skipping the uint8 cast changes nothing
+        q = torch.sub(x, lo).div_(scale).round_().clamp_(0, 255)
+        return q.mul_(scale).add_(lo)
+
 
 CODECS: dict[str, type] = {c.name: c for c in (Float32Codec, UInt8AffineCodec)}
 if tuple(CODECS) != GENERIC_CODECS:  # the torch-free plan schema names them too

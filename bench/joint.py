@@ -1,0 +1,311 @@
+"""Benchmark: joint planning (split, head variant, codec, exits) against sequential planning (the best fp32
+plan, then the best compressed head at its split), the end-to-end certificate, and planning time.
+
+On the default model with a Raspberry Pi 4-class edge (``--device raspberry-pi-4``: its compute slowdown over
+this machine's profile and its power model):
+
+1. **Planning time.** ``make_default_plan`` with every committed head variant (``head_variants="all"``) and
+   today's call (fp32 only), same link, device, epsilon and constraints, timed in this process one after the
+   other (the joint one first, so it pays the process's one-time costs).
+2. **Joint vs sequential** over the cells of ``bench.planner`` (bandwidths x RTTs). Both use the joint plan's
+   measurements and the same constraints (``--max-accuracy-drop`` points and certified at ``--epsilon`` end to
+   end): *joint* = the best feasible configuration over every variant; *sequential* = the best feasible fp32
+   configuration, then, keeping its split, codec and exits, the variant with the lowest predicted latency that
+   stays feasible. Predicted latencies are compared per cell.
+3. **End-to-end certification** on the planner's chosen deployed system (variant, split, codec, exit subset
+   as planned at ``--link``): the ``bench.exits`` protocol on the Fashion-MNIST test set, ``--splits`` random
+   calibration/test splits (``--calibration-size`` images to calibrate the exits' thresholds on the final
+   answers with :func:`splitinfer.calibration.calibrate`, the rest to measure), counting the splits whose
+   measured disagreement with the full fp32 model stays within epsilon, at each of ``--epsilons``. For each
+   epsilon it also reports what the planner chooses at that epsilon and the configurations it had to reject
+   for it (their end-to-end bound above epsilon), with the part that costs most.
+
+Not done here: measuring the cells through the link emulator (``verified_cells`` is reported as 0 with the
+reason; see ``bench.planner`` for that machinery).
+
+Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CELL_BANDWIDTHS = (0.5e6, 2e6, 10e6, 50e6, 200e6)  # as bench.planner
+CELL_RTTS = (0.005, 0.05, 0.15)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def plan_both(workdir: Path, link, device, epsilon: float, delta: float, max_drop: float, repeats: int,
+              variants: str):
+    """The joint plan and today's plan of the default model, each timed."""
+    from partitioner.make import make_default_plan
+    from partitioner.search import Constraints
+
+    cons = Constraints(max_accuracy_drop=max_drop)
+    common = dict(device=device, edge_slowdown=device.compute_slowdown, epsilon=epsilon, delta=delta,
+                  repeats=repeats, constraints=cons)
+    t0 = time.perf_counter()
+    joint = make_default_plan(workdir / "joint", link, head_variants=variants, **common)
+    t1 = time.perf_counter()
+    today = make_default_plan(workdir / "today", link, **common)
+    t2 = time.perf_counter()
+    return joint, today, {"joint_s": round(t1 - t0, 2), "today_s": round(t2 - t1, 2)}
+
+
+def sequential(search, link, objective, cons):
+    """The best fp32 configuration, then the fastest feasible variant at its split, codec and exits."""
+    fp32 = search.planners["fp32"].choose(link, objective, cons)
+    same = [e for e in search.evaluate(link) if e.split == fp32.split and e.codec == fp32.codec
+            and e.exits == fp32.exits]
+    best = fp32
+    for e in sorted(same, key=lambda e: e.expected_latency_ms):
+        if e.expected_latency_ms >= best.expected_latency_ms:
+            break
+        if cons.admits(e):
+            search.judge(e)
+            if cons.admits(e):
+                best = e
+                break
+    return fp32, best
+
+
+def describe(e) -> dict:
+    return {"head": e.head, "split": e.split, "codec": e.codec, "exits": list(e.exits),
+            "predicted_ms": round(e.expected_latency_ms, 4), "accuracy_drop_points": e.accuracy_drop_points,
+            "disagreement": e.disagreement, "disagreement_bound": e.disagreement_bound,
+            "bytes_per_request": round(e.expected_bytes or 0.0, 1), "edge_memory_bytes": e.edge_memory_bytes,
+            "bundle_bytes": e.bundle_bytes}
+
+
+def compare_cells(jr, objective, cons) -> list[dict]:
+    from partitioner.cost import Link
+
+    cells = []
+    for bw in CELL_BANDWIDTHS:
+        for rtt in CELL_RTTS:
+            link = Link(bw, rtt)
+            joint = jr.search.choose(link, objective, cons)
+            fp32, seq = sequential(jr.search, link, objective, cons)
+            cells.append({"bandwidth_mbps": bw / 1e6, "rtt_ms": rtt * 1e3, "joint": describe(joint),
+                          "sequential": describe(seq), "fp32_plan": describe(fp32),
+                          "ratio": round(joint.expected_latency_ms / seq.expected_latency_ms, 4)})
+    return cells
+
+
+def system_on_test(jr, data_dir: str | None = None):
+    """The chosen deployed system's exit scores and final fallback answers on the Fashion-MNIST test set, with
+    the fp32 model's answers as reference, and the labels."""
+    import torch
+
+    from partitioner.joint import image_roundtrip, split_answers
+    from partitioner.train import model_input
+    from splitinfer.calibration import collect_scores
+    from splitinfer.data import load_fashion_mnist
+
+    ev, chosen = jr.variant, jr.chosen
+    test = load_fashion_mnist("test", data_dir)
+    x = model_input(test.images, 28)
+    fp32 = jr.evals[0].variant.staged
+    with torch.inference_mode():
+        reference = fp32.run(x, 0, fp32.num_stages).argmax(1).numpy()
+    exits = jr.inputs.exits
+    scores = collect_scores(ev.variant.staged, exits, x, "max_softmax")
+    n = ev.variant.staged.num_stages
+    if chosen.split == n:
+        fallback = scores.full_pred
+    else:
+        rt = image_roundtrip(jr.inputs.spec, test.images) if chosen.codec == "image" else ev.roundtrips[chosen.codec]
+        fallback = split_answers(ev.variant.staged, x, {chosen.codec: ([chosen.split], rt)})[
+            (chosen.split, chosen.codec)]
+    system = scores.only_exits(sorted(chosen.exits)).with_fallback(fallback, reference)
+    return system, np.asarray(test.labels, dtype=np.int64)
+
+
+def certification(system, labels, epsilons, delta: float, splits: int, calibration_size: int, seed: int) -> dict:
+    """The bench.exits protocol on the deployed system: per epsilon, how many random splits keep the measured
+    disagreement with the fp32 model within epsilon (a split whose calibration cannot certify even 'no exit'
+    is counted as rejected, not as within)."""
+    from splitinfer.calibration import CalibrationTooSmall, apply, calibrate, evaluate
+
+    out = {}
+    for eps in epsilons:
+        within, rejected, dis, exit_rates = 0, 0, [], []
+        for s in range(splits):
+            perm = np.random.default_rng([seed, s]).permutation(system.n)
+            cal, test = system.subset(perm[:calibration_size]), system.subset(perm[calibration_size:])
+            try:
+                c = calibrate(cal, eps, delta, seed=s)
+            except CalibrationTooSmall:
+                rejected += 1
+                continue
+            o = evaluate(test, c.thresholds)
+            dis.append(o.disagreement)
+            exit_rates.append(sum(o.exit_rates))
+            within += o.disagreement <= eps
+        _, answer = apply(system, [math.inf] * len(system.boundaries))
+        out[str(eps)] = {"within": within, "rejected": rejected, "splits": splits,
+                         "disagreement_mean": round(float(np.mean(dis)), 5) if dis else None,
+                         "disagreement_max": round(float(np.max(dis)), 5) if dis else None,
+                         "exit_rate_mean": round(float(np.mean(exit_rates)), 4) if exit_rates else None,
+                         "no_exit_disagreement": round(float((answer != system.ref).mean()), 5),
+                         "system_accuracy_no_exit": round(float((answer == labels).mean()), 5),
+                         "fp32_accuracy": round(float((system.ref == labels).mean()), 5)}
+    return out
+
+
+def rejected_at(jr, link, objective, cons, eps: float) -> dict:
+    """What the planner chooses when certified at ``eps`` and the configurations ranked above it that failed
+    the end-to-end screen (with the part costing most, for the first few)."""
+    from partitioner.joint import costliest_part
+    from partitioner.search import ranked
+
+    c = dataclasses.replace(cons, epsilon=eps)
+    rejected = []
+    chosen = None
+    for e in ranked([e for e in jr.search.evaluate(link) if c.admits(e)], objective):
+        jr.search.judge(e)
+        if c.admits(e):
+            chosen = e
+            break
+        if len(rejected) < 5:
+            ev = next(x for x in jr.evals if x.name == e.head)
+            why = costliest_part(ev, e.split, e.codec, e.exits, jr.search.planners[e.head].system)
+            rejected.append({**describe(e), "costliest_part": why})
+        else:
+            rejected.append(None)
+    return {"chosen": describe(chosen) if chosen else None, "rejected_count": len(rejected),
+            "rejected_first": [r for r in rejected if r is not None]}
+
+
+def summarize(cells: list[dict], cert: dict, headline: float, times: dict) -> dict:
+    return {"cells": len(cells),
+            "cells_joint_le_sequential": sum(c["joint"]["predicted_ms"] <= c["sequential"]["predicted_ms"] + 1e-9
+                                             for c in cells),
+            "cells_joint_10pct_better": sum(c["ratio"] <= 0.9 for c in cells),
+            "min_ratio": min(c["ratio"] for c in cells),
+            "verified_cells": 0, "verified_max_ratio": None,
+            "verified_note": "not measured: the link-emulator verification of joint choices is not built yet",
+            "exits_splits_within_epsilon": cert[str(headline)]["within"],
+            "exits_splits_within_epsilon_by_eps": {e: v["within"] for e, v in cert.items()},
+            "planning_time_ratio": round(times["joint_s"] / times["today_s"], 3), **times}
+
+
+def table(cells: list[dict]) -> str:
+    lines = [f"{'Mbit/s':>7} {'RTT':>4} | {'joint':<34} {'ms':>8} | {'sequential':<34} {'ms':>8} | ratio"]
+    for c in cells:
+        j, s = c["joint"], c["sequential"]
+        fj = f"{j['head'][:14]} k{j['split']} {j['codec'][:9]} {j['exits']}"
+        fs = f"{s['head'][:14]} k{s['split']} {s['codec'][:9]} {s['exits']}"
+        lines.append(f"{c['bandwidth_mbps']:>7g} {c['rtt_ms']:>4g} | {fj:<34} {j['predicted_ms']:>8.2f} | "
+                     f"{fs:<34} {s['predicted_ms']:>8.2f} | {c['ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["cells"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    x = np.arange(len(cells))
+    ax1.bar(x - 0.2, [c["sequential"]["predicted_ms"] for c in cells], 0.4, label="sequential (fp32 plan, then "
+                                                                                  "compress its head)")
+    ax1.bar(x + 0.2, [c["joint"]["predicted_ms"] for c in cells], 0.4, label="joint")
+    ax1.set_xticks(x, [f"{c['bandwidth_mbps']:g}M/{c['rtt_ms']:g}ms" for c in cells], rotation=60, fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("predicted latency (ms)")
+    ax1.set_title("joint vs sequential planning, default model, Raspberry Pi 4 edge")
+    ax1.legend(fontsize=8)
+    cert = report["certification"]
+    eps = list(cert)
+    ax2.bar(range(len(eps)), [cert[e]["within"] for e in eps], label="within epsilon")
+    ax2.bar(range(len(eps)), [cert[e]["rejected"] for e in eps], bottom=[cert[e]["within"] for e in eps],
+            label="calibration rejects the system")
+    ax2.axhline(95, color="k", lw=0.8, ls="--")
+    ax2.set_xticks(range(len(eps)), [f"eps={e}" for e in eps])
+    ax2.set_ylabel(f"of {cert[eps[0]]['splits']} random splits")
+    ax2.set_title("end-to-end certificate on the chosen system")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from partitioner.cost import Link
+    from partitioner.search import Constraints, Objective
+    from splitinfer.energy import get_profile
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--png", type=Path, default=None, help="figure (default: --out with .png)")
+    ap.add_argument("--variants", default="all", help="head variants: all, or names / plan compress directories")
+    ap.add_argument("--device", default="raspberry-pi-4")
+    ap.add_argument("--epsilon", type=float, default=0.05)
+    ap.add_argument("--epsilons", default="0.01,0.02,0.05")
+    ap.add_argument("--delta", type=float, default=0.05)
+    ap.add_argument("--max-accuracy-drop", type=float, default=1.0)
+    ap.add_argument("--bandwidth", type=float, default=10.0, help="the planned link, Mbit/s")
+    ap.add_argument("--rtt", type=float, default=50.0, help="the planned link, ms")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--calibration-size", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("runs/bench_joint"))
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    device = get_profile(args.device)
+    link = Link(args.bandwidth * 1e6, args.rtt / 1e3)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    joint, today, times = plan_both(args.workdir, link, device, args.epsilon, args.delta, args.max_accuracy_drop,
+                                    args.repeats, args.variants)
+    _log(f"planned: joint {times['joint_s']} s, today's {times['today_s']} s")
+    jr = joint.joint
+    objective = Objective()
+    cons = Constraints(max_accuracy_drop=args.max_accuracy_drop, epsilon=args.epsilon)
+    cells = compare_cells(jr, objective, cons)
+    print(table(cells))
+    system, labels = system_on_test(jr)
+    epsilons = sorted({float(e) for e in args.epsilons.split(",")} | {args.epsilon})
+    cert = certification(system, labels, epsilons, args.delta, args.splits, args.calibration_size, args.seed)
+    _log(f"certification: {json.dumps({e: (v['within'], v['rejected']) for e, v in cert.items()})}")
+    rejections = {str(e): rejected_at(jr, link, objective, cons, e) for e in epsilons}
+    report = {
+        "summary": summarize(cells, cert, args.epsilon, times),
+        "chosen": {**describe(joint.chosen), "plan_notes": {k: v for k, v in joint.plan.notes.items()
+                                                            if k.startswith(("head_variant", "rejected"))}},
+        "today_chosen": describe(today.chosen),
+        "cells": cells, "certification": cert, "rejected_by_epsilon": rejections,
+        "variants": [{"name": ev.name, "agreement_screen": round(ev.agreement, 5),
+                      "weights_bytes": ev.variant.weights_bytes, "same_arch": ev.variant.same_arch,
+                      "kept_splits": jr.kept_splits.get(ev.name, []), "seconds": {k: round(v, 2)
+                                                                                 for k, v in ev.seconds.items()}}
+                     for ev in jr.evals],
+        "joint_seconds": {k: round(v, 2) for k, v in jr.seconds.items()},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "machine": os.uname().nodename, "cpus": os.cpu_count()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.png or args.out.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
