@@ -23,7 +23,7 @@ this machine's profile and its power model):
 Not done here: measuring the cells through the link emulator (``verified_cells`` is reported as 0 with the
 reason; see ``bench.planner`` for that machinery).
 
-Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]``.
+Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~N minutes).
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def _log(msg: str) -> None:
 
 
 def plan_both(workdir: Path, link, device, epsilon: float, delta: float, max_drop: float, repeats: int,
-              variants: str):
+              variants: str, validation_limit: int | None = None):
     """The joint plan and today's plan of the default model, each timed."""
     from partitioner.make import make_default_plan
     from partitioner.search import Constraints
 
     cons = Constraints(max_accuracy_drop=max_drop)
     common = dict(device=device, edge_slowdown=device.compute_slowdown, epsilon=epsilon, delta=delta,
-                  repeats=repeats, constraints=cons)
+                  repeats=repeats, constraints=cons, validation_limit=validation_limit)
     t0 = time.perf_counter()
     joint = make_default_plan(workdir / "joint", link, head_variants=variants, **common)
     t1 = time.perf_counter()
@@ -266,13 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calibration-size", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_joint"))
+    ap.add_argument("--validation-limit", type=int, default=None, help="validation images to plan with (smoke "
+                                                                       "tests; default: all 5,000)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     device = get_profile(args.device)
     link = Link(args.bandwidth * 1e6, args.rtt / 1e3)
     args.workdir.mkdir(parents=True, exist_ok=True)
     joint, today, times = plan_both(args.workdir, link, device, args.epsilon, args.delta, args.max_accuracy_drop,
-                                    args.repeats, args.variants)
+                                    args.repeats, args.variants, args.validation_limit)
     _log(f"planned: joint {times['joint_s']} s, today's {times['today_s']} s")
     jr = joint.joint
     objective = Objective()
