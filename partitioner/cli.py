@@ -776,14 +776,24 @@ def report_cmd(
         for p in plan.operating_points:
             typer.echo(f"{p.bandwidth_bps / 1e6:>7g} Mb {p.rtt_ms:>7g} {p.split:>5} {p.codec:>12} "
                        f"{p.expected_latency_ms:>9.2f} {p.expected_bytes:>9.1f}  {p.exits}")
+        joint = "head_variants" in plan.notes
+        if joint:
+            typer.echo(f"joint plan over head variants {plan.notes['head_variants']}: chosen "
+                       f"{plan.notes['head_variant']}; best configuration per split (at the planned link):")
+            for e in sorted(plan.estimates, key=lambda e: (e.split, e.codec)):
+                bound = "not judged" if e.disagreement_bound is None else f"bound {e.disagreement_bound:.4f}"
+                typer.echo(f"  split {e.split:>3} {e.codec:>12} head {e.head:<14} exits {str(e.exits):<14} "
+                           f"{e.expected_latency_ms:9.2f} ms  {bound}")
         if plan.pareto:
-            typer.echo(f"Pareto set at the planned link ({plan.objective.get('objective', 'latency')} objective):")
+            typer.echo(f"Pareto set at the planned link ({plan.objective.get('objective', 'latency')} objective"
+                       + ("; configurations judged end to end" if joint else "") + "):")
             measured = accuracy_measured(plan)
             for e in plan.pareto:
                 energy = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:8.2f} mJ"
                 drop = f"drop {e.accuracy_drop_points or 0:.2f}" if measured else "drop not measured"
                 typer.echo(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} "
-                           f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B {drop}")
+                           f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B {drop}"
+                           + (f"  head {e.head}" if joint else ""))
             if not measured:
                 typer.echo(f"accuracy not measured ({accuracy_reason(plan)})")
         wrote.append(bytes_per_boundary_plot(plan, out / "bytes_per_boundary.png"))

@@ -22,8 +22,10 @@ codec and the exit subset, and every configuration is judged on the system that 
   admits it when the one-sided upper confidence bound (Clopper-Pearson at ``delta``) of that rate is at most
   ``epsilon``. The exits' thresholds during the search are those calibrated (Learn-then-Test) per variant at
   half of ``epsilon`` (the rest is left for the head and codec). The chosen configuration is then calibrated
-  again on exactly the system that ships (:func:`certify_system`): Learn-then-Test on the final answers, at
-  ``epsilon`` and ``delta``: that certificate is the plan's.
+  again on exactly the system that ships, on every validation image (:func:`system_scores`,
+  :meth:`JointResult.certify_choice`): Learn-then-Test on the final answers at ``delta`` and ``epsilon`` (or a
+  fraction of it, when the thresholds certified at ``epsilon`` would break another constraint such as the
+  accuracy drop): that certificate is the plan's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from partitioner.profile import Profile
-from partitioner.search import Constraints, Objective, Planner, choose_among, lazy_pareto, metric, ranked
+from partitioner.search import Constraints, Objective, Planner, choose_among, metric, pareto_front, ranked
 from splitinfer.bundle import SplitEstimate
 from splitinfer.calibration import (
     Calibration,
@@ -48,9 +50,11 @@ from splitinfer.calibration import (
     binom_upper_bound,
     calibrate,
     collect_scores,
+    min_calibration_samples,
 )
 from splitinfer.staged import StagedModel
 
+LEARNED_BYTES_SAMPLES = 200  # a learned codec's payload size per variant: mean over this many samples coded alone
 SEARCH_EPSILON_SHARE = 0.5  # the exits' share of epsilon during the search (the head and codec get the rest)
 
 
@@ -138,21 +142,13 @@ Roundtrip = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def codec_roundtrip(codec) -> Roundtrip:
-    """What the receiving side gets for features encoded sample by sample with ``codec`` (a generic codec or a
-    :class:`~splitinfer.bottleneck.LearnedCodec`): batched, the same values as one sample at a time (the
-    learned codec's entropy coding is lossless and left out)."""
-    from splitinfer.codec import UInt8AffineCodec
-
-    if isinstance(codec, UInt8AffineCodec):
+    """What the receiving side gets for features encoded sample by sample with ``codec``, batched:
+    ``roundtrip_each`` of the uint8 and learned codecs (:class:`~splitinfer.codec.UInt8AffineCodec`,
+    :class:`~splitinfer.bottleneck.LearnedCodec`); float32 is lossless."""
+    if hasattr(codec, "roundtrip_each"):
         return lambda f, _sl: codec.roundtrip_each(f)
     if getattr(codec, "name", "") == "float32":
         return lambda f, _sl: f
-    if hasattr(codec, "synthesize") and hasattr(codec, "_latent"):
-        def learned(f: torch.Tensor, _sl: slice) -> torch.Tensor:
-            u = codec._latent(f.contiguous())
-            sym = np.rint(np.clip(u, 0, codec.levels - 1)).astype(np.float32)
-            return codec.synthesize(sym)
-        return learned
     raise ValueError(f"no batched round trip for codec {getattr(codec, 'name', codec)!r}")
 
 
@@ -236,9 +232,10 @@ def scaled_profile(given: Profile, fp32_here: Profile, variant_here: Profile) ->
 
 
 def variant_profile(base: Profile, variant: HeadVariant, exits: dict, example: torch.Tensor, repeats: int) -> Profile:
-    """A variant's profile on this machine from fp32's (``base``, measured here): its stages timed here (batch 1,
-    1 thread, ``repeats`` runs after 5 warm-up runs); the boundaries' shapes are fp32's, so the codec and exit
-    columns are fp32's; its head's memory is its own."""
+    """A variant's profile on this machine from fp32's (``base``, measured here): its stages and exits timed here
+    as :func:`partitioner.profile.profile_model` times them (batch 1, 1 thread, every exit evaluated between the
+    stages, ``repeats`` runs after 5 warm-up runs); the boundaries' shapes are fp32's, so the codec columns are
+    fp32's; its head's memory is its own."""
     import dataclasses
 
     from partitioner.profile import LatencyStats, _time_stages, head_peak_bytes
@@ -247,48 +244,44 @@ def variant_profile(base: Profile, variant: HeadVariant, exits: dict, example: t
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            stage_t, _, _ = _time_stages(variant.staged, {}, example[:1], repeats, 5, None)
+            stage_t, exit_t, _ = _time_stages(variant.staged, exits, example[:1], repeats, 5, None)
     finally:
         torch.set_num_threads(prev)
     stats = [LatencyStats.of(t) for t in stage_t]
     st = variant.staged
     return dataclasses.replace(base, stage_ms=[x.mean for x in stats], stage_ms_stats=stats, batch_stage_ms={},
+                               exit_ms={b: round(LatencyStats.of(v).mean, 5) for b, v in exit_t.items()},
                                stage_macs=[i.macs for i in st.stage_info],
                                stage_params=[i.params for i in st.stage_info],
                                head_peak_bytes=head_peak_bytes(st, exits), model=f"{base.model} ({variant.name})")
 
 
-def measure_variant(variant: HeadVariant, x_screen: torch.Tensor, reference: np.ndarray,
-                    profiles: Callable[[HeadVariant], tuple[Profile, Profile]]) -> VariantEval:
-    """Phase 1, every variant: its profiles and its answers' agreement with fp32 on the screening images."""
+def measure_variant(variant: HeadVariant, exits: dict, x_screen: torch.Tensor, reference: np.ndarray, score: str,
+                    profiles: Callable[[HeadVariant], tuple[Profile, Profile]],
+                    scores: ExitScores | None = None) -> VariantEval:
+    """Phase 1, every variant: its profiles, its exits' scores on the screening images (fallback: its own
+    answers; reference: fp32's) and its agreement with fp32 there."""
     t0 = time.perf_counter()
     edge, server = profiles(variant)
     t1 = time.perf_counter()
-    if variant.name == "fp32":
-        own = reference
-    else:
-        with torch.inference_mode():
-            own = variant.staged.run(x_screen, 0, variant.staged.num_stages).argmax(1).numpy()
-    ev = VariantEval(variant, edge, server, None, None, float((own == reference).mean()))
-    ev.seconds = {"profile": t1 - t0, "agreement": time.perf_counter() - t1}
+    scores = scores or collect_scores(variant.staged, exits, x_screen, score)
+    ev = VariantEval(variant, edge, server, scores.with_fallback(scores.full_pred, reference), None,
+                     float((scores.full_pred == reference).mean()))
+    ev.answers[(variant.staged.num_stages, "edge")] = scores.full_pred
+    ev.seconds = {"profile": t1 - t0, "scores": time.perf_counter() - t1}
     return ev
 
 
-def score_variant(ev: VariantEval, exits: dict, x_screen: torch.Tensor, reference: np.ndarray, epsilon: float,
-                  delta: float, score: str, seed: int, mode: str, scores: ExitScores | None = None) -> None:
-    """Phase 2, the variants that survive screening: exit scores on the screening images (fallback: the
-    variant's own answers; reference: fp32's) and the search's thresholds (at SEARCH_EPSILON_SHARE x epsilon)."""
-    t0 = time.perf_counter()
-    scores = scores or collect_scores(ev.variant.staged, exits, x_screen, score)
-    ev.scores = scores.with_fallback(scores.full_pred, reference)
-    ev.answers[(ev.variant.staged.num_stages, "edge")] = scores.full_pred
+def calibrate_variant(ev: VariantEval, epsilon: float, delta: float, score: str, seed: int, mode: str) -> None:
+    """Phase 2, the variants that survive screening: the search's exit thresholds (at SEARCH_EPSILON_SHARE x
+    epsilon) on the screening images."""
     t1 = time.perf_counter()
     try:
         ev.calibration = calibrate(ev.scores, epsilon * SEARCH_EPSILON_SHARE, delta, score=score, seed=seed,
                                    mode=mode)
     except CalibrationTooSmall:
         ev.calibration = _no_exits(ev.scores, epsilon, delta, score, "the variant alone cannot be certified")
-    ev.seconds.update(scores=t1 - t0, calibrate=time.perf_counter() - t1)
+    ev.seconds["calibrate"] = time.perf_counter() - t1
 
 
 def _no_exits(scores: ExitScores, epsilon: float, delta: float, score: str, why: str) -> Calibration:
@@ -395,13 +388,11 @@ class SystemJudge:
             e.accuracy_drop_points = round(drop, 4)
 
 
-def certify_system(ev: VariantEval, k: int, codec: str, subset: Sequence[int], exits: dict, x_val: torch.Tensor,
-                   reference: np.ndarray, epsilon: float, delta: float, score: str, seed: int,
-                   mode: str = "certified", roundtrip: Roundtrip | None = None, full: ExitScores | None = None
-                   ) -> tuple[Calibration, ExitScores]:
-    """Calibrate the thresholds of exits ``subset`` on the system that ships, on every validation image (the
-    variant's exits; when none fires, its head -> codec -> tail; disagreement with the fp32 model's answers
-    ``reference``): the plan's certificate. CalibrationTooSmall when even 'no exit' cannot be certified."""
+def system_scores(ev: VariantEval, k: int, codec: str, subset: Sequence[int], exits: dict, x_val: torch.Tensor,
+                  reference: np.ndarray, score: str, roundtrip: Roundtrip | None = None,
+                  full: ExitScores | None = None) -> ExitScores:
+    """The system that ships, on every validation image: the variant's exits in ``subset``; when none fires, its
+    head -> codec -> tail; disagreement counted against the fp32 model's answers ``reference``."""
     full = full or collect_scores(ev.variant.staged, exits, x_val, score)
     n = ev.variant.staged.num_stages
     if k == n:
@@ -409,8 +400,10 @@ def certify_system(ev: VariantEval, k: int, codec: str, subset: Sequence[int], e
     else:
         fallback = split_answers(ev.variant.staged, x_val, {codec: ([k], roundtrip or ev.roundtrips[codec])})[
             (k, codec)]
-    scores = full.only_exits(sorted(subset)).with_fallback(fallback, reference)
-    return calibrate(scores, epsilon, delta, score=score, seed=seed, mode=mode), scores
+    return full.only_exits(sorted(subset)).with_fallback(fallback, reference)
+
+
+CERTIFY_SHARES = (1.0, 0.5, 0.25, 0.125)  # epsilon' / epsilon tried for the final certificate, most aggressive first
 
 
 def costliest_part(ev: VariantEval, k: int, codec: str, subset: Sequence[int], judge: SystemJudge) -> str:
@@ -478,29 +471,55 @@ class JointResult:
         while True:
             chosen = self.search.choose(opts.link, opts.objective, self.constraints, self.excluded)
             ev = next(x for x in self.evals if x.name == chosen.head)
-            try:
-                rt = image_roundtrip(inputs.spec, inputs.val_images) if chosen.codec == "image" else None
-                cal, sys_scores = certify_system(ev, chosen.split, chosen.codec, chosen.exits, inputs.exits,
-                                                 inputs.x_val, self.reference, inputs.epsilon, inputs.delta,
-                                                 inputs.score, inputs.seed, inputs.mode, rt,
-                                                 self.fp32_scores if ev.name == "fp32" else None)
+            rt = image_roundtrip(inputs.spec, inputs.val_images) if chosen.codec == "image" else None
+            scores = system_scores(ev, chosen.split, chosen.codec, chosen.exits, inputs.exits, inputs.x_val,
+                                   self.reference, inputs.score, rt, self.fp32_scores if ev.name == "fp32" else None)
+            found = self._certify(ev, chosen, scores)
+            if found is not None:
                 break
-            except CalibrationTooSmall:
-                why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits, self.planners[ev.name].system)
-                self.exclude(chosen, f"cannot be certified at epsilon {inputs.epsilon}; costliest part: {why}")
-                if say:
-                    say(self.rejected[-1])
+            if say:
+                say(self.rejected[-1])
+        cal, thresholds = found
         from partitioner.make import exit_config_fn
 
-        thresholds = dict(ev.thresholds)
-        thresholds.update(zip(cal.boundaries, cal.thresholds, strict=True))
         p = self.planners[ev.name]
         self.final = Planner(p.codecs, p.splits, exit_config_fn(ev.scores, thresholds, self.y_screen),
                              sorted(inputs.exits), opts.device, opts.edge_slowdown, opts.server_load_rps,
                              head=ev.name, bundle_bytes=p.bundle_bytes,
                              system=SystemJudge(ev, self.x_screen, self.y_screen, inputs.delta, thresholds))
-        self.chosen, self.calibration, self.system_scores, self.thresholds = chosen, cal, sys_scores, thresholds
+        self.chosen, self.calibration, self.system_scores, self.thresholds = chosen, cal, scores, thresholds
         return chosen
+
+    def _certify(self, ev: VariantEval, chosen: SplitEstimate, scores: ExitScores
+                 ) -> tuple[Calibration, dict[int, float]] | None:
+        """Learn-then-Test on the chosen system's final answers at epsilon' = epsilon x each of
+        :data:`CERTIFY_SHARES` in turn, until the certified thresholds also keep the configuration within the
+        other constraints (e.g. --max-accuracy-drop: a certificate at epsilon may use the whole budget for exits);
+        every such certificate bounds the disagreement by epsilon' <= epsilon. None (and the configuration
+        excluded, saying why) when no epsilon' works."""
+        inputs = self.inputs
+        failure = ""
+        for share in CERTIFY_SHARES:
+            eps = inputs.epsilon * share
+            try:
+                cal = calibrate(scores, eps, inputs.delta, score=inputs.score, seed=inputs.seed, mode=inputs.mode)
+            except CalibrationTooSmall:
+                if share == CERTIFY_SHARES[0]:
+                    why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits, self.planners[ev.name].system)
+                    self.exclude(chosen, f"cannot be certified at epsilon {inputs.epsilon}; costliest part: {why}")
+                    return None
+                break
+            thresholds = dict(ev.thresholds)
+            thresholds.update(zip(cal.boundaries, cal.thresholds, strict=True))
+            check = chosen.model_copy()
+            check.disagreement = None
+            SystemJudge(ev, self.x_screen, self.y_screen, inputs.delta, thresholds)(check)
+            if self.constraints.admits(check):
+                return cal, thresholds
+            failure = (f"with the thresholds certified at epsilon {eps:g} its estimated accuracy drop is "
+                       f"{check.accuracy_drop_points} points")
+        self.exclude(chosen, f"no certificate keeps it within the constraints ({failure})")
+        return None
 
 
 @dataclass
@@ -523,7 +542,9 @@ class JointInputs:
     seed: int = 0
     mode: str = "certified"
     repeats: int = 30
-    screen_images: int = 2000  # validation images the search judges configurations on (all: the certificate)
+    # validation images the search judges configurations on (at least 4x what its exit calibration needs);
+    # the certificate uses all of them
+    screen_images: int = 1000
 
 
 def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates: Sequence[int], opts,
@@ -567,7 +588,9 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
         here = variant_profile(here_fp32[0], v, inputs.exits, inputs.x_val[:1], inputs.repeats)
         return scaled_profile(edge, here_fp32[0], here), scaled_profile(server, here_fp32[0], here)
 
-    n_screen = min(inputs.screen_images, len(inputs.x_val))
+    # enough screening images for the search's exit calibration at its share of epsilon (half in its test part)
+    need = 4 * min_calibration_samples(inputs.epsilon * SEARCH_EPSILON_SHARE, inputs.delta)
+    n_screen = min(len(inputs.x_val), max(inputs.screen_images, need))
     x_screen = inputs.x_val[:n_screen]
     y_screen = None if inputs.y_val is None else np.asarray(inputs.y_val[:n_screen])
     fp32_scores = collect_scores(fp32.staged, inputs.exits, inputs.x_val, inputs.score)
@@ -586,7 +609,8 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
             notes[f"head_variant_{v.name}"] = ("dominated by fp32 (same stage shapes, so the same latency and memory; "
                                                "it matters only under --max-bundle-bytes or --max-edge-memory)")
             continue
-        evals.append(measure_variant(v, x_screen, ref_screen, profiles))
+        evals.append(measure_variant(v, inputs.exits, x_screen, ref_screen, inputs.score, profiles,
+                                     fp32_scores.subset(np.arange(n_screen)) if v is fp32 else None))
         say(f"variant {v.name}: agreement with fp32 {evals[-1].agreement:.4f}")
     t_eval = time.perf_counter()
     screened = []
@@ -604,15 +628,18 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
     exit_bytes = _exits_bytes(inputs.exits)
     image_rt = image_roundtrip(inputs.spec, inputs.val_images[:n_screen]) \
         if inputs.val_images is not None and inputs.image_samples and 0 in candidates else None
+    timed: dict[int, object] = {}
     for ev in screened:
         splits = kept[ev.name]
         if not splits:
             notes[f"head_variant_{ev.name}"] = "dominated at every split by another variant"
             continue
-        score_variant(ev, inputs.exits, x_screen, ref_screen, inputs.epsilon, inputs.delta, inputs.score,
-                      inputs.seed, inputs.mode, fp32_scores.subset(np.arange(n_screen)) if ev is evals[0] else None)
-        cands = [learned_candidate(ev.variant.staged, bn, x_screen, y_screen, inputs.repeats)
-                 for bn in inputs.bottlenecks]
+        calibrate_variant(ev, inputs.epsilon, inputs.delta, inputs.score, inputs.seed, inputs.mode)
+        # the codec's time depends on its shapes only (a variant's boundaries are fp32's): measured once
+        cands = [learned_candidate(ev.variant.staged, bn, x_screen, y_screen, inputs.repeats, limit=n_screen,
+                                   bytes_limit=LEARNED_BYTES_SAMPLES, timing_of=timed.get(i))
+                 for i, bn in enumerate(inputs.bottlenecks)]
+        timed.update({i: c for i, c in enumerate(cands) if i not in timed})
         ok, _codec_notes = screen_learned(cands, splits, inputs.max_codec_drop)
         learned[ev.name] = ok
         codecs = [CodecOption(inputs.codec, ev.edge, ev.server)]
@@ -666,8 +693,16 @@ class JointSearch:
                excluded: set[tuple] = frozenset()) -> SplitEstimate:
         return choose_among(self.evaluate(link, excluded), objective, constraints, self.judge)
 
-    def pareto(self, link, constraints: Constraints = Constraints()) -> list[SplitEstimate]:
-        return lazy_pareto(self.evaluate(link), constraints, self.judge)
+    def pareto(self, link, constraints: Constraints = Constraints(), also: Sequence[Planner] = ()
+               ) -> list[SplitEstimate]:
+        """The Pareto front (latency, energy, bytes, accuracy drop) of the feasible configurations the search has
+        judged end to end so far (choosing and tabulating operating points judge the contenders; judging every
+        configuration would cost a tail run per split and variant), in these planners and ``also``."""
+        judged = []
+        for p in [*self.planners.values(), *also]:
+            judged += [e for e in p.evaluate(link) if p.system is not None and p.system.known(e)
+                       and constraints.admits(e)]
+        return pareto_front(judged)
 
     def table(self, link, objective: Objective, constraints: Constraints) -> list[SplitEstimate]:
         """For every (split, codec): the best configuration (head variant, exits) under the constraints. End-to-end

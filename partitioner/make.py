@@ -131,19 +131,26 @@ class LearnedCandidate:
         return self.codec.boundary
 
 
-def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit: int = 2000) -> LearnedCandidate:
+def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit: int = 2000,
+                      bytes_limit: int | None = None, timing_of: LearnedCandidate | None = None) -> LearnedCandidate:
     """Measure bottleneck ``bn`` as a candidate: its bytes, time (means, as the profile's) and accuracy on the
-    validation images (every sample encoded alone, as the edge does). Without labels (``y_val`` None: a
+    validation images (every sample encoded alone, as the edge does; ``bytes_limit``: batched, see
+    :func:`splitinfer.bottleneck.evaluate_codec`); ``timing_of``: the same codec measured already (the same
+    shapes: its encode and decode times are reused). Without labels (``y_val`` None: a
     torchvision or user model) the drop is bounded by the disagreement with the model: 100 x (1 - agreement)
     points, an upper bound of the accuracy drop whatever the labels."""
     from partitioner.codec import evaluate_codec
 
-    codec = LearnedCodec(bn)
+    codec = timing_of.codec if timing_of is not None else LearnedCodec(bn)
     k = codec.boundary
     n = min(limit, len(x_val))
-    ev = evaluate_codec(staged, codec, k, x_val[:n], None if y_val is None else np.asarray(y_val[:n], dtype=np.int64))
-    feats = staged.run(x_val[:1], 0, k).detach()
-    timing = time_codec(codec, feats, runs=max(10, repeats), warmup=1)
+    ev = evaluate_codec(staged, codec, k, x_val[:n], None if y_val is None else np.asarray(y_val[:n], dtype=np.int64),
+                        bytes_limit=bytes_limit)
+    if timing_of is None:
+        timing = time_codec(codec, staged.run(x_val[:1], 0, k).detach(), runs=max(10, repeats), warmup=1)
+        encode_ms, decode_ms = timing.encode_ms, timing.decode_ms
+    else:
+        encode_ms, decode_ms = float(timing_of.notes["encode_ms"]), float(timing_of.notes["decode_ms"])
     labelled = ev.accuracy is not None and ev.reference_accuracy is not None
     drop = 100 * (ev.reference_accuracy - ev.accuracy) if labelled else 100 * (1 - ev.agreement)
     notes: dict[str, float | int | str] = {"name": codec.name, "boundary": k, "bytes_mean": round(ev.bytes_mean, 2),
@@ -152,7 +159,7 @@ def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit:
         notes["validation_accuracy"] = round(ev.accuracy, 5)
     notes.update({"validation_agreement": round(ev.agreement, 5),
                   ("validation_drop_points" if labelled else "drop_bound_points"): round(drop, 3),
-                  "encode_ms": round(timing.encode_ms, 4), "decode_ms": round(timing.decode_ms, 4)})
+                  "encode_ms": round(encode_ms, 4), "decode_ms": round(decode_ms, 4)})
     return LearnedCandidate(codec=codec, drop_points=drop, agreement=ev.agreement, notes=notes)
 
 
@@ -659,12 +666,12 @@ def _joint_plan_object(jr, opts: PlanOptions, info: dict, n_validation: int):
     inputs, ev, chosen, cal = jr.inputs, jr.variant, jr.chosen, jr.calibration
     cons = jr.constraints
     joint_opts = dataclasses.replace(opts, constraints=cons)
-    estimates = jr.search.table(opts.link, opts.objective, cons)
-    pareto = jr.search.pareto(opts.link, cons)
     points = jr.final.grid(GRID_BANDWIDTHS, GRID_RTTS, opts.objective, cons, base=opts.link)
     final = next(e for e in jr.final.evaluate(opts.link) if e.split == chosen.split and e.codec == chosen.codec
                  and e.exits == chosen.exits)
     jr.final.judge(final)
+    estimates = jr.search.table(opts.link, opts.objective, cons)
+    pareto = jr.search.pareto(opts.link, cons, also=[jr.final])
     exits, staged = inputs.exits, ev.variant.staged
     thresholds = jr.thresholds
     exit_config = jr.final._exits(tuple(chosen.exits))

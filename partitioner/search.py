@@ -245,19 +245,27 @@ def choose_among(estimates: Sequence[SplitEstimate], objective: Objective = Obje
 
 
 def lazy_pareto(estimates: Sequence[SplitEstimate], constraints: Constraints,
-                judge: Callable[[SplitEstimate], None] | None = None) -> list[SplitEstimate]:
-    """The Pareto front of the feasible estimates; with ``judge``, its members are judged end to end, those
-    failing dropped, and the front recomputed until every member passes."""
+                judge: Callable[[SplitEstimate], None] | None = None, limit: int = 12) -> list[SplitEstimate]:
+    """The Pareto front of the feasible estimates. With ``judge`` (joint planning) only its first ``limit``
+    members by latency are listed: each is judged end to end, one that fails is dropped and the front
+    recomputed, until ``limit`` members pass (or the front is exhausted)."""
     feasible = [e for e in estimates if constraints.admits(e)]
+    if judge is None:
+        return pareto_front(feasible)
     while True:
         front = pareto_front(feasible)
-        if judge is None:
-            return front
+        kept, failed = [], set()
         for e in front:
             judge(e)
-        failed = {id(e) for e in front if not constraints.admits(e)}
+            if constraints.admits(e):
+                kept.append(e)
+                if len(kept) == limit:
+                    break
+            else:
+                failed.add(id(e))
+                break
         if not failed:
-            return front
+            return kept
         feasible = [e for e in feasible if id(e) not in failed]
 
 

@@ -203,6 +203,10 @@ def test_readme_blocks_run_as_written(tmp_path):
     assert json.loads((tmp_path / "runs" / "bundle-deep" / "plan.json").read_text())["model"]["compression"]["method"] \
         == "deep"
     assert (tmp_path / "runs" / "compression.png").is_file() and "auto (auto)" in comp
+    joint = json.loads((tmp_path / "runs" / "bundle-joint" / "plan.json").read_text())
+    assert joint["notes"]["head_variant"] != "fp32"  # fp32's bundle (~1.5 MB) does not fit in 900,000 bytes
+    assert joint["exit_calibration"]["epsilon"] <= 0.05 and "end to end" in joint["notes"]["certificate"]
+    assert sum(f.stat().st_size for f in (tmp_path / "runs" / "bundle-joint").iterdir()) <= 900_000
 
     # Exits recalibrated, the Triton export written, the watched folder classified once per file.
     assert any((tmp_path / "triton-repo").glob("*/config.pbtxt"))

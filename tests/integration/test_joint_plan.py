@@ -63,6 +63,15 @@ def test_the_bundle_runs_the_chosen_variant_and_carries_the_end_to_end_certifica
     assert s.reference is not None and not np.array_equal(s.reference, s.full_pred)
 
 
+def test_the_certified_thresholds_keep_the_accuracy_constraint(tmp_path):
+    # a certificate at epsilon may spend the whole budget on exits; the plan must still meet --max-accuracy-drop
+    result = _plan(tmp_path / "b", variants="all", constraints=Constraints(max_accuracy_drop=0.5))
+    c = result.chosen
+    assert c.accuracy_drop_points is not None and c.accuracy_drop_points <= 0.5
+    assert c.disagreement_bound <= 0.05
+    assert result.plan.exit_calibration.epsilon <= 0.05
+
+
 def test_an_infeasible_bundle_limit_names_the_constraint(tmp_path):
     with pytest.raises(ValueError, match=r"tightest constraint is --max-bundle-bytes 1000.*best any configuration "
                                          r"reaches is \d+ bytes"):
