@@ -74,7 +74,9 @@ def plan_both(workdir: Path, link, device, epsilon: float, delta: float, max_dro
 
 def sequential(search, link, objective, cons):
     """The best fp32 configuration, then the fastest feasible variant at its split, codec and exits."""
-    fp32 = search.planners["fp32"].choose(link, objective, cons)
+    from partitioner.search import choose_among
+
+    fp32 = choose_among([e for e in search.evaluate(link) if e.head == "fp32"], objective, cons, search.judge)
     same = [e for e in search.evaluate(link) if e.split == fp32.split and e.codec == fp32.codec
             and e.exits == fp32.exits]
     best = fp32
@@ -90,7 +92,7 @@ def sequential(search, link, objective, cons):
 
 
 def describe(e) -> dict:
-    return {"head": e.head, "split": e.split, "codec": e.codec, "exits": list(e.exits),
+    return {"head": e.head, "exit_share": e.exit_share, "split": e.split, "codec": e.codec, "exits": list(e.exits),
             "predicted_ms": round(e.expected_latency_ms, 4), "accuracy_drop_points": e.accuracy_drop_points,
             "disagreement": e.disagreement, "disagreement_bound": e.disagreement_bound,
             "bytes_per_request": round(e.expected_bytes or 0.0, 1), "edge_memory_bytes": e.edge_memory_bytes,
@@ -165,7 +167,7 @@ def certification(system, labels, epsilons, delta: float, splits: int, calibrati
 def rejected_at(jr, link, objective, cons, eps: float):
     """What the planner chooses when certified at ``eps`` and the configurations ranked above it that failed
     the end-to-end screen (with the part costing most, for the first few)."""
-    from partitioner.joint import costliest_part
+    from partitioner.joint import costliest_part, planner_of
     from partitioner.search import ranked
 
     c = dataclasses.replace(cons, epsilon=eps)
@@ -178,7 +180,7 @@ def rejected_at(jr, link, objective, cons, eps: float):
             break
         if len(rejected) < 5:
             ev = next(x for x in jr.evals if x.name == e.head)
-            why = costliest_part(ev, e.split, e.codec, e.exits, jr.search.planners[e.head].system)
+            why = costliest_part(ev, e.split, e.codec, e.exits, planner_of(jr.search.planners, e).system)
             rejected.append({**describe(e), "costliest_part": why})
         else:
             rejected.append(None)

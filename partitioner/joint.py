@@ -20,12 +20,13 @@ codec and the exit subset, and every configuration is judged on the system that 
 * **End to end.** A configuration's disagreement is that of its final answers (an exit's when one fires, else
   the variant's head -> codec -> tail) with the full fp32 model, measured on the validation images; the search
   admits it when the one-sided upper confidence bound (Clopper-Pearson at ``delta``) of that rate is at most
-  ``epsilon``. The exits' thresholds during the search are those calibrated (Learn-then-Test) per variant at
-  half of ``epsilon`` (the rest is left for the head and codec). The chosen configuration is then calibrated
-  again on exactly the system that ships, on every validation image (:func:`system_scores`,
-  :meth:`JointResult.certify_choice`): Learn-then-Test on the final answers at ``delta`` and ``epsilon`` (or a
-  fraction of it, when the thresholds certified at ``epsilon`` would break another constraint such as the
-  accuracy drop): that certificate is the plan's.
+  ``epsilon``. The exits' thresholds during the search are calibrated (Learn-then-Test, one greedy path) per
+  variant at several shares of ``epsilon`` (:data:`SEARCH_SHARES`: the variant and its exits together within the
+  share, the rest left for the codec); each share is its own configuration (``exit_share``). The chosen
+  configuration is then calibrated again on exactly the system that ships, on every validation image
+  (:func:`system_scores`, :meth:`JointResult.certify_choice`): Learn-then-Test on the final answers at
+  ``delta`` and ``epsilon`` (or a fraction of it, when the thresholds certified at ``epsilon`` would break another
+  constraint such as the accuracy drop): that certificate is the plan's.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ from splitinfer.calibration import (
     apply,
     binom_upper_bound,
     calibrate,
+    calibrate_each,
     collect_scores,
     min_calibration_samples,
 )
 from splitinfer.staged import StagedModel
 
 LEARNED_BYTES_SAMPLES = 200  # a learned codec's payload size per variant: mean over this many samples coded alone
-SEARCH_EPSILON_SHARE = 0.5  # the exits' share of epsilon during the search (the head and codec get the rest)
+# the search's exit calibrations per variant, as shares of epsilon for the variant and its exits together (the
+# rest is left for the codec): edge-only configurations can use it all, offloading ones need room for the codec
+SEARCH_SHARES = (0.5, 0.8, 1.0)  # the exits' share of epsilon during the search (the head and codec get the rest)
 
 
 # --------------------------------------------------------------------------------------------------- variants
@@ -202,21 +206,23 @@ class VariantEval:
     server: Profile
     # exits on the variant's features (screening images); fallback: its own full answers; reference: fp32's
     scores: ExitScores | None
-    calibration: Calibration | None  # the search's exit thresholds (at SEARCH_EPSILON_SHARE x epsilon)
+    calibration: Calibration | None  # unused (kept None); the search's thresholds are in ``calibrations``
     agreement: float  # the variant's full answers vs fp32's (screening images)
     # the system's answers on the screening images, per (split, codec), computed when first judged;
     # (N, "edge"): the variant's own
     answers: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     roundtrips: dict[str, Roundtrip] = field(default_factory=dict)
+    calibrations: dict[float, Calibration] = field(default_factory=dict)  # share of epsilon -> the search's
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.variant.name
 
-    @property
-    def thresholds(self) -> dict[int, float]:
-        return dict(zip(self.calibration.boundaries, self.calibration.thresholds, strict=True))
+    def thresholds(self, share: float) -> dict[int, float]:
+        """The search's exit thresholds at ``share`` of epsilon."""
+        cal = self.calibrations[share]
+        return dict(zip(cal.boundaries, cal.thresholds, strict=True))
 
 
 def scaled_profile(given: Profile, fp32_here: Profile, variant_here: Profile) -> Profile:
@@ -273,14 +279,20 @@ def measure_variant(variant: HeadVariant, exits: dict, x_screen: torch.Tensor, r
 
 
 def calibrate_variant(ev: VariantEval, epsilon: float, delta: float, score: str, seed: int, mode: str) -> None:
-    """Phase 2, the variants that survive screening: the search's exit thresholds (at SEARCH_EPSILON_SHARE x
-    epsilon) on the screening images."""
+    """Phase 2, the variants that survive screening: the search's exit thresholds on the screening images, one
+    set per share of epsilon in :data:`SEARCH_SHARES` (the variant and its exits together within that share;
+    the head's codec gets the rest), all from one greedy path."""
     t1 = time.perf_counter()
+    epsilons = [epsilon * share for share in SEARCH_SHARES]
     try:
-        ev.calibration = calibrate(ev.scores, epsilon * SEARCH_EPSILON_SHARE, delta, score=score, seed=seed,
-                                   mode=mode)
+        if mode == "certified":
+            cals = calibrate_each(ev.scores, epsilons, delta, score=score, seed=seed)
+        else:
+            cals = [calibrate(ev.scores, e, delta, score=score, seed=seed, mode=mode) for e in epsilons]
     except CalibrationTooSmall:
-        ev.calibration = _no_exits(ev.scores, epsilon, delta, score, "the variant alone cannot be certified")
+        cals = [None] * len(epsilons)
+    ev.calibrations = {share: cal or _no_exits(ev.scores, eps, delta, score, "the variant alone cannot be certified")
+                       for share, eps, cal in zip(SEARCH_SHARES, epsilons, cals, strict=True)}
     ev.seconds["calibrate"] = time.perf_counter() - t1
 
 
@@ -482,10 +494,10 @@ class JointResult:
         cal, thresholds = found
         from partitioner.make import exit_config_fn
 
-        p = self.planners[ev.name]
+        p = planner_of(self.planners, chosen)
         self.final = Planner(p.codecs, p.splits, exit_config_fn(ev.scores, thresholds, self.y_screen),
                              sorted(inputs.exits), opts.device, opts.edge_slowdown, opts.server_load_rps,
-                             head=ev.name, bundle_bytes=p.bundle_bytes,
+                             head=ev.name, bundle_bytes=p.bundle_bytes, exit_share=chosen.exit_share,
                              system=SystemJudge(ev, self.x_screen, self.y_screen, inputs.delta, thresholds))
         self.chosen, self.calibration, self.system_scores, self.thresholds = chosen, cal, scores, thresholds
         return chosen
@@ -505,11 +517,12 @@ class JointResult:
                 cal = calibrate(scores, eps, inputs.delta, score=inputs.score, seed=inputs.seed, mode=inputs.mode)
             except CalibrationTooSmall:
                 if share == CERTIFY_SHARES[0]:
-                    why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits, self.planners[ev.name].system)
+                    why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits,
+                                         planner_of(self.planners, chosen).system)
                     self.exclude(chosen, f"cannot be certified at epsilon {inputs.epsilon}; costliest part: {why}")
                     return None
                 break
-            thresholds = dict(ev.thresholds)
+            thresholds = ev.thresholds(chosen.exit_share)
             thresholds.update(zip(cal.boundaries, cal.thresholds, strict=True))
             check = chosen.model_copy()
             check.disagreement = None
@@ -589,7 +602,7 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
         return scaled_profile(edge, here_fp32[0], here), scaled_profile(server, here_fp32[0], here)
 
     # enough screening images for the search's exit calibration at its share of epsilon (half in its test part)
-    need = 4 * min_calibration_samples(inputs.epsilon * SEARCH_EPSILON_SHARE, inputs.delta)
+    need = 4 * min_calibration_samples(inputs.epsilon * min(SEARCH_SHARES), inputs.delta)
     n_screen = min(len(inputs.x_val), max(inputs.screen_images, need))
     x_screen = inputs.x_val[:n_screen]
     y_screen = None if inputs.y_val is None else np.asarray(inputs.y_val[:n_screen])
@@ -652,12 +665,14 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
         for lc in ok:
             codecs.append(learned_option(ev.edge, ev.server, lc))
             ev.roundtrips[lc.codec.name] = codec_roundtrip(lc.codec)
-        judge = SystemJudge(ev, x_screen, y_screen, inputs.delta, ev.thresholds)
         codec_bytes = sum(_state_bytes_of(lc.codec.bottleneck.state_for_bundle()) for lc in ok)
-        planners[ev.name] = Planner(codecs, splits, exit_config_fn(ev.scores, ev.thresholds, y_screen),
-                                    sorted(inputs.exits), opts.device, opts.edge_slowdown, opts.server_load_rps,
-                                    head=ev.name, bundle_bytes=ev.variant.weights_bytes + exit_bytes + codec_bytes,
-                                    system=judge)
+        for share in SEARCH_SHARES:
+            th = ev.thresholds(share)
+            planners[planner_key(ev.name, share)] = Planner(
+                codecs, splits, exit_config_fn(ev.scores, th, y_screen), sorted(inputs.exits), opts.device,
+                opts.edge_slowdown, opts.server_load_rps, head=ev.name,
+                bundle_bytes=ev.variant.weights_bytes + exit_bytes + codec_bytes,
+                system=SystemJudge(ev, x_screen, y_screen, inputs.delta, th), exit_share=share)
         notes[f"head_variant_{ev.name}"] = (f"agreement with fp32 {ev.agreement:.4f}, weights "
                                             f"{ev.variant.weights_bytes} B, splits kept {len(splits)}")
     t_scored = time.perf_counter()
@@ -672,8 +687,17 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
 
 
 def key_of(e: SplitEstimate) -> tuple:
-    """A configuration's identity: (head variant, split, codec, exits)."""
-    return (e.head, e.split, e.codec, tuple(e.exits))
+    """A configuration's identity: (head variant, exits' share of epsilon in the search, split, codec, exits)."""
+    return (e.head, e.exit_share, e.split, e.codec, tuple(e.exits))
+
+
+def planner_key(head: str, share: float | None) -> str:
+    """The search planner of a head variant with its exits calibrated at ``share`` of epsilon."""
+    return f"{head}@{share:g}" if share is not None else head
+
+
+def planner_of(planners: dict[str, Planner], e: SplitEstimate) -> Planner:
+    return planners[planner_key(e.head, e.exit_share)]
 
 
 @dataclass
@@ -687,7 +711,7 @@ class JointSearch:
         return [e for p in self.planners.values() for e in p.evaluate(link) if key_of(e) not in excluded]
 
     def judge(self, e: SplitEstimate) -> None:
-        self.planners[e.head].judge(e)
+        planner_of(self.planners, e).judge(e)
 
     def choose(self, link, objective: Objective = Objective(), constraints: Constraints = Constraints(),
                excluded: set[tuple] = frozenset()) -> SplitEstimate:
@@ -715,7 +739,7 @@ class JointSearch:
         for key in sorted(groups):
             order = ranked([e for e in groups[key] if constraints.admits(e)] or groups[key], objective)
             for e in order:
-                known = self.planners[e.head].system.known(e)
+                known = planner_of(self.planners, e).system.known(e)
                 if not known or constraints.admits(e):
                     break
             out.append(e)

@@ -143,6 +143,7 @@ class Planner:
     head: str = "fp32"
     bundle_bytes: int | None = None
     system: Callable[[SplitEstimate], None] | None = None
+    exit_share: float | None = None  # joint planning: the share of epsilon the exits were calibrated at
     _exit_cache: dict[tuple[int, ...], ExitConfig] = field(default_factory=dict, repr=False)
 
     def _exits(self, subset: tuple[int, ...]) -> ExitConfig:
@@ -185,6 +186,7 @@ class Planner:
                         e.edge_memory_bytes = int(c.edge.head_peak_bytes[k])
                     e.head = self.head
                     e.bundle_bytes = self.bundle_bytes
+                    e.exit_share = self.exit_share
                     out.append(e)
         return out
 

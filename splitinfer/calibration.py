@@ -273,26 +273,45 @@ def calibrate(scores: ExitScores, epsilon: float, delta: float, score: str = "ma
                            len(path), steps, ["empirical: no finite-sample guarantee"])
     if mode != "certified":
         raise ValueError("mode must be 'certified' or 'empirical'")
-    need = min_calibration_samples(epsilon, delta)
+    return calibrate_each(scores, [epsilon], delta, score, path_fraction, seed)[0]
+
+
+def calibrate_each(scores: ExitScores, epsilons: list[float], delta: float, score: str = "max_softmax",
+                   path_fraction: float = 0.5, seed: int = 0) -> list[Calibration | None]:
+    """Certified calibrations at several ``epsilons`` from one greedy path (the path depends only on the path
+    part, so each is exactly what :func:`calibrate` returns at that epsilon); None where even 'no exit' cannot
+    be certified. Raises CalibrationTooSmall when the test part is too small for the smallest epsilon."""
+    n = scores.n
+    need = min_calibration_samples(min(epsilons), delta)
     need_total = math.ceil(need / (1 - path_fraction))
     n_path = int(round(n * path_fraction))
     n_test = n - n_path
     if n_test < need:
         raise CalibrationTooSmall(
-            f"calibration set too small: {n} samples; certifying epsilon={epsilon} at delta={delta} needs at least "
-            f"{need} samples in the test part even with zero disagreements, i.e. at least {need_total} in all "
+            f"calibration set too small: {n} samples; certifying epsilon={min(epsilons)} at delta={delta} needs at "
+            f"least {need} samples in the test part even with zero disagreements, i.e. at least {need_total} in all "
             f"(with path fraction {path_fraction})")
     perm = np.random.default_rng(seed).permutation(n)
     path_part, test_part = scores.subset(perm[:n_path]), scores.subset(perm[n_path:])
     path = threshold_path(path_part)
-    certified, prefix, chosen_p = certify_along(path, test_part, scores, epsilon, delta)
-    chosen = evaluate(test_part, path[certified])
-    notes = []
-    if prefix == 1:
-        notes.append("no exit configuration could be certified; all exits disabled")
-    return Calibration("certified", score, epsilon, delta, scores.boundaries, chosen.thresholds, n_path, n_test,
-                       chosen.disagreements, chosen_p, binom_upper_bound(chosen.disagreements, n_test, delta),
-                       chosen.exit_rates, chosen.mean_macs, scores.full_macs, len(path), certified, notes)
+    out: list[Calibration | None] = []
+    for epsilon in epsilons:
+        try:
+            certified, prefix, chosen_p = certify_along(path, test_part, scores, epsilon, delta)
+        except CalibrationTooSmall:
+            if len(epsilons) == 1:
+                raise
+            out.append(None)
+            continue
+        chosen = evaluate(test_part, path[certified])
+        notes = []
+        if prefix == 1:
+            notes.append("no exit configuration could be certified; all exits disabled")
+        out.append(Calibration("certified", score, epsilon, delta, scores.boundaries, chosen.thresholds, n_path,
+                               n_test, chosen.disagreements, chosen_p,
+                               binom_upper_bound(chosen.disagreements, n_test, delta), chosen.exit_rates,
+                               chosen.mean_macs, scores.full_macs, len(path), certified, notes))
+    return out
 
 
 def collect_scores(staged, heads: dict, x, score: str = "max_softmax", batch: int = 1000) -> ExitScores:

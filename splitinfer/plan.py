@@ -166,6 +166,8 @@ class SplitEstimate(BaseModel):
     edge_memory_bytes: int | None = Field(None, description="head weights + peak activations on the edge")
     head: str = Field("fp32", description="the head variant: fp32 or a compressed model (joint planning)")
     bundle_bytes: int | None = Field(None, description="the head variant's bundle weights + exits + codecs, bytes")
+    exit_share: float | None = Field(None, description="joint planning: the share of epsilon the exits' search "
+                                                       "thresholds were calibrated at (variant and exits together)")
     disagreement: float | None = Field(None, description="final answers vs the full fp32 model on the validation "
                                                          "images (joint planning: head, exits, codec end to end)")
     disagreement_bound: float | None = Field(None, description="upper confidence bound (at delta) of that rate")

@@ -143,3 +143,17 @@ def test_dominated_variants_are_pruned_per_split():
     assert kept["fast"] == list(range(5))  # faster head (and tail)
     kept = undominated_splits([fp32, fast, worse], range(5), Constraints(max_bundle_bytes=10_000))
     assert kept["worse"] == list(range(5))  # the smallest bundle: it may be the only one to fit
+
+
+def test_calibrating_at_several_epsilons_from_one_path_equals_calibrating_at_each():
+    from splitinfer.calibration import calibrate_each
+
+    s, ref = _scores(4000, seed=3)
+    fallback = ref.copy()
+    fallback[::60] = (ref[::60] + 1) % 10
+    e2e = s.with_fallback(fallback, ref)
+    several = calibrate_each(e2e, [0.005, 0.03, 0.05], 0.05, seed=7)
+    assert several[0] is None  # 1.7 % already wrong without exits: 0.5 % cannot be certified
+    for eps, cal in zip([0.03, 0.05], several[1:], strict=True):
+        one = calibrate(e2e, eps, 0.05, seed=7)
+        assert cal.thresholds == one.thresholds and cal.disagreements == one.disagreements
