@@ -56,7 +56,7 @@ from splitinfer.calibration import (
 )
 from splitinfer.staged import StagedModel
 
-LEARNED_BYTES_SAMPLES = 200  # a learned codec's payload size per variant: mean over this many samples coded alone
+LEARNED_BYTES_SAMPLES = 100  # a learned codec's payload size per variant: mean over this many samples coded alone
 # the search's exit calibrations per variant, as shares of epsilon for the variant and its exits together (the
 # rest is left for the codec): edge-only configurations can use it all, offloading ones need room for the codec
 SEARCH_SHARES = (0.5, 0.8, 1.0)  # the exits' share of epsilon during the search (the head and codec get the rest)
@@ -171,6 +171,18 @@ def image_roundtrip(spec, images: np.ndarray) -> Roundtrip:
         decoded.append(decoder.decode(data, {"format": "png" if data.startswith(b"\x89PNG") else "jpeg"}))
     x = torch.from_numpy(np.concatenate([np.asarray(d, dtype=np.float32) for d in decoded]))
     return lambda _f, sl: x[sl]
+
+
+def lazy_roundtrip(make: Callable[[], Roundtrip]) -> Roundtrip:
+    """A round trip built on its first use (the image codec's files cost ~0.5 ms a sample to write and read
+    back; most plans never judge a cloud-only configuration that sends them)."""
+    built: list[Roundtrip] = []
+
+    def roundtrip(f: torch.Tensor, sl: slice) -> torch.Tensor:
+        if not built:
+            built.append(make())
+        return built[0](f, sl)
+    return roundtrip
 
 
 def split_answers(staged: StagedModel, x: torch.Tensor, wanted: dict[str, tuple[Sequence[int], Roundtrip]],
@@ -639,7 +651,7 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
             screened.append(ev)
     kept = undominated_splits(screened, candidates, cons, opts.edge_slowdown)
     exit_bytes = _exits_bytes(inputs.exits)
-    image_rt = image_roundtrip(inputs.spec, inputs.val_images[:n_screen]) \
+    image_rt = lazy_roundtrip(lambda: image_roundtrip(inputs.spec, inputs.val_images[:n_screen])) \
         if inputs.val_images is not None and inputs.image_samples and 0 in candidates else None
     timed: dict[int, object] = {}
     for ev in screened:
