@@ -427,7 +427,8 @@ def system_scores(ev: VariantEval, k: int, codec: str, subset: Sequence[int], ex
     return full.only_exits(sorted(subset)).with_fallback(fallback, reference)
 
 
-CERTIFY_SHARES = (1.0, 0.5, 0.25, 0.125)  # epsilon' / epsilon tried for the final certificate, most aggressive first
+# epsilon' / epsilon tried for the final certificate, most aggressive first (one greedy path for all)
+CERTIFY_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 def costliest_part(ev: VariantEval, k: int, codec: str, subset: Sequence[int], judge: SystemJudge) -> str:
@@ -517,22 +518,27 @@ class JointResult:
     def _certify(self, ev: VariantEval, chosen: SplitEstimate, scores: ExitScores
                  ) -> tuple[Calibration, dict[int, float]] | None:
         """Learn-then-Test on the chosen system's final answers at epsilon' = epsilon x each of
-        :data:`CERTIFY_SHARES` in turn, until the certified thresholds also keep the configuration within the
-        other constraints (e.g. --max-accuracy-drop: a certificate at epsilon may use the whole budget for exits);
-        every such certificate bounds the disagreement by epsilon' <= epsilon. None (and the configuration
-        excluded, saying why) when no epsilon' works."""
+        :data:`CERTIFY_SHARES` (those the validation images can certify) in turn, until the certified thresholds
+        also keep the configuration within the other constraints (e.g. --max-accuracy-drop: a certificate at
+        epsilon may use the whole budget for exits); every such certificate bounds the disagreement by
+        epsilon' <= epsilon. None (and the configuration excluded, saying why) when no epsilon' works."""
         inputs = self.inputs
         failure = ""
-        for share in CERTIFY_SHARES:
-            eps = inputs.epsilon * share
-            try:
-                cal = calibrate(scores, eps, inputs.delta, score=inputs.score, seed=inputs.seed, mode=inputs.mode)
-            except CalibrationTooSmall:
-                if share == CERTIFY_SHARES[0]:
-                    why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits,
-                                         planner_of(self.planners, chosen).system)
-                    self.exclude(chosen, f"cannot be certified at epsilon {inputs.epsilon}; costliest part: {why}")
-                    return None
+        n_test = scores.n - int(round(scores.n * 0.5))  # calibrate's path fraction
+        shares = [sh for sh in CERTIFY_SHARES
+                  if min_calibration_samples(inputs.epsilon * sh, inputs.delta) <= n_test]
+        epsilons = [inputs.epsilon * sh for sh in shares]
+        if inputs.mode == "certified":
+            cals = calibrate_each(scores, epsilons, inputs.delta, score=inputs.score, seed=inputs.seed)
+        else:
+            cals = [calibrate(scores, e, inputs.delta, score=inputs.score, seed=inputs.seed, mode=inputs.mode)
+                    for e in epsilons]
+        if cals[0] is None:
+            why = costliest_part(ev, chosen.split, chosen.codec, chosen.exits, planner_of(self.planners, chosen).system)
+            self.exclude(chosen, f"cannot be certified at epsilon {inputs.epsilon}; costliest part: {why}")
+            return None
+        for eps, cal in zip(epsilons, cals, strict=True):
+            if cal is None:
                 break
             thresholds = ev.thresholds(chosen.exit_share)
             thresholds.update(zip(cal.boundaries, cal.thresholds, strict=True))

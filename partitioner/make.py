@@ -623,7 +623,7 @@ def make_joint_plan(out: Path, variants, inputs, opts: PlanOptions, info: dict, 
     bundle (:mod:`partitioner.head_memory`); a configuration over the limit is excluded and the next best is
     planned, up to :data:`MEMORY_ATTEMPTS` times."""
     from partitioner import head_memory
-    from partitioner.joint import plan_joint
+    from partitioner.joint import key_of, plan_joint
 
     jr = plan_joint(variants, inputs, _candidates(variants[0].staged.num_stages, opts.splits), opts, edge_profile,
                     server_profile)
@@ -642,15 +642,26 @@ def make_joint_plan(out: Path, variants, inputs, opts: PlanOptions, info: dict, 
             save_bundle(out, plan, jr.variant.variant.net, {b: inputs.exits[b] for b in sorted(inputs.exits)},
                         codec_states=codec_states, weights_data=jr.variant.variant.weights_data)
             break
-        jr.exclude(jr.chosen, f"measured head memory {m['head_peak_bytes']} B > --max-edge-memory {mem_limit}")
+        # what the computed figure misses (the runtime's own memory: a learned codec's ONNX Runtime sessions, the
+        # allocator) is added to every configuration of this variant: those over the limit are not tried
+        extra = int(m["head_peak_bytes"]) - (final.edge_memory_bytes or 0)
+        why = (f"measured head memory {m['head_peak_bytes']} B > --max-edge-memory {mem_limit} (or its computed "
+               f"figure + the {extra} B {final.head}'s bundle measured beyond it)")
+        jr.exclude(jr.chosen, why)
+        for e in jr.search.evaluate(opts.link):
+            if e.head == final.head and (e.edge_memory_bytes or 0) + extra > mem_limit:
+                jr.excluded.add(key_of(e))
         try:
             jr.certify_choice()
         except ValueError as exc:
-            raise ValueError(f"--max-edge-memory {mem_limit}: no configuration left ({exc})") from exc
+            lowest = min(measured, key=lambda t: t[1])
+            raise ValueError(f"--max-edge-memory {mem_limit}: no configuration is left under it (lowest measured: "
+                             f"{lowest[0]}, {lowest[1]} B; computed figures miss the runtime's own memory); raise "
+                             f"the limit") from exc
     else:
-        best_m = min(measured, key=lambda t: t[1])
+        lowest = min(measured, key=lambda t: t[1])
         raise ValueError(f"--max-edge-memory {mem_limit}: the {MEMORY_ATTEMPTS} best configurations all measured "
-                         f"above it (lowest: {best_m[0]}, {best_m[1]} B); raise the limit")
+                         f"above it (lowest: {lowest[0]}, {lowest[1]} B); raise the limit")
     return PlanResult(plan=plan, profile=jr.variant.edge, estimates=list(plan.estimates), chosen=final,
                       validation_agreement=1.0 - (final.disagreement or 0.0), path=path,
                       server_profile=jr.variant.server, pareto=list(plan.pareto or []), planner=jr.final, joint=jr)
