@@ -225,8 +225,10 @@ def plot(report: dict, path: Path) -> None:
                                                                                   "compress its head)")
     ax1.bar(x + 0.2, [c["joint"]["predicted_ms"] for c in cells], 0.4, label="joint")
     ax1.set_xticks(x, [f"{c['bandwidth_mbps']:g}M/{c['rtt_ms']:g}ms" for c in cells], rotation=60, fontsize=8)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("predicted latency (ms)")
+    for i, c in enumerate(cells):
+        ax1.annotate(f"{c['ratio']:.2f}", (i + 0.2, c["joint"]["predicted_ms"]), ha="center", va="bottom", fontsize=7)
+    ax1.set_ylim(0, 1.15 * max(c["sequential"]["predicted_ms"] for c in cells))
+    ax1.set_ylabel("predicted latency (ms); joint / sequential above the bars")
     ax1.set_title("joint vs sequential planning, default model, Raspberry Pi 4 edge")
     ax1.legend(fontsize=8)
     cert = report["certification"]
@@ -235,7 +237,9 @@ def plot(report: dict, path: Path) -> None:
     ax2.bar(range(len(eps)), [cert[e]["rejected"] for e in eps], bottom=[cert[e]["within"] for e in eps],
             label="calibration rejects the system")
     ax2.axhline(95, color="k", lw=0.8, ls="--")
-    ax2.set_xticks(range(len(eps)), [f"eps={e}" for e in eps])
+    ax2.set_xticks(range(len(eps)), [f"eps={e}\n{cert[e]['system']['head']} k{cert[e]['system']['split']}\n"
+                                     f"exits {cert[e]['system']['exits']}" if "system" in cert[e] else f"eps={e}"
+                                     for e in eps], fontsize=8)
     ax2.set_ylabel(f"of {cert[eps[0]]['splits']} random splits")
     ax2.set_title("end-to-end certificate on the chosen system")
     ax2.legend(fontsize=8)
