@@ -218,7 +218,6 @@ class VariantEval:
     server: Profile
     # exits on the variant's features (screening images); fallback: its own full answers; reference: fp32's
     scores: ExitScores | None
-    calibration: Calibration | None  # unused (kept None); the search's thresholds are in ``calibrations``
     agreement: float  # the variant's full answers vs fp32's (screening images)
     # the system's answers on the screening images, per (split, codec), computed when first judged;
     # (N, "edge"): the variant's own
@@ -283,7 +282,7 @@ def measure_variant(variant: HeadVariant, exits: dict, x_screen: torch.Tensor, r
     edge, server = profiles(variant)
     t1 = time.perf_counter()
     scores = scores or collect_scores(variant.staged, exits, x_screen, score)
-    ev = VariantEval(variant, edge, server, scores.with_fallback(scores.full_pred, reference), None,
+    ev = VariantEval(variant, edge, server, scores.with_fallback(scores.full_pred, reference),
                      float((scores.full_pred == reference).mean()))
     ev.answers[(variant.staged.num_stages, "edge")] = scores.full_pred
     ev.seconds = {"profile": t1 - t0, "scores": time.perf_counter() - t1}

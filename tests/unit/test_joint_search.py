@@ -126,7 +126,7 @@ def test_infeasible_constraints_name_the_tightest_and_the_best_value_reachable()
 def _eval(name, stage_ms, agreement, weights=1000):
     p = _profile(stage_ms)
     v = HeadVariant(name, torch.nn.Identity(), None, None, None, weights, False, "test")
-    return VariantEval(v, p, p, None, None, agreement)
+    return VariantEval(v, p, p, None, agreement)
 
 
 def test_pareto_mask_keeps_ties_and_drops_dominated_rows():
