@@ -51,7 +51,7 @@ def split_table(result: PlanResult) -> str:
                 lines.append(f"  {key}: {why}")
         cal = plan.exit_calibration
         if cal is not None:
-            lines.append(f"certificate ({plan.notes['certificate']}): disagreement <= {cal.epsilon} with probability "
+            lines.append(f"certificate ({plan.notes['certificate']}): disagreement <= {cal.epsilon:g} with probability "
                          f">= {1 - cal.delta:g}; {cal.disagreements} of {cal.n_test} in the test part")
     if plan.head.kind != "fp32" or plan.head.notes:
         hn = plan.head.notes
