@@ -188,21 +188,21 @@ def lazy_roundtrip(make: Callable[[], Roundtrip]) -> Roundtrip:
 def split_answers(staged: StagedModel, x: torch.Tensor, wanted: dict[str, tuple[Sequence[int], Roundtrip]],
                   batch: int = 1000) -> dict[tuple[int, str], np.ndarray]:
     """The model's answers when its features at boundary ``k`` cross the link with codec ``name``, for every
-    ``k`` in ``wanted[name][0]`` below the last boundary; ``(N, "edge")``: the model's own full answers."""
+    ``k`` in ``wanted[name][0]`` below the last boundary (the head runs once, up to the deepest such ``k``)."""
     n = staged.num_stages
+    deepest = max((k for splits, _ in wanted.values() for k in splits if k < n), default=-1)
     parts: dict[tuple[int, str], list[np.ndarray]] = {}
     with torch.inference_mode():
         for s in range(0, len(x), batch):
             sl = slice(s, min(s + batch, len(x)))
             f = x[sl]
-            for k in range(n + 1):
+            for k in range(deepest + 1):
                 for name, (splits, roundtrip) in wanted.items():
-                    if k < n and k in splits:
+                    if k in splits:
                         out = staged.run(roundtrip(f, sl), k, n)
                         parts.setdefault((k, name), []).append(out.argmax(1).numpy())
-                if k < n:
+                if k < deepest:
                     f = staged.stages[k](f)
-            parts.setdefault((n, "edge"), []).append(f.argmax(1).numpy())
     return {key: np.concatenate(v) for key, v in parts.items()}
 
 
