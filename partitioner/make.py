@@ -518,6 +518,9 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
     y_val = np.asarray(train.labels[va_idx])
     spec = InputSpec(shape=[1, size, size], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
                      labels=FASHION_MNIST_CLASSES)
+    if head_variants is None and constraints.max_bundle_bytes is not None:
+        raise ValueError("--max-bundle-bytes needs --head-variants (e.g. all): only joint planning weighs the "
+                         "bundle's size")
     if head_variants is not None:
         if compressed is not None:
             raise ValueError("--compressed and --head-variants: name the compressed directory among --head-variants")

@@ -95,6 +95,11 @@ def test_an_infeasible_memory_limit_names_the_constraint(tmp_path):
         _plan(tmp_path / "b", constraints=Constraints(max_edge_memory=1000))
 
 
+def test_a_bundle_limit_without_head_variants_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ValueError, match="--max-bundle-bytes needs --head-variants"):
+        make_default_plan(tmp_path / "b", Link(2e6, 0.05), constraints=Constraints(max_bundle_bytes=10**9))
+
+
 def test_the_cli_names_the_committed_variants_for_an_unknown_one(tmp_path):
     out = subprocess.run([sys.executable, "-m", "splitinfer", "plan", "make", "--out", str(tmp_path / "b"),
                           "--head-variants", "nope", "--no-progress"], capture_output=True, text=True)
