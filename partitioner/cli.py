@@ -285,8 +285,9 @@ def make_cmd(
     server_load: float = typer.Option(0.0, callback=NON_NEGATIVE,
                                       help="offloaded requests/s the server receives from all clients (M/D/1 "
                                            "queueing)"),
-    objective: str = typer.Option("latency", help="latency, energy, bytes or weighted"),
-    weights: str = typer.Option(None, help="for --objective weighted: e.g. latency=1,energy=0.5,bytes=0.1"),
+    objective: str = typer.Option("latency", help="latency, energy, bytes, privacy or weighted"),
+    weights: str = typer.Option(None, help="for --objective weighted: e.g. latency=1,energy=0.5,bytes=0.1,"
+                                           "privacy=1"),
     max_accuracy_drop: float = typer.Option(None, callback=NON_NEGATIVE,
                                             help="constraint: max estimated accuracy drop (points)"),
     max_edge_memory: int = typer.Option(None, callback=AT_LEAST_ONE,
@@ -297,6 +298,13 @@ def make_cmd(
     max_bundle_bytes: int = typer.Option(None, callback=AT_LEAST_ONE,
                                          help="constraint: max bytes of the bundle's files (an over-the-air update); "
                                               "with --head-variants"),
+    max_leakage: float = typer.Option(None, callback=_range(0, 1),
+                                      help="constraint: max SSIM of a white-box reconstruction of the input from an "
+                                           "offloaded request's payload (leakage table: --leakage or the model's "
+                                           "committed one; docs/privacy.md)"),
+    leakage: Path = typer.Option(None, help="leakage table JSON written by `plan privacy` (default: the embedded "
+                                            "model's committed one, when --max-leakage or the privacy objective "
+                                            "needs it)"),
     head_variants: str = typer.Option(None, help="plan jointly over head variants: 'all' (fp32 + every committed "
                                                  "compressed variant), or names / `plan compress` directories, "
                                                  "comma-separated; the certificate then covers the final answers "
@@ -367,9 +375,18 @@ def make_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--device'") from exc
     try:
-        cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes, max_bundle_bytes)
+        cons = Constraints(max_accuracy_drop, max_edge_memory, max_bytes, max_bundle_bytes,
+                           max_leakage=max_leakage)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    table = None
+    if max_leakage is not None or obj.uses_privacy or leakage is not None:
+        from partitioner.privacy import leakage_table_for
+
+        try:
+            table = leakage_table_for(model, leakage)
+        except (ValueError, SplitInferError) as exc:
+            raise _fail(exc) from exc
     slowdown = edge_slowdown if edge_slowdown is not None else (dev.compute_slowdown if dev and not edge_profile
                                                                 else 1.0)
     try:
@@ -395,7 +412,8 @@ def make_cmd(
                                        edge_profile=eprof, server_profile=sprof, progress=progress,
                                        input_images=_read_images(input_images), model=model,
                                        bottlenecks=_bottleneck_source(bottlenecks, model) if auto is None else None,
-                                       auto_bottlenecks=auto, compressed=compressed, head_variants=head_variants)
+                                       auto_bottlenecks=auto, compressed=compressed, head_variants=head_variants,
+                                       leakage=table)
         else:
             if compressed is not None:
                 raise ValueError("--compressed applies to embedded models (plan compress writes them)")
@@ -409,7 +427,7 @@ def make_cmd(
                 typer.echo(target.weights_warning(), err=True)
             opts = PlanOptions(link=link, device=dev, edge_slowdown=slowdown, splits=splits, objective=obj,
                                constraints=cons, server_load_rps=server_load, repeats=repeats, progress=progress,
-                               input_images=_read_images(input_images))
+                               input_images=_read_images(input_images), leakage=table)
             chosen_bns = None if auto is not None or not learned_codec else \
                 _bottleneck_source(bottlenecks, model, target.staged)
             result = make_model_plan(out, target, opts, eprof, sprof, bottlenecks=chosen_bns or [],
@@ -574,6 +592,11 @@ def train_bottleneck_cmd(
                                         "what is left; its epochs are shortened to fit)"),
     seed: int = typer.Option(0, help="random seed"),
     threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
+    privacy: str = typer.Option("none", callback=_one_of("none", "adversarial"),
+                                help="privacy defence trained with the codec: none, or adversarial (the encoder "
+                                     "also maximises an inversion decoder's error; see docs/privacy.md)"),
+    privacy_weight: float = typer.Option(1.0, callback=NON_NEGATIVE,
+                                         help="weight of the adversarial term against the distillation loss"),
     out_dir: Path = typer.Option(None, help="where to write <stem>_bottleneck_<B>.safetensors/.json (default for "
                                             "embedded models: the packaged splitinfer/weights; required otherwise)"),
     data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
@@ -623,13 +646,15 @@ def train_bottleneck_cmd(
     if note:
         typer.echo(f"note: {note}", err=True)
     dcfg = DistillConfig(epochs_float=epochs_float, epochs_qat=epochs_qat, seed=seed, threads=threads,
-                         max_tail_cost=int(max_tail_cost * 1e6))
+                         max_tail_cost=int(max_tail_cost * 1e6), privacy=privacy, privacy_weight=privacy_weight)
     options = [("--model", model), ("--checkpoint", checkpoint), ("--input-shape", input_shape),
                ("--images", images), ("--boundary", ",".join(map(str, wanted))), ("--channels", channels),
                ("--bits", bits), ("--hidden", hidden), ("--stride", stride), ("--coder", coder),
                ("--epochs-float", epochs_float), ("--epochs-qat", epochs_qat), ("--train-limit", train_limit),
                ("--test-limit", test_limit), ("--max-tail-cost", f"{max_tail_cost:g}"), ("--budget-s", budget_s),
                ("--seed", seed), ("--threads", threads)]
+    if privacy != "none":
+        options += [("--privacy", privacy), ("--privacy-weight", f"{privacy_weight:g}")]
     command = _command_line("splitinfer plan train-bottleneck", options)
 
     def provenance(report: dict) -> dict:
@@ -699,6 +724,64 @@ def codec_sweep_cmd(
     typer.echo(f"wrote {len(result['points'])} points to {out}")
 
 
+@app.command("privacy")
+def privacy_cmd(
+    out: Path = typer.Option(..., help="leakage table JSON to write (plan make --leakage reads it)"),
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist)"),
+    boundaries: str = typer.Option("1,4,6,9,11,13,14",
+                                   help="comma-separated boundaries whose uint8-affine payload is attacked"),
+    train_images: int = typer.Option(20000, callback=AT_LEAST_ONE, help="the attacker's training images"),
+    test_images: int = typer.Option(2000, callback=AT_LEAST_ONE, help="test images reconstructed and scored"),
+    epochs: int = typer.Option(3, callback=AT_LEAST_ONE, help="epochs of each inversion decoder"),
+    png: Path = typer.Option(None, help="also write a grid of inputs and their reconstructions"),
+    threads: int = typer.Option(2, callback=AT_LEAST_ONE, help="torch threads"),
+    data_dir: str = typer.Option(None, envvar="SPLITINFER_FASHION_MNIST_DIR", help="Fashion-MNIST IDX folder"),
+) -> None:
+    """Measure what each split's payload reveals: a white-box inversion decoder per boundary (uint8-affine) and
+    per committed learned codec, trained on the training images and scored on the test set (SSIM, PSNR), plus
+    the image file sent at split 0. Writes the leakage table `plan make --max-leakage` uses (docs/privacy.md)."""
+    import torch
+
+    from partitioner.codec import load_bottlenecks
+    from partitioner.privacy import AttackConfig, embedded_victim, measure_leakage, reconstruction_grid
+    from partitioner.weights import weights_dir
+    from splitinfer.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from splitinfer.errors import SplitInferError
+    from splitinfer.models import EMBEDDED_MODELS
+    from splitinfer.plan import InputSpec
+
+    try:
+        if model not in EMBEDDED_MODELS:
+            raise ValueError(f"plan privacy measures embedded models (trained here, with their data): "
+                             f"{', '.join(EMBEDDED_MODELS)}; {model!r} is not one")
+        wanted = _ints(boundaries)
+        cfg = AttackConfig(train_images=train_images, test_images=test_images, epochs=epochs)
+        torch.set_num_threads(threads)
+        v, _, pixels = embedded_victim(model, cfg, data_dir)
+        n = v.staged.num_stages
+        bad = [b for b in wanted if not 0 < b < n]
+        if bad:
+            raise ValueError(f"boundaries {bad} are not interior boundaries of {model} (1..{n - 1})")
+        size = EMBEDDED_MODELS[model].size
+        spec = InputSpec(shape=[1, size, size], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD],
+                         labels=FASHION_MNIST_CLASSES)
+        bns = [bn for bn, _ in load_bottlenecks(weights_dir(), model, staged=v.staged).values()]
+        table, recs = measure_leakage(model, v, wanted, cfg, spec, pixels, bns,
+                                      log=lambda m: typer.echo(m, err=True))
+    except (ValueError, SplitInferError) as exc:
+        raise _fail(exc) from exc
+    table.attack["command"] = _command_line("splitinfer plan privacy", [
+        ("--model", model), ("--boundaries", boundaries), ("--train-images", train_images),
+        ("--test-images", test_images), ("--epochs", epochs), ("--out", out)])
+    table.save(out)
+    if png is not None:
+        reconstruction_grid(png, v.img_test, recs, title=f"white-box inversions of {model}'s payloads")
+    for e in sorted(table.entries, key=lambda e: (e.boundary, e.codec)):
+        typer.echo(f"boundary {e.boundary:>3} {e.codec:<13} SSIM {e.ssim:.3f}  PSNR {e.psnr or 0:.1f} dB  "
+                   f"{e.bytes_mean or 0:.0f} B")
+    typer.echo(f"wrote {out}" + (f" and {png}" if png is not None else ""))
+
+
 @app.command("samples")
 def samples_cmd(
     out: Path = typer.Argument(..., callback=_out_dir, help="folder to write the images into"),
@@ -752,6 +835,8 @@ def report_cmd(
     from partitioner.plots import (
         bytes_per_boundary_plot,
         latency_vs_split_plot,
+        leakage_plot,
+        leakage_points_of_plan,
         operating_point_map,
         rate_accuracy_plot,
     )
@@ -801,6 +886,24 @@ def report_cmd(
             wrote.append(latency_vs_split_plot(plan, out / "latency_vs_split.png"))
         if plan.operating_points:
             wrote.append(operating_point_map(plan, out / "operating_points.png"))
+        leaks = leakage_points_of_plan(plan)
+        if leaks:
+            wrote.append(leakage_plot(leaks, f"leakage vs split and bytes ({plan.model.name}, best configuration "
+                                             "per split)", out / "leakage.png"))
+    leakage_path = directory / "leakage.json"
+    if leakage_path.is_file():
+        from partitioner.privacy import LeakageTable
+
+        try:
+            table = LeakageTable.load(leakage_path)
+        except BundleError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        pts = [(e.boundary, e.codec, e.ssim, e.bytes_mean or 0.0) for e in table.entries if e.bytes_mean]
+        typer.echo(f"leakage table of {table.model}: " + ", ".join(f"{e.codec}@{e.boundary} SSIM {e.ssim:.3f}"
+                                                                  for e in table.entries))
+        wrote.append(leakage_plot(pts, f"leakage vs boundary and bytes ({table.model}, leakage table)",
+                                  out / "leakage_table.png"))
     sweep_path = directory / "codec_sweep.json"
     if sweep_path.is_file():
         wrote.append(rate_accuracy_plot(json.loads(sweep_path.read_text()), out / "rate_accuracy.png"))
@@ -815,8 +918,8 @@ def report_cmd(
                        f"{'-' if v.get('latency_ms') is None else format(v['latency_ms'], '.3f'):>10}")
         wrote.append(compression_plot(variants, out / "compression.png"))
     if not wrote:
-        typer.echo(f"error: {directory} holds neither plan.json, codec_sweep.json nor compressed models "
-                   "(compression.json)", err=True)
+        typer.echo(f"error: {directory} holds neither plan.json, codec_sweep.json, leakage.json nor compressed "
+                   "models (compression.json)", err=True)
         raise typer.Exit(2)
     for p in wrote:
         typer.echo(f"wrote {p}")

@@ -315,6 +315,14 @@ class PlanOptions:
     # Sample inputs as users send them (PNG/JPEG files): with them, cloud-only may send the file itself
     # (codec ``image`` at split 0) instead of the uint8 tensor. The default model makes its own PNGs.
     input_images: tuple[bytes, ...] = ()
+    # The leakage table (partitioner.privacy.LeakageTable) that --max-leakage and the privacy objective read
+    leakage: object | None = None
+
+    def check_leakage(self) -> None:
+        """ValueError when --max-leakage or the privacy objective is asked for without a leakage table."""
+        if self.leakage is None and (self.constraints.max_leakage is not None or self.objective.uses_privacy):
+            raise ValueError("--max-leakage and the privacy objective need a leakage table (--leakage FILE, or "
+                             "the model's committed one)")
 
 
 def _profiles(staged, exits, codec: str, example, opts: PlanOptions, edge_profile: Profile | None,
@@ -368,7 +376,10 @@ def _objective_record(opts: PlanOptions) -> dict[str, str | float]:
 
 
 def _link_notes(opts: PlanOptions, edge: Profile, server: Profile) -> dict[str, str | float | int]:
-    return {"bandwidth_bps": opts.link.bandwidth_bps, "rtt_ms": opts.link.rtt_s * 1e3, "loss": opts.link.loss,
+    leakage = {"leakage_table": f"{opts.leakage.model}: {opts.leakage.attack.get('kind', 'white-box')}"} \
+        if opts.leakage is not None else {}
+    return {**leakage, "bandwidth_bps": opts.link.bandwidth_bps, "rtt_ms": opts.link.rtt_s * 1e3,
+            "loss": opts.link.loss,
             "request_overhead_bytes": opts.link.request_overhead, "edge_slowdown": opts.edge_slowdown,
             "device": opts.device.name if opts.device else "none (no energy estimate)",
             "splits_considered": opts.splits, "edge_profiled_on": f"{edge.machine}, {edge.threads} thread(s)",
@@ -408,6 +419,7 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
     ``auto_bottlenecks`` on Fashion-MNIST rendered at the model's size) are candidates each at its boundary,
     measured on :func:`model_validation_images` against the model's own answers: their drop is bounded by
     the disagreement (with random weights that is agreement with a random teacher, not accuracy)."""
+    opts.check_leakage()
     staged = target.staged
     edge, server = _profiles(staged, {}, codec, target.example(), opts, edge_profile, server_profile, target.name)
     codecs = [CodecOption(codec, edge, server)]
@@ -440,8 +452,8 @@ def make_model_plan(out: Path, target, opts: PlanOptions, edge_profile: Profile 
             codec_notes["learned_codec_figures"] = ("agreement with a random teacher (the model has random "
                                                     "weights), not accuracy")
         codecs += [learned_option(edge, server, lc) for lc in learned]
-    planner = Planner(codecs, candidates,
-                      device=opts.device, edge_slowdown=opts.edge_slowdown, server_load_rps=opts.server_load_rps)
+    planner = Planner(codecs, candidates, device=opts.device, edge_slowdown=opts.edge_slowdown,
+                      server_load_rps=opts.server_load_rps, leakage=opts.leakage)
     chosen, estimates, pareto, points = _tables(planner, opts)
     plan = new_plan(target.name, staged, target.input_spec, split=chosen.split, codec=CodecSpec(name=chosen.codec),
                     factory=target.factory,
@@ -471,7 +483,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
                       bottlenecks: Sequence[Bottleneck] | None = None,
                       auto_bottlenecks: AutoBottlenecks | None = None,
                       compressed: Path | None = None,
-                      head_variants: str | Sequence[str] | None = None) -> PlanResult:
+                      head_variants: str | Sequence[str] | None = None,
+                      leakage: object | None = None) -> PlanResult:
     """Plan an embedded model (``model``: the default, or another of :data:`splitinfer.models.EMBEDDED_MODELS`)
     for one link condition and write the bundle to ``out``.
 
@@ -503,7 +516,11 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         raise ValueError(f"head must be fp32, int8 or auto, not {head!r}")
     opts = PlanOptions(link=link, device=device, edge_slowdown=edge_slowdown, splits=splits, objective=objective,
                        constraints=constraints, server_load_rps=server_load_rps, repeats=repeats, progress=progress,
-                       input_images=input_images)
+                       input_images=input_images, leakage=leakage)
+    opts.check_leakage()
+    if leakage is not None and compressed is not None:
+        raise ValueError("--max-leakage / the privacy objective and --compressed: leakage tables are measured on the "
+                         "fp32 model, not on compressed ones (not supported yet)")
     size = embedded_model(model).size
     net, staged, exits, info = load_default(weights, model)
     weights_data, recipe = None, None
@@ -522,6 +539,9 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         raise ValueError("--max-bundle-bytes needs --head-variants (e.g. all): only joint planning weighs the "
                          "bundle's size")
     if head_variants is not None:
+        if leakage is not None:
+            raise ValueError("--max-leakage / the privacy objective and --head-variants: leakage tables are measured "
+                             "on the fp32 head, not on compressed variants (not supported yet)")
         if compressed is not None:
             raise ValueError("--compressed and --head-variants: name the compressed directory among --head-variants")
         if head != "fp32":
@@ -577,7 +597,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
         codec_notes.update({f"bottlenecks_auto_{r['boundary']}": f"{r['status']}: {r['reason']}"
                             for r in auto_bottlenecks.report})
     codecs += [learned_option(edge, server, lc) for lc in learned]
-    planner = Planner(codecs, candidates, exit_config, sorted(exits), device, edge_slowdown, server_load_rps)
+    planner = Planner(codecs, candidates, exit_config, sorted(exits), device, edge_slowdown, server_load_rps,
+                      leakage=opts.leakage)
     chosen, estimates, pareto, points = _tables(planner, opts)
     agreement = _agreement(scores, thresholds, chosen.exits)
 

@@ -246,3 +246,38 @@ def compression_figure(variants: list[dict]) -> Figure:
 def compression_plot(variants: list[dict], path: Path) -> Path:
     """Write :func:`compression_figure` to ``path``."""
     return _write(compression_figure(variants), path)
+
+
+def leakage_points_of_plan(plan: Plan) -> list[tuple[int, str, float, float]]:
+    """(split, codec, SSIM, payload bytes) of every estimate of ``plan`` that carries a leakage figure."""
+    return [(e.split, e.codec, e.leakage_ssim, float(e.bytes_per_offload)) for e in plan.estimates
+            if e.leakage_ssim is not None and e.bytes_per_offload > 0]
+
+
+def leakage_figure(points: list[tuple[int, str, float, float]], title: str) -> Figure:
+    """Leakage (white-box SSIM) vs split and vs payload bytes, one series per codec."""
+    fig = _figure((10, 4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    by_codec: dict[str, list[tuple[int, float, float]]] = {}
+    for split, codec, ssim, nbytes in points:
+        by_codec.setdefault(codec, []).append((split, ssim, nbytes))
+    for name, pts in sorted(by_codec.items()):
+        pts.sort()
+        style = "s" if len(pts) == 1 else "o-"
+        left.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        right.semilogx([p[2] for p in pts], [p[1] for p in pts], "s" if len(pts) == 1 else "o", label=name)
+    for ax in (left, right):
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("SSIM of the white-box reconstruction")
+    _integer_ticks(left.xaxis)
+    left.set_xlabel("split (0 = the input itself)")
+    right.set_xlabel("payload bytes per offloaded request (log)")
+    left.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def leakage_plot(points: list[tuple[int, str, float, float]], title: str, path: Path) -> Path:
+    """Write :func:`leakage_figure` to ``path``."""
+    return _write(leakage_figure(points, title), path)

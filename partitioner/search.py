@@ -8,9 +8,12 @@ constraints, ranked by an objective; the Pareto set; and the operating-point tab
   estimated accuracy drop (points, on validation data: the exits' drop plus, for offloaded samples, the
   codec's); the edge's memory (head weights + peak activations).
 * **Constraints.** ``max_accuracy_drop`` (points), ``max_edge_memory`` (bytes), ``max_bytes`` (bytes on the
-  uplink per offloaded request, payload only).
-* **Objectives.** ``latency``, ``energy``, ``bytes``, or ``weighted``: a weighted sum of the three, each divided
-  by its mean over the feasible configurations (so the weights are unit-free).
+  uplink per offloaded request, payload only), ``max_leakage`` (SSIM of a white-box inversion of the payload an
+  offloaded request sends, from a leakage table: :mod:`partitioner.privacy`; a configuration whose leakage is
+  unknown is not admitted).
+* **Objectives.** ``latency``, ``energy``, ``bytes``, ``privacy`` (expected leakage per request: the payload's
+  SSIM x the offload rate), or ``weighted``: a weighted sum of them, each divided by its mean over the feasible
+  configurations (so the weights are unit-free).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from partitioner.profile import Profile
 from splitinfer.bundle import OperatingPoint, SplitEstimate
 from splitinfer.energy import DeviceProfile
 
-METRICS = ("latency", "energy", "bytes")
+METRICS = ("latency", "energy", "bytes", "privacy")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.kind not in (*METRICS, "weighted"):
-            raise ValueError(f"objective must be latency, energy, bytes or weighted, not {self.kind!r}")
+            raise ValueError(f"objective must be latency, energy, bytes, privacy or weighted, not {self.kind!r}")
         if self.kind == "weighted" and not any(w > 0 for _, w in self.weights):
             raise ValueError("a weighted objective needs at least one positive weight, e.g. latency=1,energy=0.5")
         for name, w in self.weights:
@@ -57,6 +60,11 @@ class Objective:
             pairs.append((m.group(1), float(m.group(2))))
         return cls(kind=kind, weights=tuple(pairs))
 
+    @property
+    def uses_privacy(self) -> bool:
+        """True when the objective weighs leakage (it then needs a leakage table)."""
+        return self.kind == "privacy" or any(n == "privacy" and w > 0 for n, w in self.weights)
+
     def describe(self) -> str:
         if self.kind != "weighted":
             return self.kind
@@ -74,6 +82,7 @@ class Constraints:
     # certified at epsilon: the upper confidence bound of the final answers' disagreement with the fp32 model
     # (estimates that carry one: joint planning) at most this
     epsilon: float | None = None
+    max_leakage: float | None = None  # SSIM of a white-box inversion of an offloaded request's payload
 
     def admits(self, e: SplitEstimate) -> bool:
         if self.max_accuracy_drop is not None and (e.accuracy_drop_points or 0.0) > self.max_accuracy_drop + 1e-9:
@@ -86,12 +95,15 @@ class Constraints:
             return False
         if self.epsilon is not None and e.disagreement_bound is not None and e.disagreement_bound > self.epsilon:
             return False
+        if self.max_leakage is not None and (e.leakage_ssim is None or e.leakage_ssim > self.max_leakage + 1e-9):
+            return False
         return e.expected_latency_ms != float("inf")
 
     def to_dict(self) -> dict[str, float]:
         return {k: v for k, v in (("max_accuracy_drop", self.max_accuracy_drop),
                                   ("max_edge_memory", self.max_edge_memory), ("max_bytes", self.max_bytes),
-                                  ("max_bundle_bytes", self.max_bundle_bytes), ("epsilon", self.epsilon))
+                                  ("max_bundle_bytes", self.max_bundle_bytes), ("epsilon", self.epsilon),
+                                  ("max_leakage", self.max_leakage))
                 if v is not None}
 
 
@@ -124,6 +136,8 @@ def metric(e: SplitEstimate, name: str) -> float:
         return e.expected_latency_ms
     if name == "energy":
         return e.expected_energy_j or 0.0
+    if name == "privacy":
+        return (e.leakage_ssim or 0.0) * e.offload_rate
     return e.expected_bytes if e.expected_bytes is not None else e.bytes_per_offload * e.offload_rate
 
 
@@ -144,6 +158,8 @@ class Planner:
     bundle_bytes: int | None = None
     system: Callable[[SplitEstimate], None] | None = None
     exit_share: float | None = None  # joint planning: the share of epsilon the exits were calibrated at
+    # the leakage table (partitioner.privacy.LeakageTable: ``ssim(boundary, codec)``), or None: leakage unknown
+    leakage: object | None = None
     _exit_cache: dict[tuple[int, ...], ExitConfig] = field(default_factory=dict, repr=False)
 
     def _exits(self, subset: tuple[int, ...]) -> ExitConfig:
@@ -187,6 +203,8 @@ class Planner:
                     e.head = self.head
                     e.bundle_bytes = self.bundle_bytes
                     e.exit_share = self.exit_share
+                    if self.leakage is not None:
+                        e.leakage_ssim = self.leakage.ssim(k, c.name)
                     out.append(e)
         return out
 
@@ -281,6 +299,8 @@ def explain_infeasible(estimates: Sequence[SplitEstimate], constraints: Constrai
         "max_bytes": (lambda e: e.bytes_per_offload if e.offload_rate > 0 else 0, constraints.max_bytes, "bytes"),
         "epsilon": (lambda e: e.disagreement_bound, constraints.epsilon, "(upper bound of the disagreement with "
                                                                          "the fp32 model)"),
+        "max_leakage": (lambda e: e.leakage_ssim, constraints.max_leakage,
+                        "SSIM (white-box reconstruction of an offloaded input; edge-only sends nothing)"),
     }
     rows = []
     for name, (get, limit, unit) in checks.items():
@@ -321,9 +341,11 @@ def ranked(estimates: Sequence[SplitEstimate], objective: Objective = Objective(
 
 
 def pareto_front(estimates: Sequence[SplitEstimate]) -> list[SplitEstimate]:
-    """Estimates not dominated in (latency, energy, bytes, accuracy drop); duplicates kept once."""
+    """Estimates not dominated in (latency, energy, bytes, accuracy drop, and leakage when any estimate has
+    one); duplicates kept once."""
+    leak = any(e.leakage_ssim is not None for e in estimates)
     keys = [(e.expected_latency_ms, metric(e, "energy"), metric(e, "bytes"), e.accuracy_drop_points or 0.0)
-            for e in estimates]
+            + ((e.leakage_ssim if e.leakage_ssim is not None else 1.0,) if leak else ()) for e in estimates]
     front: list[SplitEstimate] = []
     seen: set[tuple] = set()
     for i, a in enumerate(keys):

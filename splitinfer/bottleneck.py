@@ -145,10 +145,12 @@ class Bottleneck(nn.Module):
         self.quantize = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.latent(x))
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The (quantized-dequantized, when ``quantize``) latent the decoder receives."""
         z = self.encoder(x)
-        if self.quantize:
-            z = self.quantizer(z)
-        return self.decoder(z)
+        return self.quantizer(z) if self.quantize else z
 
     @torch.no_grad()
     def latents(self, feats: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -355,6 +357,56 @@ class DistillConfig:
     threads: int = 0
     max_tail_cost: int | None = None
     cache_mb: int = 2048
+    # the privacy defence (:class:`InversionAdversary`): "none", or "adversarial" (the encoder also maximises
+    # the reconstruction error of an inversion decoder trained alongside it on the quantized latent), weighted
+    # by ``privacy_weight`` against the distillation loss
+    privacy: str = "none"
+    privacy_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.privacy not in PRIVACY_DEFENCES:
+            raise ValueError(f"privacy defence must be one of {', '.join(PRIVACY_DEFENCES)}, not {self.privacy!r}")
+        if not self.privacy_weight >= 0:
+            raise ValueError(f"privacy_weight must be >= 0, got {self.privacy_weight}")
+
+
+PRIVACY_DEFENCES = ("none", "adversarial")
+
+
+class InversionAdversary:
+    """The adversary of the ``adversarial`` privacy defence: an inversion decoder (the attack harness's
+    :class:`~partitioner.privacy.InversionDecoder`, unbounded output) from the quantized latent to the
+    normalised input, trained one Adam step per training step on the current encoder's latents. Its loss is
+    the MSE divided by the input's variance (1.0 = no better than predicting the mean image); the encoder's
+    loss subtracts ``weight`` times it, so the encoder learns to keep the task while making the input hard to
+    rebuild. The harness then attacks the finished codec with a fresh decoder: this one is not the judge."""
+
+    def __init__(self, latent_shape, input_shape, weight: float, lr: float = 2e-3, seed: int = 0):
+        from partitioner.privacy import InversionDecoder
+
+        torch.manual_seed(seed)
+        self.decoder = InversionDecoder(latent_shape, input_shape, bounded=False)
+        self.opt = torch.optim.Adam(self.decoder.parameters(), lr=lr)
+        self.weight = weight
+        self.last = float("nan")
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def loss(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Normalised reconstruction error of inputs ``x`` from latents ``z`` (gradients flow to both)."""
+        return F.mse_loss(self.decoder(z), x) / x.var().clamp_min(1e-6)
+
+    def step(self) -> None:
+        """One training step of the adversary on the latents of the last encoder step (if any)."""
+        if self.pending is None:
+            return
+        z, x = self.pending
+        self.pending = None
+        self.decoder.train()
+        loss = self.loss(z, x)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.last = float(loss.detach())
 
 
 ACTIVATION_MACS = 256  # training cost of one activation element, in multiply-accumulates (see tail_cost)
@@ -551,16 +603,26 @@ def _train(staged: StagedModel, cfg: BottleneckConfig, x_train, dcfg: DistillCon
     steps = steps_per_epoch  # per epoch; fewer when a deadline would cut the schedule
     T = dcfg.temperature
 
+    adversary = None
+    if dcfg.privacy == "adversarial":
+        adversary = InversionAdversary(cfg.latent_shape, staged.boundaries[0].shape, dcfg.privacy_weight,
+                                       seed=dcfg.seed)
+
     def loss_of(model: Bottleneck, idx: torch.Tensor) -> torch.Tensor:
         f = src.get(idx)
         t_feat, t_out = targets.get(idx, f)
-        s_feat = staged.run(model(f).clone(), k, m)  # a stage may begin in place
+        z = model.latent(f)
+        s_feat = staged.run(model.decoder(z).clone(), k, m)  # a stage may begin in place
         loss = F.mse_loss(s_feat, t_feat) / feat_scale
-        if not with_logits:
-            return loss
-        s_out = staged.run(s_feat.clone(), m, n) if m < n else s_feat
-        kl = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out / T, 1), reduction="batchmean") * T * T
-        return dcfg.feature_weight * loss + kl
+        if with_logits:
+            s_out = staged.run(s_feat.clone(), m, n) if m < n else s_feat
+            kl = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out / T, 1), reduction="batchmean") * T * T
+            loss = dcfg.feature_weight * loss + kl
+        if adversary is not None and model is bn:
+            x = torch.as_tensor(src.x[idx])
+            loss = loss - adversary.weight * adversary.loss(z, x)
+            adversary.pending = (z.detach(), x)  # trained after the encoder's step (its weights are in the graph)
+        return loss
 
     if deadline is not None and total_epochs > 0:
         step_s = _time_step(bn, loss_of, src.n, dcfg, gen)
@@ -586,13 +648,16 @@ def _train(staged: StagedModel, cfg: BottleneckConfig, x_train, dcfg: DistillCon
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
             for epoch in range(epochs):
                 bn.train()
-                total, count = 0.0, 0
+                total, count, adv_total = 0.0, 0, 0.0
                 for idx in _batches(src.n, dcfg.batch_size, gen, steps):
                     loss = loss_of(bn, idx)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
+                    if adversary is not None:
+                        adversary.step()
+                        adv_total += adversary.last * len(idx)
                     total += float(loss.detach()) * len(idx)
                     count += len(idx)
                     bar.update(1)
@@ -602,6 +667,8 @@ def _train(staged: StagedModel, cfg: BottleneckConfig, x_train, dcfg: DistillCon
                 entry = {"phase": phase, "epoch": epoch + 1, "loss": round(total / max(1, count), 5)}
                 if count < src.n:
                     entry["images"] = count
+                if adversary is not None:
+                    entry["adversary_loss"] = round(adv_total / max(1, count), 5)
                 history.append(entry)
                 if stopped_early:
                     break

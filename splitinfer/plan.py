@@ -171,6 +171,8 @@ class SplitEstimate(BaseModel):
     disagreement: float | None = Field(None, description="final answers vs the full fp32 model on the validation "
                                                          "images (joint planning: head, exits, codec end to end)")
     disagreement_bound: float | None = Field(None, description="upper confidence bound (at delta) of that rate")
+    leakage_ssim: float | None = Field(None, description="SSIM of a white-box inversion of the payload this "
+                                                         "configuration sends (leakage table; 0: edge-only)")
 
 
 class OperatingPoint(BaseModel):
