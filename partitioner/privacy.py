@@ -439,10 +439,15 @@ def committed_leakage(model: str) -> LeakageTable | None:
 def leakage_table_for(model: str, path: Path | None) -> LeakageTable:
     """``path``'s table (checked to be ``model``'s), else the committed one; BundleError naming the command that
     measures one when there is none."""
+    from splitinfer.models import EMBEDDED_MODELS
+
     table = LeakageTable.load(path) if path is not None else committed_leakage(model)
-    if table is None:
+    if table is None and model in EMBEDDED_MODELS:
         raise BundleError(f"no leakage table for model {model}: measure one with `splitinfer plan privacy --model "
                           f"{model} --out leakage.json` and pass --leakage leakage.json")
+    if table is None:
+        raise BundleError(f"no leakage table for model {model}: `plan privacy` measures the embedded models (their "
+                          "data is here); pass --leakage FILE with a table measured on this model's data")
     if table.model != model:
         raise BundleError(f"the leakage table was measured on model {table.model!r}, not {model!r}")
     return table

@@ -44,6 +44,7 @@ QUICK = {
                                         "--out-dir weights-tmp --no-progress",
     "splitinfer plan codec-sweep": "--train-limit 256 --test-limit 256",
     "splitinfer plan compress": "--epochs 0.05 --train-limit 512 --val-images 200",
+    "splitinfer plan privacy": "--train-images 300 --test-images 100 --epochs 1 --boundaries 6",
 }
 # Every block the README has under "Using the pieces", by its heading: the test must know each one.
 BLOCKS = (
@@ -51,6 +52,7 @@ BLOCKS = (
     "Plan a split, serve it, send it images (latency only)",
     "Other models, measured profiles, users' photos",
     "Compressed models",
+    "What the payload reveals",
     "Exits, exports, folders of files",
     "Production: repository, TLS, tokens, replicas",
     "Re-training the committed models",
