@@ -876,9 +876,10 @@ def report_cmd(
             for e in plan.pareto:
                 energy = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:8.2f} mJ"
                 drop = f"drop {e.accuracy_drop_points or 0:.2f}" if measured else "drop not measured"
+                leak = "" if e.leakage_ssim is None else f"  leakage SSIM {e.leakage_ssim:.3f}"
                 typer.echo(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} "
                            f"{e.expected_latency_ms:9.2f} ms{energy} {e.expected_bytes or 0:9.1f} B {drop}"
-                           + (f"  head {e.head}" if joint else ""))
+                           + (f"  head {e.head}" if joint else "") + leak)
             if not measured:
                 typer.echo(f"accuracy not measured ({accuracy_reason(plan)})")
         wrote.append(bytes_per_boundary_plot(plan, out / "bytes_per_boundary.png"))
