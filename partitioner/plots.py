@@ -256,7 +256,7 @@ def leakage_points_of_plan(plan: Plan) -> list[tuple[int, str, float, float]]:
 
 def leakage_figure(points: list[tuple[int, str, float, float]], title: str) -> Figure:
     """Leakage (white-box SSIM) vs split and vs payload bytes, one series per codec."""
-    fig = _figure((10, 4))
+    fig = _figure((10, 4.2), layout="constrained")
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     by_codec: dict[str, list[tuple[int, float, float]]] = {}
     for split, codec, ssim, nbytes in points:
