@@ -18,10 +18,15 @@ def accuracy_reason(plan) -> str:
     return "random weights" if plan.model.random_weights else "no validation data for this model"
 
 
+def _leak(ssim: float | None) -> str:
+    return "unknown" if ssim is None else f"{ssim:.3f}"
+
+
 def split_table(result: PlanResult) -> str:
     """A table of every split with its estimate; the chosen one marked."""
     plan = result.plan
     joint = "head_variants" in plan.notes
+    leak = any(e.leakage_ssim is not None for e in result.estimates)
     lines = [
         *([f"WARNING: {plan.model.name} has random weights: its answers are meaningless (timing only)"]
           if plan.model.random_weights else []),
@@ -32,16 +37,18 @@ def split_table(result: PlanResult) -> str:
                                f"(val exit rate {e.val_exit_rate:.1%})" for e in plan.exits) or "none"),
         "",
         f"{'split':>5} {'codec':>12} {'boundary shape':>16} {'payload B':>9} {'offload':>7} {'edge ms':>8} "
-        f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}  exits" + ("   head variant, e2e bound" if joint else ""),
+        f"{'xfer ms':>8} {'server ms':>9} {'E[lat] ms':>9}" + (f" {'leak SSIM':>9}" if leak else "") + "  exits"
+        + ("   head variant, e2e bound" if joint else ""),
     ]
     for e in sorted(result.estimates, key=lambda e: (e.split, e.codec)):
         shape = "x".join(str(s) for s in plan.boundaries[e.split].shape)
         mark = " <- chosen" if (e.split, e.codec, e.exits) == (result.chosen.split, result.chosen.codec,
                                                                result.chosen.exits) else ""
         lines.append(f"{e.split:>5} {e.codec:>12} {shape:>16} {e.bytes_per_offload:>9} {e.offload_rate:>7.1%} "
-                     f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}  "
-                     f"{e.exits}" + (f"   {e.head}, " + ("not judged" if e.disagreement_bound is None else
-                                                             f"<= {e.disagreement_bound:.4f}") if joint else "")
+                     f"{e.edge_ms:>8.2f} {e.transfer_ms:>8.2f} {e.server_ms:>9.2f} {e.expected_latency_ms:>9.2f}"
+                     + (f" {_leak(e.leakage_ssim):>9}" if leak else "") + f"  {e.exits}"
+                     + (f"   {e.head}, " + ("not judged" if e.disagreement_bound is None else
+                                            f"<= {e.disagreement_bound:.4f}") if joint else "")
                      + mark)
     lines.append("")
     if joint:
@@ -76,12 +83,14 @@ def split_table(result: PlanResult) -> str:
                  + (f", head {c.head}" if joint else "") + f": {c.expected_latency_ms:.2f} ms"
                  f"{energy}, {c.expected_bytes or 0:.0f} B/request, {accuracy}")
     if result.pareto:
-        lines.append(f"Pareto set (latency, energy, bytes, accuracy drop): {len(result.pareto)} configurations")
+        lines.append(f"Pareto set (latency, energy, bytes, accuracy drop{', leakage' if leak else ''}): "
+                     f"{len(result.pareto)} configurations")
         for e in result.pareto[:12]:
             en = "" if e.expected_energy_j is None else f" {e.expected_energy_j * 1e3:7.2f} mJ"
             drop = f"drop {e.accuracy_drop_points or 0:.2f}" if accuracy_measured(plan) else "drop not measured"
             lines.append(f"  split {e.split:>3} {e.codec:>12} exits {str(e.exits):<14} {e.expected_latency_ms:9.2f} ms"
-                         f"{en} {e.expected_bytes or 0:9.0f} B  {drop}" + (f"  {e.head}" if joint else ""))
+                         f"{en} {e.expected_bytes or 0:9.0f} B  {drop}" + (f"  {e.head}" if joint else "")
+                         + (f"  leakage SSIM {_leak(e.leakage_ssim)}" if leak else ""))
         if len(result.pareto) > 12:
             lines.append(f"  ... {len(result.pareto) - 12} more in plan.json")
     agreement = (f", validation agreement of the exits with the full model {result.validation_agreement:.4f}"
