@@ -210,18 +210,27 @@ def test_readme_blocks_run_as_written(tmp_path):
     assert joint["exit_calibration"]["epsilon"] <= 0.05 and "end to end" in joint["notes"]["certificate"]
     assert sum(f.stat().st_size for f in (tmp_path / "runs" / "bundle-joint").iterdir()) <= 900_000
 
+    # What the payload reveals: a leakage table measured, a plan within the bound, leakage drawn.
+    leak = json.loads((tmp_path / "runs" / "leakage.json").read_text())
+    assert leak["format"] == "splitinfer-leakage" and (tmp_path / "runs" / "leakage.png").is_file()
+    private = json.loads((tmp_path / "runs" / "bundle-private" / "plan.json").read_text())
+    picked = (private["split"], private["codec"]["name"])
+    chosen = [e for e in private["estimates"] if (e["split"], e["codec"]) == picked]
+    assert chosen and chosen[0]["leakage_ssim"] <= 0.6
+    assert (tmp_path / "runs" / "bundle-private" / "leakage.png").is_file()
+
     # Exits recalibrated, the Triton export written, the watched folder classified once per file.
     assert any((tmp_path / "triton-repo").glob("*/config.pbtxt"))
     watched = _json_lines((tmp_path / "results.jsonl").read_text())
     assert len(watched) == len(list((tmp_path / "inbox").iterdir())) and all("label" in r for r in watched)
 
     # Production: over mutual TLS with a token, through the replica that is up.
-    prod = _json_lines(outputs[BLOCKS[5]])
+    prod = _json_lines(outputs[BLOCKS[6]])
     assert len(prod) == 20 and not [a for a in prod if a["degraded"]]
     assert [a for a in prod if a["decided_by"] == "cloud"]
-    up = ports_of[BLOCKS[5]]["8001"]
+    up = ports_of[BLOCKS[6]]["8001"]
     assert re.search(rf'"address": "127.0.0.1:{up}",\s+"inflight": \d+,\s+"calls": [1-9]\d*,\s+"failures": 0,\s+'
-                     r'"state": "closed"', outputs[BLOCKS[5]]), outputs[BLOCKS[5]]
+                     r'"state": "closed"', outputs[BLOCKS[6]]), outputs[BLOCKS[6]]
 
     # Re-training and the sweep wrote into the temporary folders, not the committed weights.
     assert (tmp_path / "weights-tmp" / "default.safetensors").is_file()
