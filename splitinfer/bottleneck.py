@@ -375,14 +375,14 @@ PRIVACY_DEFENCES = ("none", "adversarial")
 
 class InversionAdversary:
     """The adversary of the ``adversarial`` privacy defence: an inversion decoder (the attack harness's
-    :class:`~partitioner.privacy.InversionDecoder`, unbounded output) from the quantized latent to the
+    :class:`~splitinfer.inversion.InversionDecoder`, unbounded output) from the quantized latent to the
     normalised input, trained one Adam step per training step on the current encoder's latents. Its loss is
     the MSE divided by the input's variance (1.0 = no better than predicting the mean image); the encoder's
     loss subtracts ``weight`` times it, so the encoder learns to keep the task while making the input hard to
     rebuild. The harness then attacks the finished codec with a fresh decoder: this one is not the judge."""
 
     def __init__(self, latent_shape, input_shape, weight: float, lr: float = 2e-3, seed: int = 0):
-        from partitioner.privacy import InversionDecoder
+        from splitinfer.inversion import InversionDecoder
 
         torch.manual_seed(seed)
         self.decoder = InversionDecoder(latent_shape, input_shape, bounded=False)

@@ -48,7 +48,7 @@ def test_report_writes_pngs_and_prints_operating_points(tmp_path):
 def test_report_on_an_empty_folder_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
-    assert "neither plan.json, codec_sweep.json nor compressed models" in result.output
+    assert "neither plan.json, codec_sweep.json, leakage.json nor compressed models" in result.output
 
 
 def test_report_draws_compressed_variants(tmp_path):
