@@ -161,8 +161,8 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command("profile")
 def profile_cmd(
-    model: str = typer.Option("default", help="default, a torchvision name (resnet18, resnet50, mobilenet_v2, "
-                                              "mobilenet_v3_large, efficientnet_b0, vgg16) or package.module:function"),
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), any torchvision "
+                                              "classification model by name (`plan models`) or package.module:function"),
     out: Path = typer.Option(None, help="write the profile JSON here"),
     threads: int = typer.Option(1, callback=AT_LEAST_ONE,
                                 help="torch threads (1 for an edge profile; the server's worker threads)"),
@@ -171,7 +171,7 @@ def profile_cmd(
                                 help="timed runs at batch 1 after warm-up (p5/p50/p95/mean are recorded; the "
                                      "planner uses the mean); larger batches use fewer"),
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model"),
-    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published size, see `plan models`)"),
     codec: str = typer.Option("uint8-affine", help="codec timed at every boundary"),
     compressed: Path = typer.Option(None, help="profile the compressed model `plan compress` wrote here"),
     as_json: bool = typer.Option(False, "--json", help="print the profile as JSON on stdout"),
@@ -202,6 +202,32 @@ def profile_cmd(
         typer.echo(f"{name}: {prof.num_stages} stages, {prof.total_params:,} parameters, "
                    f"{prof.total_macs / 1e9:.3f} GMACs, {sum(prof.stage_ms):.2f} ms at batch 1 "
                    f"({threads} thread(s), {prof.machine})" + (f"; wrote {out}" if out else ""))
+
+
+@app.command("models")
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the list as JSON on stdout"),
+) -> None:
+    """List the models `--model` accepts by name: the embedded ones (trained here) and every torchvision
+    classification model, with the input size, parameters and GMACs torchvision publishes for it."""
+    from splitinfer.models import EMBEDDED_MODELS, torchvision_model, torchvision_names
+
+    rows = [{"name": name, "kind": "embedded", "input_shape": [1, spec.size, spec.size], "weights": "committed"}
+            for name, spec in EMBEDDED_MODELS.items()]
+    for name in torchvision_names():
+        tv = torchvision_model(name)
+        rows.append({"name": name, "kind": "torchvision", "input_shape": list(tv.input_shape),
+                     "num_params": tv.num_params, "gmacs": tv.gmacs, "weights": "random unless --checkpoint",
+                     "published_weights": tv.weights})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        extra = (f"{r['num_params'] / 1e6:8.1f} M params {r['gmacs']:8.3f} GMACs" if r["kind"] == "torchvision"
+                 else "trained here on Fashion-MNIST")
+        typer.echo(f"{r['name']:22s} {r['kind']:11s} {','.join(map(str, r['input_shape'])):>11s}  {extra}")
+    if not torchvision_names():
+        typer.echo("(torchvision is not installed: pip install 'splitinfer[vision]' for its models)", err=True)
 
 
 @app.command("probe")
@@ -311,7 +337,7 @@ def make_cmd(
                                                  "end to end (embedded models)"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
     checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
-    input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: 3,224,224)"),
+    input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: its published size, see `plan models`)"),
     input_images: Path = typer.Option(None, help="folder of sample inputs as users send them (PNG/JPEG files): "
                                                  "cloud-only may then forward the file (codec 'image') instead "
                                                  "of a uint8 tensor; the default model makes PNGs itself"),
@@ -561,7 +587,7 @@ def train_bottleneck_cmd(
                                               "name (resnet18, mobilenet_v2, ...) or package.module:function"),
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model (without "
                                                "it a torchvision model has random weights: no accuracy)"),
-    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: 3,224,224)"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published size, see `plan models`)"),
     images: Path = typer.Option(None, help="train on an image folder (DIR/<class>/<image>) instead of "
                                            "Fashion-MNIST; a seeded 20 % is held out as the test set"),
     boundary: str = typer.Option(None, help="boundary, or comma-separated boundaries, to train a bottleneck at "

@@ -13,11 +13,14 @@ from torch import nn
 from splitinfer.bundle import InputSpec, is_safetensors
 from splitinfer.errors import BundleError
 from splitinfer.exits import ExitHead
-from splitinfer.models import EMBEDDED_MODELS, TORCHVISION_MODELS, build_model
+from splitinfer.models import (
+    EMBEDDED_MODELS,
+    build_model,
+    is_torchvision_model,
+    torchvision_model,
+    unknown_model_message,
+)
 from splitinfer.staged import StagedModel, stage_model
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass
@@ -117,11 +120,13 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
         return PlanTarget(model, m, staged, spec, exits, weights_note=note, info=info,
                           weights_source="committed")
     factory = None
-    if model in TORCHVISION_MODELS:
+    published = None
+    if is_torchvision_model(model):
+        published = torchvision_model(model)
         with torch.random.fork_rng():  # random weights, but the same ones in every process (a bottleneck
             torch.manual_seed(0)       # trained by one command fits the model another command plans)
             m = build_model(model)
-        shape = input_shape or [3, 224, 224]
+        shape = input_shape or list(published.input_shape)
     elif ":" in model:
         if not input_shape:
             raise ValueError(f"model {model!r} needs --input-shape C,H,W")
@@ -129,8 +134,7 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
         m = _build_factory(model)
         shape = input_shape
     else:
-        raise ValueError(f"unknown model {model!r}; choose {', '.join([*EMBEDDED_MODELS, *TORCHVISION_MODELS])} "
-                         "or package.module:function")
+        raise ValueError(unknown_model_message(model, tuple(EMBEDDED_MODELS)))
     if checkpoint is not None:
         _load_checkpoint(m, Path(checkpoint))
     m.eval()
@@ -145,8 +149,13 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     if num_classes < 1:
         raise ValueError(f"model {model!r} must output a [N, classes] tensor; got per-sample shape {out}")
     c = shape[0]
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ([0.0] * c, [1.0] * c)
-    labels = imagenet_categories(model) if factory is None else None
+    if published is not None and c == len(published.mean):
+        mean, std = list(published.mean), list(published.std)
+    elif c == 3:  # a user's model for RGB input: torchvision's ImageNet normalisation
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    else:
+        mean, std = [0.0] * c, [1.0] * c
+    labels = list(published.categories) if published is not None else None
     if labels is None or len(labels) != num_classes:
         labels = [f"class_{i}" for i in range(num_classes)]
     spec = InputSpec(shape=list(shape), mean=mean, std=std, labels=labels)
@@ -156,16 +165,3 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     return PlanTarget(model if factory is None else model.rpartition(":")[2], m, staged, spec, {},
                       factory=factory, weights_note=note,
                       weights_source="checkpoint" if checkpoint else ("random" if factory is None else "unknown"))
-
-
-def imagenet_categories(name: str) -> list[str] | None:
-    """The class names torchvision's published weights of ``name`` carry in their metadata (read from the
-    installed package; nothing is downloaded), or None when it has none."""
-    try:
-        import torchvision.models as tvm
-
-        weights = tvm.get_model_weights(name).DEFAULT
-    except (ImportError, ValueError, AttributeError):
-        return None
-    categories = weights.meta.get("categories")
-    return list(categories) if categories else None

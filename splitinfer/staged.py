@@ -16,6 +16,8 @@ from itertools import islice
 import torch
 from torch import fx, nn
 
+from splitinfer.macs import counting_macs
+
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -27,14 +29,17 @@ class TensorMeta:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the traced graph once and records each tensor-valued node's :class:`TensorMeta`.
+    """Runs the traced graph once and records each tensor-valued node's :class:`TensorMeta` and every node's
+    multiply-accumulates (``node.meta["macs"]``, whole batch; :mod:`splitinfer.macs`).
 
     torch's own ``ShapeProp`` does the same but imports sympy through torch's symbolic-shape machinery (~35 MB
     of RSS in every process that stages a model: the edge agent, the server); shape and dtype are all we use.
     """
 
     def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+        with counting_macs() as counter:
+            result = super().run_node(n)
+        n.meta["macs"] = counter.macs
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
         return result
@@ -64,7 +69,8 @@ class BoundaryInfo:
 
 @dataclass
 class StageInfo:
-    """One stage: the traced nodes it runs, its multiply-accumulates and parameters (per sample)."""
+    """One stage: the traced nodes it runs, its multiply-accumulates (every matrix product it runs, attention
+    included: :mod:`splitinfer.macs`) and parameters (per sample)."""
 
     index: int
     nodes: list[str]
@@ -177,6 +183,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
         raise ValueError(f"model is not fx-traceable: {exc}") from exc
     with torch.no_grad():
         _ShapeRecorder(gm).run(example_input)
+    batch = max(1, int(example_input.shape[0]))
 
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -199,7 +206,6 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
     if compute[cut_after[-1]] is not out_value:
         raise ValueError("the model's output is not a single tensor produced by its last node")
 
-    named_modules = dict(gm.named_modules())
     stages: list[fx.GraphModule] = []
     infos: list[StageInfo] = []
     boundaries: list[BoundaryInfo] = []
@@ -228,9 +234,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
             env[n] = g.node_copy(n, lookup)
             if n.op == "call_module":
                 mods.append(str(n.target))
-                src = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], fx.Node) else None
-                macs += module_macs(named_modules[n.target], n.meta["tensor_meta"].shape,
-                                    src.shape if isinstance(src, TensorMeta) else None)
+            macs += n.meta.get("macs", 0)
             live[n] = _tensor_bytes(n)
             peak = max(peak, sum(live.values()))
             i = pos[n]
@@ -240,6 +244,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
         stage = fx.GraphModule(gm, g, class_name=f"Stage{s}")
         params = sum(p.numel() for p in stage.parameters())
         stages.append(stage)
-        infos.append(StageInfo(index=s, nodes=[n.name for n in seg], macs=int(macs), params=int(params), modules=mods,
+        infos.append(StageInfo(index=s, nodes=[n.name for n in seg], macs=int(macs) // batch, params=int(params),
+                               modules=mods,
                                peak_activation_bytes=int(peak)))
     return StagedModel(model, stages, infos, boundaries)

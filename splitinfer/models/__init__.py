@@ -10,6 +10,14 @@ from torch import nn
 
 from splitinfer.models.default import DefaultNet, build_default
 from splitinfer.models.fashion_mobilenet import build_fashion_mobilenet
+from splitinfer.models.torchvision_zoo import (
+    TorchvisionModel,
+    build_torchvision,
+    is_torchvision_model,
+    torchvision_model,
+    torchvision_names,
+    unknown_model_message,
+)
 
 
 @dataclass(frozen=True)
@@ -48,32 +56,26 @@ def embedded_model(name: str) -> EmbeddedModel:
         raise ValueError(f"unknown embedded model {name!r}; choose {', '.join(EMBEDDED_MODELS)}") from None
 
 
-TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "vgg16")
-
-
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """Build an (untrained) model by name: an embedded model (:data:`EMBEDDED_MODELS`) or one of
-    :data:`TORCHVISION_MODELS`."""
+    """Build an (untrained) model by name: an embedded model (:data:`EMBEDDED_MODELS`) or any torchvision
+    classification model (:mod:`splitinfer.models.torchvision_zoo`)."""
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name].build(num_classes or 10)
-    if name in TORCHVISION_MODELS:
-        try:
-            import torchvision.models as tvm
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(f"model {name!r} needs torchvision: pip install 'splitinfer[vision]'") from exc
-        model = getattr(tvm, name)(weights=None, num_classes=num_classes or 1000)
-        return model.eval()
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join([*EMBEDDED_MODELS, *TORCHVISION_MODELS])}")
+    if is_torchvision_model(name):
+        return build_torchvision(name, num_classes)
+    raise ValueError(unknown_model_message(name, tuple(EMBEDDED_MODELS)))
 
 
 def example_input(name: str, batch: int = 1, size: int | None = None) -> torch.Tensor:
-    """A random input of the right shape for a registered model."""
+    """A random input of the right shape for a registered model (a torchvision model at its published size
+    unless ``size`` is given)."""
     if name in EMBEDDED_MODELS:
         side = EMBEDDED_MODELS[name].size
         return torch.randn(batch, 1, side, side)
-    s = size or 224
+    s = size or torchvision_model(name).input_shape[1]
     return torch.randn(batch, 3, s, s)
 
 
-__all__ = ["DefaultNet", "EMBEDDED_MODELS", "EmbeddedModel", "build_default", "build_fashion_mobilenet",
-           "embedded_model", "build_model", "example_input", "TORCHVISION_MODELS"]
+__all__ = ["DefaultNet", "EMBEDDED_MODELS", "EmbeddedModel", "TorchvisionModel", "build_default",
+           "build_fashion_mobilenet", "build_model", "build_torchvision", "embedded_model", "example_input",
+           "is_torchvision_model", "torchvision_model", "torchvision_names", "unknown_model_message"]
