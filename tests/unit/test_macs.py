@@ -1,0 +1,76 @@
+"""MACs counted at the ATen level: each kind of product against its formula, and through the staged model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splitinfer.macs import counting_macs
+from splitinfer.staged import stage_model
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), counting_macs() as c:
+        fn()
+    return c.macs
+
+
+def test_convolutions_grouped_and_transposed():
+    x = torch.randn(2, 8, 10, 10)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    assert _count(lambda: conv(x)) == 2 * 16 * 10 * 10 * 8 * 9
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+    assert _count(lambda: grouped(x)) == 2 * 16 * 10 * 10 * 2 * 9
+    up = nn.ConvTranspose2d(8, 4, 2, stride=2)  # every input value meets 4 x 2 x 2 weights
+    assert _count(lambda: up(x)) == 2 * 8 * 10 * 10 * 4 * 4
+
+
+def test_linear_matmul_einsum_and_vectors():
+    lin = nn.Linear(6, 5)
+    assert _count(lambda: lin(torch.randn(3, 6))) == 3 * 6 * 5
+    assert _count(lambda: lin(torch.randn(2, 7, 6))) == 2 * 7 * 6 * 5  # token tensors through a Linear
+    a, b = torch.randn(4, 3, 5), torch.randn(4, 5, 2)
+    assert _count(lambda: a @ b) == 4 * 3 * 5 * 2
+    assert _count(lambda: torch.einsum("bij,bjk->bik", a, b)) == 4 * 3 * 5 * 2
+    assert _count(lambda: torch.randn(3, 4) @ torch.randn(4)) == 12
+    assert _count(lambda: torch.relu(a) + a * 2) == 0  # element-wise arithmetic is no MAC
+
+
+def test_attention_products_are_counted_in_every_form():
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 4)
+    assert _count(lambda: nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * 3 * 7 * 9 * (8 + 4)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    # in-projection (3 x 16 x 16 per token), q k^T and attention x v (5 x 5 x 16 each), out-projection
+    expected = 2 * (5 * 16 * 48 + 2 * 5 * 5 * 16 + 5 * 16 * 16)
+    assert _count(lambda: mha(x, x, x, need_weights=False)) == expected
+    # the fused inference fast path is off only while counting
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _Block(nn.Module):
+    """A transformer block: the MHA leaf returns a tuple (no tensor is live alone inside it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.norm(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(x)
+
+
+def test_staged_transformer_counts_per_sample_and_cuts_between_blocks():
+    model = nn.Sequential(_Block(), _Block()).eval()
+    staged = stage_model(model, torch.randn(3, 5, 16))  # MACs are per sample whatever the example batch
+    per_block = 5 * 16 * 48 + 2 * 5 * 5 * 16 + 5 * 16 * 16 + 5 * 16 * 16
+    assert staged.macs_between(0, staged.num_stages) == 2 * per_block
+    assert [5, 16] in [b.shape for b in staged.boundaries[1:-1]]
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        for k in range(staged.num_stages + 1):
+            assert torch.equal(staged.run(staged.run(x, 0, k), k, staged.num_stages), model(x))
