@@ -162,7 +162,8 @@ def _fail(exc: Exception) -> typer.Exit:
 @app.command("profile")
 def profile_cmd(
     model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), any torchvision "
-                                              "classification model by name (`plan models`) or package.module:function"),
+                                              "classification model by name (`plan models`) or "
+                                              "package.module:function"),
     out: Path = typer.Option(None, help="write the profile JSON here"),
     threads: int = typer.Option(1, callback=AT_LEAST_ONE,
                                 help="torch threads (1 for an edge profile; the server's worker threads)"),
@@ -171,7 +172,8 @@ def profile_cmd(
                                 help="timed runs at batch 1 after warm-up (p5/p50/p95/mean are recorded; the "
                                      "planner uses the mean); larger batches use fewer"),
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model"),
-    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published size, see `plan models`)"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published "
+                                                     "size, see `plan models`)"),
     codec: str = typer.Option("uint8-affine", help="codec timed at every boundary"),
     compressed: Path = typer.Option(None, help="profile the compressed model `plan compress` wrote here"),
     as_json: bool = typer.Option(False, "--json", help="print the profile as JSON on stdout"),
@@ -337,7 +339,8 @@ def make_cmd(
                                                  "end to end (embedded models)"),
     splits: str = typer.Option("all", help="'all' (0..N, incl. cloud-only and edge-only) or 'interior' (1..N-1)"),
     checkpoint: Path = typer.Option(None, help="safetensors weights of a torchvision or user model"),
-    input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: its published size, see `plan models`)"),
+    input_shape: str = typer.Option(None, help="C,H,W of a user model (torchvision: its published size, "
+                                                     "see `plan models`)"),
     input_images: Path = typer.Option(None, help="folder of sample inputs as users send them (PNG/JPEG files): "
                                                  "cloud-only may then forward the file (codec 'image') instead "
                                                  "of a uint8 tensor; the default model makes PNGs itself"),
@@ -587,7 +590,8 @@ def train_bottleneck_cmd(
                                               "name (resnet18, mobilenet_v2, ...) or package.module:function"),
     checkpoint: Path = typer.Option(None, help="safetensors state dict for a torchvision or user model (without "
                                                "it a torchvision model has random weights: no accuracy)"),
-    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published size, see `plan models`)"),
+    input_shape: str = typer.Option(None, help="C,H,W (required for a user model; torchvision: its published "
+                                                     "size, see `plan models`)"),
     images: Path = typer.Option(None, help="train on an image folder (DIR/<class>/<image>) instead of "
                                            "Fashion-MNIST; a seeded 20 % is held out as the test set"),
     boundary: str = typer.Option(None, help="boundary, or comma-separated boundaries, to train a bottleneck at "
