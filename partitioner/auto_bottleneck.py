@@ -71,7 +71,7 @@ def rank_boundaries(planner: Planner, staged, links: Sequence[Link], bits: int =
     scores = []
     for k in planner.splits:
         shape = list(staged.boundaries[k].shape)
-        if not 0 < k < n or len(shape) != 3:
+        if not 0 < k < n or len(shape) not in (2, 3):
             continue
         cfg = BottleneckConfig.for_boundary(k, shape, bits=bits)
         symbols = math.prod(cfg.latent_shape)

@@ -94,8 +94,9 @@ def _out_dir(path: Path) -> Path:
 @app.command("train-embedded")
 @app.command("train-default", help="Same as train-embedded (the default model unless --model names another).")
 def train_default_cmd(
-    model: str = typer.Option("default", help="embedded model to train: default (28x28 CNN) or "
-                                              "mobilenet_v2_fmnist (torchvision MobileNetV2 at 64x64)"),
+    model: str = typer.Option("default", help="embedded model to train: default (28x28 CNN), "
+                                              "mobilenet_v2_fmnist (torchvision MobileNetV2 at 64x64) or "
+                                              "vit_fmnist (a small vision transformer at 28x28)"),
     epochs: int = typer.Option(None, callback=AT_LEAST_ONE,
                                help="training epochs for the backbone (default: the committed weights' epochs)"),
     seed: int = typer.Option(20261122, help="random seed (data order, augmentation, initialisation)"),
@@ -126,7 +127,8 @@ def train_default_cmd(
         raise _fail(exc) from None
     epochs = epochs or spec.epochs
     exits = exits or ",".join(map(str, spec.exits))
-    cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit)
+    cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit,
+                      **dict(spec.train_settings))
     start = time.perf_counter()
     net, report = train_embedded(model, cfg, data_dir, progress=progress)
     typer.echo(f"backbone: test accuracy {report['test_accuracy']:.4f}, validation {report['validation_accuracy']:.4f}")

@@ -23,6 +23,7 @@ class TrainConfig:
     """Hyper-parameters of ``plan train-embedded``; with the model's epochs they reproduce the committed weights."""
 
     epochs: int = 9
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum 0.9) or "adamw"
     batch_size: int = 128
     lr: float = 0.1
     weight_decay: float = 5e-4
@@ -93,7 +94,13 @@ def train_embedded(name: str, cfg: TrainConfig, data_dir: str | None = None,
 
     model = spec.build(len(train.classes)).to(memory_format=torch.channels_last)
     steps_per_epoch = (len(x_tr) + cfg.batch_size - 1) // cfg.batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                                 pct_start=0.2)
     gen = torch.Generator().manual_seed(cfg.seed)

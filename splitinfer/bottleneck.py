@@ -42,22 +42,32 @@ class BottleneckEncoder(nn.Module):
 
     With stride ``s > 1`` the first convolution is an ``s x s`` patch convolution (input padded to a multiple
     of ``s``): it costs a quarter of a 3x3 stride-2 convolution, which keeps encoding well under a millisecond.
+    Token sequences ``[L, D]`` are seen as ``[D, L, 1]`` maps: the first layer is a 1x1 convolution (a linear
+    map of each token's channels), or an ``s x 1`` patch merging ``s`` consecutive tokens.
     """
 
     def __init__(self, cfg: BottleneckConfig):
         super().__init__()
-        cin = cfg.in_shape[0]
+        cin = cfg.map_shape[0]
         s = cfg.stride
-        first = nn.Conv2d(cin, cfg.hidden, s, s, 0, bias=False) if s > 1 else nn.Conv2d(cin, cfg.hidden, 3, 1, 1,
-                                                                                         bias=False)
+        self.tokens = cfg.tokens
+        if s > 1:
+            first = nn.Conv2d(cin, cfg.hidden, cfg.kernel, cfg.kernel, 0, bias=False)
+        elif self.tokens:
+            first = nn.Conv2d(cin, cfg.hidden, 1, bias=False)
+        else:
+            first = nn.Conv2d(cin, cfg.hidden, 3, 1, 1, bias=False)
         self.stride = s
         self.body = nn.Sequential(first, nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True),
                                   nn.Conv2d(cfg.hidden, cfg.channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:  # [N, L, D] -> [N, D, L, 1]
+            x = x.transpose(1, 2).unsqueeze(-1)
         s = self.stride
-        if s > 1 and (x.shape[-1] % s or x.shape[-2] % s):
-            x = F.pad(x, (0, -x.shape[-1] % s, 0, -x.shape[-2] % s))
+        sw = 1 if self.tokens else s
+        if s > 1 and (x.shape[-1] % sw or x.shape[-2] % s):
+            x = F.pad(x, (0, -x.shape[-1] % sw, 0, -x.shape[-2] % s))
         return self.body(x)
 
 
@@ -70,13 +80,18 @@ class BottleneckDecoder(nn.Module):
 
     def __init__(self, cfg: BottleneckConfig, nonneg: bool):
         super().__init__()
-        cout, h, w = cfg.in_shape
+        cout, h, w = cfg.map_shape
         s = cfg.stride
-        last = nn.ConvTranspose2d(cfg.hidden, cout, s, s) if s > 1 else nn.Conv2d(cfg.hidden, cout, 3, 1, 1)
+        self.tokens = cfg.tokens
+        k = 1 if self.tokens else 3  # tokens: per-token layers only (their order is no image grid)
+        if s > 1:
+            last = nn.ConvTranspose2d(cfg.hidden, cout, cfg.kernel, cfg.kernel)
+        else:
+            last = nn.Conv2d(cfg.hidden, cout, k, 1, k // 2)
         self.body = nn.Sequential(
             nn.Conv2d(cfg.channels, cfg.hidden, 1, bias=False), nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(cfg.hidden, cfg.hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.hidden), nn.ReLU(inplace=True),
-            last,
+            nn.Conv2d(cfg.hidden, cfg.hidden, k, 1, k // 2, bias=False), nn.BatchNorm2d(cfg.hidden),
+            nn.ReLU(inplace=True), last,
         )
         self.out_hw = (h, w)
         self.nonneg = nonneg
@@ -86,7 +101,8 @@ class BottleneckDecoder(nn.Module):
         h, w = self.out_hw
         if y.shape[-2] != h or y.shape[-1] != w:
             y = y[..., :h, :w]
-        return F.relu(y) if self.nonneg else y
+        y = F.relu(y) if self.nonneg else y
+        return y.squeeze(-1).transpose(1, 2) if self.tokens else y  # tokens: [N, D, L, 1] -> [N, L, D]
 
 
 class Quantizer(nn.Module):
@@ -174,13 +190,13 @@ class Bottleneck(nn.Module):
 
     def macs(self) -> tuple[int, int]:
         """(encoder, decoder) multiply-accumulates per sample."""
-        cin, _, _ = self.cfg.in_shape
+        cin, _, _ = self.cfg.map_shape
         c, lh, lw = self.cfg.latent_shape
-        hid, s = self.cfg.hidden, self.cfg.stride
-        k_first = s * s if s > 1 else 9
-        k_last = s * s if s > 1 else 9
+        hid, (sh, sw) = self.cfg.hidden, self.cfg.kernel
+        k = 1 if self.cfg.tokens else 9
+        k_first = k_last = sh * sw if self.cfg.stride > 1 else k
         enc = lh * lw * hid * (cin * k_first + c)
-        dec = lh * lw * hid * (c + hid * 9 + cin * k_last)
+        dec = lh * lw * hid * (c + hid * k + cin * k_last)
         return enc, dec
 
     def state_for_bundle(self) -> dict[str, torch.Tensor]:
@@ -430,9 +446,9 @@ def tail_cost(staged: StagedModel, start: int, end: int) -> int:
 def match_boundary(staged: StagedModel, boundary: int, max_tail_cost: int | None = None) -> int:
     """The boundary whose features the student matches.
 
-    By default the last ``[C, H, W]`` boundary after ``boundary`` (for the default model the globally pooled
-    96x1x1 penultimate features), or the output when none exists; the loss then adds the KL divergence of the
-    final logits, so every training step runs the whole tail forward and backward.
+    By default the last ``[C, H, W]`` (or ``[L, D]`` token) boundary after ``boundary`` (for the default model
+    the globally pooled 96x1x1 penultimate features), or the output when none exists; the loss then adds the KL
+    divergence of the final logits, so every training step runs the whole tail forward and backward.
 
     When ``max_tail_cost`` is given and the whole tail costs more than that (:func:`tail_cost`, per sample),
     the deepest ``[C, H, W]`` boundary reached within ``max_tail_cost`` (at least the first one after a layer
@@ -444,7 +460,7 @@ def match_boundary(staged: StagedModel, boundary: int, max_tail_cost: int | None
     MobileNetV2 at 64x64 matches nearer up to its boundary 17 (steps about 3 times cheaper).
     """
     n = staged.num_stages
-    spatial = [b.index for b in staged.boundaries if len(b.shape) == 3 and boundary < b.index < n]
+    spatial = [b.index for b in staged.boundaries if len(b.shape) in (2, 3) and boundary < b.index < n]
     last = spatial[-1] if spatial else n
     whole = tail_cost(staged, boundary, n)
     if max_tail_cost is None or whole <= max_tail_cost:
@@ -726,8 +742,9 @@ EVAL_RESERVE = 0.15  # share of each boundary's time budget kept for calibration
 
 
 def bottleneck_boundaries(staged: StagedModel) -> list[int]:
-    """The boundaries a bottleneck can attach to: interior boundaries with ``[C, H, W]`` features."""
-    return [b.index for b in staged.boundaries if 0 < b.index < staged.num_stages and len(b.shape) == 3]
+    """The boundaries a bottleneck can attach to: interior boundaries with ``[C, H, W]`` features or ``[L, D]``
+    tokens."""
+    return [b.index for b in staged.boundaries if 0 < b.index < staged.num_stages and len(b.shape) in (2, 3)]
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -746,10 +763,11 @@ def check_boundaries(staged: StagedModel, boundaries: Sequence[int], model: str 
     given, or when one repeats."""
     valid = bottleneck_boundaries(staged)
     if not boundaries:
-        raise ValueError(f"no boundary given; {model}'s [C, H, W] boundaries are {_ranges(valid)}")
+        raise ValueError(f"no boundary given; {model}'s [C, H, W] / [L, D] boundaries are {_ranges(valid)}")
     bad = [b for b in boundaries if b not in valid]
     if bad:
-        raise ValueError(f"boundary {', '.join(map(str, bad))} is not an interior [C, H, W] boundary of {model} "
+        raise ValueError(f"boundary {', '.join(map(str, bad))} is not an interior [C, H, W] or [L, D] boundary "
+                         f"of {model} "
                          f"({staged.num_stages} stages); choose from {_ranges(valid)}")
     if len(set(boundaries)) != len(boundaries):
         raise ValueError(f"boundaries repeat: {list(boundaries)}")

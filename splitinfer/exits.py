@@ -17,16 +17,40 @@ from splitinfer.staged import StagedModel
 from splitinfer.torch_head import TorchStages
 
 
-class ExitHead(nn.Module):
-    """Average-pool large maps down to at most 7x7, conv 3x3 + BN + ReLU, global average pool, linear.
+class TokenPool(nn.Module):
+    """``[N, L, D]`` tokens -> ``[N, 2D]``: layer norm, then the first token (a ViT's class token) beside the mean
+    of all tokens (what the class token has not gathered yet at an early block, the patch tokens still hold)."""
 
-    Pooling first keeps an exit cheap (a few percent of the default model's MACs) even at 28x28 boundaries.
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return torch.cat([x[:, 0], x.mean(dim=1)], dim=1)
+
+
+class ExitHead(nn.Module):
+    """An exit classifier for a boundary's features.
+
+    ``[C, H, W]`` maps: average-pool large maps down to at most 7x7, conv 3x3 + BN + ReLU, global average pool,
+    linear. Pooling first keeps an exit cheap (a few percent of the default model's MACs) even at 28x28
+    boundaries. ``[L, D]`` token sequences (a transformer between blocks): :class:`TokenPool` (class token and
+    mean token, layer-normed), linear to ``hidden`` + GELU, linear.
     """
 
     def __init__(self, in_shape: list[int], num_classes: int, hidden: int = 32):
         super().__init__()
+        self.in_shape = list(in_shape)
+        self.hidden = hidden
+        if len(in_shape) == 2:
+            dim = in_shape[1]
+            self.pool_factor = 1
+            self.body = nn.Sequential(TokenPool(dim), nn.Linear(2 * dim, hidden), nn.GELU(),
+                                      nn.Linear(hidden, num_classes))
+            return
         if len(in_shape) != 3:
-            raise ValueError(f"exit heads attach to [C, H, W] boundaries, not {in_shape}")
+            raise ValueError(f"exit heads attach to [C, H, W] maps or [L, D] token sequences, not {in_shape}")
         c, h, w = in_shape
         self.pool_factor = max(1, min(h, w) // 7)
         self.body = nn.Sequential(
@@ -34,14 +58,15 @@ class ExitHead(nn.Module):
             nn.Conv2d(c, hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes),
         )
-        self.in_shape = list(in_shape)
-        self.hidden = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
     def macs(self) -> int:
-        """Multiply-accumulates per sample (convolution and linear layer)."""
+        """Multiply-accumulates per sample (convolution and linear layers)."""
+        if len(self.in_shape) == 2:
+            first, last = self.body[1], self.body[3]
+            return first.in_features * first.out_features + last.in_features * last.out_features
         c, h, w = self.in_shape
         oh, ow = h // self.pool_factor, w // self.pool_factor
         lin = self.body[6]

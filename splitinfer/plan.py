@@ -372,10 +372,14 @@ LATENT_FRACTION = 24  # BottleneckConfig.for_boundary: the latent keeps ~1/24 of
 
 @dataclass(frozen=True)
 class BottleneckConfig:
-    """Architecture and rate settings (stored in the plan's codec params)."""
+    """Architecture and rate settings (stored in the plan's codec params).
+
+    ``in_shape`` is a ``[C, H, W]`` feature map or an ``[L, D]`` token sequence (a transformer between blocks):
+    tokens are coded as a ``[D, L, 1]`` map, so the encoder is a linear map over the channel dimension of each
+    token (1x1 convolutions) and ``stride`` > 1 merges that many consecutive tokens (a ``stride x 1`` patch)."""
 
     boundary: int
-    in_shape: tuple[int, int, int]
+    in_shape: tuple[int, ...]
     channels: int = 8
     bits: int = 3
     stride: int = 2
@@ -383,8 +387,9 @@ class BottleneckConfig:
     coder: str = "ans"
 
     def __post_init__(self):
-        if len(self.in_shape) != 3:
-            raise ValueError(f"a bottleneck attaches to a [C, H, W] boundary, not {list(self.in_shape)}")
+        if len(self.in_shape) not in (2, 3) or any(int(d) <= 0 for d in self.in_shape):
+            raise ValueError(f"a bottleneck attaches to a [C, H, W] map or an [L, D] token sequence, not "
+                             f"{list(self.in_shape)}")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be 1..8, got {self.bits}")
         if self.stride not in (1, 2, 4):
@@ -392,43 +397,70 @@ class BottleneckConfig:
         if not 1 <= self.channels <= 1024 or not 1 <= self.hidden <= 4096:
             raise ValueError("channels must be 1..1024 and hidden 1..4096")
 
+    @property
+    def tokens(self) -> bool:
+        """True for an ``[L, D]`` token sequence."""
+        return len(self.in_shape) == 2
+
+    @property
+    def map_shape(self) -> tuple[int, int, int]:
+        """The ``[C, H, W]`` map the convolutions see: the features themselves, or ``[D, L, 1]`` for tokens."""
+        if self.tokens:
+            length, dim = self.in_shape
+            return (int(dim), int(length), 1)
+        c, h, w = self.in_shape
+        return (int(c), int(h), int(w))
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        """The stride (and kernel) of the encoder's first and the decoder's last layer: ``s x s`` on a map,
+        ``s x 1`` on tokens (merging ``s`` consecutive tokens)."""
+        return (self.stride, 1) if self.tokens else (self.stride, self.stride)
+
     @classmethod
     def for_boundary(cls, boundary: int, shape: Iterable[int], *, bits: int = 2, coder: str = "ans",
                      channels: int | None = None, hidden: int | None = None,
                      stride: int | None = None) -> BottleneckConfig:
-        """The bottleneck for boundary ``boundary`` with features ``shape`` ``[C, H, W]``: the size rule.
+        """The bottleneck for boundary ``boundary`` with features ``shape`` ``[C, H, W]`` (or tokens ``[L, D]``,
+        sized as the map ``[D, L, 1]``): the size rule.
 
         ``channels``, ``hidden`` and ``stride`` given explicitly are kept; each one left ``None`` follows from
         the shape, in this order:
 
         * ``stride`` = 2 when both ``H`` and ``W`` are at least 8, else 1: a 2x2 patch convolution halves each
-          side of the latent while it keeps at least 4x4 positions; smaller maps are not downsampled.
+          side of the latent while it keeps at least 4x4 positions; smaller maps are not downsampled. Tokens are
+          not merged unless asked (``stride`` 2 or 4): every token keeps its own latent.
         * ``hidden`` = ``min(64, max(16, C))``: encoder and decoder are as wide as the boundary, at least 16
           channels and at most 64 (their cost grows with it, and the encoder runs on the edge per request).
-        * ``channels`` = ``round(C * stride**2 / 24)``, clamped to ``4..64`` and to at most ``hidden``: the
-          latent holds about 1/24 of the boundary's values (:data:`LATENT_FRACTION`), the ratio of the committed
-          default codec (48x14x14 -> 8x7x7), before ``bits``-bit quantization and entropy coding.
+        * ``channels`` = ``round(C * stride**2 / 24)`` (tokens: ``round(D * stride / 24)``), clamped to ``4..64``
+          and to at most ``hidden``: the latent holds about 1/24 of the boundary's values
+          (:data:`LATENT_FRACTION`), the ratio of the committed default codec (48x14x14 -> 8x7x7), before
+          ``bits``-bit quantization and entropy coding.
 
         The default model's boundary 6 (48x14x14) gets that codec's stride 2, hidden 48 and 8 channels; a
-        512x7x7 map stride 1, hidden 64, 21 channels; 1280x2x2 stride 1, hidden 64, 53 channels.
+        512x7x7 map stride 1, hidden 64, 21 channels; 1280x2x2 stride 1, hidden 64, 53 channels; 50 tokens of
+        96 stride 1, hidden 64, 4 channels.
         """
         dims = [int(d) for d in shape]
-        if len(dims) != 3 or any(d <= 0 for d in dims):
-            raise ValueError(f"a bottleneck attaches to a [C, H, W] boundary, not {dims}")
-        c, h, w = dims
+        if len(dims) not in (2, 3) or any(d <= 0 for d in dims):
+            raise ValueError(f"a bottleneck attaches to a [C, H, W] map or an [L, D] token sequence, not {dims}")
+        tokens = len(dims) == 2
+        c, h, w = (dims[1], dims[0], 1) if tokens else dims
         if stride is None:
-            stride = 2 if min(h, w) >= 8 else 1
+            stride = 1 if tokens else 2 if min(h, w) >= 8 else 1
         if hidden is None:
             hidden = min(64, max(16, c))
         if channels is None:
-            channels = min(max(4, round(c * stride * stride / LATENT_FRACTION)), 64, hidden)
-        return cls(boundary=boundary, in_shape=(c, h, w), channels=channels, bits=bits, stride=stride,
+            area = stride if tokens else stride * stride
+            channels = min(max(4, round(c * area / LATENT_FRACTION)), 64, hidden)
+        return cls(boundary=boundary, in_shape=tuple(dims), channels=channels, bits=bits, stride=stride,
                    hidden=hidden, coder=coder)
 
     @property
     def latent_shape(self) -> list[int]:
-        _, h, w = self.in_shape
-        return [self.channels, latent_side(h, self.stride), latent_side(w, self.stride)]
+        _, h, w = self.map_shape
+        sh, sw = self.kernel
+        return [self.channels, latent_side(h, sh), latent_side(w, sw)]
 
     def to_params(self) -> dict[str, int | str]:
         d = asdict(self)

@@ -288,9 +288,10 @@ def demo_command(
     rtt: str = typer.Option(DEMO_RTT, help="link RTT to plan for"),
     device: str = typer.Option(DEMO_DEVICE, help="edge device profile to plan for"),
     progress: bool = typer.Option(True, help="show a progress bar"),
-    model: str = typer.Option("default", help="embedded model: default (28x28 CNN) or mobilenet_v2_fmnist "
+    model: str = typer.Option("default", help="embedded model: default (28x28 CNN), mobilenet_v2_fmnist "
                                               "(MobileNetV2 at 64x64; the test images are sent as 28x28 PNGs "
-                                              "and the agent resizes them)"),
+                                              "and the agent resizes them) or vit_fmnist (a small vision "
+                                              "transformer at 28x28, split between encoder blocks)"),
 ) -> None:
     """Run the whole system on an embedded model (the default unless --model) and print a summary."""
     from splitinfer.errors import SplitInferError

@@ -10,6 +10,7 @@ from torch import nn
 
 from splitinfer.models.default import DefaultNet, build_default
 from splitinfer.models.fashion_mobilenet import build_fashion_mobilenet
+from splitinfer.models.fashion_vit import build_fashion_vit
 from splitinfer.models.torchvision_zoo import (
     TorchvisionModel,
     build_torchvision,
@@ -26,7 +27,8 @@ class EmbeddedModel:
 
     ``size``: the side of the square grey input the Fashion-MNIST images are rendered at (bilinear, as the
     edge agent resizes uploads); ``exits``: the boundaries that get exit heads; ``epochs``: the backbone's
-    training epochs that reproduce the committed weights.
+    training epochs that reproduce the committed weights; ``train_settings``: :class:`partitioner.train.TrainConfig`
+    fields that differ from its defaults for this model (a transformer trains with AdamW).
     """
 
     name: str
@@ -35,6 +37,7 @@ class EmbeddedModel:
     exits: tuple[int, ...]
     epochs: int
     file_stem: str
+    train_settings: tuple[tuple[str, object], ...] = ()
 
     def example(self, batch: int = 1) -> torch.Tensor:
         """A zero input of the model's shape (for staging)."""
@@ -45,6 +48,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "default": EmbeddedModel("default", 28, build_default, (3, 6, 8, 11), 9, "default"),
     "mobilenet_v2_fmnist": EmbeddedModel("mobilenet_v2_fmnist", 64, build_fashion_mobilenet, (17, 27, 38, 48), 4,
                                          "mobilenet_v2_fmnist"),
+    "vit_fmnist": EmbeddedModel("vit_fmnist", 28, build_fashion_vit, (7, 9, 11, 13), 6, "vit_fmnist",
+                                (("optimizer", "adamw"), ("lr", 2e-3), ("weight_decay", 0.05))),
 }
 
 
@@ -77,5 +82,6 @@ def example_input(name: str, batch: int = 1, size: int | None = None) -> torch.T
 
 
 __all__ = ["DefaultNet", "EMBEDDED_MODELS", "EmbeddedModel", "TorchvisionModel", "build_default",
-           "build_fashion_mobilenet", "build_model", "build_torchvision", "embedded_model", "example_input",
-           "is_torchvision_model", "torchvision_model", "torchvision_names", "unknown_model_message"]
+           "build_fashion_mobilenet", "build_fashion_vit", "build_model", "build_torchvision", "embedded_model",
+           "example_input", "is_torchvision_model", "torchvision_model", "torchvision_names",
+           "unknown_model_message"]
