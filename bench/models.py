@@ -131,7 +131,8 @@ def small_vit(test_limit: int | None, data_dir: str | None) -> dict:
                "config": bn.cfg.to_params(), "command": binfo.get("command"), "learned": learned,
                "learned_ratio_vs_fp32": fp32 / learned["bytes_mean"], "uint8": uint8,
                "uint8_ratio_vs_fp32": fp32 / uint8["bytes_mean"],
-               "uint8_granularity": uint8_variants(staged, boundary, x_te, y_te)}
+               "uint8_granularity": (uint8_variants(staged, boundary, x_te, y_te)
+                                     if len(staged.boundaries[boundary].shape) == 2 else None)}
         codecs.append(row)
         print(f"  boundary {boundary}: learned {learned['bytes_mean']:.1f} B ({row['learned_ratio_vs_fp32']:.0f}x "
               f"fp32), drop {learned['drop_points']:.2f} pts; uint8 {uint8['bytes_mean']:.0f} B, drop "

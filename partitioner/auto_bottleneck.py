@@ -1,15 +1,15 @@
 """``plan make --bottlenecks auto``: choose the boundaries where a learned bottleneck would pay most, then train
 bottlenecks there within a time budget.
 
-Ranking (before any training): at every interior boundary with a ``[C, H, W]`` feature map among the candidate
-splits, a *hypothetical* bottleneck sized by :meth:`BottleneckConfig.for_boundary` is put into the planner with
-an estimated payload (its latent symbols at ``bits`` bits, times :data:`CODED_FRACTION` for entropy coding, plus
-the payload header) and estimated encode/decode times (its MACs at the head's measured milliseconds per MAC on
-each machine). For every cell of the operating grid (bandwidth x RTT) the planner's best expected latency with
-that codec at that boundary is compared with the best without any learned codec; a boundary's score is the mean
-relative latency saved over the grid. The best ``count`` boundaries are taken, at most one per feature shape
-(neighbouring boundaries with the same tensor shape would give near-identical codecs), and trained in that order
-until the budget is spent. Every choice and its reason is reported.
+Ranking (before any training): at every interior boundary with a ``[C, H, W]`` feature map (or ``[L, D]`` tokens)
+among the candidate splits, a *hypothetical* bottleneck sized by :meth:`BottleneckConfig.for_boundary` is put into
+the planner with an estimated payload (its latent symbols at ``bits`` bits, times :data:`CODED_FRACTION` for
+entropy coding, plus the payload header) and estimated encode/decode times (its MACs at the head's measured
+milliseconds per MAC on each machine). For every cell of the operating grid (bandwidth x RTT) the planner's best
+expected latency with that codec at that boundary is compared with the best without any learned codec; a boundary's
+score is the mean relative latency saved over the grid. The best ``count`` boundaries are taken, at most one per
+feature shape (neighbouring boundaries with the same tensor shape would give near-identical codecs), and trained in
+that order until the budget is spent. Every choice and its reason is reported.
 """
 
 from __future__ import annotations

@@ -163,8 +163,8 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command("profile")
 def profile_cmd(
-    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), any torchvision "
-                                              "classification model by name (`plan models`) or "
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist, vit_fmnist), "
+                                              "any torchvision classification model by name (`plan models`) or "
                                               "package.module:function"),
     out: Path = typer.Option(None, help="write the profile JSON here"),
     threads: int = typer.Option(1, callback=AT_LEAST_ONE,
@@ -293,8 +293,8 @@ def _bottleneck_source(value: str, model: str, staged=None):
 @app.command("make")
 def make_cmd(
     out: Path = typer.Option(..., callback=_out_dir, help="bundle directory to write"),
-    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist), a torchvision "
-                                              "name or package.module:function"),
+    model: str = typer.Option("default", help="an embedded model (default, mobilenet_v2_fmnist, vit_fmnist), "
+                                              "a torchvision name or package.module:function"),
     bandwidth: str = typer.Option("5mbit", callback=_bandwidth,
                                   help="uplink bandwidth in bits per second: 5mbit, 500kbit, 1.5gbit or a bare "
                                        "number of bit/s (byte units are refused)"),
@@ -605,7 +605,8 @@ def train_bottleneck_cmd(
     hidden: int = typer.Option(None, callback=AT_LEAST_ONE,
                                help="hidden channels of encoder and decoder (default: the size rule)"),
     stride: int = typer.Option(None, callback=_choice_of_ints(1, 2, 4),
-                               help="spatial downsampling of the latent: 1, 2 or 4 (default: the size rule)"),
+                               help="spatial downsampling of the latent (tokens: that many merged into one): "
+                                    "1, 2 or 4 (default: the size rule)"),
     coder: str = typer.Option("ans", callback=_one_of("ans", "zstd", "raw"), help="entropy coder: ans, zstd or raw"),
     epochs_float: int = typer.Option(1, callback=NON_NEGATIVE, help="distillation epochs without rounding"),
     epochs_qat: int = typer.Option(3, callback=NON_NEGATIVE,

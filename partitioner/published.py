@@ -56,8 +56,8 @@ def check_published(name: str) -> PublishedCheck:
     t0 = time.perf_counter()
     try:
         target = load_target(name)
-    except ValueError as exc:
-        check.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded or staged is a finding, not a crash
+        check.error = f"{type(exc).__name__}: {exc}"
     else:
         staged = target.staged
         check.staged = True

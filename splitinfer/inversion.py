@@ -33,7 +33,8 @@ class InversionDecoder(nn.Module):
         shape = [int(d) for d in in_shape]
         self.out_shape = tuple(int(d) for d in out_shape)
         self.width = width
-        spatial = len(shape) == 3 and shape[1] * shape[2] >= 49
+        # an image-like map; a token latent [C, L, 1] (and a vector) is decoded through a dense entry instead
+        spatial = len(shape) == 3 and shape[1] >= 7 and shape[2] >= 7
         self.spatial = spatial
         if spatial:
             c, h, _ = shape

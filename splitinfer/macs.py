@@ -14,6 +14,7 @@ multiply-accumulate, and the published figures this is compared with (torchvisio
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -106,13 +107,36 @@ class MacCounter(TorchDispatchMode):
         return out
 
 
+_FASTPATH_LOCK = threading.Lock()
+_FASTPATH_USERS = 0
+_FASTPATH_PREVIOUS = True
+
+
+@contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """``nn.MultiheadAttention``'s fused inference fast path off for the ``with`` block, so its projections and
+    attention products run as ordinary ATen ops (to be counted, or exported to ONNX, which has no fused op).
+
+    The switch is process-wide: overlapping blocks (stagings in several threads) share one reference count, so
+    it is restored once, by the last block to finish, to what it was before the first."""
+    global _FASTPATH_USERS, _FASTPATH_PREVIOUS
+    with _FASTPATH_LOCK:
+        if _FASTPATH_USERS == 0:
+            _FASTPATH_PREVIOUS = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _FASTPATH_USERS += 1
+    try:
+        yield
+    finally:
+        with _FASTPATH_LOCK:
+            _FASTPATH_USERS -= 1
+            if _FASTPATH_USERS == 0:
+                torch.backends.mha.set_fastpath_enabled(_FASTPATH_PREVIOUS)
+
+
 @contextmanager
 def counting_macs() -> Iterator[MacCounter]:
-    """A :class:`MacCounter` active for the ``with`` block, with ``nn.MultiheadAttention``'s fused fast path off."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with MacCounter() as counter:
-            yield counter
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
+    """A :class:`MacCounter` active for the ``with`` block, with ``nn.MultiheadAttention``'s fused fast path off
+    (:func:`mha_fastpath_disabled`)."""
+    with mha_fastpath_disabled(), MacCounter() as counter:
+        yield counter

@@ -43,9 +43,12 @@ def export_onnx(module: Any, example: Any, input_name: str = "x", output_name: s
     whatever the exporter raises for an op it cannot express (callers wrap it in their own error)."""
     import torch
 
+    from splitinfer.macs import mha_fastpath_disabled
+
     axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    # nn.MultiheadAttention's fused fast path (no_grad + eval) is an op ONNX cannot express: export the plain ops
+    with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_disabled():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a bundle
         torch.onnx.export(module, (example.clone(),), buf, dynamo=False, input_names=[input_name],
                           output_names=[output_name], opset_version=opset, dynamic_axes=axes)

@@ -48,7 +48,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "default": EmbeddedModel("default", 28, build_default, (3, 6, 8, 11), 9, "default"),
     "mobilenet_v2_fmnist": EmbeddedModel("mobilenet_v2_fmnist", 64, build_fashion_mobilenet, (17, 27, 38, 48), 4,
                                          "mobilenet_v2_fmnist"),
-    "vit_fmnist": EmbeddedModel("vit_fmnist", 28, build_fashion_vit, (7, 9, 11, 13), 6, "vit_fmnist",
+    "vit_fmnist": EmbeddedModel("vit_fmnist", 28, build_fashion_vit, (7, 9, 11, 13), 10, "vit_fmnist",
                                 (("optimizer", "adamw"), ("lr", 2e-3), ("weight_decay", 0.05))),
 }
 

@@ -4,8 +4,8 @@ torchvision's ``VisionTransformer`` (class token, pre-norm encoder blocks of ``n
 sized for an edge device: 6 blocks of width 96, 4 heads, MLP 192, 7x7 = 49 patch tokens plus the class token.
 Its patch embedding is a convolutional stem (3x3 stride-2 conv, BN, ReLU twice, then a 1x1 projection to the
 width; Xiao et al., "Early convolutions help transformers see better", 2021, as torchvision's ``conv_stem_configs``
-builds it) taking one grey channel: it trains to over 90 % in minutes on two cores where a plain 4x4 patch
-projection needs many more epochs. Between blocks exactly one tensor is live, the ``[50, 96]`` token sequence:
+builds it) taking one grey channel: it reaches 90.1 % test accuracy after 10 epochs (~23 minutes on two cores),
+where a plain 4x4 patch projection needs many more epochs. Between blocks exactly one tensor is live, the ``[50, 96]`` token sequence:
 those are its split points.
 """
 

@@ -70,6 +70,8 @@ def test_transformer_planned_and_served_through_an_interior_split(tmp_path, mode
         whole = bundle.staged.model(x)
         h = bundle.staged.run(x, 0, split)
         assert torch.equal(bundle.staged.run(h, split, n), whole)  # head + tail == the whole model, bit for bit
+        for b in range(1, n):  # and at every other boundary too
+            assert torch.equal(bundle.staged.run(bundle.staged.run(x, 0, b), b, n), whole), b
         codec = bundle.codec_for(bundle.plan.codec.name, split)
         expected = torch.softmax(bundle.staged.run(codec.decode(*codec.encode(h)), split, n), dim=1)[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,29 @@ def test_staged_transformer_counts_per_sample_and_cuts_between_blocks():
     with torch.no_grad():
         for k in range(staged.num_stages + 1):
             assert torch.equal(staged.run(staged.run(x, 0, k), k, staged.num_stages), model(x))
+
+
+def test_fastpath_switch_is_restored_once_by_the_last_overlapping_count():
+    from splitinfer.macs import mha_fastpath_disabled
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    first = counting_macs()
+    first.__enter__()
+    with mha_fastpath_disabled():
+        assert not torch.backends.mha.get_fastpath_enabled()
+    assert not torch.backends.mha.get_fastpath_enabled()  # the first block is still counting
+    first.__exit__(None, None, None)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_a_vit_head_exports_to_onnx_and_matches_torch():
+    """The fused attention fast path is switched off while exporting, so a transformer head is plain ONNX."""
+    pytest.importorskip("onnxruntime")
+    from splitinfer.models import build_model
+    from splitinfer.onnx_util import check_against, export_onnx
+    from splitinfer.staged import stage_model
+
+    staged = stage_model(build_model("vit_fmnist").eval(), torch.zeros(1, 1, 28, 28))
+    head = staged.head(9)
+    x = torch.randn(3, 1, 28, 28)
+    check_against("vit head", export_onnx(head, x[:1]), head, x)  # batch 3 through a batch-1 trace

@@ -91,7 +91,8 @@ def test_privacy_objective():
         Objective("secrecy")
 
 
-@pytest.mark.parametrize("shape", [(48, 14, 14), (32, 28, 28), (96, 7, 7), (96, 1, 1), (96,), (8, 7, 7)])
+@pytest.mark.parametrize("shape", [(48, 14, 14), (32, 28, 28), (96, 7, 7), (96, 1, 1), (96,), (8, 7, 7),
+                                   (8, 50, 1), (50, 96)])  # token latents and token sequences too
 def test_inversion_decoder_shapes(shape):
     dec = InversionDecoder(shape, (1, 28, 28), extra=10).eval()
     with torch.no_grad():

@@ -88,3 +88,31 @@ def test_zoo_names_sizes_and_suggestions():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         build_model("nope")
     assert build_model("resnet18", 10).fc.out_features == 10
+
+
+def test_vit_fmnist_exits_sit_on_token_boundaries():
+    from splitinfer.models import EMBEDDED_MODELS, build_model
+
+    staged = stage_model(build_model("vit_fmnist").eval(), torch.zeros(1, 1, 28, 28))
+    for b in EMBEDDED_MODELS["vit_fmnist"].exit_boundaries:
+        assert staged.boundaries[b].shape == [50, 96], b
+
+
+def test_token_bottleneck_trains_with_the_adversarial_defence():
+    """Distillation (and the inversion adversary of the privacy defence) on a token boundary: [C, L, 1] latents
+    are decoded by the adversary through a dense entry, not an image convolution."""
+    import numpy as np
+
+    from splitinfer.bottleneck import DistillConfig, train_bottleneck
+    from splitinfer.models import build_model
+
+    torch.manual_seed(0)
+    staged = stage_model(build_model("vit_fmnist").eval(), torch.zeros(1, 1, 28, 28))
+    cfg = BottleneckConfig.for_boundary(9, staged.boundaries[9].shape, bits=2, channels=4)
+    x = torch.randn(32, 1, 28, 28)
+    bn, report = train_bottleneck(staged, cfg, x, DistillConfig(epochs_float=1, epochs_qat=1, batch_size=16,
+                                                                privacy="adversarial", privacy_weight=0.5),
+                                  progress=False)
+    assert all(np.isfinite(h["adversary_loss"]) for h in report["history"])
+    payload, meta = LearnedCodec(bn).encode(staged.run(x[:1], 0, 9))
+    assert LearnedCodec(bn).decode(payload, meta).shape == (1, 50, 96)

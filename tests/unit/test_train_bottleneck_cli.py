@@ -97,7 +97,7 @@ def test_the_committed_default_codec_flag_line_still_works(tmp_path):
 def test_bad_boundary_is_refused_with_the_valid_ones(tmp_path):
     result = _run("--model", "resnet18", "--input-shape", "3,32,32", "--boundary", "5,99", "--out-dir",
                   str(tmp_path))
-    _refused(result, "boundary 99 is not an interior [C, H, W] boundary of resnet18", "choose from 1-21")
+    _refused(result, "boundary 99 is not an interior [C, H, W] or [L, D] boundary of resnet18", "choose from 1-21")
     _refused(_run("--model", "resnet18", "--input-shape", "3,32,32", "--boundary", "22", "--out-dir",
                   str(tmp_path)), "boundary 22")  # a [512] vector
     _refused(_run("--model", "resnet18", "--input-shape", "3,32,32", "--out-dir", str(tmp_path)),
