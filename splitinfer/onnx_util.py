@@ -47,11 +47,18 @@ def export_onnx(module: Any, example: Any, input_name: str = "x", output_name: s
 
     axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
+    # The exporter sets eval mode and afterwards calls train(<the container's flag>) on the whole tree: a fresh
+    # nn.Sequential of a staged model's eval-mode stages (StagedModel.head) would come back in training mode.
+    modes = [(m, m.training) for m in module.modules()] if isinstance(module, torch.nn.Module) else []
     # nn.MultiheadAttention's fused fast path (no_grad + eval) is an op ONNX cannot express: export the plain ops
-    with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_disabled():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a bundle
-        torch.onnx.export(module, (example.clone(),), buf, dynamo=False, input_names=[input_name],
-                          output_names=[output_name], opset_version=opset, dynamic_axes=axes)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), mha_fastpath_disabled():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant for a bundle
+            torch.onnx.export(module, (example.clone(),), buf, dynamo=False, input_names=[input_name],
+                              output_names=[output_name], opset_version=opset, dynamic_axes=axes)
+    finally:
+        for m, training in modes:
+            m.training = training
     return buf.getvalue()
 
 

@@ -129,14 +129,19 @@ class StagedModel(nn.Module):
         return x
 
     def head(self, k: int) -> nn.Sequential:
-        """The edge part: stages ``[:k]`` (identity for k = 0)."""
+        """The edge part: stages ``[:k]`` (identity for k = 0), in this model's train/eval mode."""
         self._check_k(k)
-        return nn.Sequential(*self.stages[:k])
+        return self._sequence(self.stages[:k])
 
     def tail(self, k: int) -> nn.Sequential:
-        """The server part: stages ``[k:]`` (identity for k = N)."""
+        """The server part: stages ``[k:]`` (identity for k = N), in this model's train/eval mode."""
         self._check_k(k)
-        return nn.Sequential(*self.stages[k:])
+        return self._sequence(self.stages[k:])
+
+    def _sequence(self, stages) -> nn.Sequential:
+        seq = nn.Sequential(*stages)
+        seq.training = self.training  # the container only: each stage keeps its own mode
+        return seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, 0, self.num_stages)

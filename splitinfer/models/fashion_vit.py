@@ -5,8 +5,8 @@ sized for an edge device: 6 blocks of width 96, 4 heads, MLP 192, 7x7 = 49 patch
 Its patch embedding is a convolutional stem (3x3 stride-2 conv, BN, ReLU twice, then a 1x1 projection to the
 width; Xiao et al., "Early convolutions help transformers see better", 2021, as torchvision's ``conv_stem_configs``
 builds it) taking one grey channel: it reaches 90.1 % test accuracy after 10 epochs (~23 minutes on two cores),
-where a plain 4x4 patch projection needs many more epochs. Between blocks exactly one tensor is live, the ``[50, 96]`` token sequence:
-those are its split points.
+where a plain 4x4 patch projection needs many more epochs. Between blocks exactly one tensor is live, the
+``[50, 96]`` token sequence: those are its split points.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_vit_fmnist_exits_sit_on_token_boundaries():
     from splitinfer.models import EMBEDDED_MODELS, build_model
 
     staged = stage_model(build_model("vit_fmnist").eval(), torch.zeros(1, 1, 28, 28))
-    for b in EMBEDDED_MODELS["vit_fmnist"].exit_boundaries:
+    for b in EMBEDDED_MODELS["vit_fmnist"].exits:
         assert staged.boundaries[b].shape == [50, 96], b
 
 
