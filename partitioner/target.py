@@ -123,6 +123,11 @@ def load_target(model: str, checkpoint: Path | None = None, input_shape: list[in
     published = None
     if is_torchvision_model(model):
         published = torchvision_model(model)
+        fixed = list(published.input_shape)
+        if model.startswith("vit_") and input_shape and list(input_shape) != fixed:
+            raise ValueError(f"{model} takes only its published input size {','.join(map(str, fixed))} (a ViT's "
+                             f"position embeddings fix the number of patches); got --input-shape "
+                             f"{','.join(map(str, input_shape))}")
         with torch.random.fork_rng():  # random weights, but the same ones in every process (a bottleneck
             torch.manual_seed(0)       # trained by one command fits the model another command plans)
             m = build_model(model)

@@ -3,7 +3,8 @@ the teacher, and the one distillation fine-tuning loop.
 
 A *compound leaf* is a module that replaces one convolution or linear layer by several (a low-rank
 factorization): it sets ``splitinfer_leaf = True`` and has ``macs(in_shape, out_shape)``. The staged-model cutter
-treats it as one call (so a factorized layer adds no boundaries) and counts its MACs with that method.
+treats it as one call (so a factorized layer adds no boundaries); the staged model counts MACs at the ATen level
+(:mod:`splitinfer.macs`), while the per-layer figures here (:func:`layer_macs`) use the modules' own formulas.
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ def unknown_model_message(name: str, embedded: tuple[str, ...]) -> str:
     known = [*embedded, *torchvision_names()]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    return (f"unknown model {name!r}{hint}. Choose an embedded model ({', '.join(embedded) or 'none'}), any of the "
-            f"{len(torchvision_names())} torchvision classification models by name (`splitinfer plan models` "
-            "lists them, e.g. resnet34, vit_b_16, swin_t), or package.module:function")
+    choices = [f"an embedded model ({', '.join(embedded)})"] if embedded else []
+    if torchvision_names():
+        choices.append(f"any of the {len(torchvision_names())} torchvision classification models by name "
+                       "(`splitinfer plan models` lists them, e.g. resnet34, vit_b_16, swin_t)")
+    else:
+        choices.append("a torchvision model by name once torchvision is installed (pip install 'splitinfer[vision]')")
+    return f"unknown model {name!r}{hint}. Choose {', '.join(choices)}, or package.module:function"
