@@ -125,10 +125,9 @@ def train_default_cmd(
         spec = embedded_model(model)
     except ValueError as exc:
         raise _fail(exc) from None
-    epochs = epochs or spec.epochs
     exits = exits or ",".join(map(str, spec.exits))
-    cfg = TrainConfig(epochs=epochs, seed=seed, threads=threads, train_limit=train_limit, test_limit=test_limit,
-                      **dict(spec.train_settings))
+    cfg = TrainConfig.for_model(model, epochs=epochs or None, seed=seed, threads=threads, train_limit=train_limit,
+                                test_limit=test_limit)
     start = time.perf_counter()
     net, report = train_embedded(model, cfg, data_dir, progress=progress)
     typer.echo(f"backbone: test accuracy {report['test_accuracy']:.4f}, validation {report['validation_accuracy']:.4f}")
@@ -142,7 +141,7 @@ def train_default_cmd(
     heads = train_exits(staged, boundaries, x_tr, num_classes=10, epochs=exit_epochs, seed=seed, progress=progress)
     report["exit_epochs"] = exit_epochs
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    report["command"] = (f"splitinfer plan train-embedded --model {model} --epochs {epochs} --seed {seed} "
+    report["command"] = (f"splitinfer plan train-embedded --model {model} --epochs {cfg.epochs} --seed {seed} "
                          f"--exits {exits} --exit-epochs {exit_epochs} --threads {threads}")
     target = out_dir or weights_dir()
     save_default(Path(target), net, heads, report, name=model)

@@ -33,6 +33,15 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training images (for quick tests)
     test_limit: int | None = None
 
+    @classmethod
+    def for_model(cls, name: str, **overrides) -> TrainConfig:
+        """The settings that reproduce embedded model ``name``'s committed weights (its epochs and its
+        ``train_settings``, e.g. vit_fmnist's AdamW), then ``overrides`` (``None`` values are ignored)."""
+        spec = embedded_model(name)
+        settings = {"epochs": spec.epochs, **dict(spec.train_settings)}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**settings)
+
 
 def split_train_validation(n: int, seed: int, validation: int = VALIDATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic split of training indices into (train, validation)."""
@@ -71,11 +80,12 @@ def model_input(images: np.ndarray, size: int) -> torch.Tensor:
     return to_model_input(render(images, size), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
 
-def train_embedded(name: str, cfg: TrainConfig, data_dir: str | None = None,
+def train_embedded(name: str, cfg: TrainConfig | None = None, data_dir: str | None = None,
                    progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """Train the embedded model ``name`` on Fashion-MNIST rendered at its input size; returns the model and a
-    report (accuracies, time, config)."""
+    report (accuracies, time, config). Without ``cfg``: :meth:`TrainConfig.for_model` (the committed recipe)."""
     spec = embedded_model(name)
+    cfg = cfg or TrainConfig.for_model(name)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train = load_fashion_mnist("train", data_dir)

@@ -116,3 +116,14 @@ def test_token_bottleneck_trains_with_the_adversarial_defence():
     assert all(np.isfinite(h["adversary_loss"]) for h in report["history"])
     payload, meta = LearnedCodec(bn).encode(staged.run(x[:1], 0, 9))
     assert LearnedCodec(bn).decode(payload, meta).shape == (1, 50, 96)
+
+
+def test_train_config_for_an_embedded_model_is_its_committed_recipe():
+    from partitioner.train import TrainConfig
+
+    vit = TrainConfig.for_model("vit_fmnist")
+    assert (vit.optimizer, vit.lr, vit.weight_decay, vit.epochs) == ("adamw", 2e-3, 0.05, 10)
+    assert TrainConfig.for_model("vit_fmnist", epochs=1, train_limit=None).epochs == 1
+    assert TrainConfig.for_model("default").optimizer == "sgd"
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.for_model("nope")
