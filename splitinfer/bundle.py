@@ -307,12 +307,17 @@ def load_bundle(path: str | Path, trust_factory: bool = False) -> Bundle:
             raise BundleError(f"weights in {plan.model.weights} do not fit model {plan.model.name}: {exc}") from exc
     model.eval()
     try:
-        staged = stage_model(model, torch.zeros(1, *plan.input.shape))
+        # MACs are not counted here (that would cost the process ~160 MB: stage_model): plan.json has them
+        staged = stage_model(model, torch.zeros(1, *plan.input.shape), count_macs=False)
     except Exception as exc:  # shape mismatch with the architecture, untraceable model, ...
         raise BundleError(f"cannot run model {plan.model.name} on input shape {plan.input.shape}: "
                           f"{type(exc).__name__}: {exc}") from exc
     if [b.shape for b in staged.boundaries] != [b.shape for b in plan.boundaries]:
         raise BundleError("the model's boundaries do not match plan.json (different architecture or version?)")
+    if plan.stages and len(plan.stages) != staged.num_stages:
+        raise BundleError(f"plan.json describes {len(plan.stages)} stages, the model has {staged.num_stages}")
+    for info, spec in zip(staged.stage_info, plan.stages, strict=False):
+        info.macs = spec.macs
     if not 0 <= plan.split <= staged.num_stages:
         raise BundleError(f"plan split {plan.split} outside 0..{staged.num_stages}")
     exits: dict[int, ExitHead] = {}

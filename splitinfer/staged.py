@@ -36,10 +36,17 @@ class _ShapeRecorder(fx.Interpreter):
     of RSS in every process that stages a model: the edge agent, the server); shape and dtype are all we use.
     """
 
+    def __init__(self, gm: fx.GraphModule, count_macs: bool = True):
+        super().__init__(gm)
+        self.count_macs = count_macs
+
     def run_node(self, n: fx.Node):
-        with counting_macs() as counter:
+        if not self.count_macs:
             result = super().run_node(n)
-        n.meta["macs"] = counter.macs
+        else:
+            with counting_macs() as counter:
+                result = super().run_node(n)
+            n.meta["macs"] = counter.macs
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
         return result
@@ -175,11 +182,15 @@ def _users_after(graph_nodes: list[fx.Node]) -> dict[fx.Node, int]:
     return last
 
 
-def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
+def stage_model(model: nn.Module, example_input: torch.Tensor, *, count_macs: bool = True) -> StagedModel:
     """Trace ``model`` (eval mode) and cut it at every point where a single tensor value is live.
 
     ``example_input`` (any batch size) fixes the boundary shapes recorded in the result.
     Raises ``ValueError`` when the model cannot be traced or has more than one input/output.
+
+    ``count_macs=False`` leaves every stage's ``macs`` at 0: the first torch dispatch mode a process enters (the
+    MAC counter is one) imports torch's compiler stack, ~160 MB of resident memory, which a process that only
+    runs a bundle must not pay (:func:`splitinfer.bundle.load_bundle` takes the MACs from ``plan.json``).
     """
     model = model.eval()
     try:
@@ -187,7 +198,7 @@ def stage_model(model: nn.Module, example_input: torch.Tensor) -> StagedModel:
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         raise ValueError(f"model is not fx-traceable: {exc}") from exc
     with torch.no_grad():
-        _ShapeRecorder(gm).run(example_input)
+        _ShapeRecorder(gm, count_macs).run(example_input)
     batch = max(1, int(example_input.shape[0]))
 
     nodes = list(gm.graph.nodes)

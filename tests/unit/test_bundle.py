@@ -118,3 +118,17 @@ def test_trusted_factory_must_return_a_module(bundle, monkeypatch):
     monkeypatch.setenv("SPLITINFER_TRUST_MODEL_FACTORY", "1")
     with pytest.raises(BundleError, match="not an nn.Module"):
         load_bundle(bundle)
+
+
+def test_loading_a_bundle_takes_the_macs_from_the_plan_and_enters_no_dispatch_mode(bundle_dir):
+    """Counting MACs (a torch dispatch mode) imports torch's compiler stack, ~160 MB of RSS: a process that only
+    loads and runs a bundle (the edge agent, the server) must not; the stage MACs come from plan.json."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from splitinfer.bundle import load_bundle; "
+            f"b = load_bundle({str(bundle_dir)!r}); b.staged.run(torch.zeros(1, *b.plan.input.shape), 0, "
+            "b.staged.num_stages); print('torch._dynamo' in sys.modules, [s.macs for s in b.staged.stage_info] == "
+            "[s.macs for s in b.plan.stages], b.staged.macs_between(0, b.staged.num_stages) > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]

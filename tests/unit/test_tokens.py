@@ -127,3 +127,4 @@ def test_train_config_for_an_embedded_model_is_its_committed_recipe():
     assert TrainConfig.for_model("default").optimizer == "sgd"
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.for_model("nope")
+
