@@ -41,7 +41,8 @@ def serve(
     inline_compute_max_ms: float | None = typer.Option(
         None, "--inline-compute-max-ms", help="When idle, run a lone request whose measured compute is at most "
                                               "this long on the event loop (default 5; 0: never)."),
-    torch_threads: int | None = typer.Option(None, "--torch-threads", help="torch intra-op threads."),
+    torch_threads: int | None = typer.Option(None, "--torch-threads",
+                                             help="torch intra-op threads per worker (default: CPUs / workers)."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM server certificate (TLS on)."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     tls_client_ca: Path | None = typer.Option(None, "--tls-client-ca",

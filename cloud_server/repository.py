@@ -30,6 +30,7 @@ from cloud_server.tail import TailRuntime
 from splitinfer import wire
 from splitinfer.bundle import read_plan
 from splitinfer.errors import BundleError, NotFound, SplitInferError
+from splitinfer.omp_teams import run_in_own_thread
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -120,7 +121,8 @@ class ModelRepository:
             errors: list[str] = []
             for version, path in sorted(on_disk[name].items(), key=lambda kv: int(kv[0])):
                 try:
-                    fresh[version] = await asyncio.to_thread(self.factory, name, version, path)
+                    fresh[version] = await run_in_own_thread(self.factory, name, version, path,
+                                                               name="load-model")
                     self.failures.pop((name, version), None)
                 except SplitInferError as exc:
                     self.failures[(name, version)] = str(exc)

@@ -32,6 +32,7 @@ from cloud_server.settings import CloudSettings
 from splitinfer.allocator import tune_allocator
 from splitinfer.errors import BundleError, ConfigError
 from splitinfer.gc_freeze import freeze_loaded
+from splitinfer.omp_teams import default_threads, oversubscribed, usable_cpus
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
 
@@ -97,8 +98,16 @@ class CloudServer:
             raise BundleError("no model given: pass --bundle DIR or --model-repository DIR (or set "
                               "SPLITINFER_CLOUD_BUNDLE / SPLITINFER_CLOUD_MODEL_REPOSITORY)")
         self.settings = settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        self.torch_threads = settings.torch_threads or default_threads(settings.workers)
+        torch.set_num_threads(self.torch_threads)
+        if oversubscribed(settings.workers, self.torch_threads):
+            log.warning("workers x torch_threads exceeds the CPUs: OpenMP then stops spin-waiting between ops and "
+                        "every op pays a thread wake-up (the tail runs ~1.5x slower); lower one of them",
+                        extra={"fields": {"workers": settings.workers, "torch_threads": self.torch_threads,
+                                          "cpus": usable_cpus()}})
+        # a lone short job runs on the event loop only single-threaded: a multi-threaded op there would give the
+        # loop's thread an OpenMP team of its own beside the workers' (splitinfer/omp_teams.py)
+        inline_max_ms = settings.inline_compute_max_ms if self.torch_threads == 1 else 0.0
         self.credentials = server_credentials(settings)
         tokens = load_tokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
         self.auth = Authenticator(tokens)
@@ -106,7 +115,7 @@ class CloudServer:
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="tail")
         policy = BatchPolicy(max_batch_size=settings.batch_max_size, max_delay_s=settings.batch_max_delay_ms / 1e3,
                              max_queue=settings.batch_max_queue, workers=settings.workers,
-                             inline_max_s=settings.inline_compute_max_ms / 1e3)
+                             inline_max_s=inline_max_ms / 1e3)
         factory = served_model_factory(self.executor, policy, settings.max_request_batch, self.metrics)
         self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
         self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
@@ -171,8 +180,8 @@ class CloudServer:
             "models": {n: sorted(v, key=int) for n, v in self.repository.models.items()},
             "source": str(s.model_repository or s.bundle), "max_request_batch": s.max_request_batch,
             "batch_max_size": s.batch_max_size, "batch_max_delay_ms": s.batch_max_delay_ms,
-            "workers": s.workers, "inline_compute_max_ms": s.inline_compute_max_ms,
-            "torch_threads": torch.get_num_threads()}})
+            "workers": s.workers, "torch_threads": self.torch_threads,
+            "inline_compute_max_ms": s.inline_compute_max_ms if self.torch_threads == 1 else 0.0}})
         return port
 
     async def sync_model_health(self) -> None:

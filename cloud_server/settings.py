@@ -54,7 +54,8 @@ class CloudSettings(RenamingSettings):
     inline_compute_max_ms: float = Field(5.0, ge=0, le=50, description="When the server is idle, run a lone "
                                          "one-sample request on the event loop instead of a worker thread if such "
                                          "runs have taken at most this long (saves the thread hand-off and GIL "
-                                         "contention of short models; the loop is blocked that long). 0: never.")
+                                         "contention of short models; the loop is blocked that long). 0: never. "
+                                         "Only with torch_threads 1.")
     max_concurrency_per_client: int = Field(0, ge=0, description="Requests one client (bearer token name, or "
                                                                  "peer host without tokens) may have in "
                                                                  "flight; 0: unlimited.")
@@ -67,8 +68,10 @@ class CloudSettings(RenamingSettings):
                                                             "line); when set, inference and repository calls "
                                                             "without a valid 'authorization: Bearer' get "
                                                             "UNAUTHENTICATED.")
-    torch_threads: int | None = Field(None, ge=1,
-                                      description="torch intra-op threads (None: torch's default).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker (None: the "
+                                      "CPUs divided by workers, at least 1; workers x torch_threads above the CPUs "
+                                      "makes every op ~1.5x slower, see splitinfer/omp_teams.py). Above 1, lone "
+                                      "jobs never run inline on the event loop.")
     gil_switch_interval_ms: float | None = Field(None, gt=0, le=100, description="Python's thread switch "
                                                  "interval (sys.setswitchinterval; Python's default 5 ms). Lower "
                                                  "hands the GIL between the event loop and the tail threads sooner.")
