@@ -16,6 +16,17 @@ def _root() -> None:
     """Cloud server commands."""
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    """``"18,20"`` -> ``[18, 20]`` (None stays None); a non-integer exits with a usage error naming ``flag``."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        typer.echo(f"error: {flag} takes comma-separated integers, got {text!r}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(
     bundle: Path | None = typer.Option(None, "--bundle",
@@ -43,6 +54,13 @@ def serve(
                                               "this long on the event loop (default 5; 0: never)."),
     torch_threads: int | None = typer.Option(None, "--torch-threads",
                                              help="torch intra-op threads per worker (default: CPUs / workers)."),
+    tail_engine: str | None = typer.Option(None, "--tail-engine", help="torch (default), torchscript, onnxruntime "
+                                           "or auto (fastest measured at load)."),
+    tail_engine_splits: str | None = typer.Option(None, "--tail-engine-splits",
+                                                  help="Comma-separated splits to build the tail engine for "
+                                                       "(default: the plan's)."),
+    decoder_engine: str | None = typer.Option(None, "--decoder-engine", help="Learned codec decoder: auto "
+                                              "(default), onnxruntime or torch."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM server certificate (TLS on)."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     tls_client_ca: Path | None = typer.Option(None, "--tls-client-ca",
@@ -70,7 +88,9 @@ def serve(
                  "metrics_port": metrics_port, "max_request_batch": max_request_batch,
                  "batch_max_size": batch_max_size,
                  "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "torch_threads": torch_threads,
-                 "inline_compute_max_ms": inline_compute_max_ms,
+                 "inline_compute_max_ms": inline_compute_max_ms, "tail_engine": tail_engine,
+                 "tail_engine_splits": _int_list(tail_engine_splits, "--tail-engine-splits"),
+                 "decoder_engine": decoder_engine,
                  "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
                  "auth_tokens_file": auth_tokens_file, "log_level": log_level}
     try:

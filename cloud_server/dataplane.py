@@ -14,6 +14,7 @@ same split, in a thread pool, so the event loop keeps answering health checks an
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ PLATFORM = "pytorch_splitinfer"
 EXTENSIONS = ["model_repository", "parameters", "binary_tensor_data"]
 _INPUT_NAMES = (wire.FEATURES_TENSOR, wire.INPUT_TENSOR)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class BatchPolicy:
@@ -61,12 +64,27 @@ class BatchPolicy:
     inline_max_s: float = 0.0  # run a lone short job on the event loop when idle (0: never)
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """What runs the tails (:mod:`cloud_server.tail_engines`): engine, ONNX Runtime threads, splits, decoder."""
+
+    tail: str = "torch"
+    threads: int | None = None
+    splits: tuple[int, ...] | None = None
+    decoder: str = "auto"
+
+
 def served_model_factory(executor: Executor, policy: BatchPolicy, max_request_batch: int = 64,
-                         metrics: ServerMetrics | None = None) -> ModelFactory:
+                         metrics: ServerMetrics | None = None, engines: EngineSettings | None = None) -> ModelFactory:
     """Builds a :class:`ServedModel` (tail + batcher on ``executor``) from a bundle directory."""
+    eng = engines or EngineSettings()
 
     def build(name: str, version: str, path: Path) -> ServedModel:
-        tail = TailRuntime(load_bundle(path), max_batch=max_request_batch)
+        tail = TailRuntime(load_bundle(path), max_batch=max_request_batch, engine=eng.tail, threads=eng.threads,
+                           engine_splits=eng.splits, decoder_engine=eng.decoder)
+        for split, choice in tail.engine_choices.items():
+            log.info("tail engine", extra={"fields": {"model": name, "version": version, "split": split,
+                                                      "engine": choice.engine.name, "reason": choice.reason}})
         depth = batch = None
         if metrics is not None:
             metrics.add_model(name)

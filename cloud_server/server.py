@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud_server.auth import Authenticator, ClientLimiter, load_tokens
-from cloud_server.dataplane import BatchPolicy, DataPlane, served_model_factory
+from cloud_server.dataplane import BatchPolicy, DataPlane, EngineSettings, served_model_factory
 from cloud_server.metrics import MetricsEndpoint, ServerMetrics
 from cloud_server.repository import ModelRepository
 from cloud_server.servicer import InferenceServicer
@@ -116,7 +116,10 @@ class CloudServer:
         policy = BatchPolicy(max_batch_size=settings.batch_max_size, max_delay_s=settings.batch_max_delay_ms / 1e3,
                              max_queue=settings.batch_max_queue, workers=settings.workers,
                              inline_max_s=inline_max_ms / 1e3)
-        factory = served_model_factory(self.executor, policy, settings.max_request_batch, self.metrics)
+        engines = EngineSettings(tail=settings.tail_engine, threads=self.torch_threads,
+                                 splits=tuple(settings.tail_engine_splits) if settings.tail_engine_splits else None,
+                                 decoder=settings.decoder_engine)
+        factory = served_model_factory(self.executor, policy, settings.max_request_batch, self.metrics, engines)
         self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
         self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
                                    limiter=ClientLimiter(settings.max_concurrency_per_client))

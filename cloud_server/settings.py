@@ -8,7 +8,7 @@ spelled alike (:mod:`splitinfer.settings_common`); the old names in ``RENAMED`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -72,6 +72,16 @@ class CloudSettings(RenamingSettings):
                                       "CPUs divided by workers, at least 1; workers x torch_threads above the CPUs "
                                       "makes every op ~1.5x slower, see splitinfer/omp_teams.py). Above 1, lone "
                                       "jobs never run inline on the event loop.")
+    tail_engine: Literal["torch", "torchscript", "onnxruntime", "auto"] = Field(
+        "torch", description="What runs the tail at the plan's split, its operating points' splits and the "
+        "learned codecs' boundaries (others: torch): torch (eager), torchscript (traced, frozen), onnxruntime, or "
+        "auto (the fastest of the three that agree with torch, measured at load and logged). Each engine is "
+        "checked against eager torch at load.")
+    tail_engine_splits: list[int] | None = Field(None, description="Splits to build the tail engine for instead "
+                                                 "of the plan's (JSON list in the environment, e.g. [18]).")
+    decoder_engine: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="What runs a learned bottleneck's decoder network: onnxruntime, torch, or auto "
+        "(ONNX Runtime when it loads).")
     gil_switch_interval_ms: float | None = Field(None, gt=0, le=100, description="Python's thread switch "
                                                  "interval (sys.setswitchinterval; Python's default 5 ms). Lower "
                                                  "hands the GIL between the event loop and the tail threads sooner.")

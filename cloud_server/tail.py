@@ -7,28 +7,66 @@ finiteness) happens here or in the codec, and fails with :class:`~splitinfer.err
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from cloud_server.decode import Staged, finish_prepared
+from cloud_server.tail_engines import Engine, EngineChoice
+from cloud_server.tail_engines import choose as choose_engine
+from splitinfer.bottleneck import LearnedCodec
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
-from splitinfer.errors import InvalidInput
+from splitinfer.errors import BundleError, InvalidInput
 
 
 class TailRuntime:
-    """Runs ``staged.run(x, split, num_stages)`` for decoded features, or the full model for an input."""
+    """Runs ``staged.run(x, split, num_stages)`` for decoded features, or the full model for an input.
 
-    def __init__(self, bundle: Bundle, max_batch: int = 64):
+    ``engine`` (:mod:`cloud_server.tail_engines`): what runs the tail at the plan's split and at every boundary
+    with a learned codec (``torch``, ``torchscript``, ``onnxruntime`` or ``auto``); ``threads`` the intra-op
+    threads an ONNX Runtime engine uses (default: torch's); ``engine_splits`` where (default: the plan's split,
+    its operating points' and the learned codecs' boundaries). Other splits run eagerly. ``decoder_engine``:
+    what runs the learned bottlenecks' decoder networks (:class:`~splitinfer.bottleneck.LearnedCodec`'s backend:
+    ``auto``, ``onnxruntime`` or ``torch``).
+    """
+
+    def __init__(self, bundle: Bundle, max_batch: int = 64, engine: str = "torch", threads: int | None = None,
+                 engine_splits: Iterable[int] | None = None, decoder_engine: str = "auto"):
         self.bundle = bundle
         self.plan = bundle.plan
         self.staged = bundle.staged
         self.max_batch = max_batch
         self.staged.eval()
+        if decoder_engine != "auto":  # the learned bottlenecks' decoders (the bundle builds them with "auto")
+            for b, lc in list(bundle.learned_codecs.items()):
+                if lc.backend != decoder_engine:
+                    bundle.learned_codecs[b] = LearnedCodec(lc.bottleneck, lc.coder.max_batch, backend=decoder_engine)
         for lc in bundle.learned_codecs.values():  # refuse larger batches from the payload header, before decoding
             lc.coder.max_batch = min(lc.coder.max_batch, max_batch)
+        self.engines: dict[int, Engine] = {}
+        self.engine_choices: dict[int, EngineChoice] = {}
+        threads = threads or torch.get_num_threads()
+        for k in self._engine_splits(engine_splits):
+            if 0 <= k < self.num_stages:
+                shape = self.input_shape if k == 0 else self.boundary_shape(k)
+                choice = choose_engine(engine, self.staged, k, shape, threads)
+                self.engine_choices[k] = choice
+                self.engines[k] = choice.engine
+
+    def _engine_splits(self, asked: Iterable[int] | None) -> list[int]:
+        """Splits that get an engine: ``asked``, or the plan's split, its operating points' and every learned
+        codec's boundary (the edge-only split N has no tail and is skipped)."""
+        if asked is None:
+            return sorted({self.plan.split, *(p.split for p in self.plan.operating_points),
+                           *self.bundle.learned_codecs})
+        splits = sorted(set(asked))
+        bad = [k for k in splits if not 0 <= k < self.num_stages]
+        if bad:
+            raise BundleError(f"tail engine splits {bad} out of range: this model has tails at splits "
+                              f"0..{self.num_stages - 1}")
+        return splits
 
     @property
     def model_name(self) -> str:
@@ -146,8 +184,12 @@ class TailRuntime:
 
     def run_tail(self, x: torch.Tensor, split: int) -> np.ndarray:
         """Run stages ``split..N-1`` on an already-validated tensor."""
-        with torch.inference_mode():
-            out = self.staged.run(x, split, self.num_stages)
+        engine = self.engines.get(split)
+        if engine is not None:
+            out = engine.run(x)
+        else:
+            with torch.inference_mode():
+                out = self.staged.run(x, split, self.num_stages)
         return out.to(torch.float32).contiguous().numpy()
 
     def check_input_shape(self, x: np.ndarray) -> int:

@@ -23,7 +23,7 @@ from splitinfer.codec import get_codec
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
 from splitinfer.protocol import grpc_service_pb2 as pb
 from splitinfer.protocol import grpc_service_pb2_grpc as pb_grpc
-from tests.support.servers import MAX_BATCH, ServerProcess, free_port, grpc_health_status, start_server
+from tests.support.servers import MAX_BATCH, ServerProcess, free_port, grpc_health_status, spawn_server, start_server
 
 MODEL = "default"
 SPLIT = 9  # boundary [96, 7, 7] of the test bundle
@@ -155,6 +155,24 @@ def test_features_request_matches_local_tail(client, sample):
     np.testing.assert_allclose(result.logits, sample["exact_tail"], atol=0.5)  # quantization error only
     assert result.bytes_sent > len(sample["payload"]) and result.bytes_received > 0
     assert result.server_compute_ms > 0 and result.server_queue_ms >= 0 and result.round_trip_s > 0
+
+
+def test_tail_engine_auto_serves_the_same_answers(bundle_dir, tmp_path, sample):
+    """--tail-engine auto (env and flag alike): the server logs the engine it chose and why, and answers what
+    eager torch answers for the same payload (within the engines' export tolerance)."""
+    srv = spawn_server(free_port(), tmp_path / "auto.log", bundle=bundle_dir,
+                       env={"SPLITINFER_CLOUD_TAIL_ENGINE": "auto",
+                            "SPLITINFER_CLOUD_MAX_REQUEST_BATCH": str(MAX_BATCH)})
+    client = CloudClient(srv.address, MODEL, timeout_s=10.0)
+    try:
+        result = client.infer_features(sample["payload"], sample["meta"], SPLIT, CODEC)
+        tolerance = 1e-4 * max(1.0, float(np.abs(sample["tail"]).max()))
+        np.testing.assert_allclose(result.logits, sample["tail"], rtol=0, atol=tolerance)
+        log = srv.log()
+        assert '"msg": "tail engine"' in log and f"is the fastest after split {SPLIT}" in log
+    finally:
+        client.close()
+        assert srv.stop() == 0
 
 
 def test_response_echoes_id_and_parameters(stub, sample):
