@@ -119,6 +119,15 @@ def export_triton(
                                         help="Put the learned bottleneck's decoder in front of the tail (default: "
                                              "when one of the bundle's learned codecs sits at the split)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT/<model name> if it exists."),
+    backend: str | None = typer.Option(None, "--backend", help="python: a Triton Python-backend ensemble taking "
+                                       "the edge's own request (payload + split/codec parameters) and running our "
+                                       "decode + tail (--format, --split, --decoder do not apply)."),
+    python_env: Path | None = typer.Option(None, "--python-env", help="--backend python: the virtual environment "
+                                           "the models run in (default: this one)."),
+    max_delay_us: int = typer.Option(2000, "--max-delay-us", help="--backend python: dynamic batching delay."),
+    torch_threads: int = typer.Option(1, "--torch-threads", help="--backend python: torch threads per instance."),
+    tail_engine: str = typer.Option("torch", "--tail-engine", help="--backend python: torch, torchscript, "
+                                    "onnxruntime or auto (see splitinfer cloud serve)."),
 ) -> None:
     """Write OUT/<model name>/{config.pbtxt,1/model.onnx|model.pt} so Triton or KServe can run BUNDLE's tail.
 
@@ -136,6 +145,11 @@ def export_triton(
     from cloud_server.export_triton import ExportCheckFailed
     from cloud_server.export_triton import export_triton as run_export
     from splitinfer.errors import SplitInferError
+
+    if backend is not None:
+        _export_python(bundle, out, backend, model_name, max_batch, max_delay_us, torch_threads, tail_engine,
+                       python_env, force, split, decoder)
+        return
 
     try:
         r = run_export(bundle, out, split=split, fmt=fmt, max_batch=max_batch, model_name=model_name,
@@ -162,3 +176,67 @@ def export_triton(
     else:
         typer.echo("config.pbtxt parses as a Triton ModelConfig")
     typer.echo(f"serve: tritonserver --model-repository {out}")
+
+
+def _export_python(bundle: Path, out: Path, backend: str, model_name: str | None, max_batch: int, max_delay_us: int,
+                   torch_threads: int, tail_engine: str, python_env: Path | None, force: bool, split: int | None,
+                   decoder: bool | None) -> None:
+    from cloud_server.tail_engines import ENGINES
+    from cloud_server.triton_python import write_python_repository
+    from splitinfer.errors import SplitInferError
+
+    if backend != "python":
+        typer.echo(f"error: --backend takes python, not {backend!r} (omit it for --format onnx|torchscript)", err=True)
+        raise typer.Exit(2)
+    if split is not None or decoder is not None:
+        typer.echo("error: --backend python serves every split with the server's own decoding: --split and "
+                   "--decoder do not apply", err=True)
+        raise typer.Exit(2)
+    if tail_engine not in ENGINES:
+        typer.echo(f"error: --tail-engine takes {', '.join(ENGINES)}, not {tail_engine!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        repo = write_python_repository(bundle, out, model_name=model_name, max_batch=max_batch,
+                                       max_delay_us=max_delay_us, torch_threads=torch_threads,
+                                       tail_engine=tail_engine, python_env=python_env, force=force)
+    except (SplitInferError, OSError) as exc:
+        typer.echo(f"cannot export: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {repo.root}/: ensemble {repo.model_name!r} (what the edge calls) -> {repo.decode_model} "
+               f"(payload -> features) -> {repo.tail_model} (tail, dynamic batching); run it with "
+               f"'splitinfer cloud triton-serve {repo.root}'")
+
+
+@app.command("triton-serve")
+def triton_serve(
+    repository: Path = typer.Argument(..., help="Triton model repository (e.g. from export-triton --backend python)."),
+    port: int = typer.Option(8001, "--port", help="gRPC port on 127.0.0.1."),
+    env_dir: Path = typer.Option(Path("runs/.venv-triton"), "--env-dir",
+                                 help="Virtual environment for nvidia-pytriton (made on first use, ~370 MB)."),
+    model: str | None = typer.Option(None, "--model", help="Wait until this model is ready (default: health)."),
+) -> None:
+    """Run a real Triton Inference Server (2.51, from the nvidia-pytriton wheel, CPU) on REPOSITORY until
+    SIGTERM/SIGINT; its log goes to stdout."""
+    import signal
+    import time
+
+    from cloud_server.triton_python import prepare_triton, start_tritonserver
+    from splitinfer.daemons import DaemonError
+    from splitinfer.errors import ConfigError
+
+    try:
+        install = prepare_triton(env_dir, log=lambda m: typer.echo(m, err=True))
+        daemon = start_tritonserver(install, repository, port, Path(env_dir) / "tritonserver.log", model=model)
+    except (ConfigError, DaemonError) as exc:
+        typer.echo(f"cannot start Triton: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"tritonserver ready on 127.0.0.1:{port} (log {Path(env_dir) / 'tritonserver.log'})", err=True)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop and daemon.poll() is None:
+        time.sleep(0.5)
+    if daemon.poll() is not None:
+        typer.echo(f"tritonserver exited with status {daemon.poll()}", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(0 if daemon.stop() in (0, -signal.SIGTERM) else 1)
