@@ -60,9 +60,10 @@ def _always(name: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler, request_type.FromString, response_type.SerializeToString)
 
 
-async def serve(bundle: str, port: int) -> None:
+async def serve(bundle: str, port: int, engine: str = "torch", engine_split: int | None = None) -> None:
     """Serve until killed."""
-    runtime = TailRuntime(load_bundle(bundle))
+    runtime = TailRuntime(load_bundle(bundle), engine=engine,
+                          engine_splits=None if engine_split is None else [engine_split])
     gc.collect()
     gc.freeze()
 
@@ -85,10 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--tail-engine", default="torch", help="as splitinfer cloud serve's")
+    ap.add_argument("--engine-split", type=int, default=None)
     args = ap.parse_args(argv)
     tune_allocator()  # as the daemons do
     torch.set_num_threads(args.torch_threads)
-    asyncio.run(serve(args.bundle, args.port))
+    asyncio.run(serve(args.bundle, args.port, args.tail_engine, args.engine_split))
 
 
 if __name__ == "__main__":

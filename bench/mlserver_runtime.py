@@ -26,7 +26,9 @@ Request formats it accepts (one input named ``features``):
 Settings (model-settings.json ``parameters.extra``): ``bundle`` (directory), ``torch_threads`` (torch
 intra-op threads, as ``SPLITINFER_CLOUD_TORCH_THREADS``), ``workers`` (threads running batches at once, as
 ``SPLITINFER_CLOUD_WORKERS``: the CPU work runs in a thread pool so MLServer's event loop keeps serving, as
-ours does), ``max_batch`` (largest batch a single request may carry, as ``SPLITINFER_CLOUD_MAX_REQUEST_BATCH``).
+ours does), ``max_batch`` (largest batch a single request may carry, as ``SPLITINFER_CLOUD_MAX_REQUEST_BATCH``),
+``tail_engine`` and ``tail_engine_splits`` (as ``SPLITINFER_CLOUD_TAIL_ENGINE`` / ``_SPLITS``: the same tail
+engine as ours). The bundle is loaded in a thread that ends, as our server loads it (splitinfer/omp_teams.py).
 The process also gets the same malloc tuning as our daemons (:func:`splitinfer.allocator.tune_allocator`).
 """
 
@@ -47,6 +49,7 @@ from splitinfer import wire
 from splitinfer.allocator import tune_allocator
 from splitinfer.bundle import load_bundle
 from splitinfer.errors import InvalidInput
+from splitinfer.omp_teams import run_in_own_thread
 
 
 def _per_request(value, n: int, name: str) -> list:
@@ -68,7 +71,16 @@ class SplitTailModel(MLModel):
         if extra.get("gil_switch_interval_ms"):  # as our server's setting of the same name
             sys.setswitchinterval(float(extra["gil_switch_interval_ms"]) / 1e3)
         torch.set_num_threads(threads)
-        self.tail = TailRuntime(load_bundle(extra["bundle"]), max_batch=int(extra.get("max_batch", 64)))
+        splits = extra.get("tail_engine_splits")
+
+        def build() -> TailRuntime:
+            return TailRuntime(load_bundle(extra["bundle"]), max_batch=int(extra.get("max_batch", 64)),
+                               engine=extra.get("tail_engine", "torch"), threads=threads,
+                               engine_splits=None if splits is None else [int(k) for k in splits])
+
+        # loaded in a thread that ends, as our server loads: a thread that lived on would keep an OpenMP team
+        # beside the workers' and slow every op of the tail (splitinfer/omp_teams.py)
+        self.tail = await run_in_own_thread(build, name="load-model")
         self.executor = ThreadPoolExecutor(max_workers=int(extra.get("workers", 1)),
                                            thread_name_prefix="tail")
         return True

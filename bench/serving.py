@@ -19,8 +19,17 @@ For each input the edge's work is done once, in this process (head up to the spl
 (``TailRuntime.decode_features`` + ``run_tail``). Bundles are reused from the work directory when they load
 (``--rebuild`` plans them again).
 
-Servers and configurations (``--configs``)
-------------------------------------------
+Servers and configurations (``--configs``, default ``ours-batched,ours-torch,ours-b1,mlserver,mlserver-torch,
+triton-python``)
+------------------------------------------------------------------------------------------------------------
+**Tail engine.** Before a tail's servers start, the bench picks its "best" engine (``--tail-engine auto``, the
+default: :func:`cloud_server.tail_engines.choose` at the workload's split with the servers' intra-op threads,
+the same measurement the server's ``--tail-engine auto`` makes; or the engine named). Every configuration
+marked "best" runs that engine (ours by ``SPLITINFER_CLOUD_TAIL_ENGINE`` and ``_SPLITS``, MLServer's runtime by
+its ``extra`` settings, Triton by its model config), so ``ours-batched`` vs ``mlserver`` compares servers, not
+engines; ``ours-torch`` and ``mlserver-torch`` run eager torch. The choice, its reason and timings are in
+``settings.tails.<tail>.tail_engine``.
+
 * ``ours-batched``: ``splitinfer cloud serve --bundle B --port P --metrics-port 0`` as a subprocess, with
   ``SPLITINFER_CLOUD_TORCH_THREADS``, ``SPLITINFER_CLOUD_WORKERS`` (batches computed at once),
   ``SPLITINFER_CLOUD_BATCH_MAX_SIZE`` / ``SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS`` (dynamic batching) per tail
@@ -28,7 +37,13 @@ Servers and configurations (``--configs``)
   both; ``--torch-threads`` etc. override them for every tail), and in-flight and
   queue limits above the highest concurrency. Every other ``SPLITINFER_CLOUD_*`` variable of the caller's
   environment is removed.
+* ``ours-torch``: ``ours-batched`` with the eager torch engine.
 * ``ours-b1``: the same with ``SPLITINFER_CLOUD_BATCH_MAX_SIZE=1`` (batching off: each request runs alone).
+* ``triton-python``: a real Triton Inference Server 2.51 (``nvidia-pytriton`` wheel, ``runs/.venv-triton``)
+  serving ``splitinfer cloud export-triton --backend python``'s ensemble (:mod:`cloud_server.triton_python`):
+  the edge's own request format, our decode and tail, Triton's dynamic batching (same max batch and delay), one
+  instance per step per worker of ours, the same engine and threads. No bar: a comparison.
+* ``mlserver-torch``: ``mlserver`` with the eager torch engine.
 * ``mlserver``: MLServer 1.7.1 with the custom runtime :mod:`bench.mlserver_runtime` (an ``mlserver.MLModel``
   that loads the same bundle with ``load_bundle`` and runs the same ``TailRuntime`` decode + ``staged.run``),
   adaptive batching on with ``max_batch_size`` and ``max_batch_time`` equal to ours, the same torch threads
@@ -102,7 +117,13 @@ in-process call and the two servers take turns in chunks of 50 requests, so the 
 phases (they differ by tens of percent here) weigh on all three alike.
 
 Summary (per tail): ``peak_throughput_ratio_vs_mlserver`` (peak over concurrency of ``ours-batched`` /
-that of the ``mlserver`` reference), ``batching_gain_at_32`` (``ours-batched`` / ``ours-b1`` throughput at
+that of the ``mlserver`` reference, the same engine), ``peak_throughput_ratio_vs_mlserver_torch`` (against
+``mlserver-torch``), ``p99_ratio_max_vs_mlserver`` (max over concurrencies of the p99 ratio),
+``overhead_above_floor_ms_p50`` (``grpc_overhead_ms_p50 - grpc_overhead_floor_ms_p50``),
+``compute_ratio_vs_main_thread`` (p50 of the ``server_compute_ms`` our idle ``ours-b1`` server reports in its
+answers / p50 of the same decode + tail on this process's main thread, same engine: the worker-thread penalty),
+``triton_served`` (Triton answered every request OK and equal to the reference), ``vs_triton``,
+``batching_gain_at_32`` (``ours-batched`` / ``ours-b1`` throughput at
 32 clients; null when 32 was not measured), ``p99_never_worse_than_mlserver`` (``ours-batched`` p99 <= the
 reference's at every concurrency), ``grpc_overhead_ms_p50`` (and ``grpc_overhead_floor_ms_p50``,
 ``bare_rpc_ms_p50``); the same against the best MLServer configuration
@@ -168,16 +189,25 @@ def repo_path(path: Path) -> str:
 
 MLSERVER_VERSION = "1.7.1"
 TAILS = ("light", "heavy")
-OURS = ("ours-batched", "ours-b1")
-# MLServer configurations: request format, parallel_workers, and torch intra-op threads / batch threads per
-# process (None: the same as ours).
+# Our server's configurations: batching on/off and the tail engine ("best": the one this bench measured fastest
+# for the tail, see tail_engine_for; "torch": eager).
+OURS = {"ours-batched": {"batched": True, "engine": "best"}, "ours-torch": {"batched": True, "engine": "torch"},
+        "ours-b1": {"batched": False, "engine": "best"}}
+# MLServer configurations: request format, parallel_workers, torch intra-op threads / batch threads per
+# process (None: the same as ours) and the tail engine (as ours).
 MLSERVER_CONFIGS = {
-    "mlserver": {"format": "bytes", "parallel_workers": 0, "torch_threads": None, "workers": None},
-    "mlserver-pw2": {"format": "bytes", "parallel_workers": 2, "torch_threads": None, "workers": None},
-    "mlserver-t2": {"format": "bytes", "parallel_workers": 0, "torch_threads": 2, "workers": 1},
-    "mlserver-fp32": {"format": "fp32", "parallel_workers": 0, "torch_threads": None, "workers": None},
+    "mlserver": {"format": "bytes", "parallel_workers": 0, "torch_threads": None, "workers": None, "engine": "best"},
+    "mlserver-torch": {"format": "bytes", "parallel_workers": 0, "torch_threads": None, "workers": None,
+                       "engine": "torch"},
+    "mlserver-pw2": {"format": "bytes", "parallel_workers": 2, "torch_threads": None, "workers": None,
+                     "engine": "best"},
+    "mlserver-t2": {"format": "bytes", "parallel_workers": 0, "torch_threads": 2, "workers": 1, "engine": "best"},
+    "mlserver-fp32": {"format": "fp32", "parallel_workers": 0, "torch_threads": None, "workers": None,
+                      "engine": "best"},
 }
-CONFIGS = (*OURS, *MLSERVER_CONFIGS)
+TRITON = ("triton-python",)  # a real Triton 2.51 running our export-triton --backend python ensemble
+CONFIGS = (*OURS, *MLSERVER_CONFIGS, *TRITON)
+DEFAULT_CONFIGS = ("ours-batched", "ours-torch", "ours-b1", "mlserver", "mlserver-torch", "triton-python")
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 QUICK_CONCURRENCY = (1, 4)
 # measurement window and warm-up per point (seconds); the heavy tail answers ~30 requests/s on 2 cores
@@ -187,7 +217,7 @@ OVERHEAD_REQUESTS = {"light": 2000, "heavy": 40}
 HEAVY_MODEL = "resnet50"
 HEAVY_AFTER = "layer2"  # cut after this torchvision block
 VENV_PINS = ("torch", "torchvision", "grpcio", "protobuf", "numpy", "safetensors", "constriction", "zstandard",
-             "pydantic", "pydantic-settings", "pyyaml", "tqdm")
+             "pydantic", "pydantic-settings", "pyyaml", "tqdm", "onnx", "onnxruntime")
 # MLServer 1.7.1's parallel workers call asyncio.get_event_loop() before any loop runs; uvloop 0.22's policy raises
 # there ("There is no current event loop in thread 'MainThread'") and the workers die and restart forever, so the
 # environment gets the last uvloop before that change.
@@ -481,6 +511,8 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     gil_switch_interval_ms: float | None = None  # sys.setswitchinterval in the server process (None: Python's 5 ms)
     inline_compute_max_ms: float | None = None  # ours only (a scheduling feature of our server); None: its default
+    tail_engine: str = "torch"  # the "best" engine of this tail (tail_engine_for), given to every server alike
+    tail_engine_split: int | None = None  # the split the engine is built for (the workload's)
 
 
 class Server(Daemon):
@@ -491,7 +523,12 @@ class Server(Daemon):
         self.port = port
 
 
-def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
+def engine_of(s: Settings, which: str) -> str:
+    """A configuration's engine: "best" is the tail's measured best (``s.tail_engine``)."""
+    return s.tail_engine if which == "best" else which
+
+
+def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "best") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_CLOUD_")}
     env.update({
         "PYTHONPATH": str(ROOT),
@@ -504,7 +541,10 @@ def our_env(s: Settings, batched: bool, max_concurrency: int) -> dict:
         "SPLITINFER_CLOUD_MAX_REQUEST_BATCH": str(s.max_batch),
         "SPLITINFER_CLOUD_MAX_MESSAGE_BYTES": str(s.max_message_bytes),
         "SPLITINFER_CLOUD_LOG_LEVEL": "warning",
+        "SPLITINFER_CLOUD_TAIL_ENGINE": engine_of(s, engine),
     })
+    if s.tail_engine_split is not None:
+        env["SPLITINFER_CLOUD_TAIL_ENGINE_SPLITS"] = json.dumps([s.tail_engine_split])
     if s.gil_switch_interval_ms is not None:
         env["SPLITINFER_CLOUD_GIL_SWITCH_INTERVAL_MS"] = str(s.gil_switch_interval_ms)
     if s.inline_compute_max_ms is not None:
@@ -524,12 +564,33 @@ def launch(name: str, args: list[str], env: dict, log_path: Path, cwd: Path, por
     return srv
 
 
-def start_ours(w: Workload, s: Settings, batched: bool, max_concurrency: int, logdir: Path) -> Server:
+def start_ours(w: Workload, s: Settings, config: str, max_concurrency: int, logdir: Path) -> Server:
     port = free_port()
+    cfg = OURS[config]
     return launch("splitinfer cloud serve",
                   [sys.executable, "-m", "splitinfer", "cloud", "serve", "--bundle", str(w.bundle.resolve()), "--host",
-                   "127.0.0.1", "--port", str(port), "--metrics-port", "0"], our_env(s, batched, max_concurrency),
-                  logdir / f"{w.tail}-ours-{'batched' if batched else 'b1'}.log", ROOT, port, w.model_name)
+                   "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+                  our_env(s, cfg["batched"], max_concurrency, cfg["engine"]), logdir / f"{w.tail}-{config}.log", ROOT,
+                  port, w.model_name)
+
+
+def start_triton(w: Workload, s: Settings, logdir: Path) -> tuple[Server, dict]:
+    """Our ``export-triton --backend python`` ensemble in a real ``tritonserver`` (the same tail engine, torch
+    threads, batch size and delay; one model instance per worker of ours)."""
+    from cloud_server.triton_python import prepare_triton, start_tritonserver, write_python_repository
+
+    install = prepare_triton(ROOT / "runs" / ".venv-triton", log=_log)
+    repo = write_python_repository(
+        w.bundle, logdir / "triton" / w.tail, max_batch=s.batch_max_size,
+        max_delay_us=int(s.batch_max_delay_ms * 1000), torch_threads=s.torch_threads, tail_engine=s.tail_engine,
+        instances=s.workers, max_request_batch=s.max_batch,
+        engine_splits=None if s.tail_engine_split is None else [s.tail_engine_split], force=True)
+    port = free_port()
+    daemon = start_tritonserver(install, repo.root, port, logdir / f"{w.tail}-triton-python.log", model=w.model_name,
+                                timeout=180.0)
+    daemon.port = port  # what run_loadgen needs of a Server
+    return daemon, {"repository": repo_path(repo.root), "tritonserver": "2.51 (nvidia-pytriton 0.7.0)",
+                    "instances_per_step": s.workers, "tail_engine": s.tail_engine}
 
 
 def mlserver_files(w: Workload, s: Settings, cfg: dict, root: Path) -> tuple[int, dict, dict]:
@@ -548,6 +609,9 @@ def mlserver_files(w: Workload, s: Settings, cfg: dict, root: Path) -> tuple[int
              "max_batch_size": s.batch_max_size, "max_batch_time": s.batch_max_delay_ms / 1e3,
              "parameters": {"version": "1", "extra": {"bundle": str(w.bundle.resolve()),
                                                       "torch_threads": torch_threads,
+                                                      "tail_engine": engine_of(s, cfg["engine"]),
+                                                      "tail_engine_splits": None if s.tail_engine_split is None
+                                                      else [s.tail_engine_split],
                                                       "gil_switch_interval_ms": s.gil_switch_interval_ms,
                                                       "workers": threads_per_process, "max_batch": s.max_batch}}}
     if root.exists():
@@ -608,7 +672,7 @@ def samples_match(w: Workload, samples: list) -> bool:
 OVERHEAD_CHUNK = 50  # requests per chunk; the in-process call and each server take turns chunk by chunk
 
 
-def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]:
+def grpc_overhead(w: Workload, ports: dict[str, int], n: int, engine: str = "torch") -> dict[str, dict]:
     """Per server (``name -> port``, each idle): p50 of a full round trip minus p50 of the same decode + tail in
     this process. The in-process calls and the servers take turns in chunks of ``OVERHEAD_CHUNK`` requests (the
     order reversed every other chunk), so a slower or faster phase of the machine affects all alike."""
@@ -616,8 +680,9 @@ def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]
     from edge_agent.transport import CloudClient
     from splitinfer.bundle import load_bundle
 
-    runtime = TailRuntime(load_bundle(w.bundle))
+    runtime = TailRuntime(load_bundle(w.bundle), engine=engine, engine_splits=[w.split])  # as the servers run it
     k = len(w.payloads)
+    compute: dict[str, list[float]] = {name: [] for name in ports}  # server_compute_ms of each answer
     warm = max(3, min(50, n // 10))
     clients = {name: CloudClient(f"127.0.0.1:{port}", w.model_name, timeout_s=REQUEST_TIMEOUT_S)
                for name, port in ports.items()}
@@ -631,6 +696,7 @@ def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]
             res = clients[name].infer_features(w.payloads[i % k], w.metas[i % k], w.split, w.codec)
             if res.logits.shape != (1, w.num_classes):
                 raise RuntimeError(f"bad answer shape {res.logits.shape} from {name}")
+            compute[name].append(res.server_compute_ms)
         return call
 
     calls = {"in-process": inproc, **{name: remote(name) for name in ports}}
@@ -655,8 +721,14 @@ def grpc_overhead(w: Workload, ports: dict[str, int], n: int) -> dict[str, dict]
     out = {}
     for name in ports:
         rt_p50 = statistics.median(times[name]) * 1e3
+        served = compute[name][-len(times[name]):]  # the timed calls' (warm-up calls dropped)
+        server_compute_p50 = statistics.median(served) if served and max(served) > 0 else None
         out[name] = {
             "requests": n, "in_process_ms_p50": round(in_p50, 4), "round_trip_ms_p50": round(rt_p50, 4),
+            "server_compute_ms_p50": None if server_compute_p50 is None else round(server_compute_p50, 4),
+            "compute_ratio_vs_main_thread": None if server_compute_p50 is None else round(server_compute_p50 / in_p50,
+                                                                                          4),
+            "in_process": f"TailRuntime decode + run_tail on this process's main thread, tail engine {engine}",
             "grpc_overhead_ms_p50": round(rt_p50 - in_p50, 4),
             "in_process_ms_p99": round(float(np.percentile(local, 99)) * 1e3, 4),
             "round_trip_ms_p99": round(float(np.percentile(times[name], 99)) * 1e3, 4),
@@ -671,11 +743,15 @@ def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return launch("bench.grpc_floor", [sys.executable, "-m", "bench.grpc_floor", "--bundle", str(w.bundle.resolve()),
-                                       "--port", str(port), "--torch-threads", str(s.torch_threads)],
+                                       "--port", str(port), "--torch-threads", str(s.torch_threads),
+                                       "--tail-engine", s.tail_engine,
+                                       *(["--engine-split", str(s.tail_engine_split)]
+                                         if s.tail_engine_split is not None else [])],
                   env, logdir / f"{w.tail}-grpc-floor.log", ROOT, port, w.model_name)
 
 
-def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path) -> tuple[dict, dict | None]:
+def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path,
+                     engine: str = "torch") -> tuple[dict, dict | None]:
     """:func:`grpc_overhead` of our idle server at ``port`` and, side by side, of :func:`start_floor`'s server
     (None, logged, if that one fails to start)."""
     try:
@@ -684,7 +760,7 @@ def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path)
         _log(f"{w.tail}: gRPC floor server failed: {type(exc).__name__}: {exc}")
         floor = None
     try:
-        result = grpc_overhead(w, {"ours": port, **({"floor": floor.port} if floor else {})}, n)
+        result = grpc_overhead(w, {"ours": port, **({"floor": floor.port} if floor else {})}, n, engine)
     finally:
         if floor is not None:
             floor.stop()
@@ -696,8 +772,26 @@ def measure_overhead(w: Workload, s: Settings, port: int, n: int, workdir: Path)
     return ours, bare
 
 
+def tail_engine_for(w: Workload, s: Settings, mode: str) -> tuple[Settings, dict]:
+    """The tail's "best" engine: ``mode``, or for ``auto`` the fastest that agrees with torch, measured here at the
+    workload's split with the servers' intra-op threads (:func:`cloud_server.tail_engines.choose`). Every server
+    configuration whose engine is "best" then runs that one (the same engine in ours, MLServer and Triton)."""
+    from cloud_server.tail_engines import choose
+    from splitinfer.bundle import load_bundle
+
+    choice = choose(mode, load_bundle(w.bundle).staged, w.split, w.boundary_shape, s.torch_threads)
+    _log(f"{w.tail}: tail engine {choice.engine.name}: {choice.reason}")
+    return (dataclasses.replace(s, tail_engine=choice.engine.name, tail_engine_split=w.split),
+            {"engine": choice.engine.name, "reason": choice.reason, "timings_ms": choice.timings_ms,
+             "refused": choice.refused, "split": w.split})
+
+
 def config_format(config: str) -> str:
-    return "ours" if config in OURS else MLSERVER_CONFIGS[config]["format"]
+    return "ours" if config in OURS or config in TRITON else MLSERVER_CONFIGS[config]["format"]
+
+
+def server_kind(config: str) -> str:
+    return "splitinfer" if config in OURS else "triton" if config in TRITON else "mlserver"
 
 
 def _row(w: Workload, config: str, p: dict) -> dict:
@@ -706,7 +800,7 @@ def _row(w: Workload, config: str, p: dict) -> dict:
         _log(f"warning: {w.tail} {config} c={p['concurrency']}: other processes used "
              f"{p['other_cpu_cores']:.2f} cores during the window")
     return {
-        "tail": w.tail, "config": config, "server": "splitinfer" if config in OURS else "mlserver",
+        "tail": w.tail, "config": config, "server": server_kind(config),
         "format": config_format(config), "concurrency": p["concurrency"],
         "throughput_rps": p["throughput_rps"], "p50_ms": lat["p50"], "p90_ms": lat["p90"],
         "p99_ms": lat["p99"], "mean_ms": lat["mean"], "max_ms": lat["max"],
@@ -733,7 +827,9 @@ def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int
             _log(f"{w.tail}: starting {config} ...")
             try:
                 if config in OURS:
-                    servers[config] = start_ours(w, s, config == "ours-batched", max(concurrency), workdir)
+                    servers[config] = start_ours(w, s, config, max(concurrency), workdir)
+                elif config in TRITON:
+                    servers[config], details["triton"] = start_triton(w, s, workdir)
                 else:
                     if venv is None:
                         raise RuntimeError("no MLServer environment")
@@ -746,7 +842,7 @@ def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int
         if "ours-b1" in servers and overhead_n:
             try:
                 details["grpc_overhead"], details["grpc_overhead_floor"] = measure_overhead(
-                    w, s, servers["ours-b1"].port, overhead_n, workdir)
+                    w, s, servers["ours-b1"].port, overhead_n, workdir, engine_of(s, OURS["ours-b1"]["engine"]))
             except Exception as exc:  # noqa: BLE001
                 failures["ours-b1"] = f"overhead: {type(exc).__name__}: {exc}"
                 _log(f"{w.tail}: overhead measurement FAILED: {failures['ours-b1'][:2000]}")
@@ -780,7 +876,7 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floo
     for r in rows:
         by.setdefault(r["config"], {})[r["concurrency"]] = r
     peak = {c: max((r["throughput_rps"] or 0.0) for r in pts.values()) for c, pts in by.items()}
-    ml = [c for c in by if c not in OURS]
+    ml = [c for c in by if c in MLSERVER_CONFIGS]
     ours = by.get("ours-batched", {})
 
     def versus(ref: str) -> dict:
@@ -793,6 +889,7 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floo
                                                                    by[ref][c]["throughput_rps"]) for c in common}}
 
     vs = {ref: versus(ref) for ref in ml} if ours else {}
+    vs_triton = {t: versus(t) for t in TRITON if t in by} if ours else {}
     best = max(vs, key=lambda c: peak[c]) if vs else None
     reference = "mlserver" if "mlserver" in vs else best
     best_p99 = {}
@@ -802,8 +899,17 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floo
             best_p99[c] = min(others)
     b1 = by.get("ours-b1", {})
     gain32 = _ratio(ours[32]["throughput_rps"], b1[32]["throughput_rps"]) if 32 in ours and 32 in b1 else None
+    triton_rows = [r for r in rows if r["config"] in TRITON]
     return {
         "peak_throughput_ratio_vs_mlserver": vs[reference]["peak_throughput_ratio"] if reference else None,
+        "peak_throughput_ratio_vs_mlserver_torch": (vs["mlserver-torch"]["peak_throughput_ratio"]
+                                                    if "mlserver-torch" in vs else None),
+        "overhead_above_floor_ms_p50": (round(overhead["grpc_overhead_ms_p50"] - floor["grpc_overhead_ms_p50"], 4)
+                                        if overhead and floor else None),
+        "compute_ratio_vs_main_thread": overhead.get("compute_ratio_vs_main_thread") if overhead else None,
+        "triton_served": bool(triton_rows) and all(r["all_ok"] and r["answers_match_reference"]
+                                                   for r in triton_rows) and not any(t in failures for t in TRITON),
+        "vs_triton": vs_triton,
         "batching_gain_at_32": gain32,
         "p99_never_worse_than_mlserver": vs[reference]["p99_never_worse"] if reference else None,
         "grpc_overhead_ms_p50": overhead["grpc_overhead_ms_p50"] if overhead else None,
@@ -847,7 +953,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="light tail, 1 and 4 clients, 1 s points (tests)")
     ap.add_argument("--tails", default=None, help=f"comma-separated from {','.join(TAILS)}")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated from {','.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated from {','.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)})")
+    ap.add_argument("--tail-engine", default="auto", help="the 'best' engine of every tail: auto (measured here, "
+                                                          "as the server's auto does) or torch/torchscript/onnxruntime")
     ap.add_argument("--concurrency", default=None, help="comma-separated client counts")
     ap.add_argument("--duration", type=float, default=None, help="measurement window per point, s")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up per point, s")
@@ -895,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
 
     venv_stamp = None
     venv = None
-    if any(c not in OURS for c in configs):
+    if any(c in MLSERVER_CONFIGS for c in configs):
         venv = args.mlserver_venv.resolve()
         venv_stamp = ensure_mlserver_venv(venv)
 
@@ -911,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                       else (max(5, OVERHEAD_REQUESTS[tail] // 20) if args.quick else OVERHEAD_REQUESTS[tail]))
         path, source = (light_bundle if tail == "light" else heavy_bundle)(workdir, args.rebuild)
         w = make_workload(tail, path, source, args.inputs)
+        s, engine_info = tail_engine_for(w, s, args.tail_engine)
+        per_tail[tail] = s
         _log(f"{tail}: {w.model_name} split {w.split} ({w.boundary_shape}), codec {w.codec}, payload "
              f"{statistics.fmean(len(p) for p in w.payloads):.0f} B; {len(configs)} configs x {len(concurrency)} "
              f"points x {warmup + duration:g} s")
@@ -925,7 +1036,8 @@ def main(argv: list[str] | None = None) -> int:
                                          if k.startswith("SPLITINFER_CLOUD_")},
                             "grpc_overhead": details.get("grpc_overhead"),
                             "grpc_overhead_floor": details.get("grpc_overhead_floor"),
-                            "mlserver_files": details["mlserver_files"]}
+                            "mlserver_files": details["mlserver_files"], "tail_engine": engine_info,
+                            "triton": details.get("triton")}
 
     out = {
         "summary": summary,
@@ -947,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
             "config_formats": {c: config_format(c) for c in configs},
             "mlserver": None if venv_stamp is None else {
                 "version": MLSERVER_VERSION, "venv": repo_path(venv), "environment": venv_stamp,
-                "configs": {c: MLSERVER_CONFIGS[c] for c in configs if c not in OURS},
+                "configs": {c: MLSERVER_CONFIGS[c] for c in configs if c in MLSERVER_CONFIGS},
                 "runtime": "bench.mlserver_runtime.SplitTailModel", "adaptive_batching": {
                     t: {"max_batch_size": st.batch_max_size, "max_batch_time_s": st.batch_max_delay_ms / 1e3}
                     for t, st in per_tail.items()},

@@ -78,7 +78,8 @@ class PythonRepository:
 def write_python_repository(bundle: str | Path, out: str | Path, *, model_name: str | None = None,
                             max_batch: int = 32, max_delay_us: int = 2000, torch_threads: int = 1,
                             tail_engine: str = "torch", python_env: str | Path | None = None, instances: int = 1,
-                            max_request_batch: int = 64, force: bool = False) -> PythonRepository:
+                            max_request_batch: int = 64, engine_splits: list[int] | None = None,
+                            force: bool = False) -> PythonRepository:
     """Write the ensemble repository (see the module docstring) for ``bundle`` into ``out``."""
     bundle = Path(bundle)
     plan = read_plan(bundle)  # a broken bundle fails here, before anything is written
@@ -99,7 +100,8 @@ def write_python_repository(bundle: str | Path, out: str | Path, *, model_name: 
     copy = out / f"{name}_tail" / "1" / "bundle"
     shutil.copytree(bundle, copy)
     common = {"BUNDLE": f"{name}_tail/1/bundle", "EXECUTION_ENV_PATH": str(env), "TORCH_THREADS": str(torch_threads),
-              "MAX_REQUEST_BATCH": str(max_request_batch), "TAIL_ENGINE": tail_engine}
+              "MAX_REQUEST_BATCH": str(max_request_batch), "TAIL_ENGINE": tail_engine,
+              "TAIL_ENGINE_SPLITS": ",".join(map(str, engine_splits or []))}
     features = '{ name: "features" data_type: TYPE_UINT8 dims: [ -1 ] }'
     logits = '{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1 ] }'
     _python_model(out, f"{name}_decode", "decode", 0, features,

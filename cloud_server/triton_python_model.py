@@ -54,9 +54,10 @@ class TritonPythonModel:
         if self.role not in ("decode", "tail"):
             raise ValueError(f"config parameter ROLE must be decode or tail, not {self.role!r}")
         bundle = Path(args["model_repository"]).parent / _param(config, "BUNDLE")
+        splits = _param(config, "TAIL_ENGINE_SPLITS")
         self.tail = TailRuntime(load_bundle(bundle), max_batch=int(_param(config, "MAX_REQUEST_BATCH", "64")),
                                 engine=_param(config, "TAIL_ENGINE", "torch") if self.role == "tail" else "torch",
-                                threads=threads)
+                                threads=threads, engine_splits=[int(k) for k in splits.split(",")] if splits else None)
         pb_utils.Logger.log_info(f"splitinfer {self.role}: {self.tail.model_name} from {bundle}, torch "
                                  f"{torch.__version__}, numpy {np.__version__}, {threads} thread(s), engines "
                                  f"{ {k: e.name for k, e in self.tail.engines.items()} }")

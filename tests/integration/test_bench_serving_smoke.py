@@ -1,5 +1,6 @@
-"""Smoke test of ``bench.serving --quick``: our server (batched and batch 1) serves the light tail to the load
-generator, and the JSON has the promised structure. No timing is asserted.
+"""Smoke test of ``bench.serving --quick``: our server (batched and batch 1) and the real Triton running our
+Python-backend export serve the light tail to the load generator with the tail engine the bench measured best,
+and the JSON has the promised structure. No timing is asserted.
 
 MLServer is part of the run only with ``SPLITINFER_TEST_MLSERVER=1``: its own environment
 (``runs/.venv-mlserver``, a ``pip install`` of mlserver 1.7.1 with torch) takes ~6 GB of disk and ~2 min on first
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SUMMARY_KEYS = ("peak_throughput_ratio_vs_mlserver", "batching_gain_at_32", "p99_never_worse_than_mlserver",
+SUMMARY_KEYS = ("peak_throughput_ratio_vs_mlserver", "peak_throughput_ratio_vs_mlserver_torch",
+                "p99_ratio_max_vs_mlserver", "overhead_above_floor_ms_p50", "compute_ratio_vs_main_thread",
+                "triton_served", "answers_match_reference", "batching_gain_at_32", "p99_never_worse_than_mlserver",
                 "grpc_overhead_ms_p50")
 
 
@@ -27,7 +30,7 @@ SUMMARY_KEYS = ("peak_throughput_ratio_vs_mlserver", "batching_gain_at_32", "p99
 @pytest.mark.timeout(1800)
 def test_quick_serving_benchmark(tmp_path):
     with_mlserver = os.environ.get("SPLITINFER_TEST_MLSERVER") == "1"
-    configs = ["ours-batched", "ours-b1"] + (["mlserver"] if with_mlserver else [])
+    configs = ["ours-batched", "ours-b1", "triton-python"] + (["mlserver"] if with_mlserver else [])
     out = tmp_path / "serving.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "bench.serving", "--quick", "--out", str(out),
@@ -48,6 +51,11 @@ def test_quick_serving_benchmark(tmp_path):
         assert light["p99_never_worse_than_mlserver"] is None
         assert light["peak_throughput_ratio_vs_mlserver"] is None
     assert isinstance(light["grpc_overhead_ms_p50"], float)
+    assert light["overhead_above_floor_ms_p50"] == round(light["grpc_overhead_ms_p50"]
+                                                         - light["grpc_overhead_floor_ms_p50"], 4)
+    assert light["compute_ratio_vs_main_thread"] > 0  # the server reports its compute time in every answer
+    assert light["triton_served"] is True  # every answer of the real Triton OK and equal to the reference
+    assert set(light["vs_triton"]) == {"triton-python"}
     # the floor: a bare grpc.aio server running the same decode + tail answered every request
     assert isinstance(light["grpc_overhead_floor_ms_p50"], float)
     assert light["bare_rpc_ms_p50"] > 0
@@ -65,6 +73,10 @@ def test_quick_serving_benchmark(tmp_path):
     else:
         assert settings["mlserver"] is None
     tail = settings["tails"]["light"]
+    engine = tail["tail_engine"]
+    assert engine["engine"] in ("torch", "torchscript", "onnxruntime") and engine["split"] == tail["split"]
+    assert set(engine["timings_ms"]) == {"torch", "torchscript", "onnxruntime"} and "fastest" in engine["reason"]
+    assert tail["triton"]["tail_engine"] == engine["engine"]
     assert tail["model"] == "default" and tail["split"] > 0
     assert tail["grpc_overhead"]["requests"] > 0
     assert tail["grpc_overhead_floor"]["requests"] == tail["grpc_overhead"]["requests"]
