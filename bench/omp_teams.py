@@ -15,7 +15,8 @@ the children alternating round by round so that the machine's slower and faster 
 
 Per layout: p50 and p90 of the wall time of one forward pass and the voluntary context switches per pass
 (``getrusage``: threads going to sleep between the forward's parallel regions). Summary: ``before_vs_main`` and
-``after_vs_main`` (p50 ratios, pooled over rounds) and the context switches.
+``after_vs_main`` (ratios of the medians over rounds), ``before_vs_after_per_round`` (within each round: the
+machine's slower and faster phases move all layouts of a round alike) and the context switches.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def child(layout: str, runs: int) -> dict:
             "involuntary_switches_per_run": round((r1.ru_nivcsw - r0.ru_nivcsw) / runs, 1)}
 
 
+def _p50(rows: list[dict], rnd: int, layout: str) -> float:
+    return next(row["ms_p50"] for row in rows if row["round"] == rnd and row["layout"] == layout)
+
+
 def run(rounds: int, runs: int) -> dict:
     """Alternate the layouts' child processes for ``rounds`` rounds; returns rows and a summary."""
     rows = []
@@ -109,6 +114,8 @@ def run(rounds: int, runs: int) -> dict:
                "ms_p50": {k: round(v, 3) for k, v in p50.items()},
                "before_vs_main": round(p50["before"] / p50["main"], 3),
                "after_vs_main": round(p50["after"] / p50["main"], 3),
+               "before_vs_after_per_round": [round(_p50(rows, r, "before") / _p50(rows, r, "after"), 3)
+                                             for r in range(rounds)],
                "voluntary_switches_per_run": vcs}
     return {"summary": summary, "rows": rows}
 
