@@ -451,9 +451,19 @@ def _torch_bundle_engine(settings: EdgeSettings) -> HeadEngine:
     """Load the bundle with torch (threads set, a CUDA build noted) and build the engine settings ask for."""
     import torch
 
+    torch.set_num_threads(settings.torch_threads)
+    if settings.torch_threads > 1:  # load in a thread that ends: its OpenMP team must not outlive the load
+        from splitinfer.omp_teams import call_in_own_thread  # beside the inference worker's (omp_teams.py)
+
+        return call_in_own_thread(_torch_bundle_engine_now, settings, name="load-bundle")
+    return _torch_bundle_engine_now(settings)
+
+
+def _torch_bundle_engine_now(settings: EdgeSettings) -> HeadEngine:
+    import torch
+
     from splitinfer.bundle import load_bundle
 
-    torch.set_num_threads(settings.torch_threads)
     if torch.version.cuda:  # the agent never uses a GPU; CUDA's libraries alone hold ~330 MB of its memory
         log.info("torch %s is a CUDA build (CUDA %s): on a device without a GPU, a CPU-only torch "
                  "(pip install --index-url https://download.pytorch.org/whl/cpu torch) uses ~470 MB less memory, "

@@ -17,7 +17,9 @@ another.
 The rules the daemons follow (this module is how):
 
 * torch work of a daemon runs on its compute threads only; one-off torch work (loading a bundle, warming it up)
-  runs in :func:`run_in_own_thread`: a fresh thread that **exits** afterwards, which releases its team.
+  runs in :func:`run_in_own_thread` (or :func:`call_in_own_thread`, synchronous): a fresh thread that **exits**
+  afterwards, which releases its team. The edge agent loads its bundle so when its head uses more than one
+  intra-op thread (its default is 1: no teams at all).
 * ``workers x intra-op threads`` should not exceed the usable cores (:func:`oversubscribed`); the cloud server
   picks its default intra-op threads that way and warns when the settings oversubscribe.
 * a short job may run on the event loop only when the intra-op threads are 1 (then no team is created).
@@ -82,3 +84,22 @@ async def run_in_own_thread(fn: Callable[..., T], *args: object, name: str = "on
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return await future
+
+
+def call_in_own_thread(fn: Callable[..., T], *args: object, name: str = "oneshot") -> T:
+    """Synchronous :func:`run_in_own_thread`: run ``fn(*args)`` in a new thread, wait for it to end (its OpenMP
+    team goes with it) and return its result or raise its exception."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]

@@ -355,3 +355,27 @@ def test_probes_wait_for_an_idle_agent_unless_the_last_probe_is_too_old(base_bun
         assert rt.needs_probe()  # the last probe (at start) is older than probe_max_interval_s: probe anyway
     finally:
         rt.close()
+
+
+def test_a_multithreaded_head_is_loaded_in_a_thread_that_ends(bundle_dir, monkeypatch):
+    """With torch_threads > 1 the bundle loads in a one-off thread (its OpenMP team must not stay beside the
+    inference worker's: splitinfer/omp_teams.py); with 1, where no team exists, in the caller's."""
+    import threading
+
+    from edge_agent import runtime as edge_runtime
+    from edge_agent.settings import EdgeSettings
+
+    seen: list[str] = []
+    real = edge_runtime._torch_bundle_engine_now
+    monkeypatch.setattr(edge_runtime, "_torch_bundle_engine_now",
+                        lambda s: seen.append(threading.current_thread().name) or real(s))
+    before = torch.get_num_threads()
+    try:
+        settings = EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1", torch_threads=2)
+        engine = edge_runtime._torch_bundle_engine(settings)
+        assert engine is not None and seen == ["load-bundle"]
+        assert not [t for t in threading.enumerate() if t.name == "load-bundle"]
+        edge_runtime._torch_bundle_engine(EdgeSettings(bundle=bundle_dir, server="127.0.0.1:1", torch_threads=1))
+        assert seen[-1] == threading.current_thread().name
+    finally:
+        torch.set_num_threads(before)

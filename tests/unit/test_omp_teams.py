@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from splitinfer.omp_teams import default_threads, oversubscribed, run_in_own_thread, usable_cpus
+from splitinfer.omp_teams import (
+    call_in_own_thread,
+    default_threads,
+    oversubscribed,
+    run_in_own_thread,
+    usable_cpus,
+)
 
 
 def test_run_in_own_thread_returns_and_the_thread_ends():
@@ -49,3 +55,16 @@ def test_thread_count_rules():
     assert not oversubscribed(1, 2, cpus=2)
     assert oversubscribed(2, 2, cpus=2)
     assert oversubscribed(1, 4, cpus=2)
+
+
+def test_call_in_own_thread_is_the_synchronous_form():
+    names: list[str] = []
+
+    def work(x: int) -> int:
+        names.append(threading.current_thread().name)
+        return 2 * x
+
+    assert call_in_own_thread(work, 21, name="probe-sync") == 42
+    assert names == ["probe-sync"] and not [t for t in threading.enumerate() if t.name == "probe-sync"]
+    with pytest.raises(KeyError):
+        call_in_own_thread(lambda: {}["missing"])
