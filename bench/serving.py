@@ -191,8 +191,12 @@ MLSERVER_VERSION = "1.7.1"
 TAILS = ("light", "heavy")
 # Our server's configurations: batching on/off and the tail engine ("best": the one this bench measured fastest
 # for the tail, see tail_engine_for; "torch": eager).
-OURS = {"ours-batched": {"batched": True, "engine": "best"}, "ours-torch": {"batched": True, "engine": "torch"},
-        "ours-b1": {"batched": False, "engine": "best"}}
+# "processes": None is the tail's setting (TAIL_SETTINGS); "ours-p1" is ours-batched in one process (skipped where
+# the tail's setting is already 1).
+OURS = {"ours-batched": {"batched": True, "engine": "best", "processes": None},
+        "ours-p1": {"batched": True, "engine": "best", "processes": 1},
+        "ours-torch": {"batched": True, "engine": "torch", "processes": None},
+        "ours-b1": {"batched": False, "engine": "best", "processes": None}}
 # MLServer configurations: request format, parallel_workers, torch intra-op threads / batch threads per
 # process (None: the same as ours) and the tail engine (as ours).
 MLSERVER_CONFIGS = {
@@ -494,7 +498,7 @@ def build_request(w: Workload, i: int, fmt: str) -> bytes:
 # compute-bound: one batch at a time on both cores (2 intra-op threads) keeps every queued request in the next
 # batch; with 2 workers x 1 thread, the queue split into two cohorts of unequal batches and p99 suffered.
 TAIL_SETTINGS = {
-    "light": {"torch_threads": 1, "workers": 2, "batch_max_size": 32, "batch_max_delay_ms": 2.0},
+    "light": {"torch_threads": 1, "workers": 2, "batch_max_size": 32, "batch_max_delay_ms": 2.0, "processes": 2},
     "heavy": {"torch_threads": 2, "workers": 1, "batch_max_size": 32, "batch_max_delay_ms": 2.0},
 }
 
@@ -511,6 +515,7 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     gil_switch_interval_ms: float | None = None  # sys.setswitchinterval in the server process (None: Python's 5 ms)
     inline_compute_max_ms: float | None = None  # ours only (a scheduling feature of our server); None: its default
+    processes: int = 1  # ours only: server processes sharing the port (workers and torch_threads are per process)
     tail_engine: str = "torch"  # the "best" engine of this tail (tail_engine_for), given to every server alike
     tail_engine_split: int | None = None  # the split the engine is built for (the workload's)
 
@@ -528,7 +533,8 @@ def engine_of(s: Settings, which: str) -> str:
     return s.tail_engine if which == "best" else which
 
 
-def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "best") -> dict:
+def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "best",
+            processes: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_CLOUD_")}
     env.update({
         "PYTHONPATH": str(ROOT),
@@ -542,6 +548,7 @@ def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "bes
         "SPLITINFER_CLOUD_MAX_MESSAGE_BYTES": str(s.max_message_bytes),
         "SPLITINFER_CLOUD_LOG_LEVEL": "warning",
         "SPLITINFER_CLOUD_TAIL_ENGINE": engine_of(s, engine),
+        "SPLITINFER_CLOUD_PROCESSES": str(s.processes if processes is None else processes),
     })
     if s.tail_engine_split is not None:
         env["SPLITINFER_CLOUD_TAIL_ENGINE_SPLITS"] = json.dumps([s.tail_engine_split])
@@ -570,8 +577,8 @@ def start_ours(w: Workload, s: Settings, config: str, max_concurrency: int, logd
     return launch("splitinfer cloud serve",
                   [sys.executable, "-m", "splitinfer", "cloud", "serve", "--bundle", str(w.bundle.resolve()), "--host",
                    "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
-                  our_env(s, cfg["batched"], max_concurrency, cfg["engine"]), logdir / f"{w.tail}-{config}.log", ROOT,
-                  port, w.model_name)
+                  our_env(s, cfg["batched"], max_concurrency, cfg["engine"], cfg["processes"]),
+                  logdir / f"{w.tail}-{config}.log", ROOT, port, w.model_name)
 
 
 def start_triton(w: Workload, s: Settings, logdir: Path) -> tuple[Server, dict]:
@@ -824,6 +831,10 @@ def run_tail(w: Workload, configs: list[str], s: Settings, concurrency: list[int
     points: dict[str, list[dict]] = {c: [] for c in configs}
     try:
         for config in configs:
+            if config in OURS and OURS[config]["processes"] == s.processes and config != "ours-batched" \
+                    and OURS[config] == {**OURS["ours-batched"], "processes": s.processes}:
+                _log(f"{w.tail}: {config} is ours-batched here (processes {s.processes}); not run twice")
+                continue
             _log(f"{w.tail}: starting {config} ...")
             try:
                 if config in OURS:
@@ -968,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gil-switch-interval-ms", type=float, default=None, help="every tail (default per tail)")
     ap.add_argument("--inline-compute-max-ms", type=float, default=None,
                     help="our server, every tail (default: the server's own)")
+    ap.add_argument("--processes", type=int, default=None, help="our server's processes, every tail (default per "
+                    "tail)")
     ap.add_argument("--overhead-requests", type=int, default=None)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_serving")
     ap.add_argument("--mlserver-venv", type=Path, default=ROOT / "runs" / ".venv-mlserver")
@@ -986,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = ([int(c) for c in args.concurrency.split(",")] if args.concurrency
                    else list(QUICK_CONCURRENCY if args.quick else CONCURRENCY))
     overrides = {k: getattr(args, k) for k in ("torch_threads", "workers", "batch_max_size", "batch_max_delay_ms",
-                                               "gil_switch_interval_ms", "inline_compute_max_ms")
+                                               "gil_switch_interval_ms", "inline_compute_max_ms", "processes")
                  if getattr(args, k) is not None}
     per_tail = {t: Settings(**{**TAIL_SETTINGS[t], **overrides}) for t in tails}
     workdir = args.workdir.resolve()

@@ -49,6 +49,8 @@ def serve(
                                                     help="Dynamic batching: longest wait for a batch to fill "
                                                          "(default 2)."),
     workers: int | None = typer.Option(None, "--workers", help="Batches computed at once (default 2)."),
+    processes: int | None = typer.Option(None, "--processes", help="Server processes sharing the port (default 1; "
+                                         "more escape one process's GIL: see docs/cloud-server.md)."),
     inline_compute_max_ms: float | None = typer.Option(
         None, "--inline-compute-max-ms", help="When idle, run a lone request whose measured compute is at most "
                                               "this long on the event loop (default 5; 0: never)."),
@@ -87,7 +89,8 @@ def serve(
     overrides = {"bundle": bundle, "model_repository": model_repository, "host": host, "port": port,
                  "metrics_port": metrics_port, "max_request_batch": max_request_batch,
                  "batch_max_size": batch_max_size,
-                 "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "torch_threads": torch_threads,
+                 "batch_max_delay_ms": batch_max_delay_ms, "workers": workers, "processes": processes,
+                 "torch_threads": torch_threads,
                  "inline_compute_max_ms": inline_compute_max_ms, "tail_engine": tail_engine,
                  "tail_engine_splits": _int_list(tail_engine_splits, "--tail-engine-splits"),
                  "decoder_engine": decoder_engine,

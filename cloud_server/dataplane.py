@@ -27,7 +27,7 @@ import splitinfer
 from cloud_server.auth import ClientLimiter
 from cloud_server.batcher import Batcher, BatchKey, Job
 from cloud_server.decode import Staged
-from cloud_server.errors import Overloaded
+from cloud_server.errors import ModelControlOff, Overloaded
 from cloud_server.metrics import ServerMetrics
 from cloud_server.repository import IndexEntry, ModelFactory, ModelRepository, ServedModel
 from cloud_server.tail import TailRuntime
@@ -35,6 +35,7 @@ from splitinfer import wire
 from splitinfer.bundle import load_bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import InvalidInput, NotFound, Unavailable
+from splitinfer.finite import all_finite
 from splitinfer.gc_freeze import freeze_loaded
 from splitinfer.protocol.converters import (
     InferRequest,
@@ -103,8 +104,9 @@ class DataPlane:
     """Request logic over the models of a repository."""
 
     def __init__(self, repository: ModelRepository, metrics: ServerMetrics | None = None,
-                 max_inflight: int = 256, limiter: ClientLimiter | None = None):
+                 max_inflight: int = 256, limiter: ClientLimiter | None = None, model_control: bool = True):
         self.repository = repository
+        self.model_control = model_control  # repository load/unload allowed (off in multi-process servers)
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.limiter = limiter or ClientLimiter(0)
@@ -189,6 +191,7 @@ class DataPlane:
 
     async def load_model(self, name: str) -> None:
         """(Re)load a model from the repository."""
+        self._check_model_control("load")
         if self.draining:
             raise Unavailable("server is shutting down")
         try:
@@ -199,11 +202,18 @@ class DataPlane:
 
     async def unload_model(self, name: str) -> None:
         """Unload a model after its queued requests are answered."""
+        self._check_model_control("unload")
         try:
             await self.repository.unload(name)
         finally:
             freeze_loaded()
             await self._models_changed()
+
+    def _check_model_control(self, what: str) -> None:
+        if not self.model_control:
+            raise ModelControlOff(f"cannot {what} models while the server runs several processes (--processes): "
+                                  "each has its own copy of the models; change the repository and restart the "
+                                  "server")
 
     async def _models_changed(self) -> None:
         if self.on_models_changed is not None:
@@ -237,7 +247,7 @@ class DataPlane:
                 result = await model.batcher.submit(job)
             finally:
                 self.inflight -= 1
-        if not np.isfinite(result.logits).all():
+        if not all_finite(result.logits):
             raise InvalidInput("the features decode to values the tail cannot handle: non-finite logits "
                                "(corrupted or out-of-range payload)")
         self.completed += 1

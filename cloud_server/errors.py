@@ -10,6 +10,7 @@ Unavailable          UNAVAILABLE
 DeadlineExceeded     DEADLINE_EXCEEDED
 Unauthenticated      UNAUTHENTICATED
 BundleError          FAILED_PRECONDITION (a model in the repository cannot be loaded)
+ModelControlOff      FAILED_PRECONDITION (load/unload in a multi-process server)
 anything else        INTERNAL (traceback logged, details hidden from the client)
 ===================  =====================
 
@@ -27,6 +28,7 @@ from splitinfer.errors import (
     DeadlineExceeded,
     InvalidInput,
     NotFound,
+    SplitInferError,
     Unauthenticated,
     Unavailable,
 )
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class Overloaded(Unavailable):
     """Too many requests in flight; the client should back off or go elsewhere."""
+
+
+class ModelControlOff(SplitInferError):
+    """Loading or unloading models is off (a server of several processes: each holds its own models)."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -52,7 +58,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, BundleError):
+    if isinstance(exc, (BundleError, ModelControlOff)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     log.error("unexpected error while serving a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"

@@ -42,6 +42,7 @@ class ServerMetrics:
 
     def __init__(self, model_names: str | list[str] = (), registry: CollectorRegistry | None = None):
         self.models: set[str] = set()
+        self._series: dict[str, _ModelSeries] = {}  # label -> its resolved children (labels() per call is slow)
         self._version_depths: dict[str, dict[str, int]] = {}  # model -> version -> requests queued
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -60,12 +61,13 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "splitinfer_server_queue_depth", "Requests waiting in the batch queues now (all versions).", ["model"],
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.requests = Counter(
             "splitinfer_server_requests", "Inference requests answered, by model and gRPC status code.",
             ["model", "code"], registry=r)
         self.inflight = Gauge(
-            "splitinfer_server_inflight_requests", "Inference requests being processed now.", registry=r)
+            "splitinfer_server_inflight_requests", "Inference requests being processed now.", registry=r,
+            multiprocess_mode="livesum")
         self.request_bytes = Counter(
             "splitinfer_server_request_bytes", "Serialized size of received inference requests, in bytes.",
             ["model"], registry=r)
@@ -85,10 +87,11 @@ class ServerMetrics:
     def queue_depth_reporter(self, name: str, version: str) -> Callable[[int], None]:
         """A callback for one version's batcher: the ``model`` gauge shows the sum over the model's versions."""
         depths = self._version_depths.setdefault(name, {})
+        gauge = self.queue_depth.labels(name)
 
         def report(depth: int) -> None:
             depths[version] = depth
-            self.queue_depth.labels(name).set(sum(depths.values()))
+            gauge.set(sum(depths.values()))
 
         return report
 
@@ -102,6 +105,12 @@ class ServerMetrics:
             fam.labels(name)
         self.requests.labels(name, "OK")
 
+    def _series_of(self, label: str) -> _ModelSeries:
+        series = self._series.get(label)
+        if series is None:
+            series = self._series[label] = _ModelSeries(self, label)
+        return series
+
     def model_label(self, name: str) -> str:
         """``name`` when it is a served model, else ``unknown`` (keeps label cardinality bounded)."""
         return name if name in self.models else UNKNOWN_MODEL
@@ -114,22 +123,22 @@ class ServerMetrics:
             self.link_probes.labels(code).inc()
             self.link_probe_bytes.inc(request_bytes)
             return
-        label = self.model_label(model)
-        self.requests.labels(label, code).inc()
-        self.request_duration.labels(label).observe(seconds)
-        self.request_bytes.labels(label).inc(request_bytes)
+        series = self._series_of(self.model_label(model))
+        series.requests(code).inc()
+        series.request_duration.observe(seconds)
+        series.request_bytes.inc(request_bytes)
         if response_bytes:
-            self.response_bytes.labels(label).inc(response_bytes)
+            series.response_bytes.inc(response_bytes)
 
     def observe_queue(self, model: str, queue_s: float) -> None:
         """Record how long one request waited for its batch."""
-        self.queue_duration.labels(self.model_label(model)).observe(queue_s)
+        self._series_of(self.model_label(model)).queue_duration.observe(queue_s)
 
     def observe_batch(self, model: str, samples: int, compute_s: float) -> None:
         """Record one tail run over a batch of ``samples``."""
-        label = self.model_label(model)
-        self.compute_duration.labels(label).observe(compute_s)
-        self.batch_size.labels(label).observe(samples)
+        series = self._series_of(self.model_label(model))
+        series.compute_duration.observe(compute_s)
+        series.batch_size.observe(samples)
 
     def render(self) -> bytes:
         """The exposition text of every family (what ``/metrics`` serves)."""
@@ -137,7 +146,34 @@ class ServerMetrics:
 
     def serve(self, host: str, port: int) -> MetricsEndpoint:
         """Start the ``/metrics`` HTTP endpoint on ``host:port`` (daemon thread)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = server.server_address[1]
-        log.info("metrics endpoint listening", extra={"fields": {"host": host, "port": bound}})
-        return MetricsEndpoint(host=host, port=bound, _server=server, _thread=thread)
+        return serve_registry(self.registry, host, port)
+
+
+class _ModelSeries:
+    """One ``model`` label's children of every family, resolved once."""
+
+    def __init__(self, metrics: ServerMetrics, label: str):
+        self.label = label
+        self._metrics = metrics
+        self.request_duration = metrics.request_duration.labels(label)
+        self.queue_duration = metrics.queue_duration.labels(label)
+        self.compute_duration = metrics.compute_duration.labels(label)
+        self.batch_size = metrics.batch_size.labels(label)
+        self.request_bytes = metrics.request_bytes.labels(label)
+        self.response_bytes = metrics.response_bytes.labels(label)
+        self._requests: dict[str, Counter] = {}
+
+    def requests(self, code: str):
+        """The request counter's child for this model and ``code``."""
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.requests.labels(self.label, code)
+        return child
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+    """Serve ``registry`` on ``http://host:port/metrics`` (a daemon thread); logs the bound port."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_address[1]
+    log.info("metrics endpoint listening", extra={"fields": {"host": host, "port": bound}})
+    return MetricsEndpoint(host=host, port=bound, _server=server, _thread=thread)

@@ -93,14 +93,18 @@ def server_credentials(settings: CloudSettings) -> grpc.ServerCredentials | None
 class CloudServer:
     """A configured, not yet started server; ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: CloudSettings):
+    def __init__(self, settings: CloudSettings, process: tuple[int, int] | None = None):
+        """``process`` = (index, count) makes this one of ``count`` worker processes sharing the port
+        (:mod:`cloud_server.processes`): bound with ``SO_REUSEPORT``, model control off, CPUs shared."""
         if settings.bundle is None and settings.model_repository is None:
             raise BundleError("no model given: pass --bundle DIR or --model-repository DIR (or set "
                               "SPLITINFER_CLOUD_BUNDLE / SPLITINFER_CLOUD_MODEL_REPOSITORY)")
         self.settings = settings
-        self.torch_threads = settings.torch_threads or default_threads(settings.workers)
+        self.process = process
+        processes = process[1] if process else 1
+        self.torch_threads = settings.torch_threads or default_threads(settings.workers * processes)
         torch.set_num_threads(self.torch_threads)
-        if oversubscribed(settings.workers, self.torch_threads):
+        if oversubscribed(settings.workers * processes, self.torch_threads):
             log.warning("workers x torch_threads exceeds the CPUs: OpenMP then stops spin-waiting between ops and "
                         "every op pays a thread wake-up (the tail runs ~1.5x slower); lower one of them",
                         extra={"fields": {"workers": settings.workers, "torch_threads": self.torch_threads,
@@ -122,7 +126,8 @@ class CloudServer:
         factory = served_model_factory(self.executor, policy, settings.max_request_batch, self.metrics, engines)
         self.repository = ModelRepository(factory, root=settings.model_repository, bundle=settings.bundle)
         self.dataplane = DataPlane(self.repository, self.metrics, max_inflight=settings.max_inflight,
-                                   limiter=ClientLimiter(settings.max_concurrency_per_client))
+                                   limiter=ClientLimiter(settings.max_concurrency_per_client),
+                                   model_control=process is None)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -136,7 +141,8 @@ class CloudServer:
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # one process owns its port; worker processes of one server share it (cloud_server/processes.py)
+            ("grpc.so_reuseport", 1 if self.process else 0),
             # persistent streams: accept the edge's keepalive pings (every 30 s) instead of answering
             # GOAWAY too_many_pings after two of them
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
@@ -176,8 +182,9 @@ class CloudServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await self.sync_model_health()
         self.dataplane.on_models_changed = self.sync_model_health
-        log.info("cloud server ready", extra={"fields": {
-            "host": s.host, "port": port, "tls": self.credentials is not None,
+        log.info("worker process ready" if self.process else "cloud server ready", extra={"fields": {
+            "host": s.host, "port": port, "process": list(self.process) if self.process else None,
+            "tls": self.credentials is not None,
             "mutual_tls": s.tls_client_ca is not None, "auth": self.auth.required,
             "metrics_port": self.metrics_endpoint.port if self.metrics_endpoint else None,
             "models": {n: sorted(v, key=int) for n, v in self.repository.models.items()},
@@ -223,10 +230,14 @@ class CloudServer:
             await self.server.wait_for_termination()
 
 
-async def run(settings: CloudSettings) -> None:
-    """Start the server, wait for SIGTERM/SIGINT, then drain and stop."""
-    server = CloudServer(settings)
+async def run(settings: CloudSettings, process: tuple[int, int] | None = None,
+              ready_file: Path | None = None) -> None:
+    """Start the server, wait for SIGTERM/SIGINT, then drain and stop (``process``: see :class:`CloudServer`;
+    ``ready_file`` is created once serving, for a supervisor)."""
+    server = CloudServer(settings, process)
     await server.start()
+    if ready_file is not None:
+        ready_file.touch()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -236,14 +247,19 @@ async def run(settings: CloudSettings) -> None:
     await server.stop()
 
 
-def serve(settings: CloudSettings) -> int:
-    """Run the server until a signal; returns the process exit code (0 on a clean shutdown)."""
+def serve(settings: CloudSettings, process: tuple[int, int] | None = None, ready_file: Path | None = None) -> int:
+    """Run the server until a signal; returns the process exit code (0 on a clean shutdown). With
+    ``settings.processes`` > 1 this process supervises that many worker processes (:mod:`cloud_server.processes`)."""
     configure_logging(settings.log_level)
+    if settings.processes > 1 and process is None:
+        from cloud_server.processes import supervise
+
+        return supervise(settings)
     tune_allocator()
     if settings.gil_switch_interval_ms is not None:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, process, ready_file))
     except (BundleError, ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc, extra={"fields": {"error": type(exc).__name__}})
         return 2

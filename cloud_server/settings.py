@@ -51,6 +51,11 @@ class CloudSettings(RenamingSettings):
                                                         "RESOURCE_EXHAUSTED.")
     workers: int = Field(2, ge=1, description="Batches computed at once, each in its own thread (the event "
                                               "loop stays free).")
+    processes: int = Field(1, ge=1, le=64, description="Server processes sharing the gRPC port (SO_REUSEPORT; "
+                           "the kernel spreads client connections over them), each with its own event loop, "
+                           "batcher and workers, under one supervisor that serves /metrics for all. Above 1, "
+                           "loading and unloading models through the repository API is off. See "
+                           "cloud_server/processes.py.")
     inline_compute_max_ms: float = Field(5.0, ge=0, le=50, description="When the server is idle, run a lone "
                                          "one-sample request on the event loop instead of a worker thread if such "
                                          "runs have taken at most this long (saves the thread hand-off and GIL "
@@ -69,8 +74,9 @@ class CloudSettings(RenamingSettings):
                                                             "without a valid 'authorization: Bearer' get "
                                                             "UNAUTHENTICATED.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker (None: the "
-                                      "CPUs divided by workers, at least 1; workers x torch_threads above the CPUs "
-                                      "makes every op ~1.5x slower, see splitinfer/omp_teams.py). Above 1, lone "
+                                      "CPUs divided by workers x processes, at least 1; workers x processes x "
+                                      "torch_threads above the CPUs makes every op ~1.5x slower, see "
+                                      "splitinfer/omp_teams.py). Above 1, lone "
                                       "jobs never run inline on the event loop.")
     tail_engine: Literal["torch", "torchscript", "onnxruntime", "auto"] = Field(
         "torch", description="What runs the tail at the plan's split, its operating points' splits and the "

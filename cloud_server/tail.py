@@ -19,6 +19,7 @@ from splitinfer.bottleneck import LearnedCodec
 from splitinfer.bundle import Bundle
 from splitinfer.codec import shape_from_str
 from splitinfer.errors import BundleError, InvalidInput
+from splitinfer.finite import all_finite
 
 
 class TailRuntime:
@@ -171,7 +172,7 @@ class TailRuntime:
                                  f"boundary {split}")
         if x.dtype != torch.float32:
             x = x.to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise InvalidInput("decoded features contain NaN or infinite values")
         return x
 
@@ -202,7 +203,7 @@ class TailRuntime:
         """A validated float32 copy of a normalised input ``[B, *plan.input.shape]``."""
         self.check_input_shape(x)
         t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidInput("input contains NaN or infinite values")
         return t
 

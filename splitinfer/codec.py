@@ -32,6 +32,7 @@ from splitinfer.codec_numpy import (  # noqa: F401 - MAX_ELEMENTS and the shape 
     uint8_granularity,
 )
 from splitinfer.errors import InvalidInput
+from splitinfer.finite import all_finite
 from splitinfer.plan import GENERIC_CODECS
 
 
@@ -78,7 +79,7 @@ class UInt8AffineCodec:
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, Meta]:
         x = tensor.detach().to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise InvalidInput("cannot encode features holding NaN or infinite values")
         if x.ndim < 2:
             raise InvalidInput(f"uint8-affine needs a tensor with a channel dimension, got shape {list(x.shape)}")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from splitinfer.finite import all_finite
 from splitinfer.staged import StagedModel
 
 if TYPE_CHECKING:
@@ -43,4 +44,4 @@ class TorchStages:
         return self.exits[boundary](h).detach().float().numpy()
 
     def all_finite(self, h: torch.Tensor) -> bool:
-        return bool(torch.isfinite(h).all())
+        return all_finite(h)

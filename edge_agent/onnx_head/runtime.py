@@ -25,6 +25,7 @@ from edge_agent.onnx_head.manifest import (
 from splitinfer.codec_numpy import LearnedEncoder, NumpyEncoder
 from splitinfer.codec_numpy import numpy_codec as _numpy_codec
 from splitinfer.errors import ConfigError, InvalidInput
+from splitinfer.finite import all_finite
 from splitinfer.head import ExitPolicy
 from splitinfer.onnx_util import session
 from splitinfer.plan import Plan, boundaries_text
@@ -225,7 +226,7 @@ class OnnxHead:
 
     def all_finite(self, h: np.ndarray) -> bool:
         """True when ``h`` holds no NaN or infinite value."""
-        return bool(np.isfinite(h).all())
+        return all_finite(h)
 
     @property
     def learned_boundaries(self) -> list[int]:
