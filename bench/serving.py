@@ -19,8 +19,8 @@ For each input the edge's work is done once, in this process (head up to the spl
 (``TailRuntime.decode_features`` + ``run_tail``). Bundles are reused from the work directory when they load
 (``--rebuild`` plans them again).
 
-Servers and configurations (``--configs``, default ``ours-batched,ours-torch,ours-b1,mlserver,mlserver-torch,
-triton-python``)
+Servers and configurations (``--configs``, default ``ours-batched,ours-p1,ours-torch,ours-b1,mlserver,mlserver-torch,
+mlserver-pw2,triton-python``)
 ------------------------------------------------------------------------------------------------------------
 **Tail engine.** Before a tail's servers start, the bench picks its "best" engine (``--tail-engine auto``, the
 default: :func:`cloud_server.tail_engines.choose` at the workload's split with the servers' intra-op threads,
@@ -34,9 +34,12 @@ engines; ``ours-torch`` and ``mlserver-torch`` run eager torch. The choice, its 
   ``SPLITINFER_CLOUD_TORCH_THREADS``, ``SPLITINFER_CLOUD_WORKERS`` (batches computed at once),
   ``SPLITINFER_CLOUD_BATCH_MAX_SIZE`` / ``SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS`` (dynamic batching) per tail
   (``TAIL_SETTINGS``: light 1 torch thread x 2 workers, heavy 2 torch threads x 1 worker; 32 and 2 ms for
-  both; ``--torch-threads`` etc. override them for every tail), and in-flight and
+  both; ``--torch-threads`` etc. override them for every tail), ``SPLITINFER_CLOUD_PROCESSES`` (light 2, heavy
+  1: server processes sharing the port, :mod:`cloud_server.processes`; the workers are the compute threads in
+  total, as MLServer's and Triton's, so light runs 2 processes x 1 worker), and in-flight and
   queue limits above the highest concurrency. Every other ``SPLITINFER_CLOUD_*`` variable of the caller's
   environment is removed.
+* ``ours-p1``: ``ours-batched`` in one process (all workers in it); not run where the tail's setting is 1.
 * ``ours-torch``: ``ours-batched`` with the eager torch engine.
 * ``ours-b1``: the same with ``SPLITINFER_CLOUD_BATCH_MAX_SIZE=1`` (batching off: each request runs alone).
 * ``triton-python``: a real Triton Inference Server 2.51 (``nvidia-pytriton`` wheel, ``runs/.venv-triton``)
@@ -211,7 +214,8 @@ MLSERVER_CONFIGS = {
 }
 TRITON = ("triton-python",)  # a real Triton 2.51 running our export-triton --backend python ensemble
 CONFIGS = (*OURS, *MLSERVER_CONFIGS, *TRITON)
-DEFAULT_CONFIGS = ("ours-batched", "ours-torch", "ours-b1", "mlserver", "mlserver-torch", "triton-python")
+DEFAULT_CONFIGS = ("ours-batched", "ours-p1", "ours-torch", "ours-b1", "mlserver", "mlserver-torch", "mlserver-pw2",
+                   "triton-python")
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 QUICK_CONCURRENCY = (1, 4)
 # measurement window and warm-up per point (seconds); the heavy tail answers ~30 requests/s on 2 cores
@@ -515,7 +519,7 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     gil_switch_interval_ms: float | None = None  # sys.setswitchinterval in the server process (None: Python's 5 ms)
     inline_compute_max_ms: float | None = None  # ours only (a scheduling feature of our server); None: its default
-    processes: int = 1  # ours only: server processes sharing the port (workers and torch_threads are per process)
+    processes: int = 1  # ours only: server processes sharing the port; each runs workers // processes threads
     tail_engine: str = "torch"  # the "best" engine of this tail (tail_engine_for), given to every server alike
     tail_engine_split: int | None = None  # the split the engine is built for (the workload's)
 
@@ -536,10 +540,12 @@ def engine_of(s: Settings, which: str) -> str:
 def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "best",
             processes: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_CLOUD_")}
+    procs = s.processes if processes is None else processes
     env.update({
         "PYTHONPATH": str(ROOT),
         "SPLITINFER_CLOUD_TORCH_THREADS": str(s.torch_threads),
-        "SPLITINFER_CLOUD_WORKERS": str(s.workers),
+        # s.workers is the compute threads in total (as MLServer's and Triton's): split over the processes
+        "SPLITINFER_CLOUD_WORKERS": str(max(1, s.workers // procs)),
         "SPLITINFER_CLOUD_BATCH_MAX_SIZE": str(s.batch_max_size if batched else 1),
         "SPLITINFER_CLOUD_BATCH_MAX_DELAY_MS": str(s.batch_max_delay_ms),
         "SPLITINFER_CLOUD_MAX_INFLIGHT": str(max(512, 4 * max_concurrency)),
@@ -548,7 +554,7 @@ def our_env(s: Settings, batched: bool, max_concurrency: int, engine: str = "bes
         "SPLITINFER_CLOUD_MAX_MESSAGE_BYTES": str(s.max_message_bytes),
         "SPLITINFER_CLOUD_LOG_LEVEL": "warning",
         "SPLITINFER_CLOUD_TAIL_ENGINE": engine_of(s, engine),
-        "SPLITINFER_CLOUD_PROCESSES": str(s.processes if processes is None else processes),
+        "SPLITINFER_CLOUD_PROCESSES": str(procs),
     })
     if s.tail_engine_split is not None:
         env["SPLITINFER_CLOUD_TAIL_ENGINE_SPLITS"] = json.dumps([s.tail_engine_split])
@@ -922,6 +928,8 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floo
                                                    for r in triton_rows) and not any(t in failures for t in TRITON),
         "vs_triton": vs_triton,
         "batching_gain_at_32": gain32,
+        # ours-batched (the tail's processes) over the same server in one process: what --processes buys
+        "processes_gain": _ratio(peak.get("ours-batched"), peak.get("ours-p1")) if "ours-p1" in peak else None,
         "p99_never_worse_than_mlserver": vs[reference]["p99_never_worse"] if reference else None,
         "grpc_overhead_ms_p50": overhead["grpc_overhead_ms_p50"] if overhead else None,
         "grpc_overhead_floor_ms_p50": floor["grpc_overhead_ms_p50"] if floor else None,

@@ -30,7 +30,11 @@ queued — and one-sample runs have taken at most ``inline_max_s`` (running mean
 itself. After such a run the loop yields ``INLINE_YIELDS`` times before forming the next batch, so that gRPC
 delivers the requests that arrived meanwhile (it hands over one new call per loop iteration); if several are
 then waiting, they form a batch for the worker threads as usual. The loop is blocked at most about
-``inline_max_s`` at a time; long models never run inline.
+``inline_max_s`` at a time; long models never run inline. When such a job arrives at a quiet server (nothing
+queued or running, the batch-forming task parked, no run ended in the last ``QUIET_S``: a lone client, not a
+burst), ``submit`` runs it at once in the caller's own coroutine instead of waking the batch-forming task, which
+saves two event-loop turns of latency; a job arriving right after a run goes through the queue as above, so
+requests that piled up during an inline run still form a batch.
 
 **Time** comes from a :class:`Clock` (``now()`` and a timer on the event loop): :class:`LoopClock` by default;
 tests give a fake one and decide when each batch's compute ends, so the batching policy (max delay, max batch,
@@ -60,6 +64,7 @@ from splitinfer.errors import DeadlineExceeded, Unavailable
 log = logging.getLogger(__name__)
 
 INLINE_YIELDS = 8  # event-loop turns after an inline run before the next batch is formed (see the docstring)
+QUIET_S = 2e-4  # a job submitted this long after the last run ended may run at once in submit (see the docstring)
 LINGER_FACTOR = 10  # an idle worker lingers (max_delay) after a run at least this many max_delays long
 
 
@@ -161,6 +166,8 @@ class Batcher:
         self._single_s: float | None = None  # running mean of the compute seconds of one-sample runs
         self._last_compute_s = 0.0  # compute seconds of the last run
         self._last_done = 0.0  # clock time when the last worker batch ended
+        self._last_inline_done = float("-inf")  # clock time when the last inline run ended
+        self._parked = False  # the batch-forming task waits for a job with nothing queued or running
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -188,6 +195,12 @@ class Batcher:
         job.future = asyncio.get_running_loop().create_future()
         job.arrived = self.clock.now()
         job.deadline = None if job.timeout_s is None else job.arrived + max(0.0, job.timeout_s)
+        if self._runs_at_once(job):
+            try:
+                self._run_inline([job])
+            finally:
+                self._progress.set()
+            return job.future.result()
         self._queue.append(job)
         self._report_depth()
         self._changed.set()
@@ -261,7 +274,11 @@ class Batcher:
             self._drop_stale()
             if not self._queue:
                 self._progress.set()
-                await self._wait_changed(None)
+                self._parked = not self._running
+                try:
+                    await self._wait_changed(None)
+                finally:
+                    self._parked = False
                 continue
             await self._slots.acquire()
             try:
@@ -323,6 +340,13 @@ class Batcher:
         return (self.inline_max_s > 0 and not self._running and not self._queue and len(batch) == 1
                 and batch[0].samples == 1 and self._single_s is not None and self._single_s <= self.inline_max_s)
 
+    def _runs_at_once(self, job: Job) -> bool:
+        """A short one-sample job at a quiet server runs in ``submit`` itself (see the module docstring)."""
+        return (self._parked and not self._closed and not self._queue and not self._running
+                and (job.deadline is None or job.deadline > job.arrived)
+                and job.arrived - max(self._last_done, self._last_inline_done) >= QUIET_S
+                and self._runs_inline([job]))
+
     def _run_inline(self, batch: list[Job]) -> None:
         started = self.clock.now()
         try:
@@ -331,6 +355,7 @@ class Batcher:
             outcomes, compute_s, samples = [exc] * len(batch), 0.0, 0
         self.inline_runs += 1
         self._settle(batch, outcomes, compute_s, samples, started)
+        self._last_inline_done = self.clock.now()
 
     async def _dispatch(self, batch: list[Job]) -> None:
         try:
