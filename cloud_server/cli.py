@@ -219,7 +219,7 @@ def triton_serve(
     model: str | None = typer.Option(None, "--model", help="Wait until this model is ready (default: health)."),
 ) -> None:
     """Run a real Triton Inference Server (2.51, from the nvidia-pytriton wheel, CPU) on REPOSITORY until
-    SIGTERM/SIGINT; its log goes to stdout."""
+    SIGTERM/SIGINT; its log goes to ENV_DIR/tritonserver.log (the path is printed once it is ready)."""
     import signal
     import time
 
