@@ -56,7 +56,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound with ``SO_REUSEPORT`` to ``host:port`` (0: a free port), not listening: it keeps the port
     for the workers, who bind it with the same option."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise OSError(f"cannot resolve --host {host!r}: {exc}") from exc
     family, _, _, _, address = infos[0]

@@ -578,3 +578,35 @@ def test_at_a_quiet_server_a_short_job_runs_within_submit_and_one_right_after_a_
         await b.close()
 
     run(scenario())
+
+
+def test_a_job_that_missed_a_batch_of_several_is_not_held_for_the_next_callers():
+    """Jobs 1 and 2 run together (a long run); job 3 arrives meanwhile. After the run, job 3 has waited most of
+    it: the worker does not linger for the answered callers' next jobs (4 and 5), which would make job 3 wait
+    for a second batch of three; it runs at once, and 4 and 5 share the next run."""
+
+    async def scenario():
+        b, clock, pool, tail = policy(FakeTail(run_s=0.15), max_batch_size=8, max_delay_s=0.01, workers=1)
+        first = submit(b, job(1), job(2))
+        await turn()
+        late = submit(b, job(3))
+        await turn()
+        pool.finish()  # jobs 1 and 2: 0.15 s
+        await asyncio.gather(*first)
+        await turn()
+        assert len(pool.pending) == 1  # job 3 went without waiting for companions
+        clock.advance(0.003)  # the callers of 1 and 2 send again, inside max_delay
+        nxt = submit(b, job(4), job(5))
+        await turn()
+        pool.finish()
+        await turn()
+        clock.advance(0.01)
+        await turn()
+        pool.finish()
+        out = await asyncio.gather(*late, *nxt)
+        await b.close()
+        return out, tail
+
+    (late, *_), tail = run(scenario())
+    assert sizes(tail) == [2, 1, 2]
+    assert late.queue_s == pytest.approx(0.15)
