@@ -33,8 +33,9 @@ then waiting, they form a batch for the worker threads as usual. The loop is blo
 ``inline_max_s`` at a time; long models never run inline. When such a job arrives at a quiet server (nothing
 queued or running, the batch-forming task parked, no run ended in the last ``QUIET_S``: a lone client, not a
 burst), ``submit`` runs it at once in the caller's own coroutine instead of waking the batch-forming task, which
-saves two event-loop turns of latency; a job arriving right after a run goes through the queue as above, so
-requests that piled up during an inline run still form a batch.
+saves two event-loop turns of latency; a job arriving within ``QUIET_S`` of another job or of a run goes through
+the queue as above, so a burst still forms batches and meets the per-client limits (its calls arrive back to
+back; a lone client's arrive a round trip apart).
 
 **Time** comes from a :class:`Clock` (``now()`` and a timer on the event loop): :class:`LoopClock` by default;
 tests give a fake one and decide when each batch's compute ends, so the batching policy (max delay, max batch,
@@ -64,7 +65,7 @@ from splitinfer.errors import DeadlineExceeded, Unavailable
 log = logging.getLogger(__name__)
 
 INLINE_YIELDS = 8  # event-loop turns after an inline run before the next batch is formed (see the docstring)
-QUIET_S = 2e-4  # a job submitted this long after the last run ended may run at once in submit (see the docstring)
+QUIET_S = 1e-3  # a job submitted this long after the last arrival and the last run may run at once (see the docstring)
 LINGER_FACTOR = 10  # an idle worker lingers (max_delay) after a run at least this many max_delays long
 
 
@@ -168,6 +169,7 @@ class Batcher:
         self._last_jobs = 0  # jobs in the last run
         self._last_done = 0.0  # clock time when the last worker batch ended
         self._last_inline_done = float("-inf")  # clock time when the last inline run ended
+        self._last_submit = float("-inf")  # clock time of the last submit
         self._parked = False  # the batch-forming task waits for a job with nothing queued or running
 
     # ------------------------------------------------------------------------------------------- public
@@ -196,7 +198,8 @@ class Batcher:
         job.future = asyncio.get_running_loop().create_future()
         job.arrived = self.clock.now()
         job.deadline = None if job.timeout_s is None else job.arrived + max(0.0, job.timeout_s)
-        if self._runs_at_once(job):
+        previous, self._last_submit = self._last_submit, job.arrived
+        if self._runs_at_once(job, previous):
             try:
                 self._run_inline([job])
             finally:
@@ -348,11 +351,11 @@ class Batcher:
         return (self.inline_max_s > 0 and not self._running and not self._queue and len(batch) == 1
                 and batch[0].samples == 1 and self._single_s is not None and self._single_s <= self.inline_max_s)
 
-    def _runs_at_once(self, job: Job) -> bool:
+    def _runs_at_once(self, job: Job, previous_submit: float) -> bool:
         """A short one-sample job at a quiet server runs in ``submit`` itself (see the module docstring)."""
         return (self._parked and not self._closed and not self._queue and not self._running
                 and (job.deadline is None or job.deadline > job.arrived)
-                and job.arrived - max(self._last_done, self._last_inline_done) >= QUIET_S
+                and job.arrived - max(self._last_done, self._last_inline_done, previous_submit) >= QUIET_S
                 and self._runs_inline([job]))
 
     def _run_inline(self, batch: list[Job]) -> None:
