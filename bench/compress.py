@@ -6,7 +6,7 @@ labels included; ``--train-limit`` trims the images):
 * ``deep``: Deep Compression (70 % sparsity per layer, 4-bit shared weights, ANS coded indices and positions);
 * ``lowrank``: Tucker-2 on every convolution with one MAC keep fraction ``--lowrank-keep`` (the rank rule);
 * ``auto`` and ``uniform``: low rank at the same whole-model MAC budget (``--mac-budget``, 50 %): per-layer keep
-  fractions chosen by the automated policy (greedy on measured sensitivity) vs one fraction for all layers;
+  fractions chosen by the automated policy (exact search on measured sensitivity) vs one fraction for all layers;
   ``auto-85``: the policy at 85 % of the MACs ``uniform`` actually kept (its rank rule lands below the budget:
   48.0 % for 50 %), so "reaches uniform's accuracy with 15 % fewer MACs" compares with what uniform spent;
   ``uniform`` runs first when both are asked for (without it, 85 % of the budget);

@@ -101,7 +101,7 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
             if "lowrank" not in data.sensitivity:
                 data.sensitivity["lowrank"] = policy.lowrank_sensitivity(m, example, data.x_val)
             sens = data.sensitivity["lowrank"]
-            choice, _, predicted = policy.greedy(sens, budget)
+            choice, _, predicted = policy.knapsack(sens, budget)
             keep = {n: float(sens.settings[i]) for n, i in choice.items()}
             rep.update(sensitivity=sens.to_json(), predicted_distortion=round(predicted, 6))
         out.structure = factorize(m, example, keep)
@@ -127,7 +127,7 @@ def compress(model: nn.Module, example: torch.Tensor, method: str, data: Data, o
                 data.sensitivity["bits"] = policy.bits_sensitivity(m, data.x_val)
             sens = data.sensitivity["bits"]
             n_weights = sum(mod.weight.numel() for _, mod in weight_layers(m))
-            choice, cost, predicted = policy.greedy(sens, mean_bits * n_weights)
+            choice, cost, predicted = policy.knapsack(sens, mean_bits * n_weights)
             bits = {n: int(sens.settings[i]) for n, i in choice.items()}
             rep.update(bits=bits, mean_bits=round(cost / n_weights, 3), predicted_distortion=round(predicted, 6),
                        sensitivity=sens.to_json())

@@ -1,15 +1,19 @@
 """The automated per-layer policy: measure each layer's sensitivity and cost, then choose per-layer settings
 under a budget.
 
-**Method: greedy on measured sensitivity** (as in AMC's problem statement, not its DDPG agent). For every
-layer and every candidate setting (a low-rank MAC keep fraction, or a weight bit width) the layer alone is
-compressed, without fine-tuning, and the distortion of the model's output is measured (KL divergence of the
-teacher's softmax to the compressed model's, on a held-out sample). Starting from the uncompressed model, the
-policy repeatedly takes the one-layer step to the next cheaper setting with the smallest increase in
-distortion per unit of cost saved (MACs, or stored bits), until the whole model fits the budget. Why greedy:
-the per-layer distortions are nearly additive at these rates (checked: the policy's predicted sum vs the
-measured distortion are reported), a search over ``settings ** layers`` is not needed, and it takes seconds
-where a reinforcement-learning agent needs hundreds of fine-tuned episodes on 2 CPU cores.
+**Method: an exact search on measured sensitivity** (AMC's problem statement, not its DDPG agent). For every layer
+and every candidate setting (a low-rank MAC keep fraction, or a weight bit width) the layer alone is compressed,
+without fine-tuning, and the distortion of the model's output is measured (KL divergence of the teacher's softmax
+to the compressed model's, on a held-out sample). The per-layer distortions nearly add up at these rates (checked:
+the policy's predicted sum vs the measured distortion are reported), so choosing one setting per layer to minimise
+the summed distortion with the summed cost (MACs, or stored bits) within the budget is a multiple-choice knapsack:
+:func:`knapsack` solves it exactly by dynamic programming on exact costs, keeping after each layer only the Pareto
+front of partial choices (milliseconds for the default model's 6 layers and 12 settings; the front holds at most
+one entry per distinct partial cost). It replaced a greedy pass (cheapest distortion per cost saved, one step at a
+time), which can strand a layer on a costly intermediate setting and stops below the budget when its last step
+overshoots (at 85 % of uniform's MACs on the default model it used 39.8 % of the MACs where 40.8 % were allowed).
+Why not a learned agent: the exact answer to the additive model takes milliseconds; a reinforcement-learning agent
+needs hundreds of fine-tuned episodes on 2 CPU cores.
 
 The **uniform** policy it is compared with uses one setting for every layer (the largest that meets the same
 budget).
@@ -90,30 +94,35 @@ def bits_sensitivity(model: nn.Module, x_val: torch.Tensor, bits: tuple[int, ...
     return sens
 
 
-def greedy(sens: Sensitivity, budget: float) -> tuple[dict[str, int], float, float]:
-    """Per layer, the index of its setting: cheapest distortion path down to total cost ``<= budget``.
-    Returns (choice, total cost, predicted distortion: the sum of the chosen settings' distortions). Settings
-    must be ordered from most to least expensive."""
-    choice = {n: 0 for n in sens.distortion}
+def knapsack(sens: Sensitivity, budget: float) -> tuple[dict[str, int], float, float]:
+    """Per layer, the index of its setting: the least summed distortion with total cost ``<= budget`` (the
+    module docstring: a multiple-choice knapsack, solved exactly). Returns (choice, total cost, predicted
+    distortion: the sum of the chosen settings' distortions). ValueError when even the cheapest settings
+    exceed ``budget``.
 
-    def total() -> float:
-        return sens.base_cost + sum(sens.cost[n][i] for n, i in choice.items())
-
-    while total() > budget:
-        best, best_rate, best_to = None, float("inf"), 0
-        for n, i in choice.items():
-            # the next setting that is strictly cheaper (ranks rounded to multiples of 4 can tie)
-            to = next((j for j in range(i + 1, len(sens.settings)) if sens.cost[n][j] < sens.cost[n][i]), None)
-            if to is None:
-                continue
-            saved = sens.cost[n][i] - sens.cost[n][to]
-            rate = max(0.0, sens.distortion[n][to] - sens.distortion[n][i]) / saved
-            if rate < best_rate:
-                best, best_rate, best_to = n, rate, to
-        if best is None:
-            raise ValueError(f"budget {budget:.4g} is below the cheapest reachable cost {total():.4g}")
-        choice[best] = best_to
-    return choice, total(), sum(sens.distortion[n][i] for n, i in choice.items())
+    Dynamic programming over the layers on exact costs: after each layer only the Pareto front of partial
+    choices is kept (no other partial choice is as cheap and as little distorted), and partial choices that
+    cannot fit the budget even with every remaining layer at its cheapest are dropped. Among equal fronts the
+    earlier setting (listed first) is kept."""
+    names = list(sens.distortion)
+    cheapest = [min(sens.cost[n]) for n in names]
+    if sens.base_cost + sum(cheapest) > budget:
+        raise ValueError(f"budget {budget:.4g} is below the cheapest reachable cost "
+                         f"{sens.base_cost + sum(cheapest):.4g}")
+    rest = [sum(cheapest[i + 1:]) for i in range(len(names))]  # the cheapest cost of the layers after i
+    front: list[tuple[float, float, tuple[int, ...]]] = [(sens.base_cost, 0.0, ())]
+    for i, n in enumerate(names):
+        grown = [(c + sens.cost[n][j], d + max(0.0, sens.distortion[n][j]), ch + (j,))
+                 for c, d, ch in front for j in range(len(sens.settings))
+                 if c + sens.cost[n][j] + rest[i] <= budget]
+        grown.sort(key=lambda t: (t[0], t[1], t[2]))
+        front = []
+        for state in grown:
+            if not front or state[1] < front[-1][1]:
+                front.append(state)
+    cost, _, picks = min(front, key=lambda t: (t[1], t[0], t[2]))
+    choice = dict(zip(names, picks, strict=True))
+    return choice, cost, sum(sens.distortion[n][i] for n, i in choice.items())
 
 
 def uniform_keep(model: nn.Module, example: torch.Tensor, budget_macs: float, step: float = 0.01) -> float:

@@ -155,19 +155,38 @@ def test_uniform_bits_have_the_stated_levels(model):
     assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)  # dynamic fixed point: powers of two
 
 
-def test_greedy_policy_takes_the_cheapest_distortion_per_cost():
+def test_policy_search_takes_the_least_summed_distortion_within_the_budget():
     sens = policy.Sensitivity(settings=(1.0, 0.5, 0.25), base_cost=10.0)
     sens.distortion = {"a": [0.0, 0.01, 0.5], "b": [0.0, 0.2, 0.3]}
     sens.cost = {"a": [100.0, 50.0, 25.0], "b": [100.0, 50.0, 25.0]}
-    choice, cost, predicted = policy.greedy(sens, 160.0)
+    choice, cost, predicted = policy.knapsack(sens, 160.0)
     assert choice == {"a": 1, "b": 0} and cost == 160.0 and predicted == pytest.approx(0.01)
-    choice, cost, _ = policy.greedy(sens, 90.0)
-    assert choice == {"a": 1, "b": 2} and cost == 85.0  # b's second step (0.1 per 25) beats a's (0.49 per 25)
+    choice, cost, _ = policy.knapsack(sens, 90.0)
+    assert choice == {"a": 1, "b": 2} and cost == 85.0  # 0.31 beats a at 25 + b at 50 (0.7) and both at 25 (0.8)
     with pytest.raises(ValueError, match="below the cheapest"):
-        policy.greedy(sens, 40.0)
+        policy.knapsack(sens, 40.0)
     tied = policy.Sensitivity(settings=(1.0, 0.7, 0.6, 0.5), base_cost=0.0)
     tied.distortion, tied.cost = {"a": [0.0, 0.1, 0.1, 0.2]}, {"a": [100.0, 60.0, 60.0, 40.0]}
-    assert policy.greedy(tied, 50.0)[0] == {"a": 3}  # a setting that saves nothing more is stepped over
+    assert policy.knapsack(tied, 50.0)[0] == {"a": 3}
+    assert policy.knapsack(tied, 60.0)[0] == {"a": 1}  # the same cost and distortion: the setting listed first
+
+
+def test_policy_search_is_exact_where_a_greedy_pass_is_not():
+    # one step at a time by distortion per cost saved, a greedy pass takes b's cheap first step, then must push
+    # a to its last setting and b to its second: 0.9; the optimum keeps b whole and sends a to its last: 0.6
+    sens = policy.Sensitivity(settings=(1.0, 0.5, 0.1), base_cost=0.0)
+    sens.distortion = {"a": [0.0, 0.5, 0.6], "b": [0.0, 0.1, 0.3]}
+    sens.cost = {"a": [100.0, 90.0, 10.0], "b": [100.0, 50.0, 40.0]}
+    choice, cost, predicted = policy.knapsack(sens, 110.0)
+    assert choice == {"a": 2, "b": 0} and cost == 110.0 and predicted == pytest.approx(0.6)
+    # against every combination
+    import itertools
+    for budget in (50.0, 60.0, 95.0, 140.0, 150.0, 200.0):
+        feasible = [(sens.distortion["a"][i] + sens.distortion["b"][j], (i, j))
+                    for i, j in itertools.product(range(3), range(3))
+                    if sens.cost["a"][i] + sens.cost["b"][j] <= budget]
+        choice, cost, predicted = policy.knapsack(sens, budget)
+        assert cost <= budget and predicted == pytest.approx(min(feasible)[0])
 
 
 def test_auto_policy_meets_its_mac_budget(model, data):
