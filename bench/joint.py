@@ -20,8 +20,20 @@ this machine's profile and its power model):
    system is the one the planner chooses at that epsilon (from the same measurements), reported with the
    configurations it had to reject for it (their end-to-end bound above epsilon) and the part that costs most.
 
-Not done here: measuring the cells through the link emulator (``verified_cells`` is reported as 0 with the
-reason; see ``bench.planner`` for that machinery).
+4. **Verification through the link emulator** (``--verify-cells N``, default all 15): a cloud server (1 thread,
+   1 worker) and an edge worker (:mod:`bench.edge_worker`, the real edge runtime, this machine at 1 thread) per
+   bundle this run wrote: today's (fp32) and the joint plan's (its head variant). The edge is profiled in its
+   worker first and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's fp32
+   stage time / the planning profile's, plus the agent's measured per-request overhead, as ``bench.planner``
+   does: the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
+   bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does): the joint choice for the probed
+   link, the 5 next-best feasible configurations the bundles can run, the sequential plan's and fp32 edge-only,
+   measured as ``bench.planner`` measures splits (34 requests each; the choice and those within 15 % of the best
+   100 more, pooled; an offloading configuration whose lower bound exceeds the best mean is skipped). A cell is
+   verified when the choice measures within 1.05x of the best measured configuration; a choice whose head
+   variant has no bundle here is reported unverified. A bundle carries the exit thresholds certified for its
+   plan's chosen configuration; other exit subsets run with those thresholds (not the search's share
+   thresholds).
 
 Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~N minutes).
 """
@@ -33,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +54,8 @@ import numpy as np
 
 CELL_BANDWIDTHS = (0.5e6, 2e6, 10e6, 50e6, 200e6)  # as bench.planner
 CELL_RTTS = (0.005, 0.05, 0.15)
+VERIFY_OTHERS = 5  # per verified cell: the choice plus this many other feasible configurations, best predicted first
+VERIFY_MARGIN = 1.05  # a cell is verified when the choice measures within this factor of the best measured
 
 
 def _log(msg: str) -> None:
@@ -188,14 +203,157 @@ def rejected_at(jr, link, objective, cons, eps: float):
                     "rejected_first": [r for r in rejected if r is not None]}
 
 
-def summarize(cells: list[dict], cert: dict, headline: float, times: dict) -> dict:
+# ------------------------------------------------------------------------------- verification over the link
+
+
+def verification_search(jr, scale: float, overhead_ms: float):
+    """The joint search with the edge as measured in the edge worker: every planner's ``edge_slowdown`` set to the
+    measured ratio of the worker's fp32 stage times to the planning profile's (the profiles were measured in this
+    process; the worker is this machine at 1 thread), and the agent's measured per-request overhead added (as
+    ``bench.planner`` does). The end-to-end judge (disagreement) is shared: it does not depend on latency."""
+    from partitioner.joint import JointSearch
+
+    planners = {}
+    for key, p in jr.search.planners.items():
+        codecs = [dataclasses.replace(c, edge=dataclasses.replace(c.edge, request_overhead_ms=overhead_ms))
+                  for c in p.codecs]
+        planners[key] = dataclasses.replace(p, codecs=codecs, edge_slowdown=scale)
+    return JointSearch(planners)
+
+
+def _config(e) -> tuple:
+    """What an edge worker runs: head variant, split, codec, exit subset (the bundle fixes the thresholds)."""
+    return (e.head, e.split, e.codec, tuple(e.exits))
+
+
+def verify_cell(search, workers: dict, bw: float, rtt: float, probed: dict, objective, cons, n_stages: int,
+                others: int = VERIFY_OTHERS) -> dict:
+    """One cell through the link emulator: the joint choice for the probed link, and the ``others`` best other
+    feasible configurations the workers can run (a bundle per head variant), plus the sequential plan's and
+    fp32's edge-only, each measured as ``bench.planner`` measures splits (``SCREEN`` requests; those within
+    15 % of the best, and the choice, ``REQUESTS`` more, pooled). An offloading configuration is skipped when a
+    lower bound of its mean (offloaded share x (transfer + RTT)) already exceeds the best measured mean."""
+    from bench.planner import CONTENDER_MARGIN, REQUESTS, SCREEN, measure
+    from partitioner.cost import Link
+    from partitioner.search import ranked
+
+    link = Link(probed["bandwidth_bps"] or bw, probed["rtt_ms"] / 1e3)
+    choice = search.choose(link, objective, cons)
+    cell = {"bandwidth_mbps": bw / 1e6, "rtt_ms": rtt * 1e3, "probed": probed, "choice": describe(choice)}
+    if choice.head not in workers:
+        cell["unverified"] = f"no bundle of head variant {choice.head} in this run (bundles: {sorted(workers)})"
+        return cell
+    picked = {_config(choice): choice}
+    _fp32, seq = sequential(search, link, objective, cons)
+    extra = [seq, *[e for e in search.evaluate(link) if e.head == "fp32" and e.split == n_stages and not e.exits]]
+    for e in ranked([e for e in search.evaluate(link) if cons.admits(e)], objective):
+        if len(picked) > others:
+            break
+        if e.head in workers and _config(e) not in picked:
+            search.judge(e)
+            if cons.admits(e):
+                picked[_config(e)] = e
+    for e in extra:
+        if e.head in workers and _config(e) not in picked:
+            picked[_config(e)] = e
+    samples: dict[tuple, list[float]] = {}
+    skipped, failed = [], {}
+    best = float("inf")
+    for key, e in picked.items():
+        if e.offload_rate > 0 and key != _config(choice):
+            bound = e.offload_rate * (e.bytes_per_offload * 8 / bw + rtt) * 1e3
+            if bound >= best:
+                skipped.append(describe(e))
+                continue
+        try:
+            samples[key] = measure(workers[e.head], SCREEN["default"], e.split, e.codec, list(e.exits))
+        except RuntimeError as exc:
+            if key == _config(choice):
+                raise
+            failed[str(key)] = str(exc)
+            continue
+        best = min(best, statistics.fmean(samples[key]))
+    for key in [k for k, v in samples.items() if statistics.fmean(v) <= CONTENDER_MARGIN * best
+                or k == _config(choice)]:
+        e = picked[key]
+        samples[key] += measure(workers[e.head], REQUESTS["default"], e.split, e.codec, list(e.exits))
+    means = {k: statistics.fmean(v) for k, v in samples.items()}
+    oracle = min(means, key=means.get)
+    ratio = means[_config(choice)] / means[oracle]
+    cell.update({
+        "choice_measured_ms": round(means[_config(choice)], 3), "oracle": {**describe(picked[oracle]),
+                                                                          "measured_ms": round(means[oracle], 3)},
+        "ratio": round(ratio, 4), "verified": ratio <= VERIFY_MARGIN,
+        "measured": [{**describe(picked[k]), "measured_ms": round(means[k], 3), "n": len(samples[k]),
+                      "p50_ms": round(statistics.median(samples[k]), 3)} for k in samples],
+        "skipped": skipped, "failed": failed})
+    return cell
+
+
+def verify(jr, bundles: dict[str, Path], workdir: Path, objective, cons, grid: list[tuple[float, float]],
+           repeats: int) -> dict:
+    """Verify the joint choice cell by cell through ``bench.linkemu`` (see the module docstring): a cloud server
+    and an edge worker per bundle (head variant), the edge profiled in its worker first."""
+    from bench.planner import CpuLimit, EdgeWorker, probe_link, start_emulator, start_server
+    from partitioner.profile import Profile
+
+    wd = workdir / "verify"
+    wd.mkdir(parents=True, exist_ok=True)
+    limit = CpuLimit(1.0)
+    workers, servers, ports = {}, {}, {}
+    cells: list[dict] = []
+    try:
+        for head, path in bundles.items():
+            servers[head], ports[head] = start_server(path, wd)
+            workers[head] = EdgeWorker(path, 200, wd / f"edge-{head}.log", limit)
+        fp32_edge = jr.evals[0].edge
+        measured = Profile.from_dict(workers["fp32"].call(cmd="profile", repeats=repeats)["profile"])
+        scale = sum(measured.stage_ms) / max(1e-9, sum(fp32_edge.stage_ms))
+        overhead = float(workers["fp32"].call(cmd="overhead", n=30)["overhead_ms"])
+        search = verification_search(jr, scale, max(0.0, overhead))
+        _log(f"verification: edge worker x{scale:.3f} the planning profile, agent overhead {overhead:.3f} ms")
+        for bw, rtt in grid:
+            emus, probed = {}, None
+            t0 = time.perf_counter()
+            try:
+                for head in bundles:
+                    emus[head], eport = start_emulator(ports[head], bw, rtt, wd)
+                    workers[head].call(cmd="connect", address=f"127.0.0.1:{eport}")
+                    probed = probed or probe_link(eport)  # one probe per cell: the links are alike
+                cell = verify_cell(search, workers, bw, rtt, probed, objective, cons,
+                                   jr.evals[0].variant.staged.num_stages)
+            finally:
+                for emu in emus.values():
+                    emu.stop()
+            cell["seconds"] = round(time.perf_counter() - t0, 1)
+            cells.append(cell)
+            _log(f"verify {bw / 1e6:g} Mbit/s RTT {rtt * 1e3:g} ms: choice {cell['choice']['head']} "
+                 f"k{cell['choice']['split']} {cell['choice']['codec']} {cell['choice']['exits']} "
+                 + (f"{cell['choice_measured_ms']:.2f} ms, best {cell['oracle']['measured_ms']:.2f} ms, ratio "
+                    f"{cell['ratio']:.3f}" if "ratio" in cell else cell.get("unverified", "")))
+    finally:
+        for w in workers.values():
+            w.close()
+        for srv in servers.values():
+            srv.stop()
+        limit.close()
+    return {"cells": cells, "edge_scale": round(scale, 4), "agent_overhead_ms": round(overhead, 4),
+            "bundles": {h: str(p) for h, p in bundles.items()}}
+
+
+def summarize(cells: list[dict], cert: dict, headline: float, times: dict, verified: dict | None = None) -> dict:
+    measured = [c for c in (verified or {}).get("cells", []) if "ratio" in c]
     return {"cells": len(cells),
             "cells_joint_le_sequential": sum(c["joint"]["predicted_ms"] <= c["sequential"]["predicted_ms"] + 1e-9
                                              for c in cells),
             "cells_joint_10pct_better": sum(c["ratio"] <= 0.9 for c in cells),
             "min_ratio": min(c["ratio"] for c in cells),
-            "verified_cells": 0, "verified_max_ratio": None,
-            "verified_note": "not measured: the link-emulator verification of joint choices is not built yet",
+            "verified_cells": sum(c["verified"] for c in measured),
+            "verified_max_ratio": max((c["ratio"] for c in measured), default=None),
+            "verified_measured_cells": len(measured),
+            "verified_note": ("not measured (--verify-cells 0)" if verified is None else
+                              f"measured joint choice <= {VERIFY_MARGIN}x the best measured configuration, through "
+                              f"bench.linkemu, the edge worker at x{verified['edge_scale']} the planning profile"),
             "exits_splits_within_epsilon": cert[str(headline)]["within"],
             "exits_splits_within_epsilon_by_eps": {e: v["within"] for e, v in cert.items()},
             "planning_time_ratio": round(times["joint_s"] / times["today_s"], 3), **times}
@@ -269,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calibration-size", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_joint"))
+    ap.add_argument("--verify-cells", type=int, default=len(CELL_BANDWIDTHS) * len(CELL_RTTS),
+                    help="cells verified through the link emulator (the first N of bandwidths x RTTs; 0: none)")
     ap.add_argument("--validation-limit", type=int, default=None, help="validation images to plan with (smoke "
                                                                        "tests; default: all 5,000)")
     args = ap.parse_args(argv)
@@ -304,12 +464,18 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.calibration_size, args.seed))
         cert[str(eps)]["system"] = describe(chosen)
     _log(f"certification: {json.dumps({e: (v['within'], v['rejected']) for e, v in cert.items()})}")
+    verified = None
+    if args.verify_cells > 0:
+        grid = [(bw, rtt) for bw in CELL_BANDWIDTHS for rtt in CELL_RTTS][: args.verify_cells]
+        bundles = {"fp32": today.path, **({joint.plan.notes["head_variant"]: joint.path}
+                                          if joint.plan.notes["head_variant"] != "fp32" else {})}
+        verified = verify(jr, bundles, args.workdir, objective, cons, grid, args.repeats)
     report = {
-        "summary": summarize(cells, cert, args.epsilon, times),
+        "summary": summarize(cells, cert, args.epsilon, times, verified),
         "chosen": {**describe(joint.chosen), "plan_notes": {k: v for k, v in joint.plan.notes.items()
                                                             if k.startswith(("head_variant", "rejected"))}},
         "today_chosen": describe(today.chosen),
-        "cells": cells, "certification": cert, "rejected_by_epsilon": rejections,
+        "cells": cells, "certification": cert, "rejected_by_epsilon": rejections, "verification": verified,
         "variants": [{"name": ev.name, "agreement_screen": round(ev.agreement, 5),
                       "weights_bytes": ev.variant.weights_bytes, "same_arch": ev.variant.same_arch,
                       "kept_splits": jr.kept_splits.get(ev.name, []), "seconds": {k: round(v, 2)

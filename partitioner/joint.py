@@ -31,6 +31,7 @@ codec and the exit subset, and every configuration is judged on the system that 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -142,7 +143,7 @@ def load_variants(spec: str | Sequence[str], model: str, net: torch.nn.Module, s
 # --------------------------------------------------------------------------------------------------- answers
 
 
-Roundtrip = Callable[[torch.Tensor, slice], torch.Tensor]
+Roundtrip = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (features, their sample indices) -> decoded
 
 
 def codec_roundtrip(codec) -> Roundtrip:
@@ -178,7 +179,7 @@ def lazy_roundtrip(make: Callable[[], Roundtrip]) -> Roundtrip:
     back; most plans never judge a cloud-only configuration that sends them)."""
     built: list[Roundtrip] = []
 
-    def roundtrip(f: torch.Tensor, sl: slice) -> torch.Tensor:
+    def roundtrip(f: torch.Tensor, sl: torch.Tensor) -> torch.Tensor:
         if not built:
             built.append(make())
         return built[0](f, sl)
@@ -186,15 +187,17 @@ def lazy_roundtrip(make: Callable[[], Roundtrip]) -> Roundtrip:
 
 
 def split_answers(staged: StagedModel, x: torch.Tensor, wanted: dict[str, tuple[Sequence[int], Roundtrip]],
-                  batch: int = 1000) -> dict[tuple[int, str], np.ndarray]:
+                  batch: int = 1000, rows: np.ndarray | None = None) -> dict[tuple[int, str], np.ndarray]:
     """The model's answers when its features at boundary ``k`` cross the link with codec ``name``, for every
-    ``k`` in ``wanted[name][0]`` below the last boundary (the head runs once, up to the deepest such ``k``)."""
+    ``k`` in ``wanted[name][0]`` below the last boundary (the head runs once, up to the deepest such ``k``).
+    ``rows``: only these samples of ``x`` (answers in that order); a round trip gets their indices in ``x``."""
     n = staged.num_stages
     deepest = max((k for splits, _ in wanted.values() for k in splits if k < n), default=-1)
+    index = torch.arange(len(x)) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64))
     parts: dict[tuple[int, str], list[np.ndarray]] = {}
     with torch.inference_mode():
-        for s in range(0, len(x), batch):
-            sl = slice(s, min(s + batch, len(x)))
+        for s in range(0, len(index), batch):
+            sl = index[s : s + batch]
             f = x[sl]
             for k in range(deepest + 1):
                 for name, (splits, roundtrip) in wanted.items():
@@ -222,6 +225,7 @@ class VariantEval:
     # the system's answers on the screening images, per (split, codec), computed when first judged;
     # (N, "edge"): the variant's own
     answers: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    answered: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # which rows of a partial entry are known
     roundtrips: dict[str, Roundtrip] = field(default_factory=dict)
     calibrations: dict[float, Calibration] = field(default_factory=dict)  # share of epsilon -> the search's
     seconds: dict[str, float] = field(default_factory=dict)
@@ -370,19 +374,34 @@ class SystemJudge:
             self._where[subset] = (where < len(s.boundaries), answer)
         return self._where[subset]
 
-    def fallback(self, k: int, codec: str) -> np.ndarray:
-        """The variant's answers at split ``k`` with ``codec`` when no exit fires (screening images)."""
-        n = self.ev.variant.staged.num_stages
+    def fallback(self, k: int, codec: str, need: np.ndarray | None = None) -> np.ndarray:
+        """The variant's answers at split ``k`` with ``codec`` when no exit fires (screening images): those rows
+        of ``need`` (a boolean mask; default: every row) are right, the others may be unknown (-1). Rows are
+        computed when first needed: a configuration whose exits answer most requests costs a tail run on the
+        rest only."""
+        ev = self.ev
+        n = ev.variant.staged.num_stages
         key = (n, "edge") if k == n else (k, codec)
-        if key not in self.ev.answers:
-            self.ev.answers[key] = split_answers(self.ev.variant.staged, self.x_screen,
-                                                 {codec: ([k], self.ev.roundtrips[codec])})[key]
-        return self.ev.answers[key]
+        if key in ev.answers and key not in ev.answered:
+            return ev.answers[key]  # complete
+        size = len(self.x_screen)
+        need = np.ones(size, dtype=bool) if need is None else need
+        if key not in ev.answers:
+            ev.answers[key] = np.full(size, -1, dtype=np.int64)
+            ev.answered[key] = np.zeros(size, dtype=bool)
+        missing = np.flatnonzero(need & ~ev.answered[key])
+        if len(missing):
+            ev.answers[key][missing] = split_answers(ev.variant.staged, self.x_screen,
+                                                     {codec: ([k], ev.roundtrips[codec])}, rows=missing)[key]
+            ev.answered[key][missing] = True
+            if ev.answered[key].all():
+                del ev.answered[key]
+        return ev.answers[key]
 
     def answers(self, k: int, codec: str, subset: tuple[int, ...]) -> np.ndarray:
         """The deployed system's final answer for every screening image."""
         fired, exit_answer = self._exits(subset)
-        return np.where(fired, exit_answer, self.fallback(k, codec))
+        return np.where(fired, exit_answer, self.fallback(k, codec, ~fired))
 
     def figures(self, k: int, codec: str, subset: tuple[int, ...]) -> tuple[float, float, float | None]:
         """(disagreement, its upper confidence bound, accuracy drop in points or None without labels)."""
@@ -476,6 +495,7 @@ class JointResult:
     chosen: SplitEstimate | None = None
     calibration: Calibration | None = None  # the shipped configuration's end-to-end certificate
     system_scores: ExitScores | None = None
+    _val_scores: dict[str, ExitScores] = field(default_factory=dict)  # a variant's exits on every validation image
     thresholds: dict[int, float] = field(default_factory=dict)  # shipped: the certified subset's, the search's else
     final: Planner | None = None  # the chosen variant's planner with the shipped thresholds
 
@@ -497,7 +517,7 @@ class JointResult:
             ev = next(x for x in self.evals if x.name == chosen.head)
             rt = image_roundtrip(inputs.spec, inputs.val_images) if chosen.codec == "image" else None
             scores = system_scores(ev, chosen.split, chosen.codec, chosen.exits, inputs.exits, inputs.x_val,
-                                   self.reference, inputs.score, rt, self.fp32_scores if ev.name == "fp32" else None)
+                                   self.reference, inputs.score, rt, self.validation_scores(ev))
             found = self._certify(ev, chosen, scores)
             if found is not None:
                 break
@@ -513,6 +533,18 @@ class JointResult:
                              system=SystemJudge(ev, self.x_screen, self.y_screen, inputs.delta, thresholds))
         self.chosen, self.calibration, self.system_scores, self.thresholds = chosen, cal, scores, thresholds
         return chosen
+
+    def validation_scores(self, ev: VariantEval) -> ExitScores:
+        """``ev``'s exits and own answers on every validation image: fp32's were collected up front; a variant's
+        screening images (the first ones) were scored in phase 1, so only the rest run now (once per variant)."""
+        if ev.name == "fp32":
+            return self.fp32_scores
+        if ev.name not in self._val_scores:
+            inputs, n_screen = self.inputs, len(self.x_screen)
+            screened = dataclasses.replace(ev.scores, reference=None)
+            self._val_scores[ev.name] = screened if len(inputs.x_val) <= n_screen else screened.joined(
+                collect_scores(ev.variant.staged, inputs.exits, inputs.x_val[n_screen:], inputs.score))
+        return self._val_scores[ev.name]
 
     def _certify(self, ev: VariantEval, chosen: SplitEstimate, scores: ExitScores
                  ) -> tuple[Calibration, dict[int, float]] | None:

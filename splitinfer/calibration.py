@@ -24,6 +24,7 @@ guarantee does not hold; the edge agent's drift monitor watches for it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -47,18 +48,26 @@ def min_calibration_samples(epsilon: float, delta: float) -> int:
     return math.ceil(math.log(delta) / math.log1p(-epsilon))
 
 
+@functools.lru_cache(maxsize=64)
+def _log_factorials(n: int) -> np.ndarray:
+    """``log(i!)`` for ``i = 0..n`` (float64; exact sums of logs, as ``lgamma(i + 1)``)."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
 def binom_cdf(k: int, n: int, p: float) -> float:
-    """Exact ``P[Binomial(n, p) <= k]`` (log-space sum; fine for n up to millions)."""
+    """Exact ``P[Binomial(n, p) <= k]`` (log-space sum over the terms ``0..k``, vectorised; fine for n up to
+    millions)."""
     if k < 0:
         return 0.0
     if k >= n or p <= 0.0:
         return 1.0
     if p >= 1.0:
         return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(k + 1)]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
+    lf = _log_factorials(n)
+    i = np.arange(k + 1)
+    logs = lf[n] - lf[i] - lf[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
+    m = float(logs.max())
+    return min(1.0, math.exp(m) * float(np.exp(logs - m).sum()))
 
 
 def binom_upper_bound(k: int, n: int, delta: float) -> float:
@@ -99,6 +108,16 @@ class ExitScores:
         return ExitScores(self.boundaries, self.conf[:, idx], self.pred[:, idx], self.full_pred[idx],
                           self.macs_to, self.exit_macs, self.full_macs,
                           None if self.reference is None else self.reference[idx])
+
+    def joined(self, more: ExitScores) -> ExitScores:
+        """These samples followed by ``more``'s (same exits and costs); references are dropped (``full_pred``
+        again), as both parts may not carry one."""
+        if more.boundaries != self.boundaries or more.macs_to != self.macs_to or more.exit_macs != self.exit_macs \
+                or more.full_macs != self.full_macs:
+            raise ValueError("joined ExitScores must have the same exits and costs")
+        return ExitScores(self.boundaries, np.concatenate([self.conf, more.conf], 1),
+                          np.concatenate([self.pred, more.pred], 1), np.concatenate([self.full_pred, more.full_pred]),
+                          self.macs_to, self.exit_macs, self.full_macs)
 
     def only_exits(self, boundaries: list[int] | tuple[int, ...]) -> ExitScores:
         """The same samples with only the exits at ``boundaries`` (the others never fire)."""

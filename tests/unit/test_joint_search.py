@@ -157,3 +157,38 @@ def test_calibrating_at_several_epsilons_from_one_path_equals_calibrating_at_eac
     for eps, cal in zip([0.03, 0.05], several[1:], strict=True):
         one = calibrate(e2e, eps, 0.05, seed=7)
         assert cal.thresholds == one.thresholds and cal.disagreements == one.disagreements
+
+
+def test_the_system_judge_runs_the_tail_only_where_no_exit_answers():
+    from partitioner.joint import SystemJudge, codec_roundtrip, split_answers
+    from partitioner.weights import load_default
+
+    net, staged, _exits, _info = load_default(None, "default")
+    n, codec = staged.num_stages, "uint8-affine"
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = staged.run(x, 0, n).argmax(1).numpy()
+    rng = np.random.default_rng(3)
+    conf = rng.random((2, 64))
+    pred = rng.integers(0, 10, (2, 64))
+    scores = ExitScores([6, 8], conf, pred, full, [1, 2], [1, 1], 3).with_fallback(full, full)
+    seen: list[int] = []
+    plain = codec_roundtrip(UInt8AffineCodec())
+
+    def counting(f, rows):
+        seen.extend(int(r) for r in rows)
+        return plain(f, rows)
+
+    ev = VariantEval(HeadVariant("fp32", net, staged, None, None, 0, True, "test"), None, None, scores, 1.0)
+    ev.roundtrips = {codec: counting}
+    judge = SystemJudge(ev, x, None, 0.05, {6: 0.6, 8: 0.6})
+    expected_fallback = split_answers(staged, x, {codec: ([6], plain)})[(6, codec)]
+    fired, exit_answer = judge._exits((6,))
+    assert 0 < fired.sum() < 64
+    got = judge.answers(6, codec, (6,))
+    assert np.array_equal(got, np.where(fired, exit_answer, expected_fallback))
+    assert sorted(seen) == list(np.flatnonzero(~fired))  # the tail ran on the rows no exit answered, only
+    assert np.array_equal(judge.answers(6, codec, ()), expected_fallback)  # no exit: every row
+    assert sorted(seen) == list(range(64))  # each row computed once
+    assert (6, codec) not in ev.answered  # complete now
+    assert np.array_equal(judge.fallback(6, codec), expected_fallback) and len(seen) == 64
