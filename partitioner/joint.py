@@ -699,7 +699,8 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
         calibrate_variant(ev, inputs.epsilon, inputs.delta, inputs.score, inputs.seed, inputs.mode)
         # the codec's time depends on its shapes only (a variant's boundaries are fp32's): measured once
         cands = [learned_candidate(ev.variant.staged, bn, x_screen, y_screen, inputs.repeats, limit=n_screen,
-                                   bytes_limit=LEARNED_BYTES_SAMPLES, timing_of=timed.get(i))
+                                   bytes_limit=LEARNED_BYTES_SAMPLES, timing_of=timed.get(i),
+                                   reference=ev.scores.full_pred)
                  for i, bn in enumerate(inputs.bottlenecks)]
         timed.update({i: c for i, c in enumerate(cands) if i not in timed})
         ok, _codec_notes = screen_learned(cands, splits, inputs.max_codec_drop)

@@ -132,11 +132,13 @@ class LearnedCandidate:
 
 
 def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit: int = 2000,
-                      bytes_limit: int | None = None, timing_of: LearnedCandidate | None = None) -> LearnedCandidate:
+                      bytes_limit: int | None = None, timing_of: LearnedCandidate | None = None,
+                      reference: np.ndarray | None = None) -> LearnedCandidate:
     """Measure bottleneck ``bn`` as a candidate: its bytes, time (means, as the profile's) and accuracy on the
     validation images (every sample encoded alone, as the edge does; ``bytes_limit``: batched, see
     :func:`splitinfer.bottleneck.evaluate_codec`); ``timing_of``: the same codec measured already (the same
-    shapes: its encode and decode times are reused). Without labels (``y_val`` None: a
+    shapes: its encode and decode times are reused); ``reference``: the model's own answers on ``x_val``, when
+    known (they are not computed again). Without labels (``y_val`` None: a
     torchvision or user model) the drop is bounded by the disagreement with the model: 100 x (1 - agreement)
     points, an upper bound of the accuracy drop whatever the labels."""
     from partitioner.codec import evaluate_codec
@@ -145,7 +147,7 @@ def learned_candidate(staged, bn: Bottleneck, x_val, y_val, repeats: int, limit:
     k = codec.boundary
     n = min(limit, len(x_val))
     ev = evaluate_codec(staged, codec, k, x_val[:n], None if y_val is None else np.asarray(y_val[:n], dtype=np.int64),
-                        bytes_limit=bytes_limit)
+                        bytes_limit=bytes_limit, reference=None if reference is None else reference[:n])
     if timing_of is None:
         timing = time_codec(codec, staged.run(x_val[:1], 0, k).detach(), runs=max(10, repeats), warmup=1)
         encode_ms, decode_ms = timing.encode_ms, timing.decode_ms
@@ -590,7 +592,8 @@ def make_default_plan(out: Path, link: Link, device: DeviceProfile | None = None
 
         bottlenecks = [bn for bn, _ in load_bottlenecks(Path(weights) if weights else weights_dir(), model,
                                                           staged=staged).values()]
-    learned = [learned_candidate(staged, bn, x_val, y_val, repeats) for bn in (bottlenecks or [])] \
+    learned = [learned_candidate(staged, bn, x_val, y_val, repeats, reference=scores.full_pred)
+               for bn in (bottlenecks or [])] \
         if learned_codec else []
     learned, codec_notes = screen_learned(learned, candidates, max_codec_drop)
     if auto_bottlenecks is not None:

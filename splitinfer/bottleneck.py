@@ -799,17 +799,22 @@ class CodecEval:
 
 @torch.inference_mode()
 def evaluate_codec(staged: StagedModel, codec, boundary: int, x, y: np.ndarray | None,
-                   batch: int = 500, bytes_limit: int | None = None) -> CodecEval:
+                   batch: int = 500, bytes_limit: int | None = None,
+                   reference: np.ndarray | None = None) -> CodecEval:
     """Encode every sample's boundary features on its own (as the edge does), decode, run the tail; compare
     with labels ``y`` (None: no accuracy) and with the uncompressed model. ``x``: normalised inputs (a tensor,
     or anything whose slices are such tensors). With ``bytes_limit`` (a codec with ``roundtrip_each``) the
     answers come from the batched per-sample round trip and only the first ``bytes_limit`` samples are
-    entropy-coded, for their payload sizes: much faster, same symbols."""
+    entropy-coded, for their payload sizes: much faster, same symbols. ``reference``: the uncompressed model's
+    answers for ``x`` when the caller has them already (the planner does), saving a tail run per batch."""
     n = staged.num_stages
+    if reference is not None and len(reference) != len(x):
+        raise ValueError(f"reference holds {len(reference)} answers for {len(x)} inputs")
     sizes, preds, refs = [], [], []
     for i in range(0, len(x), batch):
         f = staged.run(x[i : i + batch], 0, boundary)
-        refs.append(staged.run(f.clone(), boundary, n).argmax(1))
+        refs.append(staged.run(f.clone(), boundary, n).argmax(1) if reference is None
+                    else torch.as_tensor(np.asarray(reference[i : i + batch])))
         if bytes_limit is not None:
             for j in range(min(len(f), bytes_limit - len(sizes))):
                 sizes.append(len(codec.encode(f[j : j + 1])[0]))
