@@ -37,7 +37,7 @@ this machine's profile and its power model):
    plan's chosen configuration; other exit subsets run with those thresholds (not the search's share
    thresholds).
 
-Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~N minutes).
+Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~7 minutes).
 """
 
 from __future__ import annotations

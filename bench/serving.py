@@ -126,6 +126,8 @@ that of the ``mlserver`` reference, the same engine), ``peak_throughput_ratio_vs
 ``compute_ratio_vs_main_thread`` (p50 of the ``server_compute_ms`` our idle ``ours-b1`` server reports in its
 answers / p50 of the same decode + tail on this process's main thread, same engine: the worker-thread penalty),
 ``triton_served`` (Triton answered every request OK and equal to the reference), ``vs_triton``,
+``compute_ceiling_rps`` (what the tail engine alone does here with no server: :func:`compute_ceiling`, measured
+before the servers start) and ``peak_fraction_of_ceiling`` per configuration (its peak over that),
 ``batching_gain_at_32`` (``ours-batched`` / ``ours-b1`` throughput at
 32 clients; null when 32 was not measured), ``p99_never_worse_than_mlserver`` (``ours-batched`` p99 <= the
 reference's at every concurrency), ``grpc_overhead_ms_p50`` (and ``grpc_overhead_floor_ms_p50``,
@@ -751,6 +753,51 @@ def grpc_overhead(w: Workload, ports: dict[str, int], n: int, engine: str = "tor
     return out
 
 
+CEILING_BATCHES = (1, 8, 16, 32)
+CEILING_ROUNDS = 3
+
+
+def compute_ceiling(w: Workload, s: Settings, quick: bool = False) -> dict:
+    """What the tail engine alone can do here, with no server: the workload's decoded features stacked to each
+    batch size in :data:`CEILING_BATCHES` (up to the servers' max batch), ``TailRuntime.run_tail`` in this
+    process with the servers' engine and intra-op threads, the batch sizes in round-robin rounds, the median
+    per size; ``ceiling_rps`` = the best samples per second over the sizes x ``processes`` (each process of our
+    server runs its own engine; with more than one process that is an upper bound, not a measurement). Every
+    server's peak throughput is reported as a fraction of it: how much is left to win by serving."""
+    from cloud_server.tail import TailRuntime
+    from splitinfer.bundle import load_bundle
+
+    runtime = TailRuntime(load_bundle(w.bundle), engine=s.tail_engine, threads=s.torch_threads,
+                          engine_splits=[w.split])
+    one = torch.cat([runtime.decode_features(w.payloads[i], w.codec, w.metas[i], w.split)
+                     for i in range(len(w.payloads))])
+    sizes = [b for b in CEILING_BATCHES if b <= s.batch_max_size][: 2 if quick else None]
+    batches = {b: one.repeat(-(-b // len(one)), *([1] * (one.dim() - 1)))[:b] for b in sizes}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.torch_threads)
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    try:
+        for b in sizes:
+            runtime.run_tail(batches[b], w.split)  # warm-up (first run at a shape)
+        for _ in range(1 if quick else CEILING_ROUNDS):
+            for b in sizes:
+                for _ in range(max(2, 32 // b)):
+                    t0 = time.perf_counter()
+                    runtime.run_tail(batches[b], w.split)
+                    times[b].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    ms = {b: statistics.median(v) * 1e3 for b, v in times.items()}
+    rps = {b: 1e3 * b / m for b, m in ms.items()}
+    best = max(rps, key=rps.get)
+    return {"batch_ms_median": {str(b): round(m, 3) for b, m in ms.items()},
+            "samples_per_s": {str(b): round(r, 2) for b, r in rps.items()},
+            "best_batch": best, "processes": s.processes, "ceiling_rps": round(rps[best] * s.processes, 2),
+            "engine": s.tail_engine, "threads": s.torch_threads,
+            "how": "TailRuntime.run_tail on decoded features in the bench process, no server; round-robin batch "
+                   "sizes, medians; x processes"}
+
+
 def start_floor(w: Workload, s: Settings, logdir: Path) -> Server:
     """``bench.grpc_floor``: a bare grpc.aio server running the same decode + tail inline (no server logic)."""
     port = free_port()
@@ -888,7 +935,8 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
-def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floor: dict | None = None) -> dict:
+def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floor: dict | None = None,
+                   ceiling: dict | None = None) -> dict:
     by = {}
     for r in rows:
         by.setdefault(r["config"], {})[r["concurrency"]] = r
@@ -941,6 +989,9 @@ def summarize_tail(rows: list[dict], overhead: dict | None, failures: dict, floo
         "p99_never_worse_than_best_mlserver_p99": (all(ours[c]["p99_ms"] is not None and ours[c]["p99_ms"] <= v
                                                        for c, v in best_p99.items()) if best_p99 else None),
         "peak_throughput_rps": {c: round(v, 2) for c, v in peak.items()},
+        "compute_ceiling_rps": ceiling["ceiling_rps"] if ceiling else None,
+        "peak_fraction_of_ceiling": ({c: round(v / ceiling["ceiling_rps"], 4) for c, v in peak.items()}
+                                     if ceiling and ceiling["ceiling_rps"] else None),
         "vs_mlserver_configs": vs,
         "max_other_cpu_cores": max((r["other_cpu_cores"] for r in rows if r.get("other_cpu_cores") is not None),
                                    default=None),
@@ -1046,11 +1097,14 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{tail}: {w.model_name} split {w.split} ({w.boundary_shape}), codec {w.codec}, payload "
              f"{statistics.fmean(len(p) for p in w.payloads):.0f} B; {len(configs)} configs x {len(concurrency)} "
              f"points x {warmup + duration:g} s")
+        ceiling = compute_ceiling(w, s, args.quick)  # before any server starts: the machine is idle
+        _log(f"{tail}: compute ceiling {ceiling['ceiling_rps']:.1f} samples/s (batch {ceiling['best_batch']}; "
+             f"{ceiling['samples_per_s']})")
         tail_rows, failures, details = run_tail(w, configs, s, concurrency, warmup, duration, overhead_n, venv,
                                                 workdir)
         rows += tail_rows
         summary[tail] = summarize_tail(tail_rows, details.get("grpc_overhead"), failures,
-                                       details.get("grpc_overhead_floor"))
+                                       details.get("grpc_overhead_floor"), ceiling)
         tails_info[tail] = {**w.describe(), "duration_s": duration, "warmup_s": warmup,
                             "server_settings": dataclasses.asdict(s),
                             "ours_env": {k: v for k, v in our_env(s, True, max(concurrency)).items()
@@ -1058,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
                             "grpc_overhead": details.get("grpc_overhead"),
                             "grpc_overhead_floor": details.get("grpc_overhead_floor"),
                             "mlserver_files": details["mlserver_files"], "tail_engine": engine_info,
+                            "compute_ceiling": ceiling,
                             "triton": details.get("triton")}
 
     out = {

@@ -54,6 +54,11 @@ def test_quick_serving_benchmark(tmp_path):
     assert light["overhead_above_floor_ms_p50"] == round(light["grpc_overhead_ms_p50"]
                                                          - light["grpc_overhead_floor_ms_p50"], 4)
     assert light["compute_ratio_vs_main_thread"] > 0  # the server reports its compute time in every answer
+    # the engine alone, no server: every configuration's peak is reported as a share of it
+    ceiling = data["settings"]["tails"]["light"]["compute_ceiling"]
+    assert light["compute_ceiling_rps"] == ceiling["ceiling_rps"] > 0 and ceiling["best_batch"] in (1, 8)
+    assert set(light["peak_fraction_of_ceiling"]) == set(light["peak_throughput_rps"])
+    assert all(v > 0 for v in light["peak_fraction_of_ceiling"].values())
     assert light["triton_served"] is True  # every answer of the real Triton OK and equal to the reference
     assert set(light["vs_triton"]) == {"triton-python"}
     # the floor: a bare grpc.aio server running the same decode + tail answered every request
