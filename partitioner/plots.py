@@ -231,11 +231,15 @@ def compression_figure(variants: list[dict]) -> Figure:
     ``test_accuracy``, ``stored_bytes`` and optionally ``latency_ms`` (None: not measured)."""
     fig = _figure((11, 4.2))
     left, right = fig.subplots(1, 2)
-    for v in variants:
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20"].colors  # one colour per variant: the default cycle repeats after 10
+    for i, v in enumerate(variants):
         marker = "*" if v["name"] == "fp32" else "o"
-        left.scatter(v["stored_bytes"] / 1e3, 100 * v["test_accuracy"], marker=marker, s=60, label=v["name"])
+        style = {"marker": marker, "s": 60, "label": v["name"], "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]}
+        left.scatter(v["stored_bytes"] / 1e3, 100 * v["test_accuracy"], **style)
         if v.get("latency_ms") is not None:
-            right.scatter(v["latency_ms"], 100 * v["test_accuracy"], marker=marker, s=60, label=v["name"])
+            right.scatter(v["latency_ms"], 100 * v["test_accuracy"], **style)
     left.set_xscale("log")
     _finish(fig, left, "stored weights (kB, log)", "test accuracy (%)", "accuracy vs stored bytes")
     _finish(fig, right, "full model latency, batch 1, 1 thread (ms)", "test accuracy (%)",
