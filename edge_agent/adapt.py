@@ -1,12 +1,20 @@
 """Choosing the operating point from the bundle's table as the link estimate moves, with hysteresis.
 
-The plan's ``operating_points`` tabulate the configuration chosen for each (bandwidth, RTT) of a grid. The
-estimate is placed on the grid in log space (``log bandwidth``, ``log RTT``); the nearest cell's configuration
-is the target. To avoid flapping between neighbouring cells when the estimate sits near their border:
+The plan's ``operating_points`` tabulate the configuration chosen for each (bandwidth, RTT) of a grid. Two rules
+turn a link estimate into a target configuration:
 
-* **margin**: the target cell must be nearer than the current cell by ``margin`` (in log units: 0.1 is ~10 %);
-* **dwell**: at least ``min_dwell_s`` since the last switch (the first choice is immediate);
-* a target whose configuration equals the current one is no switch.
+* **predicted** (bundles whose table records each prediction's parts, planned for latency): every distinct
+  configuration of the table is scored at the estimated link with ``OperatingPoint.predicted_ms``, its edge and
+  server times rescaled by what the agent measures itself (:mod:`edge_agent.reprofile`); the fastest is the
+  target. It switches only when the target is predicted at least ``min_gain`` (a fraction) faster than the
+  configuration in use at the same link and speeds.
+* **nearest** (older bundles, or other objectives: the table's choice then weighs energy or bytes too): the
+  estimate is placed on the grid in log space (``log bandwidth``, ``log RTT``); the nearest cell's configuration
+  is the target, and the target cell must be nearer than the current cell by ``margin`` (in log units: 0.1 is
+  ~10 %).
+
+Both rules hold a switch back for ``min_dwell_s`` after the last one (the first choice is immediate), and a target
+whose configuration equals the current one is no switch.
 """
 
 from __future__ import annotations
@@ -31,20 +39,48 @@ def _key(p: OperatingPoint) -> tuple:
     return (p.split, p.codec, tuple(p.exits))
 
 
+def can_predict(points: Sequence[OperatingPoint]) -> bool:
+    """True when every point records its prediction's parts (``OperatingPoint.predicted_ms`` works)."""
+    return bool(points) and all(p.predicted_ms(1e6, 0.01) is not None for p in points)
+
+
 class OperatingPointSelector:
-    """Maps link estimates to the table's operating points; see the module docstring."""
+    """Maps link estimates (and measured speeds) to the table's operating points; see the module docstring."""
 
     def __init__(self, points: Sequence[OperatingPoint], margin: float = 0.1, min_dwell_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, rule: str = "nearest", min_gain: float = 0.03) -> None:
         if not points:
             raise ValueError("the plan has no operating points to switch between")
+        if rule not in ("nearest", "predicted"):
+            raise ValueError(f"unknown selection rule {rule!r} (nearest or predicted)")
+        if rule == "predicted" and not can_predict(points):
+            raise ValueError("the plan's operating points do not record their predictions' parts: re-plan the "
+                             "bundle, or select by the nearest cell")
         self.points = list(points)
+        self.rule = rule
         self.margin = margin
+        self.min_gain = min_gain
         self.min_dwell_s = min_dwell_s
         self.clock = clock
         self.current: OperatingPoint | None = None
         self.last_switch: float | None = None
         self.switches = 0
+        self.last_prediction: dict[str, float] | None = None  # the current and the target's predicted ms
+        # one point per distinct configuration: a configuration's parts do not depend on the cell
+        configs: dict[tuple, OperatingPoint] = {}
+        for p in self.points:
+            configs.setdefault(_key(p), p)
+        self.configs = list(configs.values())
+        self._by_key = configs
+
+    def config(self, key: tuple) -> OperatingPoint | None:
+        """The table's point for the configuration ``key`` (split, codec, exits), or None when it has none."""
+        split, codec, exits = key
+        point = self._by_key.get((split, codec, tuple(exits)))
+        if point is None:  # edge-only is listed under one codec name, whichever the runtime reports
+            point = next((p for p in self.configs if p.split == split and p.offload_rate == 0
+                          and tuple(p.exits) == tuple(exits)), None)
+        return point
 
     @staticmethod
     def distance(p: OperatingPoint, bandwidth_bps: float, rtt_s: float) -> float:
@@ -55,28 +91,60 @@ class OperatingPointSelector:
     def nearest(self, bandwidth_bps: float, rtt_s: float) -> OperatingPoint:
         return min(self.points, key=lambda p: self.distance(p, bandwidth_bps, rtt_s))
 
+    def nearest_of(self, config: OperatingPoint, bandwidth_bps: float, rtt_s: float) -> OperatingPoint:
+        """The cell nearest the link among those whose configuration is ``config``'s."""
+        same = [p for p in self.points if _key(p) == _key(config)] or [config]
+        return min(same, key=lambda p: self.distance(p, bandwidth_bps, rtt_s))
+
+    def predicted(self, bandwidth_bps: float, rtt_s: float, scales: tuple[float, float] = (1.0, 1.0)
+                  ) -> list[tuple[float, OperatingPoint]]:
+        """Every distinct configuration's predicted latency (ms) at the link with the speeds ``scales`` (edge,
+        server), fastest first (rule ``predicted``)."""
+        out = [(p.predicted_ms(bandwidth_bps, rtt_s, *scales), p) for p in self.configs]
+        return sorted(((ms, p) for ms, p in out if ms is not None), key=lambda t: t[0])
+
     def start_at(self, point: OperatingPoint) -> None:
         """Declare the configuration in use (no switch counted)."""
         self.current = point
 
-    def update(self, bandwidth_bps: float | None, rtt_s: float | None) -> Decision | None:
-        """The switch to make now, if any, for these estimates (None: stay)."""
+    def update(self, bandwidth_bps: float | None, rtt_s: float | None,
+               scales: tuple[float, float] = (1.0, 1.0)) -> Decision | None:
+        """The switch to make now, if any, for these estimates (None: stay). ``scales``: the measured speed of the
+        edge and the server relative to the plan's profiles (rule ``predicted`` only)."""
         if not bandwidth_bps or rtt_s is None or bandwidth_bps <= 0 or rtt_s < 0:
             return None
-        target = self.nearest(bandwidth_bps, rtt_s)
+        if self.rule == "predicted":
+            ranked = self.predicted(bandwidth_bps, rtt_s, scales)
+            best_ms, best = ranked[0]
+            target = self.nearest_of(best, bandwidth_bps, rtt_s)
+            current_ms = None
+            if self.current is not None:
+                current_ms = next((ms for ms, p in ranked if _key(p) == _key(self.current)), None)
+            self.last_prediction = {"target_ms": round(best_ms, 4),
+                                    "current_ms": None if current_ms is None else round(current_ms, 4)}
+        else:
+            target = self.nearest(bandwidth_bps, rtt_s)
         now = self.clock()
         if self.current is not None:
             if _key(target) == _key(self.current):
                 self.current = target  # same configuration, nearer cell: adopt it silently
                 return None
-            d_target = self.distance(target, bandwidth_bps, rtt_s)
-            d_current = self.distance(self.current, bandwidth_bps, rtt_s)
-            if d_current - d_target < self.margin:
-                return None
+            if self.rule == "predicted":
+                if current_ms is not None and best_ms > current_ms * (1.0 - self.min_gain):
+                    return None
+            else:
+                d_target = self.distance(target, bandwidth_bps, rtt_s)
+                d_current = self.distance(self.current, bandwidth_bps, rtt_s)
+                if d_current - d_target < self.margin:
+                    return None
             if self.last_switch is not None and now - self.last_switch < self.min_dwell_s:
                 return None
-        reason = (f"link estimate {bandwidth_bps / 1e6:.3g} Mbit/s, RTT {rtt_s * 1e3:.3g} ms -> cell "
-                  f"{target.bandwidth_bps / 1e6:g} Mbit/s / {target.rtt_ms:g} ms")
+        reason = f"link estimate {bandwidth_bps / 1e6:.3g} Mbit/s, RTT {rtt_s * 1e3:.3g} ms -> "
+        if self.rule == "predicted":
+            reason += (f"predicted {best_ms:.4g} ms" + ("" if current_ms is None else f" vs {current_ms:.4g} ms")
+                       + f" (edge x{scales[0]:.3g}, server x{scales[1]:.3g} the plan's profiles)")
+        else:
+            reason += f"cell {target.bandwidth_bps / 1e6:g} Mbit/s / {target.rtt_ms:g} ms"
         self.current = target
         self.last_switch = now
         self.switches += 1

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_agent.adapt import OperatingPointSelector
+from edge_agent.adapt import OperatingPointSelector, can_predict
 from edge_agent.linkest import LinkEstimator
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.offload import Offloader
+from edge_agent.reprofile import OnlineProfile
 from splitinfer.errors import InvalidInput
 from splitinfer.plan import OperatingPoint, Plan
 
@@ -47,11 +48,14 @@ class LinkController:
         self._last_probe = clock()
         self._serving = 0  # requests being served now
         self._last_served = -math.inf  # clock() when the last one finished
-        self._adapted_for: tuple[float | None, float | None] | None = None
+        self._adapted_for: tuple | None = None
+        self.profile = OnlineProfile()
         self.selector: OperatingPointSelector | None = None
         if settings.adaptive and plan.operating_points:
             self.selector = OperatingPointSelector(plan.operating_points, settings.adapt_margin,
-                                                   settings.adapt_min_dwell_s, clock)
+                                                   settings.adapt_min_dwell_s, clock,
+                                                   rule=selection_rule(plan, settings.adapt_rule),
+                                                   min_gain=settings.adapt_min_gain)
             split, codec, exits = current
             here = [p for p in plan.operating_points if p.split == split and p.codec == codec
                     and (exits is None or sorted(p.exits) == sorted(exits))]
@@ -76,6 +80,16 @@ class LinkController:
         """An offload moved ``nbytes`` over the network in ``seconds``."""
         self.estimator.observe_transfer(nbytes, seconds)
         self.publish()
+
+    def observe_request(self, config: tuple[int, str, tuple[int, ...]], edge_ms: float,
+                        server_ms: float | None) -> None:
+        """A request ran ``config`` (split, codec, exits): ``edge_ms`` on the device, ``server_ms`` (reported
+        queue + compute) on the server when it was offloaded. Feeds the online profile (rule predicted)."""
+        if self.selector is None or self.selector.rule != "predicted" or not self.settings.reprofile:
+            return
+        point = self.selector.config(config)
+        if point is not None:  # at split 0 the device runs no layer: its time says nothing of its compute speed
+            self.profile.observe(edge_ms, point.edge_part_ms if config[0] > 0 else None, server_ms, point.server_ms)
 
     # ------------------------------------------------------------------ probing
 
@@ -148,13 +162,16 @@ class LinkController:
         """Switch operating point if the link estimate calls for it (logged and counted); True if switched."""
         if self.selector is None:
             return False
+        scales = self.profile.scales() if self.settings.reprofile else (1.0, 1.0)
         estimate = (self.estimator.bandwidth_bps, self.estimator.rtt_s)
-        if estimate == self._adapted_for:  # nothing new (e.g. edge-only between probes): skip the grid search
+        # nothing new (e.g. edge-only between probes, speeds within 1 %): skip the search
+        key = (*estimate, round(math.log(scales[0]) * 100), round(math.log(scales[1]) * 100))
+        if key == self._adapted_for:
             return False
-        decision = self.selector.update(*estimate)
+        decision = self.selector.update(*estimate, scales=scales)
         sel = self.selector
         dwelling = sel.last_switch is not None and sel.clock() - sel.last_switch < sel.min_dwell_s
-        self._adapted_for = None if dwelling else estimate  # a switch held back by dwell is retried later
+        self._adapted_for = None if dwelling else key  # a switch held back by dwell is retried later
         if decision is None:
             return False
         p = decision.point
@@ -173,7 +190,22 @@ class LinkController:
         sel = self.selector
         if sel is None:
             return None
-        return {"switches": sel.switches,
+        return {"switches": sel.switches, "rule": sel.rule,
                 "cell": None if sel.current is None else
                 {"bandwidth_bps": sel.current.bandwidth_bps, "rtt_ms": sel.current.rtt_ms},
-                "margin": sel.margin, "min_dwell_s": sel.min_dwell_s}
+                "margin": sel.margin, "min_gain": sel.min_gain, "min_dwell_s": sel.min_dwell_s,
+                "prediction": sel.last_prediction,
+                "online_profile": self.profile.snapshot() if sel.rule == "predicted" else None}
+
+
+def selection_rule(plan: Plan, setting: str) -> str:
+    """The selector's rule for ``plan`` under the ``adapt_rule`` setting (``auto``: predicted when the table
+    records its predictions' parts and the plan's objective is latency). ValueError when ``predicted`` is asked
+    of a table that cannot predict."""
+    predictable = can_predict(plan.operating_points)
+    if setting == "predicted" and not predictable:
+        raise ValueError("adapt_rule=predicted needs a bundle whose operating points record their predictions' "
+                         "parts (planned by this version of splitinfer); re-plan it or use adapt_rule=nearest")
+    if setting == "auto":
+        return "predicted" if predictable and plan.objective.get("objective", "latency") == "latency" else "nearest"
+    return setting

@@ -218,11 +218,17 @@ class EdgeRuntime:
             res = self._infer(op, x, h, request_id, raw)
         finally:
             self.links.request_finished()
+        wall_ms = (time.perf_counter() - t0) * 1e3
         parts = sum(v for k, v in res.latency_ms.items() if k != "total")
-        overhead = max(0.0, (time.perf_counter() - t0) * 1e3 - parts)
+        overhead = max(0.0, wall_ms - parts)
         with self._lock:
             self._overhead_ms = overhead if self._overhead_ms is None else \
                 self._overhead_ms + EWMA_ALPHA * (overhead - self._overhead_ms)
+        if not res.degraded:  # the device's own time, and the server's when it answered: the online profile
+            remote = res.latency_ms.get("transfer", 0.0) + res.latency_ms.get("tail", 0.0) \
+                if res.outcome == "cloud" else 0.0
+            self.links.observe_request((op.split, op.codec_name, op.exits), wall_ms - remote,
+                                       res.latency_ms.get("tail") if res.outcome == "cloud" else None)
         self.links.adapt()
         return res
 

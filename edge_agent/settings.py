@@ -120,6 +120,15 @@ class EdgeSettings(RenamingSettings):
     adapt_margin: float = Field(0.1, ge=0, description="Hysteresis: the new grid cell must be nearer than the "
                                 "current one by this much in log(bandwidth), log(RTT) space (0.1 ~ 10 %).")
     adapt_min_dwell_s: float = Field(2.0, ge=0, description="Minimum time between two operating-point switches.")
+    adapt_rule: Literal["auto", "predicted", "nearest"] = Field(
+        "auto", description="How a link estimate picks the operating point (edge_agent/adapt.py): predicted = the "
+        "table's configuration with the lowest predicted latency at the estimated link, its edge and server times "
+        "rescaled by the agent's own measurements; nearest = the configuration of the nearest grid cell; auto = "
+        "predicted when the bundle records the predictions' parts and was planned for latency, else nearest.")
+    adapt_min_gain: float = Field(0.03, ge=0, lt=1, description="Rule predicted: switch only to a configuration "
+                                  "predicted at least this fraction faster than the one in use.")
+    reprofile: bool = Field(True, description="Rescale the plan's predicted edge and server times by the times "
+                            "the agent measures (edge_agent/reprofile.py; used by the predicted rule).")
     probe_interval_s: float = Field(5.0, gt=0, description="Probe the link this often when idle: the RTT with "
                                     "ServerReady always, the throughput with a probe_bytes message only when no "
                                     "offload has measured it for this long.")

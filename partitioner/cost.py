@@ -174,13 +174,13 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
     q = max(0.0, 1.0 - answered)
     expected += s * edge.request_overhead_ms  # the agent's own per-request work, whoever answers
     edge_ms = head_ms(k) + exits_ms
+    out_bytes = server.output_bytes or edge.output_bytes
     if k == n:  # edge-only: nothing is sent
-        payload, transfer_ms, server_ms, enc_ms = 0, 0.0, 0.0, 0.0
+        payload, transfer_ms, server_ms, enc_ms, network_ms = 0, 0.0, 0.0, 0.0, 0.0
         offload_ms = edge_ms
     else:
         payload = edge.payload_bytes[k]
         enc_ms = s * edge.encode_ms[k]
-        out_bytes = server.output_bytes or edge.output_bytes
         transfer_ms = link.transfer_s(payload) * 1e3
         service_ms = server.decode_ms[k] + sum(server.stage_ms[k:])
         server_ms = service_ms + queue_wait_s(service_ms / 1e3, server_load_rps) * 1e3
@@ -195,7 +195,8 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
     return SplitEstimate(
         split=k, expected_latency_ms=round(expected, 4), edge_ms=round(edge_ms + enc_ms, 4),
         transfer_ms=round(transfer_ms, 4), server_ms=round(server_ms, 4), bytes_per_offload=int(payload),
-        offload_rate=round(q if k < n else 0.0, 4), exits=active,
+        offload_rate=round(q if k < n else 0.0, 4), exits=active, network_ms=round(network_ms, 4),
+        response_bytes=int(out_bytes) if k < n else 0,
         expected_energy_j=None if energy is None else round(energy, 6),
     )
 

@@ -240,8 +240,22 @@ class Planner:
                 points.append(OperatingPoint(
                     bandwidth_bps=bw, rtt_ms=rtt * 1e3, split=e.split, codec=e.codec, exits=e.exits,
                     expected_latency_ms=e.expected_latency_ms, expected_bytes=metric(e, "bytes"),
-                    expected_agreement=round(agreement, 5), expected_energy_j=e.expected_energy_j))
+                    expected_agreement=round(agreement, 5), expected_energy_j=e.expected_energy_j,
+                    **prediction_parts(e, link)))
         return points
+
+
+def prediction_parts(e: SplitEstimate, link: Link) -> dict[str, float]:
+    """An operating point's prediction split into what the edge agent rescales on its own (edge time, server time)
+    and what it recomputes from its link estimate (RTT, bytes): see ``OperatingPoint.predicted_ms``. Empty for an
+    estimate without its network part."""
+    if e.network_ms is None:
+        return {}
+    q = e.offload_rate
+    return {"edge_part_ms": round(e.expected_latency_ms - q * (e.network_ms + e.server_ms), 4),
+            "server_ms": e.server_ms, "offload_rate": q,
+            "request_bytes": float(e.bytes_per_offload + link.request_overhead) if q > 0 else 0.0,
+            "response_bytes": float((e.response_bytes or 0) + link.response_overhead) if q > 0 else 0.0}
 
 
 def choose_among(estimates: Sequence[SplitEstimate], objective: Objective = Objective(),

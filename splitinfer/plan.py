@@ -159,6 +159,9 @@ class SplitEstimate(BaseModel):
     bytes_per_offload: int
     offload_rate: float
     exits: list[int]
+    network_ms: float | None = Field(None, description="per offload: transfer + RTT + response + expected "
+                                                      "retransmissions, ms")
+    response_bytes: int | None = Field(None, description="the answer's payload per offload, bytes")
     expected_energy_j: float | None = None
     expected_bytes: float | None = Field(None, description="bytes sent per request (offload rate x payload)")
     accuracy_drop_points: float | None = Field(None, description="estimated validation accuracy drop vs the full "
@@ -187,6 +190,27 @@ class OperatingPoint(BaseModel):
     expected_bytes: float
     expected_agreement: float | None = None
     expected_energy_j: float | None = None
+    # The prediction's parts, so that the edge agent can predict this configuration's latency on another link and
+    # with its own measured speeds (edge_agent/adapt.py); None in bundles planned before they were recorded.
+    edge_part_ms: float | None = Field(None, description="expected edge time per request (head, exits, encoding, "
+                                                         "the agent's own work; over the exit rates)")
+    server_ms: float | None = Field(None, description="expected server time (queue + decode + tail) per offload")
+    offload_rate: float | None = Field(None, description="fraction of requests sent to the server")
+    request_bytes: float | None = Field(None, description="bytes on the uplink per offload (payload + protocol)")
+    response_bytes: float | None = Field(None, description="bytes on the downlink per offload (answer + protocol)")
+
+    def predicted_ms(self, bandwidth_bps: float, rtt_s: float, edge_scale: float = 1.0,
+                     server_scale: float = 1.0) -> float | None:
+        """Expected latency (ms) of this configuration on a link of ``bandwidth_bps`` and ``rtt_s`` with the edge's
+        and the server's times scaled by the given factors (None without the recorded parts). Uplink and
+        downlink at the same rate, no loss: the planner's model of the grid's links."""
+        if self.edge_part_ms is None or self.offload_rate is None or self.server_ms is None:
+            return None
+        q = self.offload_rate
+        if q <= 0:
+            return self.edge_part_ms * edge_scale
+        wire = ((self.request_bytes or 0.0) + (self.response_bytes or 0.0)) * 8 / bandwidth_bps
+        return self.edge_part_ms * edge_scale + q * ((rtt_s + wire) * 1e3 + self.server_ms * server_scale)
 
 
 class LatencyCurve(BaseModel):

@@ -1,0 +1,99 @@
+"""Online re-profiling: how fast the edge and the server really are, against what the plan predicted.
+
+The operating-point table was planned from profiles measured on another day (or, for the server, on another
+machine). Every request tells the agent how long its own part took (head, exits, encoding, its own work: the
+request's wall time minus the network call) and, when it offloaded, how long the server spent on it (queue +
+compute, reported in each answer). Against the plan's prediction for the configuration that ran it
+(``OperatingPoint.edge_part_ms``, ``server_ms``) these give two scale factors:
+
+* ``edge_scale`` = EWMA(measured edge ms) / EWMA(predicted edge ms), over the requests that ran at least one layer
+  on the device (split > 0: at split 0 the device only encodes or forwards the input, which says nothing of its
+  compute speed; a forwarded JPEG would make it look many times faster than profiled);
+* ``server_scale`` = EWMA(reported server ms) / EWMA(predicted server ms), over offloads.
+
+A ratio of averages rather than an average of ratios: requests that exit early take a fraction of the predicted
+mean (which is over the exit rates), those that run the whole head take more; their sums compare like for like.
+The averages follow a switch between configurations (each request is compared with its own configuration's
+prediction). A factor is 1 until ``min_samples`` observations have been made, and is clamped to
+``[1 / max_scale, max_scale]`` (a wildly different factor means a wrong table, not a slow device). Edgent (Li et
+al.) corrects its latency regression models from online measurements in the same spirit.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class _RatioOfMeans:
+    """EWMAs of a measured and a predicted quantity, and their ratio."""
+
+    alpha: float
+    measured: float = 0.0
+    predicted: float = 0.0
+    samples: int = 0
+
+    def observe(self, measured: float, predicted: float) -> None:
+        if self.samples == 0:
+            self.measured, self.predicted = measured, predicted
+        else:
+            self.measured += self.alpha * (measured - self.measured)
+            self.predicted += self.alpha * (predicted - self.predicted)
+        self.samples += 1
+
+    def ratio(self, min_samples: int, max_scale: float) -> float:
+        if self.samples < min_samples or self.predicted <= 0 or self.measured <= 0:
+            return 1.0
+        return min(max_scale, max(1.0 / max_scale, self.measured / self.predicted))
+
+
+class OnlineProfile:
+    """Thread-safe running estimates of the edge's and the server's speed relative to the plan's profile."""
+
+    def __init__(self, alpha: float = 0.1, min_samples: int = 10, max_scale: float = 4.0) -> None:
+        if not 0 < alpha <= 1 or min_samples < 1 or max_scale < 1:
+            raise ValueError("alpha must be in (0, 1], min_samples >= 1 and max_scale >= 1")
+        self.min_samples = min_samples
+        self.max_scale = max_scale
+        self._edge = _RatioOfMeans(alpha)
+        self._server = _RatioOfMeans(alpha)
+        self._lock = threading.Lock()
+
+    def observe(self, edge_ms: float, predicted_edge_ms: float | None, server_ms: float | None = None,
+                predicted_server_ms: float | None = None) -> None:
+        """One request: its measured edge time and, when it was offloaded, the server's reported time, each with
+        the plan's prediction for the configuration that ran it (None: no prediction, nothing learnt)."""
+        with self._lock:
+            if predicted_edge_ms is not None and predicted_edge_ms > 0 and edge_ms >= 0:
+                self._edge.observe(edge_ms, predicted_edge_ms)
+            if server_ms is not None and predicted_server_ms is not None and predicted_server_ms > 0 \
+                    and server_ms >= 0:
+                self._server.observe(server_ms, predicted_server_ms)
+
+    @property
+    def edge_scale(self) -> float:
+        with self._lock:
+            return self._edge.ratio(self.min_samples, self.max_scale)
+
+    @property
+    def server_scale(self) -> float:
+        with self._lock:
+            return self._server.ratio(self.min_samples, self.max_scale)
+
+    def scales(self) -> tuple[float, float]:
+        """(edge_scale, server_scale) read together."""
+        with self._lock:
+            return (self._edge.ratio(self.min_samples, self.max_scale),
+                    self._server.ratio(self.min_samples, self.max_scale))
+
+    def snapshot(self) -> dict[str, float | int]:
+        """For ``/v1/status``."""
+        with self._lock:
+            return {"edge_scale": round(self._edge.ratio(self.min_samples, self.max_scale), 4),
+                    "server_scale": round(self._server.ratio(self.min_samples, self.max_scale), 4),
+                    "edge_samples": self._edge.samples, "server_samples": self._server.samples,
+                    "edge_measured_ms": round(self._edge.measured, 4),
+                    "edge_predicted_ms": round(self._edge.predicted, 4),
+                    "server_measured_ms": round(self._server.measured, 4),
+                    "server_predicted_ms": round(self._server.predicted, 4)}

@@ -1,0 +1,158 @@
+"""Online re-profiling and the predicted-latency selection rule (edge_agent/reprofile.py, edge_agent/adapt.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from edge_agent.adapt import OperatingPointSelector, can_predict
+from edge_agent.link import LinkController, selection_rule
+from edge_agent.metrics import EdgeMetrics
+from edge_agent.reprofile import OnlineProfile
+from partitioner.cost import Link, estimate_split
+from partitioner.profile import Profile
+from partitioner.search import prediction_parts
+from splitinfer.bundle import OperatingPoint
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _point(split, edge_ms, server_ms=0.0, q=0.0, req=0.0, resp=0.0, bw=10e6, rtt_ms=20.0, exits=()):
+    return OperatingPoint(bandwidth_bps=bw, rtt_ms=rtt_ms, split=split, codec="uint8-affine", exits=list(exits),
+                          expected_latency_ms=1.0, expected_bytes=req * q, edge_part_ms=edge_ms, server_ms=server_ms,
+                          offload_rate=q, request_bytes=req, response_bytes=resp)
+
+
+EDGE = _point(4, 20.0)  # edge-only: 20 ms on the device as profiled
+CLOUD = _point(0, 1.0, server_ms=10.0, q=1.0, req=10_000, resp=100, bw=100e6)  # encode 1 ms, 10 kB up
+
+
+def test_parts_reproduce_the_planners_prediction_at_its_cell():
+    p = Profile(machine="t", threads=1, repeats=1, stage_ms=[1.0, 2.0, 3.0, 4.0], exit_ms={2: 0.5},
+                encode_ms=[0.1] * 5, decode_ms=[0.2] * 5, payload_bytes=[5000, 3000, 2000, 800, 0],
+                fp32_bytes=[4000] * 5, output_bytes=40, request_overhead_ms=0.3)
+    for link in (Link(8e6, 0.010), Link(0.5e6, 0.150)):
+        for k in range(5):
+            e = estimate_split(k, p, p, {2: 0.25} if k >= 2 else {}, link)
+            point = OperatingPoint(bandwidth_bps=link.bandwidth_bps, rtt_ms=link.rtt_s * 1e3, split=k,
+                                   codec="uint8-affine", exits=e.exits, expected_latency_ms=e.expected_latency_ms,
+                                   expected_bytes=0.0, **prediction_parts(e, link))
+            assert point.predicted_ms(link.bandwidth_bps, link.rtt_s) == pytest.approx(e.expected_latency_ms,
+                                                                                       abs=1e-3)
+            # another link: the same as the planner's estimate there
+            other = Link(2e6, 0.05)
+            again = estimate_split(k, p, p, {2: 0.25} if k >= 2 else {}, other)
+            assert point.predicted_ms(2e6, 0.05) == pytest.approx(again.expected_latency_ms, abs=1e-3)
+            # a device twice as slow doubles the edge part only
+            assert point.predicted_ms(2e6, 0.05, edge_scale=2.0) == pytest.approx(
+                again.expected_latency_ms + point.edge_part_ms, abs=1e-3)
+
+
+def test_online_profile_is_a_ratio_of_means_after_enough_samples_and_clamped():
+    prof = OnlineProfile(alpha=0.5, min_samples=3, max_scale=4.0)
+    prof.observe(30.0, 10.0)
+    prof.observe(30.0, 10.0)
+    assert prof.scales() == (1.0, 1.0)  # too few samples yet
+    prof.observe(30.0, 10.0, server_ms=5.0, predicted_server_ms=10.0)
+    assert prof.edge_scale == pytest.approx(3.0)
+    assert prof.server_scale == 1.0  # one server sample
+    # early exits: short and long requests against the same mean prediction average out
+    mix = OnlineProfile(alpha=0.05, min_samples=1)
+    for i in range(400):
+        mix.observe(2.0 if i % 2 else 18.0, 10.0)
+    assert mix.edge_scale == pytest.approx(1.0, abs=0.05)
+    wild = OnlineProfile(min_samples=1, max_scale=4.0)
+    wild.observe(1000.0, 1.0)
+    assert wild.edge_scale == 4.0
+    wild.observe(-1.0, 1.0)  # nonsense is ignored
+    assert wild.snapshot()["edge_samples"] == 1
+    with pytest.raises(ValueError):
+        OnlineProfile(alpha=0)
+
+
+def test_predicted_rule_picks_the_fastest_configuration_with_a_minimum_gain():
+    clock = Clock()
+    sel = OperatingPointSelector([EDGE, CLOUD], min_dwell_s=2.0, clock=clock, rule="predicted", min_gain=0.05)
+    # 10 Mbit/s, 20 ms: cloud = 1 + 20 + 10100 * 8 / 10e6 * 1e3 (8.08) + 10 = 39.08 ms; edge-only 20 ms
+    d = sel.update(10e6, 0.020)
+    assert d is not None and d.point.split == 4 and "predicted 20 ms" in d.reason
+    assert sel.update(10e6, 0.020) is None
+    clock.now += 10
+    # 100 Mbit/s, 5 ms: cloud 1 + 5 + 0.81 + 10 = 16.8 ms: 16 % faster than edge-only -> switch
+    d = sel.update(100e6, 0.005)
+    assert d is not None and d.point.split == 0
+    assert d.point.bandwidth_bps == 100e6  # the cell of that configuration nearest the link
+    clock.now += 10
+    # 100 Mbit/s, 8 ms: cloud 19.8 ms vs edge 20: within min_gain -> stay on cloud, no flapping
+    assert sel.update(100e6, 0.0085) is None
+    assert sel.last_prediction == {"target_ms": pytest.approx(20.0), "current_ms": pytest.approx(20.308, abs=1e-3)}
+    # a much slower link is better served on the device, but not before the dwell has passed
+    clock.now += 10
+    assert sel.update(1e6, 0.05).point.split == 4
+    clock.now += 0.5
+    assert sel.update(100e6, 0.001) is None  # dwell
+    clock.now += 2
+    assert sel.update(100e6, 0.001).point.split == 0
+
+
+def test_predicted_rule_needs_the_parts_and_auto_falls_back_to_nearest():
+    bare = OperatingPoint(bandwidth_bps=1e6, rtt_ms=5, split=1, codec="uint8-affine", exits=[],
+                          expected_latency_ms=1.0, expected_bytes=1.0)
+    assert can_predict([EDGE, CLOUD]) and not can_predict([EDGE, bare])
+    with pytest.raises(ValueError, match="re-plan"):
+        OperatingPointSelector([EDGE, bare], rule="predicted")
+    plan = SimpleNamespace(operating_points=[EDGE, CLOUD], objective={"objective": "latency"})
+    assert selection_rule(plan, "auto") == "predicted"
+    assert selection_rule(SimpleNamespace(operating_points=[EDGE, CLOUD], objective={"objective": "energy"}),
+                          "auto") == "nearest"
+    assert selection_rule(SimpleNamespace(operating_points=[EDGE, bare], objective={}), "auto") == "nearest"
+    with pytest.raises(ValueError, match="adapt_rule=nearest"):
+        selection_rule(SimpleNamespace(operating_points=[EDGE, bare], objective={}), "predicted")
+
+
+def _controller(clock, points, reprofile=True):
+    settings = SimpleNamespace(adaptive=True, adapt_margin=0.1, adapt_min_dwell_s=2.0, adapt_rule="auto",
+                               adapt_min_gain=0.03, reprofile=reprofile, probe_interval_s=5.0,
+                               probe_max_interval_s=15.0, probe_idle_s=0.2, probe_bytes=32768)
+    plan = SimpleNamespace(operating_points=points, objective={"objective": "latency"}, notes={})
+    switched = []
+    links = LinkController(plan, settings, offloader=None, metrics=EdgeMetrics(), switch=switched.append,
+                           current=(4, "uint8-affine", []), clock=clock)
+    return links, switched
+
+
+@pytest.mark.parametrize("reprofile", [True, False])
+def test_a_wrong_profile_is_corrected_by_the_agents_own_measurements(reprofile):
+    """The table was planned for a device 3x faster than this one: edge-only predicted 20 ms, measured 60 ms.
+    At 10 Mbit/s / 20 ms the cloud configuration (predicted 39 ms; 41 ms with this device's encoding) is then
+    the faster; the agent finds out from its own requests, without a new plan."""
+    clock = Clock()
+    links, switched = _controller(clock, [EDGE, CLOUD], reprofile)
+    links.estimator.observe_rtt(0.020)
+    links.estimator.observe_transfer(100_000, 0.020 + 100_000 * 8 / 10e6)
+    assert not links.adapt()  # as profiled, edge-only is the faster here
+    for _ in range(30):
+        clock.now += 0.06
+        links.observe_request((4, "uint8-affine", ()), 60.0, None)  # what this device measures
+        links.adapt()
+    status = links.status()
+    if not reprofile:
+        assert switched == [] and status["online_profile"]["edge_samples"] == 0
+        return
+    assert [p.split for p in switched] == [0]
+    assert status["online_profile"]["edge_scale"] == pytest.approx(3.0)
+    assert status["rule"] == "predicted" and status["prediction"]["target_ms"] == pytest.approx(41.08)
+    # offloads report the server 2x slower than profiled: the cloud configuration's prediction follows
+    for _ in range(30):
+        clock.now += 0.05
+        links.observe_request((0, "uint8-affine", ()), 0.1, 20.0)
+    assert links.profile.server_scale == pytest.approx(2.0, rel=0.01)
+    # at split 0 the device computes nothing: its (tiny) time does not move the edge's scale
+    assert links.profile.edge_scale == pytest.approx(3.0, rel=0.01)
