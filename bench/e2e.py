@@ -21,9 +21,10 @@ The plan (the bundle both daemons load, with its table of operating points):
   from the two profiles (``make_model_plan``). Without this the table would be planned for an edge as fast as
   the server.
 
-Configurations measured in every cell (same inputs for all four; requests interleaved in ``rounds`` so the
-configurations share the machine's drift, in a carry-over-balanced order (see ORDERS); unrecorded warm-up requests
-start every configuration's chunk of a round):
+Configurations measured in every cell (same inputs for all; requests interleaved in ``rounds`` so the
+configurations share the machine's drift, in a carry-over-balanced order (see williams_orders); unrecorded warm-up
+requests start every configuration's chunk of a round; after ``SCREEN_ROUNDS`` rounds a baseline far off the best
+is no longer measured; per-cell ratios come with bootstrap intervals over the rounds, see ratio_interval):
 
 (a) ``splitinfer``: a fresh EdgeRuntime with ``adaptive=True`` (EdgeSettings defaults: margin 0.1, dwell 2 s,
     probe every 5 s, 32 KiB throughput probe; ``timeout_s`` 60) and the plan's exits, with the agent's idle-link
@@ -109,29 +110,36 @@ from bench.planner import ROOT, CpuLimit, EdgeWorker, _log, start_server
 from splitinfer.models import EMBEDDED_MODELS
 
 MODELS = ("default", "resnet50")
-REQUESTS = {"default": 200, "resnet50": 30, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
+REQUESTS = {"default": 400, "resnet50": 60, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
 # The default model's edge requests take ~1.5 ms with a long tail: the configurations run on the edge get 20x the
-# requests (4,000: cheap), cloud-only (60-170 ms each) every 20th of them. With 600, the means of two identical
-# configurations differed by up to 5 % (standard error of the difference ~4 %); 4,000 brings that to ~1.5 %.
+# requests (8,000: cheap), cloud-only (15-170 ms each) every 20th of them. With 600, the means of two identical
+# configurations differed by up to 5 % (standard error of the difference ~4 %); 4,000 in 40 rounds brought that to
+# ~1.5 %, still too coarse to tell a 2 % cost of adaptation in 15 cells from noise.
 EDGE_FACTOR = {"default": 20}
 # Configurations alternate in rounds so that slow spells of the machine (seconds long) hit them alike: the default
 # model's sub-2 ms requests need many short rounds (identical configurations differed by up to 10 % with 2 rounds of
 # 300 requests, and still by 5 % with 8 rounds of 500: the machine's slow spells, not the sample size).
-# The order within a round follows a Williams design (ORDERS): over 4 rounds every configuration runs right after
-# every other one exactly once, so what one leaves behind (cloud-only leaves the edge's CPU idle for seconds)
-# costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests.
-ROUNDS = {"default": 40, "resnet50": 4, "mobilenet_v2": 4, "mobilenet_v2_fmnist": 4}
-ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
+# The order within a round follows a Williams design (williams_orders): over a cycle of rounds every configuration
+# runs right after every other one equally often, so what one leaves behind (cloud-only leaves the edge's CPU idle
+# for seconds) costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests. The rounds are
+# also the unit of the bootstrap confidence intervals (ratio_interval), so there must be enough of them.
+ROUNDS = {"default": 160, "resnet50": 12, "mobilenet_v2": 12, "mobilenet_v2_fmnist": 12}
+# After SCREEN_ROUNDS rounds a baseline whose mean is above SCREEN_FACTOR x the best mean so far stops being
+# measured: it can be neither the best baseline nor within reach of it (resnet50's edge-only at 2-200 Mbit/s is
+# 2-4x cloud-only and costs 0.55 s a request). splitinfer and the configuration it runs are never dropped.
+SCREEN_ROUNDS, SCREEN_FACTOR = 4, 1.3
+BOOTSTRAP = 2000
 CHUNK_WARMUP = {"default": 20}
 # per candidate configuration after the drop
 DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40, "mobilenet_v2_fmnist": 40}
 EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25, "mobilenet_v2_fmnist": 0.25}
 CONFIGS = ("splitinfer", "edge_only", "cloud_only", "best_fixed")
+SAME_AS_AGENT = "agent_config"  # a fixed runtime on the configuration the agent settled on, when no baseline is
 TIMEOUT_S = 60.0
 CGROUP = "splitinfer_e2e_edge"  # + the pid: not bench.planner's, nor another bench.e2e's (they may run at once)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 PLAN_LINK = (10e6, 0.05)  # the link the bundles are planned for (their initial operating point); as bench.planner
-BAR_CELL, BAR_GAIN, BAR_DROP = 1.05, 2.0, 1.2
+BAR_CELL, BAR_GAIN, BAR_DROP, BAR_COST = 1.05, 2.0, 1.2, 1.02
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -327,6 +335,70 @@ def stats(records: list[dict], labels: np.ndarray | None) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- design, intervals
+
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` configurations over a cycle of rounds in which each runs right after every other equally
+    often (a Williams design: ``n`` rows for even ``n``, ``2n`` for odd ``n``; each configuration also takes each
+    position equally often)."""
+    if n < 1:
+        raise ValueError("no configurations")
+    first = [0]
+    lo, hi = 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(c + i) % n for c in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
+def same_config(a: tuple, b: tuple, n_stages: int) -> bool:
+    """Whether two (split, codec, exits) run the same: edge-only ignores the codec; exits None is every exit."""
+    if int(a[0]) != int(b[0]):
+        return False
+    if a[2] is not None and b[2] is not None and sorted(a[2]) != sorted(b[2]):
+        return False
+    return int(a[0]) == n_stages or a[1] is None or b[1] is None or a[1] == b[1]
+
+
+def screen(records: dict[str, list[dict]], active: list[str], keep: set[str]) -> dict[str, str]:
+    """The configurations to stop measuring after the screening rounds (see SCREEN_FACTOR), with why."""
+    means = {c: float(np.mean([r["wall_ms"] for r in records[c]])) for c in active if records[c]}
+    if not means:
+        return {}
+    best = min(means.values())
+    return {c: f"mean {m:.3f} ms > {SCREEN_FACTOR} x the best {best:.3f} ms after {SCREEN_ROUNDS} rounds"
+            for c, m in means.items() if c not in keep and m > SCREEN_FACTOR * best}
+
+
+def ratio_interval(num: list[dict], den: list[dict], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Bootstrap interval of mean(num) / mean(den) over the rounds both were measured in (the rounds are the unit:
+    a slow spell of the machine hits every configuration of a round). ``upper95``: one-sided 95 % upper bound."""
+    rounds = sorted({r["round"] for r in num} & {r["round"] for r in den})
+    if len(rounds) < 2:
+        return {"rounds": len(rounds), "ci95": None, "upper95": None, "ratio": None}
+
+    def sums(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        pos = {r: i for i, r in enumerate(rounds)}
+        total, count = np.zeros(len(rounds)), np.zeros(len(rounds))
+        for rec in recs:
+            if rec["round"] in pos:
+                total[pos[rec["round"]]] += rec["wall_ms"]
+                count[pos[rec["round"]]] += 1
+        return total, count
+
+    (nt, nc), (dt, dc) = sums(num), sums(den)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(rounds), size=(n_boot, len(rounds)))
+    boot = (nt[pick].sum(1) / nc[pick].sum(1)) / (dt[pick].sum(1) / dc[pick].sum(1))
+    lo, hi, up = np.percentile(boot, [2.5, 97.5, 95])
+    return {"rounds": len(rounds), "ratio": round(float((nt.sum() / nc.sum()) / (dt.sum() / dc.sum())), 4),
+            "ci95": [round(float(lo), 4), round(float(hi), 4)], "upper95": round(float(up), 4)}
+
+
 # ---------------------------------------------------------------------------------------------- one cell
 
 def adaptive_settings(args) -> dict:
@@ -361,13 +433,27 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
     wu = warm_up(worker, address, ctx["warm_indices"], args)
     worker.call(cmd="pause", name="adaptive", paused=True)
     worker.call(cmd="open", name="fixed", address=address, settings={"adaptive": False, "timeout_s": TIMEOUT_S})
-    records: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    for r, chunk in enumerate(np.array_split(np.array(measured), ctx["rounds"])):
+    edge_exits = sorted(e.boundary for e in plan.exits)
+    fixed_ops = {"edge_only": (n_stages, None, edge_exits), "best_fixed": (bf["split"], bf["codec"], bf["exits"])}
+    configs = [c for c in CONFIGS if not (c == "best_fixed" and ctx["best_fixed_is_edge_only"])]
+    agent_op = (int(wu["op"][0]), wu["op"][1], sorted(wu["op"][2]))
+    if not any(same_config(agent_op, op, n_stages) for c, op in fixed_ops.items() if c in configs):
+        configs.append(SAME_AS_AGENT)  # the cost of adaptation needs a baseline running the agent's configuration
+        fixed_ops[SAME_AS_AGENT] = agent_op
+    keep = {"splitinfer"} | {c for c, op in fixed_ops.items() if c in configs and same_config(agent_op, op, n_stages)}
+    orders = williams_orders(len(configs))
+    records: dict[str, list[dict]] = {c: [] for c in configs}
+    active = list(configs)
+    dropped: dict[str, dict] = {}
+    for r, chunk in enumerate(np.array_split(np.array(measured), min(ctx["rounds"], len(measured)))):
         idx = [int(i) for i in chunk]
-        if not idx:
-            continue
+        if r == SCREEN_ROUNDS:
+            dropped = screen(records, active, keep)
+            active = [c for c in active if c not in dropped]
         warm = ctx["chunk_warmup"]
-        for c in (CONFIGS[k] for k in ORDERS[r % len(ORDERS)]):
+        for c in (configs[k] for k in orders[r % len(orders)]):
+            if c not in active:
+                continue
             if c == "splitinfer":
                 worker.call(cmd="pause", name="adaptive", paused=False)
                 out = worker.call(cmd="requests", name="adaptive", indices=idx, warmup=warm, raw=args.forward_files)
@@ -378,14 +464,12 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
                     continue
                 out = worker.call(cmd="cloud", address=address, indices=cidx, fmt=ctx["image_format"], quality=90,
                                   timeout_s=TIMEOUT_S, warmup=1)
-            elif c == "best_fixed" and ctx["best_fixed_is_edge_only"]:
-                continue  # the same configuration as edge_only: measured once, reported for both
             else:
-                if c == "edge_only":
-                    worker.call(cmd="op", name="fixed", split=n_stages, codec=None, exits=None)  # every exit
-                else:
-                    worker.call(cmd="op", name="fixed", split=bf["split"], codec=bf["codec"], exits=bf["exits"])
+                split, codec, exits = fixed_ops[c]
+                worker.call(cmd="op", name="fixed", split=split, codec=codec, exits=exits)
                 out = worker.call(cmd="requests", name="fixed", indices=idx, warmup=warm, raw=args.forward_files)
+            for rec in out["records"]:
+                rec["round"] = r
             records[c] += out["records"]
     status = worker.call(cmd="status", name="adaptive")
     worker.call(cmd="close", name="adaptive")
@@ -393,7 +477,9 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
     if ctx["best_fixed_is_edge_only"]:
         records["best_fixed"] = records["edge_only"]
     labels = ctx["labels"]
-    configs = {c: stats(records[c], labels) for c in CONFIGS}
+    configs = {c: stats(records[c], labels) for c in records}
+    for c, why in dropped.items():
+        configs[c]["screened_out"] = why
     si = configs["splitinfer"]["mean_ms"]
     baselines = {c: configs[c]["mean_ms"] for c in ("edge_only", "cloud_only", "best_fixed")}
     best_base = min(baselines, key=baselines.get)
@@ -414,8 +500,11 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
         k_split, k_codec, k_exits = key.split("/")
         return int(k_split) == int(split) and k_exits == exits and (int(split) == n_stages or k_codec == codec)
 
-    same_as = [c for c in ("edge_only", "best_fixed")
-               if len(configs[c]["ops"]) == 1 and same(next(iter(configs[c]["ops"])))]
+    same_as = [c for c in ("edge_only", "best_fixed", SAME_AS_AGENT)
+               if c in configs and len(configs[c]["ops"]) == 1 and same(next(iter(configs[c]["ops"])))]
+    same_as.sort(key=lambda c: c in dropped)  # one measured in every round first
+    intervals = {"vs_best_baseline": ratio_interval(records["splitinfer"], records[best_base]),
+                 "vs_same_config": ratio_interval(records["splitinfer"], records[same_as[0]]) if same_as else None}
     cell = {
         "model": name, "bandwidth_mbps": bw / 1e6, "rtt_ms": rtt * 1e3, "configs": configs,
         "best_baseline": best_base, "best_baseline_mean_ms": baselines[best_base],
@@ -423,6 +512,9 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
         "worse_baseline": worse, "gain_vs_worse_baseline": round(baselines[worse] / si, 4),
         "same_config_as": same_as,
         "ratio_vs_same_config": round(si / configs[same_as[0]]["mean_ms"], 4) if same_as else None,
+        "ratio_intervals": intervals,
+        "ratio_vs_best_baseline_upper95": intervals["vs_best_baseline"]["upper95"],
+        "configs_screened_out": sorted(dropped),
         "best_in_plan_space": best_space, "ratio_vs_best_in_plan_space": round(si / in_space[best_space], 4),
         "splitinfer": {
             "warmup": wu, "main_op": {"split": int(split), "codec": codec, "exits": exits_l},
@@ -774,7 +866,22 @@ def summarize(cells: list[dict], trace: dict | None) -> dict:
             [c["configs"]["cloud_only"]["bytes_per_request"] / c["configs"]["splitinfer"]["bytes_per_request"]
              for c in offloading])), 4),
     }
+    uppers = [c["ratio_vs_best_baseline_upper95"] for c in cells if c.get("ratio_vs_best_baseline_upper95")]
+    out["max_ratio_upper95"] = round(max(uppers), 4) if uppers else None
+    out["max_ratio_upper95_definition"] = "max over cells of the one-sided 95 % upper bound of splitinfer mean / " \
+                                          "best baseline mean (bootstrap over the cell's rounds)"
+    costs = [c["ratio_vs_same_config"] for c in same]
+    cost_up = [c["ratio_intervals"]["vs_same_config"]["upper95"] for c in same
+               if (c.get("ratio_intervals") or {}).get("vs_same_config", {}).get("upper95") is not None]
+    out["max_adaptation_cost"] = round(max(costs), 4) if costs else None
+    out["max_adaptation_cost_definition"] = "max over cells of splitinfer mean / the mean of a fixed runtime " \
+                                            "running the configuration the agent settled on (same rounds)"
+    out["max_adaptation_cost_upper95"] = round(max(cost_up), 4) if cost_up else None
+    out["cells_with_adaptation_cost"] = len(costs)
+    out["cells_adaptation_cost_le_1.02"] = int(sum(c <= BAR_COST for c in costs))
     out["bars"] = {"every_cell_ratio_le_1.05": out["max_ratio_vs_best_baseline"] <= BAR_CELL,
+                   "adaptation_cost_le_1.02_in_every_cell": bool(costs) and len(costs) == len(cells)
+                   and max(costs) <= BAR_COST,
                    "mean_gain_ge_2": out["mean_gain_vs_worse_baseline"] >= BAR_GAIN,
                    "drop_trace_p95_ratio_le_1.2": None if trace is None else trace["p95_ratio"] <= BAR_DROP}
     return out
@@ -999,7 +1106,11 @@ def main(argv: list[str] | None = None) -> None:
                                                   * (1 if args.requests else EDGE_FACTOR.get(m, 1)) for m in models},
             "rounds": {m: args.rounds or ROUNDS[m] for m in models},
             "warmup_requests_per_round": {m: CHUNK_WARMUP.get(m, 1) for m in models},
-            "round_orders": [[CONFIGS[k] for k in order] for order in ORDERS],
+            "round_orders": "williams_orders(number of configurations measured in the cell), cycled over the rounds",
+            "screening": f"after {SCREEN_ROUNDS} rounds, baselines above {SCREEN_FACTOR} x the best mean so far are "
+                         "no longer measured (never splitinfer nor a baseline running the agent's configuration)",
+            "intervals": f"bootstrap over rounds ({BOOTSTRAP} resamples) of the ratio of means; upper95 = one-sided "
+                         "95 % upper bound",
             "agent_gets_files": args.forward_files,
             "edge_threads": 1, "server_threads": 1, "server_workers": 1, "timeout_s": TIMEOUT_S,
             "edge_cpu_share": {m: i["edge_cpu_share"] for m, i in infos.items()},

@@ -27,6 +27,8 @@ from splitinfer.plan import OperatingPoint, Plan
 
 log = logging.getLogger("edge_agent.link")
 
+RESCORE_S = 0.5
+"""Rule predicted: how often the selector re-scores the table for the measured speeds alone (no new link estimate)."""
 PROBE_ANSWER_BYTES = 64  # the probe's small answer (an empty OK response, or another server's NOT_FOUND), roughly
 
 
@@ -49,6 +51,7 @@ class LinkController:
         self._serving = 0  # requests being served now
         self._last_served = -math.inf  # clock() when the last one finished
         self._adapted_for: tuple | None = None
+        self._scored_at = -math.inf
         self.profile = OnlineProfile()
         self.selector: OperatingPointSelector | None = None
         if settings.adaptive and plan.operating_points:
@@ -159,19 +162,25 @@ class LinkController:
     # ------------------------------------------------------------------ adaptation
 
     def adapt(self) -> bool:
-        """Switch operating point if the link estimate calls for it (logged and counted); True if switched."""
+        """Switch operating point if the link estimate (or, rule predicted, the measured speeds) calls for it
+        (logged and counted); True if switched.
+
+        Cheap on the request path: the selector runs when the link estimate changed, and otherwise (the speeds
+        move a little with every request) at most every ``RESCORE_S``, or when a switch held back by the dwell
+        time may be due."""
         if self.selector is None:
             return False
-        scales = self.profile.scales() if self.settings.reprofile else (1.0, 1.0)
         estimate = (self.estimator.bandwidth_bps, self.estimator.rtt_s)
-        # nothing new (e.g. edge-only between probes, speeds within 1 %): skip the search
-        key = (*estimate, round(math.log(scales[0]) * 100), round(math.log(scales[1]) * 100))
-        if key == self._adapted_for:
+        now = self.clock()
+        if estimate == self._adapted_for and (self.selector.rule != "predicted"
+                                              or now - self._scored_at < RESCORE_S):
             return False
+        scales = self.profile.scales() if self.settings.reprofile else (1.0, 1.0)
+        self._scored_at = now
         decision = self.selector.update(*estimate, scales=scales)
         sel = self.selector
         dwelling = sel.last_switch is not None and sel.clock() - sel.last_switch < sel.min_dwell_s
-        self._adapted_for = None if dwelling else key  # a switch held back by dwell is retried later
+        self._adapted_for = None if dwelling else estimate  # a switch held back by dwell is retried later
         if decision is None:
             return False
         p = decision.point

@@ -38,11 +38,17 @@ def test_bench_e2e_quick(tmp_path):
     assert d["settings"]["models_info"]["default"]["best_fixed"]["split"] >= 0
 
     n = d["settings"]["requests_per_config_and_cell"]["default"]
+    assert s["max_ratio_upper95"] >= s["max_ratio_vs_best_baseline"] * 0.5
+    assert s["max_adaptation_cost"] > 0 and s["cells_with_adaptation_cost"] == 2
+    assert "adaptation_cost_le_1.02_in_every_cell" in s["bars"]
     for cell in d["cells"]:
         assert cell["model"] == "default"
-        assert set(cell["configs"]) == set(CONFIGS)
+        assert set(CONFIGS) <= set(cell["configs"])
         for name, c in cell["configs"].items():
-            assert c["n"] == n, name
+            if "screened_out" in c:  # dropped after the screening rounds as far off the best
+                assert 0 < c["n"] < n and name in cell["configs_screened_out"], name
+            else:
+                assert c["n"] == n, name
             assert c["answered"] == c["n"], name  # every request got an answer
             for key in ("mean_ms", "p95_ms", "bytes_per_request", "energy_j_per_request", "accuracy"):
                 assert c[key] >= 0, (name, key)
@@ -50,6 +56,10 @@ def test_bench_e2e_quick(tmp_path):
         assert cell["best_baseline"] in ("edge_only", "cloud_only", "best_fixed")
         assert cell["ratio_vs_best_baseline"] > 0 and cell["gain_vs_worse_baseline"] > 0
         assert cell["splitinfer"]["warmup"]["n"] > 0
+        iv = cell["ratio_intervals"]["vs_best_baseline"]
+        assert iv["rounds"] >= 2 and iv["ci95"][0] <= iv["ratio"] <= iv["ci95"][1]
+        assert iv["ratio"] == pytest.approx(cell["ratio_vs_best_baseline"], rel=1e-3)
+        assert cell["ratio_vs_same_config"] > 0 and cell["ratio_intervals"]["vs_same_config"]["upper95"] > 0
 
     t = d["drop_trace"]
     assert t["requests"] > 0 and t["answered"] == t["requests"]
