@@ -374,6 +374,14 @@ def screen(records: dict[str, list[dict]], active: list[str], keep: set[str]) ->
             for c, m in means.items() if c not in keep and m > SCREEN_FACTOR * best}
 
 
+def round_means(records: list[dict]) -> dict[str, float]:
+    """Mean latency (ms) per round, for looking at the noise behind an interval."""
+    by: dict[int, list[float]] = {}
+    for r in records:
+        by.setdefault(r["round"], []).append(r["wall_ms"])
+    return {str(k): round(float(np.mean(v)), 4) for k, v in sorted(by.items())}
+
+
 def ratio_interval(num: list[dict], den: list[dict], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Bootstrap interval of mean(num) / mean(den) over the rounds both were measured in (the rounds are the unit:
     a slow spell of the machine hits every configuration of a round). ``upper95``: one-sided 95 % upper bound."""
@@ -515,6 +523,8 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
         "ratio_intervals": intervals,
         "ratio_vs_best_baseline_upper95": intervals["vs_best_baseline"]["upper95"],
         "configs_screened_out": sorted(dropped),
+        "round_means_ms": {c: round_means(recs) for c, recs in records.items() if c != "best_fixed"
+                           or not ctx["best_fixed_is_edge_only"]},
         "best_in_plan_space": best_space, "ratio_vs_best_in_plan_space": round(si / in_space[best_space], 4),
         "splitinfer": {
             "warmup": wu, "main_op": {"split": int(split), "codec": codec, "exits": exits_l},

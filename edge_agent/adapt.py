@@ -73,6 +73,11 @@ class OperatingPointSelector:
         self.configs = list(configs.values())
         self._by_key = configs
 
+    @property
+    def settled(self) -> bool:
+        """True when no switch can ever come: the table has one configuration and it is the one in use."""
+        return len(self.configs) == 1 and self.current is not None and _key(self.current) == _key(self.configs[0])
+
     def config(self, key: tuple) -> OperatingPoint | None:
         """The table's point for the configuration ``key`` (split, codec, exits), or None when it has none."""
         split, codec, exits = key

@@ -67,6 +67,16 @@ class LinkController:
                 if isinstance(bw, int | float) and isinstance(rtt_ms, int | float) and bw > 0:
                     here.sort(key=lambda p: self.selector.distance(p, float(bw), float(rtt_ms) / 1e3))
                 self.selector.start_at(here[0])
+        self._update_settled()
+
+    def _update_settled(self) -> None:
+        """Nothing to adapt when the table holds one configuration and it is the one in use (a single-config
+        table, like the default model's: edge-only with exits in every cell): the request path then skips the
+        selector and the online profile altogether."""
+        sel = self.selector
+        self.settled = sel is None or sel.settled
+        self.learns = (not self.settled and sel is not None and sel.rule == "predicted"
+                       and bool(self.settings.reprofile))
 
     # ------------------------------------------------------------------ requests
 
@@ -88,7 +98,7 @@ class LinkController:
                         server_ms: float | None) -> None:
         """A request ran ``config`` (split, codec, exits): ``edge_ms`` on the device, ``server_ms`` (reported
         queue + compute) on the server when it was offloaded. Feeds the online profile (rule predicted)."""
-        if self.selector is None or self.selector.rule != "predicted" or not self.settings.reprofile:
+        if not self.learns:
             return
         point = self.selector.config(config)
         if point is not None:  # at split 0 the device runs no layer: its time says nothing of its compute speed
@@ -168,7 +178,7 @@ class LinkController:
         Cheap on the request path: the selector runs when the link estimate changed, and otherwise (the speeds
         move a little with every request) at most every ``RESCORE_S``, or when a switch held back by the dwell
         time may be due."""
-        if self.selector is None:
+        if self.settled:
             return False
         estimate = (self.estimator.bandwidth_bps, self.estimator.rtt_s)
         now = self.clock()
@@ -190,6 +200,7 @@ class LinkController:
             log.warning("cannot switch to split %d (%s): %s", p.split, p.codec, exc)
             return False
         self.metrics.switches.inc()
+        self._update_settled()
         log.info("operating point -> split %d, codec %s, exits %s (%s)", p.split, p.codec, list(p.exits),
                  decision.reason)
         return True

@@ -156,3 +156,19 @@ def test_a_wrong_profile_is_corrected_by_the_agents_own_measurements(reprofile):
     assert links.profile.server_scale == pytest.approx(2.0, rel=0.01)
     # at split 0 the device computes nothing: its (tiny) time does not move the edge's scale
     assert links.profile.edge_scale == pytest.approx(3.0, rel=0.01)
+
+
+def test_a_single_configuration_table_costs_the_request_path_nothing():
+    """The default model's table is edge-only with exits in every cell: once in use, no switch can come, so the
+    agent neither scores the table nor keeps the online profile per request."""
+    clock = Clock()
+    one = [_point(4, 20.0, bw=bw) for bw in (1e6, 10e6, 100e6)]
+    links, switched = _controller(clock, one)
+    assert links.settled and not links.learns
+    links.estimator.observe_rtt(0.020)
+    links.observe_request((4, "uint8-affine", ()), 60.0, None)
+    assert not links.adapt() and switched == []
+    assert links.profile.snapshot()["edge_samples"] == 0
+    # a two-configuration table starting on one of them is not settled
+    links2, _ = _controller(clock, [EDGE, CLOUD])
+    assert not links2.settled and links2.learns
