@@ -224,7 +224,7 @@ class EdgeRuntime:
         with self._lock:
             self._overhead_ms = overhead if self._overhead_ms is None else \
                 self._overhead_ms + EWMA_ALPHA * (overhead - self._overhead_ms)
-        if self.links.learns and not res.degraded:  # the device's own time, and the server's when it answered: the online profile
+        if self.links.learns and not res.degraded:  # the online profile: the device's time, the server's
             remote = res.latency_ms.get("transfer", 0.0) + res.latency_ms.get("tail", 0.0) \
                 if res.outcome == "cloud" else 0.0
             self.links.observe_request((op.split, op.codec_name, op.exits), wall_ms - remote,
