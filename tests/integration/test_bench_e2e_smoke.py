@@ -69,7 +69,8 @@ def test_bench_e2e_quick(tmp_path):
     measured = [c for c in t["candidates_at_new_condition"] if "p95_ms" in c]
     assert {"cloud_only", "edge_only"} <= {c["config"] for c in measured}
     assert all(c["answered"] == c["n"] for c in measured)
-    assert t["p95_ratio"] > 0
+    assert t["p95_ratio"] > 0 and t["p95_ratio_vs_short_run"] > 0
+    assert t["replay"]["answered"] == t["replay"]["requests"] > 0 and t["replay"]["after"]["n"] > 0
 
     st = d["startup_trace"]
     for variant in ("as_built", "with_initial_probe"):
