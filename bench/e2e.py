@@ -126,7 +126,10 @@ EDGE_FACTOR = {"default": 20}
 # runs right after every other one equally often, so what one leaves behind (cloud-only leaves the edge's CPU idle
 # for seconds) costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests. The rounds are
 # also the unit of the bootstrap confidence intervals (ratio_interval), so there must be enough of them.
-ROUNDS = {"default": 160, "resnet50": 12, "mobilenet_v2": 12, "mobilenet_v2_fmnist": 12}
+ROUNDS = {"default": 160, "resnet50": 60, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
+# 100-600 ms requests on the throttled edge: one request per configuration per round (the tightest pairing; the
+# machine's speed drifts by tens of percent over seconds), no warm-up requests within a round (the cloud-only
+# baseline keeps its channel open like the runtimes do; round -1 warms everything up).
 # After SCREEN_ROUNDS rounds a baseline whose mean is above SCREEN_FACTOR x the best mean so far stops being
 # measured: it can be neither the best baseline nor within reach of it (resnet50's edge-only at 2-200 Mbit/s is
 # 2-4x cloud-only and costs 0.55 s a request). splitinfer and the configuration it runs are never dropped.
@@ -477,7 +480,7 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
                 if not cidx:
                     continue
                 out = worker.call(cmd="cloud", address=address, indices=cidx, fmt=ctx["image_format"], quality=90,
-                                  timeout_s=TIMEOUT_S, warmup=1)
+                                  timeout_s=TIMEOUT_S, warmup=1 if r < 0 else 0, keep_open=True)
             else:
                 split, codec, exits = fixed_ops[c]
                 worker.call(cmd="op", name="fixed", split=split, codec=codec, exits=exits)
@@ -813,7 +816,7 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
         warm_start = 9000 if name in EMBEDDED_MODELS else 0  # cells measure images 0..8999
         ctx = {"name": name, "plan": plan, "planner": planner, "n_stages": n_stages, "best_fixed": bf,
                "requests": n_req, "rounds": args.rounds or ROUNDS[name], "n_inputs": len(pixels),
-               "chunk_warmup": CHUNK_WARMUP.get(name, 1),
+               "chunk_warmup": CHUNK_WARMUP.get(name, 0),
                "warm_indices": [(warm_start + i) % len(pixels) for i in range(min(len(pixels), 1000))],
                "edge_factor": 1 if args.requests else EDGE_FACTOR.get(name, 1),
                "labels": labels, "image_format": image_format,
@@ -1157,7 +1160,7 @@ def main(argv: list[str] | None = None) -> None:
             "requests_per_edge_config_and_cell": {m: (args.requests or REQUESTS[m])
                                                   * (1 if args.requests else EDGE_FACTOR.get(m, 1)) for m in models},
             "rounds": {m: args.rounds or ROUNDS[m] for m in models},
-            "warmup_requests_per_round": {m: CHUNK_WARMUP.get(m, 1) for m in models},
+            "warmup_requests_per_round": {m: CHUNK_WARMUP.get(m, 0) for m in models},
             "round_orders": "williams_orders(number of configurations measured in the cell), cycled over the rounds",
             "screening": f"after {SCREEN_ROUNDS} rounds, baselines above {SCREEN_FACTOR} x the best mean so far are "
                          "no longer measured (never splitinfer nor a baseline running the agent's configuration)",

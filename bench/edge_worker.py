@@ -32,8 +32,9 @@ Added for ``bench.e2e`` (named runtimes next to the one above, each with its own
 * ``{"cmd": "trace", "name": N, "indices": [...], "duration_s": D}``: requests back to back for ``D`` seconds;
   records carry ``time.monotonic()`` start times (comparable across processes) and the link estimate
 * ``{"cmd": "cloud", "address": A, "indices": [...], "fmt": "png"|"jpeg"|"smaller", "quality": Q, "timeout_s": T,
-  "warmup": W}``: cloud-only as a user sends it: encode the pixels (``--pixels``) as PNG/JPEG and call the
-  server's ``image`` codec at split 0 -> one record each (energy from the device power model)
+  "warmup": W, "keep_open": false}``: cloud-only as a user sends it: encode the pixels (``--pixels``) as PNG/JPEG
+  and call the server's ``image`` codec at split 0 -> one record each (energy from the device power model); with
+  ``keep_open`` the channel stays open for the next call with the same address (else one channel per call)
 * ``{"cmd": "status", "name": N}``, ``{"cmd": "close", "name": N}``
 
 Inputs: the Fashion-MNIST test images (rendered at the input size) for an embedded model, seeded random tensors
@@ -45,6 +46,7 @@ spec (the ``cloud`` command encodes the same pixels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -201,6 +203,9 @@ def _serve_one(named: _Named, inputs: torch.Tensor, i: int, rid: str, raw: bytes
     return rec
 
 
+CLOUD_CLIENTS: dict[tuple, object] = {}  # the cloud command's kept-open clients (``keep_open``)
+
+
 def _cloud_only(msg: dict, bundle, pixels: np.ndarray | None) -> dict:
     """Cloud-only as a user sends it: PNG/JPEG of the pixels to the server's ``image`` codec at split 0.
 
@@ -223,7 +228,14 @@ def _cloud_only(msg: dict, bundle, pixels: np.ndarray | None) -> dict:
     codecs = {f: ImageCodec(bundle.plan.input, fmt=f, quality=quality) for f in set(formats.values())}
     profile = get_profile(msg.get("device", DEFAULT_DEVICE))
     records = []
-    with CloudClient(msg["address"], bundle.plan.model.name, timeout_s=float(msg.get("timeout_s", 60.0))) as client:
+    key = (msg["address"], bundle.plan.model.name, float(msg.get("timeout_s", 60.0)))
+    if msg.get("keep_open"):  # one channel for every call with these settings, as a user's client keeps it
+        if key not in CLOUD_CLIENTS:
+            CLOUD_CLIENTS[key] = CloudClient(key[0], key[1], timeout_s=key[2])
+        context = contextlib.nullcontext(CLOUD_CLIENTS[key])
+    else:
+        context = CloudClient(key[0], key[1], timeout_s=key[2])
+    with context as client:
         warm = int(msg.get("warmup", 0))
         for j, i in enumerate(indices[:warm] + indices):
             t0 = time.monotonic()
