@@ -48,6 +48,7 @@ class LinkController:
         self._lock = threading.Lock()
         self._changes_seen = 0
         self._last_probe = clock()
+        self.offloading = True  # whether the operating point in use sends anything (the runtime keeps it current)
         self._serving = 0  # requests being served now
         self._last_served = -math.inf  # clock() when the last one finished
         self._adapted_for: tuple | None = None
@@ -108,16 +109,17 @@ class LinkController:
 
     def needs_probe(self) -> bool:
         """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
-        for ``probe_interval_s`` and the agent is idle (no request for ``probe_idle_s``), or when the last probe
-        is older than ``probe_max_interval_s`` (continuous load)."""
+        for ``probe_interval_s`` and the agent is idle (no request for ``probe_idle_s``) or sends nothing (its
+        operating point runs on the device: the link is free, and without probes its estimate would stay where the
+        last offloads left it), or when the last probe is older than ``probe_max_interval_s`` (continuous load)."""
         s = self.settings
         with self._lock:
             now = self.clock()
             age = now - self._last_probe
             if age < s.probe_interval_s:
                 return False
-            if age >= s.probe_max_interval_s:
-                return True
+            if age >= s.probe_max_interval_s or not self.offloading:
+                return True  # (not offloading: the link is idle anyway, and no offload measures it)
             return self._serving == 0 and now - self._last_served >= s.probe_idle_s
 
     def probe(self) -> bool:

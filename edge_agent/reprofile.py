@@ -14,8 +14,11 @@ compute, reported in each answer). Against the plan's prediction for the configu
 A ratio of averages rather than an average of ratios: requests that exit early take a fraction of the predicted
 mean (which is over the exit rates), those that run the whole head take more; their sums compare like for like.
 The averages follow a switch between configurations (each request is compared with its own configuration's
-prediction). A factor is 1 until ``min_samples`` observations have been made, and is clamped to
-``[1 / max_scale, max_scale]`` (a wildly different factor means a wrong table, not a slow device). Edgent (Li et
+prediction). The averages are slow (alpha 0.02: the last ~50 requests): a device's speed wanders by tens of
+percent over seconds (other processes, thermal limits, a shared host), and a fast average made the agent leave
+edge-only for an offload over a few slow seconds after a bandwidth drop, then come back 2 s later. A factor is 1
+until ``min_samples`` observations have been made, and is clamped to ``[1 / max_scale, max_scale]`` (a wildly
+different factor means a wrong table, not a slow device). Edgent (Li et
 al.) corrects its latency regression models from online measurements in the same spirit.
 """
 
@@ -51,7 +54,7 @@ class _RatioOfMeans:
 class OnlineProfile:
     """Thread-safe running estimates of the edge's and the server's speed relative to the plan's profile."""
 
-    def __init__(self, alpha: float = 0.1, min_samples: int = 10, max_scale: float = 4.0) -> None:
+    def __init__(self, alpha: float = 0.02, min_samples: int = 30, max_scale: float = 4.0) -> None:
         if not 0 < alpha <= 1 or min_samples < 1 or max_scale < 1:
             raise ValueError("alpha must be in (0, 1], min_samples >= 1 and max_scale >= 1")
         self.min_samples = min_samples

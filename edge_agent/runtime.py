@@ -98,6 +98,7 @@ class EdgeRuntime:
                                         self.plan.active_exits)
         self.links = LinkController(self.plan, settings, self.offloader, self.metrics, self._switch_to,
                                     (self.op.split, self.op.codec_name, self.plan.active_exits), clock)
+        self.links.offloading = self.op.split < self.num_stages
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
         self._lock = threading.Lock()
         self._pending = 0
@@ -153,6 +154,8 @@ class EdgeRuntime:
             raise InvalidInput(f"exits {sorted(set(exits) - known)} are not in the bundle (it has {sorted(known)})")
         with self._switch_lock:
             self.op = self._operating_state(split, self.plan.codec_at(split, codec), exits)
+            if hasattr(self, "links"):  # (not yet during __init__)
+                self.links.offloading = split < self.num_stages
 
     def _switch_to(self, point: OperatingPoint) -> None:
         self.set_operating_point(point.split, point.codec, list(point.exits))

@@ -138,7 +138,7 @@ def test_a_wrong_profile_is_corrected_by_the_agents_own_measurements(reprofile):
     links.estimator.observe_rtt(0.020)
     links.estimator.observe_transfer(100_000, 0.020 + 100_000 * 8 / 10e6)
     assert not links.adapt()  # as profiled, edge-only is the faster here
-    for _ in range(30):
+    for _ in range(40):
         clock.now += 0.06
         links.observe_request((4, "uint8-affine", ()), 60.0, None)  # what this device measures
         links.adapt()
@@ -150,7 +150,7 @@ def test_a_wrong_profile_is_corrected_by_the_agents_own_measurements(reprofile):
     assert status["online_profile"]["edge_scale"] == pytest.approx(3.0)
     assert status["rule"] == "predicted" and status["prediction"]["target_ms"] == pytest.approx(41.08)
     # offloads report the server 2x slower than profiled: the cloud configuration's prediction follows
-    for _ in range(30):
+    for _ in range(40):
         clock.now += 0.05
         links.observe_request((0, "uint8-affine", ()), 0.1, 20.0)
     assert links.profile.server_scale == pytest.approx(2.0, rel=0.01)
@@ -172,3 +172,29 @@ def test_a_single_configuration_table_costs_the_request_path_nothing():
     # a two-configuration table starting on one of them is not settled
     links2, _ = _controller(clock, [EDGE, CLOUD])
     assert not links2.settled and links2.learns
+
+
+def test_an_agent_running_on_the_device_probes_the_idle_link_even_under_load():
+    """Edge-only sends nothing: no offload measures the link, so its estimate would stay where the last offloads
+    left it (after a drop, often above the new rate); the link is free, so the prober need not wait for idleness."""
+    clock = Clock()
+    links, _ = _controller(clock, [EDGE, CLOUD])
+    links.request_started()  # continuous load
+    clock.now += 6.0  # > probe_interval_s, < probe_max_interval_s
+    assert not links.needs_probe()  # offloading: wait for an idle moment
+    links.offloading = False
+    assert links.needs_probe()
+
+
+def test_a_step_change_restarts_at_the_median_of_its_confirming_samples():
+    from edge_agent.linkest import LinkEstimator
+
+    est = LinkEstimator()
+    est.observe_rtt(0.02)
+    for _ in range(20):
+        est.observe_transfer(100_000, 0.02 + 100_000 * 8 / 50e6)
+    # a drop to 1 Mbit/s; the first sample after it was half sent before (4 Mbit/s)
+    for bw in (4e6, 1.0e6, 0.95e6):
+        est.observe_transfer(20_000, 0.02 + 20_000 * 8 / bw)
+    assert est.snapshot()["changes"] == 1
+    assert est.bandwidth_bps == pytest.approx(1.0e6, rel=0.02)
