@@ -126,7 +126,13 @@ EDGE_FACTOR = {"default": 20}
 # runs right after every other one equally often, so what one leaves behind (cloud-only leaves the edge's CPU idle
 # for seconds) costs each of them alike. Each chunk starts with CHUNK_WARMUP unrecorded requests. The rounds are
 # also the unit of the bootstrap confidence intervals (ratio_interval), so there must be enough of them.
-ROUNDS = {"default": 160, "resnet50": 60, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
+# The default model's noise is in the rounds, not in the requests (a round's agent/baseline ratio has an SD of
+# 0.08-0.18 whether a chunk holds 12 or 50 requests): 640 rounds of 12-13 requests (5 unrecorded) gave half the
+# interval width of 160 rounds of 50 (20 unrecorded) on the same cells (+/-1.3 % instead of +/-2.7 %), for ~20 %
+# more time (IPC per chunk). Two identical fixed runtimes in one worker agree within 0.2 % once the loaded objects
+# are frozen out of the garbage collector (freeze_loaded, as the worker does); without the freeze, collections
+# aliased with the round's periodic order made one of them ~1 % slower than the other, run after run.
+ROUNDS = {"default": 640, "resnet50": 60, "mobilenet_v2": 60, "mobilenet_v2_fmnist": 60}
 # 100-600 ms requests on the throttled edge: one request per configuration per round (the tightest pairing; the
 # machine's speed drifts by tens of percent over seconds), no warm-up requests within a round (the cloud-only
 # baseline keeps its channel open like the runtimes do; round -1 warms everything up).
@@ -135,7 +141,7 @@ ROUNDS = {"default": 160, "resnet50": 60, "mobilenet_v2": 60, "mobilenet_v2_fmni
 # 2-4x cloud-only and costs 0.55 s a request). splitinfer and the configuration it runs are never dropped.
 SCREEN_ROUNDS, SCREEN_FACTOR = 4, 1.3
 BOOTSTRAP = 2000
-CHUNK_WARMUP = {"default": 20}
+CHUNK_WARMUP = {"default": 5}
 # per candidate configuration after the drop
 DROP_REQUESTS = {"default": 100, "resnet50": 20, "mobilenet_v2": 40, "mobilenet_v2_fmnist": 40}
 EDGE_CPU = {"default": 1.0, "resnet50": 0.25, "mobilenet_v2": 0.25, "mobilenet_v2_fmnist": 0.25}
@@ -816,7 +822,7 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
         warm_start = 9000 if name in EMBEDDED_MODELS else 0  # cells measure images 0..8999
         ctx = {"name": name, "plan": plan, "planner": planner, "n_stages": n_stages, "best_fixed": bf,
                "requests": n_req, "rounds": args.rounds or ROUNDS[name], "n_inputs": len(pixels),
-               "chunk_warmup": CHUNK_WARMUP.get(name, 0),
+               "chunk_warmup": args.chunk_warmup if args.chunk_warmup is not None else CHUNK_WARMUP.get(name, 0),
                "warm_indices": [(warm_start + i) % len(pixels) for i in range(min(len(pixels), 1000))],
                "edge_factor": 1 if args.requests else EDGE_FACTOR.get(name, 1),
                "labels": labels, "image_format": image_format,
@@ -1034,12 +1040,14 @@ def _code_version() -> dict:
     """The commit the run measured and whether the work tree differed from it (files other engineers edit)."""
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"),
-            "modified": [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+    # porcelain lines are "XY path": not stripped, or the first line's " M" status loses its leading blank
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "modified": [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                         if len(ln) > 3]}
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
@@ -1054,6 +1062,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     ap.add_argument("--requests", type=int, default=None, help=f"measured requests per configuration and cell "
                                                                 f"(default {REQUESTS})")
     ap.add_argument("--rounds", type=int, default=None, help=f"interleaving rounds per cell (default {ROUNDS})")
+    ap.add_argument("--chunk-warmup", type=int, default=None, help=f"unrecorded requests at the start of each "
+                                                                  f"configuration's chunk of a round (default "
+                                                                  f"{CHUNK_WARMUP}, 0 for the others)")
     ap.add_argument("--repeats", type=int, default=None, help="profiling runs per stage (default 20)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_e2e"))
     ap.add_argument("--edge-cpu", type=float, default=None, help="CPU share of the edge process for every model "
@@ -1160,7 +1171,8 @@ def main(argv: list[str] | None = None) -> None:
             "requests_per_edge_config_and_cell": {m: (args.requests or REQUESTS[m])
                                                   * (1 if args.requests else EDGE_FACTOR.get(m, 1)) for m in models},
             "rounds": {m: args.rounds or ROUNDS[m] for m in models},
-            "warmup_requests_per_round": {m: CHUNK_WARMUP.get(m, 0) for m in models},
+            "warmup_requests_per_round": {m: args.chunk_warmup if args.chunk_warmup is not None
+                                          else CHUNK_WARMUP.get(m, 0) for m in models},
             "round_orders": "williams_orders(number of configurations measured in the cell), cycled over the rounds",
             "screening": f"after {SCREEN_ROUNDS} rounds, baselines above {SCREEN_FACTOR} x the best mean so far are "
                          "no longer measured (never splitinfer nor a baseline running the agent's configuration)",

@@ -111,14 +111,18 @@ class LinkController:
         """True when the link (its RTT in particular: large offloads do not measure it) has not been probed
         for ``probe_interval_s`` and the agent is idle (no request for ``probe_idle_s``) or sends nothing (its
         operating point runs on the device: the link is free, and without probes its estimate would stay where the
-        last offloads left it), or when the last probe is older than ``probe_max_interval_s`` (continuous load)."""
+        last offloads left it), or when the last probe is older than ``probe_max_interval_s`` (continuous load).
+
+        A settled agent (nothing to switch to: :meth:`_update_settled`) probes only for the gauges and the
+        server's health, so never in the midst of its requests before ``probe_max_interval_s``, even when it sends
+        nothing: there the probe would only cost its requests CPU time."""
         s = self.settings
         with self._lock:
             now = self.clock()
             age = now - self._last_probe
             if age < s.probe_interval_s:
                 return False
-            if age >= s.probe_max_interval_s or not self.offloading:
+            if age >= s.probe_max_interval_s or (not self.offloading and not self.settled):
                 return True  # (not offloading: the link is idle anyway, and no offload measures it)
             return self._serving == 0 and now - self._last_served >= s.probe_idle_s
 

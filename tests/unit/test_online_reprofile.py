@@ -186,6 +186,25 @@ def test_an_agent_running_on_the_device_probes_the_idle_link_even_under_load():
     assert links.needs_probe()
 
 
+def test_a_settled_agent_probes_only_when_idle_or_overdue():
+    """A single-configuration table in use (the default model's edge-only with exits): nothing to choose, so a
+    probe under load would only cost requests CPU time; it waits for an idle moment or probe_max_interval_s."""
+    clock = Clock()
+    links, _ = _controller(clock, [EDGE])
+    assert links.settled
+    links.offloading = False
+    links.request_started()  # continuous load
+    clock.now += 6.0  # > probe_interval_s, < probe_max_interval_s
+    assert not links.needs_probe()
+    clock.now += 10.0  # > probe_max_interval_s
+    assert links.needs_probe()
+    links.request_finished()
+    clock.now = 0.0
+    links._last_probe = -6.0  # due, and idle for longer than probe_idle_s
+    links._last_served = -1.0
+    assert links.needs_probe()
+
+
 def test_a_step_change_restarts_at_the_median_of_its_confirming_samples():
     from edge_agent.linkest import LinkEstimator
 
