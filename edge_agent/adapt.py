@@ -5,9 +5,11 @@ turn a link estimate into a target configuration:
 
 * **predicted** (bundles whose table records each prediction's parts, planned for latency): every distinct
   configuration of the table is scored at the estimated link with ``OperatingPoint.predicted_ms``, its edge and
-  server times rescaled by what the agent measures itself (:mod:`edge_agent.reprofile`); the fastest is the
-  target. It switches only when the target is predicted at least ``min_gain`` (a fraction) faster than the
-  configuration in use at the same link and speeds.
+  server times rescaled by what the agent measures itself, and the whole multiplied by the configuration's own
+  measured-over-predicted factor once it has run (:mod:`edge_agent.reprofile`); the fastest is the target. It
+  switches only when the target is predicted at least ``min_gain`` (a fraction) faster than the configuration in
+  use at the same link and speeds. A near runner-up that never ran (or not lately) gets an occasional request
+  of its own so that its factor is measured (:meth:`edge_agent.link.LinkController.explore_point`).
 * **nearest** (older bundles, or other objectives: the table's choice then weighs energy or bytes too): the
   estimate is placed on the grid in log space (``log bandwidth``, ``log RTT``); the nearest cell's configuration
   is the target, and the target cell must be nearer than the current cell by ``margin`` (in log units: 0.1 is
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from splitinfer.plan import OperatingPoint
@@ -35,7 +37,8 @@ class Decision:
     reason: str
 
 
-def _key(p: OperatingPoint) -> tuple:
+def config_key(p: OperatingPoint) -> tuple:
+    """``p``'s configuration: (split, codec, exits as a tuple)."""
     return (p.split, p.codec, tuple(p.exits))
 
 
@@ -69,14 +72,15 @@ class OperatingPointSelector:
         # one point per distinct configuration: a configuration's parts do not depend on the cell
         configs: dict[tuple, OperatingPoint] = {}
         for p in self.points:
-            configs.setdefault(_key(p), p)
+            configs.setdefault(config_key(p), p)
         self.configs = list(configs.values())
         self._by_key = configs
 
     @property
     def settled(self) -> bool:
         """True when no switch can ever come: the table has one configuration and it is the one in use."""
-        return len(self.configs) == 1 and self.current is not None and _key(self.current) == _key(self.configs[0])
+        return (len(self.configs) == 1 and self.current is not None
+                and config_key(self.current) == config_key(self.configs[0]))
 
     def config(self, key: tuple) -> OperatingPoint | None:
         """The table's point for the configuration ``key`` (split, codec, exits), or None when it has none."""
@@ -98,40 +102,61 @@ class OperatingPointSelector:
 
     def nearest_of(self, config: OperatingPoint, bandwidth_bps: float, rtt_s: float) -> OperatingPoint:
         """The cell nearest the link among those whose configuration is ``config``'s."""
-        same = [p for p in self.points if _key(p) == _key(config)] or [config]
+        same = [p for p in self.points if config_key(p) == config_key(config)] or [config]
         return min(same, key=lambda p: self.distance(p, bandwidth_bps, rtt_s))
 
-    def predicted(self, bandwidth_bps: float, rtt_s: float, scales: tuple[float, float] = (1.0, 1.0)
-                  ) -> list[tuple[float, OperatingPoint]]:
-        """Every distinct configuration's predicted latency (ms) at the link with the speeds ``scales`` (edge,
-        server), fastest first (rule ``predicted``)."""
-        out = [(p.predicted_ms(bandwidth_bps, rtt_s, *scales), p) for p in self.configs]
-        return sorted(((ms, p) for ms, p in out if ms is not None), key=lambda t: t[0])
+    def predicted(self, bandwidth_bps: float, rtt_s: float, scales: tuple[float, float] = (1.0, 1.0),
+                  factors: Mapping[tuple, float] | None = None) -> list[tuple[float, OperatingPoint]]:
+        """Every distinct configuration's predicted latency (ms) at the link, fastest first (rule ``predicted``).
+
+        A configuration with a measured ``factor`` (its requests' latency over its plain prediction at their link,
+        :class:`edge_agent.reprofile.ConfigResiduals`) is predicted as ``predicted_ms x factor``: its own
+        measurement covers the speeds and the link model alike. Any other is predicted with the speeds ``scales``
+        (edge, server) and then the relative error that remains for the configuration in use when it has a factor
+        (the model's error is presumed alike until measured: an error that only the configuration in use showed
+        would make every other configuration look faster than it is)."""
+        factors = factors or {}
+        prior = 1.0
+        cur = self.current
+        if cur is not None and config_key(cur) in factors:
+            plain, scaled = cur.predicted_ms(bandwidth_bps, rtt_s), cur.predicted_ms(bandwidth_bps, rtt_s, *scales)
+            if plain and scaled:
+                prior = plain * factors[config_key(cur)] / scaled
+        out = []
+        for p in self.configs:
+            f = factors.get(config_key(p))
+            ms = p.predicted_ms(bandwidth_bps, rtt_s) if f is not None else p.predicted_ms(bandwidth_bps, rtt_s,
+                                                                                          *scales)
+            if ms is not None:
+                out.append((ms * (f if f is not None else prior), p))
+        return sorted(out, key=lambda t: t[0])
 
     def start_at(self, point: OperatingPoint) -> None:
         """Declare the configuration in use (no switch counted)."""
         self.current = point
 
     def update(self, bandwidth_bps: float | None, rtt_s: float | None,
-               scales: tuple[float, float] = (1.0, 1.0)) -> Decision | None:
+               scales: tuple[float, float] = (1.0, 1.0), factors: Mapping[tuple, float] | None = None
+               ) -> Decision | None:
         """The switch to make now, if any, for these estimates (None: stay). ``scales``: the measured speed of the
-        edge and the server relative to the plan's profiles (rule ``predicted`` only)."""
+        edge and the server relative to the plan's profiles; ``factors``: each configuration's measured latency
+        relative to its prediction (rule ``predicted`` only)."""
         if not bandwidth_bps or rtt_s is None or bandwidth_bps <= 0 or rtt_s < 0:
             return None
         if self.rule == "predicted":
-            ranked = self.predicted(bandwidth_bps, rtt_s, scales)
+            ranked = self.predicted(bandwidth_bps, rtt_s, scales, factors)
             best_ms, best = ranked[0]
             target = self.nearest_of(best, bandwidth_bps, rtt_s)
             current_ms = None
             if self.current is not None:
-                current_ms = next((ms for ms, p in ranked if _key(p) == _key(self.current)), None)
+                current_ms = next((ms for ms, p in ranked if config_key(p) == config_key(self.current)), None)
             self.last_prediction = {"target_ms": round(best_ms, 4),
                                     "current_ms": None if current_ms is None else round(current_ms, 4)}
         else:
             target = self.nearest(bandwidth_bps, rtt_s)
         now = self.clock()
         if self.current is not None:
-            if _key(target) == _key(self.current):
+            if config_key(target) == config_key(self.current):
                 self.current = target  # same configuration, nearer cell: adopt it silently
                 return None
             if self.rule == "predicted":

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_agent.adapt import OperatingPointSelector, can_predict
+from edge_agent.adapt import OperatingPointSelector, can_predict, config_key
 from edge_agent.linkest import LinkEstimator
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.offload import Offloader
-from edge_agent.reprofile import OnlineProfile
+from edge_agent.reprofile import ConfigResiduals, OnlineProfile
 from splitinfer.errors import InvalidInput
 from splitinfer.plan import OperatingPoint, Plan
 
@@ -54,6 +54,8 @@ class LinkController:
         self._adapted_for: tuple | None = None
         self._scored_at = -math.inf
         self.profile = OnlineProfile()
+        self.residuals = ConfigResiduals()
+        self._since_explore = 0  # requests since the last exploration
         self.selector: OperatingPointSelector | None = None
         if settings.adaptive and plan.operating_points:
             self.selector = OperatingPointSelector(plan.operating_points, settings.adapt_margin,
@@ -96,14 +98,58 @@ class LinkController:
         self.publish()
 
     def observe_request(self, config: tuple[int, str, tuple[int, ...]], edge_ms: float,
-                        server_ms: float | None) -> None:
+                        server_ms: float | None, total_ms: float | None = None) -> None:
         """A request ran ``config`` (split, codec, exits): ``edge_ms`` on the device, ``server_ms`` (reported
-        queue + compute) on the server when it was offloaded. Feeds the online profile (rule predicted)."""
+        queue + compute) on the server when it was offloaded, ``total_ms`` in all. Feeds the online profile and the
+        configuration's measured-over-predicted factor (rule predicted)."""
         if not self.learns:
             return
         point = self.selector.config(config)
-        if point is not None:  # at split 0 the device runs no layer: its time says nothing of its compute speed
-            self.profile.observe(edge_ms, point.edge_part_ms if config[0] > 0 else None, server_ms, point.server_ms)
+        if point is None:
+            return
+        # at split 0 the device runs no layer: its time says nothing of its compute speed
+        self.profile.observe(edge_ms, point.edge_part_ms if config[0] > 0 else None, server_ms, point.server_ms)
+        bw, rtt = self.estimator.bandwidth_bps, self.estimator.rtt_s
+        if total_ms is not None and bw and rtt is not None:
+            predicted = point.predicted_ms(bw, rtt)  # plain: the factor covers the speeds too (adapt.py)
+            if predicted is not None:
+                self.residuals.observe(config_key(point), total_ms, predicted, self.clock())
+
+    def explore_point(self) -> OperatingPoint | None:
+        """The configuration the next request should run instead of the one in use, or None (nearly always).
+
+        Rule predicted only, at most one request in ``explore_every``: the fastest other configuration predicted
+        within ``explore_margin`` of the one in use whose own latency has not been measured in the last
+        ``explore_refresh_s`` (``min_samples`` requests; :class:`edge_agent.reprofile.ConfigResiduals`), and never
+        one that offloads while the server is marked down. Its requests measure it, so a near tie is decided by
+        what both configurations really take here; the one in use is unchanged (no switch)."""
+        s = self.settings
+        if not self.learns or s.explore_every <= 0:
+            return None
+        self._since_explore += 1
+        if self._since_explore < s.explore_every:
+            return None
+        bw, rtt = self.estimator.bandwidth_bps, self.estimator.rtt_s
+        sel = self.selector
+        if not bw or rtt is None or sel.current is None:
+            return None
+        ranked = sel.predicted(bw, rtt, self.profile.scales(), self.residuals.factors())
+        current = config_key(sel.current)
+        current_ms = next((ms for ms, p in ranked if config_key(p) == current), None)
+        if current_ms is None:
+            return None
+        now = self.clock()
+        for ms, p in ranked:
+            if ms > current_ms * (1.0 + s.explore_margin):
+                break
+            if config_key(p) == current or self.residuals.known(config_key(p), now, s.explore_refresh_s):
+                continue
+            if p.offload_rate and self.offloader.up is False:
+                continue
+            self._since_explore = 0
+            self.metrics.explorations.inc()
+            return p
+        return None
 
     # ------------------------------------------------------------------ probing
 
@@ -170,6 +216,7 @@ class LinkController:
         new = int(snap["changes"] or 0) - self._changes_seen
         if new > 0:
             self._changes_seen += new
+            self.residuals.clear()  # the configurations' measured factors described the link before the change
             self.metrics.link_changes.inc(new)
             bw = "not measured yet" if not snap["bandwidth_bps"] else f"{snap['bandwidth_bps'] / 1e6:.3g} Mbit/s"
             rtt = "not measured yet" if snap["rtt_s"] is None else f"{snap['rtt_s'] * 1e3:.3g} ms"
@@ -191,9 +238,11 @@ class LinkController:
         if estimate == self._adapted_for and (self.selector.rule != "predicted"
                                               or now - self._scored_at < RESCORE_S):
             return False
-        scales = self.profile.scales() if self.settings.reprofile else (1.0, 1.0)
+        scales, factors = (1.0, 1.0), None
+        if self.settings.reprofile:
+            scales, factors = self.profile.scales(), self.residuals.factors()
         self._scored_at = now
-        decision = self.selector.update(*estimate, scales=scales)
+        decision = self.selector.update(*estimate, scales=scales, factors=factors)
         sel = self.selector
         dwelling = sel.last_switch is not None and sel.clock() - sel.last_switch < sel.min_dwell_s
         self._adapted_for = None if dwelling else estimate  # a switch held back by dwell is retried later
@@ -221,7 +270,8 @@ class LinkController:
                 {"bandwidth_bps": sel.current.bandwidth_bps, "rtt_ms": sel.current.rtt_ms},
                 "margin": sel.margin, "min_gain": sel.min_gain, "min_dwell_s": sel.min_dwell_s,
                 "prediction": sel.last_prediction,
-                "online_profile": self.profile.snapshot() if sel.rule == "predicted" else None}
+                "online_profile": self.profile.snapshot() if sel.rule == "predicted" else None,
+                "measured_factors": self.residuals.snapshot() if sel.rule == "predicted" else None}
 
 
 def selection_rule(plan: Plan, setting: str) -> str:

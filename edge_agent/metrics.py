@@ -14,6 +14,7 @@ name                                                        type       labels
 ``splitinfer_edge_rtt_seconds``                             gauge      (smoothed estimate)
 ``splitinfer_edge_operating_point``                         gauge      ``split``, ``codec`` (1 = current)
 ``splitinfer_edge_operating_point_switches_total``          counter    (adaptive switches)
+``splitinfer_edge_explorations_total``                      counter    (requests run on a near runner-up)
 ``splitinfer_edge_link_changes_total``                      counter    (step changes of the link estimate)
 ``splitinfer_edge_energy_joules_total``                     counter    ``component``: compute, radio;
                                                                        ``method``: model
@@ -73,6 +74,9 @@ class EdgeMetrics:
                                      ["split", "codec"], registry=r)
         self.switches = Counter("splitinfer_edge_operating_point_switches_total",
                                 "Operating-point switches made by the adaptive controller.", registry=r)
+        self.explorations = Counter("splitinfer_edge_explorations_total",
+                                    "Requests run on a near runner-up configuration to measure it (rule predicted).",
+                                    registry=r)
         self.link_changes = Counter("splitinfer_edge_link_changes_total",
                                     "Step changes detected in the link estimate (bandwidth or RTT).", registry=r)
         self.energy = Counter("splitinfer_edge_energy_joules_total",

@@ -100,3 +100,67 @@ class OnlineProfile:
                     "edge_predicted_ms": round(self._edge.predicted, 4),
                     "server_measured_ms": round(self._server.measured, 4),
                     "server_predicted_ms": round(self._server.predicted, 4)}
+
+
+class ConfigResiduals:
+    """Per configuration of the table: its requests' measured latency against its plain prediction (the plan's
+    profiles) at the link of the moment, as a ratio of EWMAs.
+
+    The scale factors (:class:`OnlineProfile`) correct the device's and the server's speed for every configuration
+    at once, but only from the configurations that exercise them (no request at split 0 shows the device's compute
+    speed), and the rest of the error (the link model: a real link is not the planner's ``bytes / bandwidth +
+    RTT``; encoding or forwarding that the profile got wrong) differs per configuration: only that configuration's
+    own requests measure it, and a near tie is decided by a few percent. The selector predicts a configuration
+    with a factor as plain prediction x factor (:meth:`edge_agent.adapt.OperatingPointSelector.predicted`).
+    A configuration has no factor until ``min_samples`` requests ran it; each sample is capped at ``max_factor`` x
+    its prediction (a request caught in a link change the estimate has not seen yet says nothing about the model),
+    and the factors are forgotten when the link estimate makes a step change (:meth:`clear`): they describe the
+    model's error at one link."""
+
+    def __init__(self, alpha: float = 0.05, min_samples: int = 3, max_factor: float = 2.0) -> None:
+        if not 0 < alpha <= 1 or min_samples < 1 or max_factor < 1:
+            raise ValueError("alpha must be in (0, 1], min_samples >= 1 and max_factor >= 1")
+        self.alpha = alpha
+        self.min_samples = min_samples
+        self.max_factor = max_factor
+        self._by_config: dict[tuple, _RatioOfMeans] = {}
+        self._last: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, key: tuple, measured_ms: float, predicted_ms: float, now: float) -> None:
+        """A request of configuration ``key`` took ``measured_ms``; the (rescaled) prediction was ``predicted_ms``."""
+        if predicted_ms <= 0 or measured_ms < 0:
+            return
+        with self._lock:
+            r = self._by_config.setdefault(key, _RatioOfMeans(self.alpha))
+            r.observe(min(measured_ms, self.max_factor * predicted_ms), predicted_ms)
+            self._last[key] = now
+
+    def factor(self, key: tuple) -> float:
+        with self._lock:
+            r = self._by_config.get(key)
+            return 1.0 if r is None else r.ratio(self.min_samples, self.max_factor)
+
+    def factors(self) -> dict[tuple, float]:
+        """The factor of every configuration with ``min_samples`` requests (the others are not listed)."""
+        with self._lock:
+            return {k: r.ratio(self.min_samples, self.max_factor) for k, r in self._by_config.items()
+                    if r.samples >= self.min_samples}
+
+    def known(self, key: tuple, now: float, refresh_s: float) -> bool:
+        """True when ``key`` has ``min_samples`` requests and its last one is younger than ``refresh_s``."""
+        with self._lock:
+            r = self._by_config.get(key)
+            return r is not None and r.samples >= self.min_samples and now - self._last[key] < refresh_s
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_config.clear()
+            self._last.clear()
+
+    def snapshot(self) -> list[dict]:
+        """For ``/v1/status``: per configuration (split, codec, exits), its factor and sample count."""
+        with self._lock:
+            return [{"split": k[0], "codec": k[1], "exits": list(k[2]),
+                     "factor": round(r.ratio(self.min_samples, self.max_factor), 4), "samples": r.samples}
+                    for k, r in sorted(self._by_config.items(), key=lambda kv: (kv[0][0], kv[0][1]))]

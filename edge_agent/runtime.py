@@ -94,6 +94,7 @@ class EdgeRuntime:
         self.offloader = Offloader(client, settings.server, settings.recheck_interval_s, settings.timeout_s,
                                    self.metrics, clock)
         self._switch_lock = threading.Lock()
+        self._explored: dict[tuple, OperatingState] = {}
         self.op = self._operating_state(self.plan.split, self.plan.codec_at(self.plan.split),
                                         self.plan.active_exits)
         self.links = LinkController(self.plan, settings, self.offloader, self.metrics, self._switch_to,
@@ -160,7 +161,23 @@ class EdgeRuntime:
     def _switch_to(self, point: OperatingPoint) -> None:
         self.set_operating_point(point.split, point.codec, list(point.exits))
 
-    def _operating_state(self, split: int, codec_name: str, exits: list[int] | None) -> OperatingState:
+    def _explored_state(self, point: OperatingPoint) -> OperatingState | None:
+        """The operating state of a configuration explored for one request (built once; the operating-point
+        gauge keeps showing the one in use). None, logged, when the bundle cannot run it."""
+        key = (point.split, point.codec, tuple(point.exits))
+        state = self._explored.get(key)
+        if state is None:
+            try:
+                state = self._operating_state(point.split, self.plan.codec_at(point.split, point.codec),
+                                              list(point.exits), in_use=False)
+            except InvalidInput as exc:
+                log.warning("cannot explore split %d (%s): %s", point.split, point.codec, exc)
+                return None
+            self._explored[key] = state
+        return state
+
+    def _operating_state(self, split: int, codec_name: str, exits: list[int] | None,
+                         in_use: bool = True) -> OperatingState:
         codec = None
         if split < self.num_stages and codec_name != IMAGE_CODEC:
             codec = self.engine.codec(codec_name, split)
@@ -175,7 +192,8 @@ class EdgeRuntime:
         first_is_calibrated = bool(cal and head_exits and head_exits[0] == min(cal.exit_rates, default=-1))
         drift = DriftMonitor(rates, cal.first_exit_conf_edges if cal and first_is_calibrated else [],
                              window=self.settings.drift_window, threshold=self.settings.drift_threshold)
-        self.metrics.set_operating_point(split, codec_name)
+        if in_use:
+            self.metrics.set_operating_point(split, codec_name)
         self.accounting.declare_exits(head_exits)
         return OperatingState(split, codec_name, codec, tuple(head_exits), backend, drift)
 
@@ -215,6 +233,9 @@ class EdgeRuntime:
         x = self._checked_input(x)
         t0 = time.perf_counter()
         op = self.op  # the operating point of this request, whatever switches meanwhile
+        explored = self.links.explore_point() if self.links.learns else None
+        if explored is not None:  # a near runner-up measured by this one request (edge_agent/link.py)
+            op = self._explored_state(explored) or op
         h = self.engine.prepare(x)  # the input as the backend's tensor (as decoding did before the engines)
         self.links.request_started()
         try:
@@ -231,7 +252,7 @@ class EdgeRuntime:
             remote = res.latency_ms.get("transfer", 0.0) + res.latency_ms.get("tail", 0.0) \
                 if res.outcome == "cloud" else 0.0
             self.links.observe_request((op.split, op.codec_name, op.exits), wall_ms - remote,
-                                       res.latency_ms.get("tail") if res.outcome == "cloud" else None)
+                                       res.latency_ms.get("tail") if res.outcome == "cloud" else None, wall_ms)
         self.links.adapt()
         return res
 

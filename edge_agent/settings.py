@@ -129,6 +129,15 @@ class EdgeSettings(RenamingSettings):
                                   "predicted at least this fraction faster than the one in use.")
     reprofile: bool = Field(True, description="Rescale the plan's predicted edge and server times by the times "
                             "the agent measures (edge_agent/reprofile.py; used by the predicted rule).")
+    explore_every: int = Field(5, ge=0, description="Rule predicted: at most one request in this many runs a "
+                               "near runner-up configuration instead (one within explore_margin of the one in use "
+                               "whose own latency has not been measured lately), so that a near tie is decided "
+                               "by measurement rather than by the profile (0: never).")
+    explore_margin: float = Field(0.10, ge=0, le=1, description="Rule predicted: explore configurations predicted "
+                                  "at most this fraction slower than the one in use.")
+    explore_refresh_s: float = Field(60.0, gt=0, description="Rule predicted: a configuration's measured latency "
+                                     "counts as recent for this long; a near runner-up older than that is "
+                                     "explored again.")
     probe_interval_s: float = Field(5.0, gt=0, description="Probe the link this often when idle: the RTT with "
                                     "ServerReady always, the throughput with a probe_bytes message only when no "
                                     "offload has measured it for this long.")

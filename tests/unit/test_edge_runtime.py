@@ -379,3 +379,38 @@ def test_a_multithreaded_head_is_loaded_in_a_thread_that_ends(bundle_dir, monkey
         assert seen[-1] == threading.current_thread().name
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_near_runner_up_is_explored_for_one_request_without_a_switch(base_bundle):
+    """Rule predicted, offloading at split 10 (predicted 19.1 ms at 10 Mbit/s, 5 ms) with edge-only predicted 20 ms:
+    the tenth request runs edge-only to measure it; the operating point in use (and its gauge) stays at 10."""
+    from splitinfer.plan import OperatingPoint
+
+    bundle = with_plan(base_bundle, (1.01, 1.01), split=10)
+    n = bundle.num_stages
+    codec = bundle.plan.codec.name
+    cloud = OperatingPoint(bandwidth_bps=10e6, rtt_ms=5.0, split=10, codec=codec, exits=[], expected_latency_ms=19.1,
+                           expected_bytes=10_000, edge_part_ms=1.0, server_ms=5.0, offload_rate=1.0,
+                           request_bytes=10_000, response_bytes=100)
+    edge = cloud.model_copy(update={"split": n, "edge_part_ms": 20.0, "server_ms": 0.0, "offload_rate": 0.0,
+                                    "request_bytes": 0.0, "response_bytes": 0.0, "expected_latency_ms": 20.0})
+    plan = bundle.plan.model_copy(update={"active_exits": [], "operating_points": [cloud, edge],
+                                          "objective": {"objective": "latency"}})
+    clock = FakeClock()
+    rt, client = make_runtime(dataclasses.replace(bundle, plan=plan), clock, explore_every=10)
+    try:
+        assert rt.links.learns and rt.selector.rule == "predicted"
+        outcomes = []
+        for i in range(10):
+            rt.link.observe_rtt(0.005)  # the link of the cell (the fake client's transfers are instantaneous)
+            rt.link.observe_transfer(100_000, 0.005 + 100_000 * 8 / 10e6)
+            outcomes.append(rt.infer(sample(i), f"r{i}").decided_by)
+            clock.now += 0.05
+        assert outcomes[:9] == ["cloud"] * 9 and outcomes[9] == n  # the tenth ran on the device
+        assert client.calls == 9 and rt.split == 10
+        assert metric(rt, "splitinfer_edge_explorations_total") == 1
+        assert metric(rt, "splitinfer_edge_operating_point", split="10", codec=codec) == 1
+        assert metric(rt, "splitinfer_edge_operating_point", split=str(n), codec=codec) == 0
+        assert [f["split"] for f in rt.status()["adaptive"]["measured_factors"]] == [10, n]
+    finally:
+        rt.close()
