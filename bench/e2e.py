@@ -507,10 +507,14 @@ def run_cell(worker: Worker, emu: Emulator, ctx: dict, bw: float, rtt: float, ce
         configs[c]["screened_out"] = why
     si = configs["splitinfer"]["mean_ms"]
     baselines = {c: configs[c]["mean_ms"] for c in ("edge_only", "cloud_only", "best_fixed")}
-    best_base = min(baselines, key=baselines.get)
+    # A baseline screened out was far off the best in the screening rounds: its mean over those few rounds is not
+    # a candidate for the best (a slow spell later in the cell raised the others', not its own).
+    screened = set(dropped) | ({"best_fixed"} if ctx["best_fixed_is_edge_only"] and "edge_only" in dropped else set())
+    candidates = [c for c in baselines if c not in screened] or list(baselines)
+    best_base = min(candidates, key=baselines.get)
     worse = max(("edge_only", "cloud_only"), key=lambda c: baselines[c])
     in_space = {c: baselines[c] for c in ("edge_only", "best_fixed")}
-    best_space = min(in_space, key=in_space.get)
+    best_space = min([c for c in in_space if c not in screened] or list(in_space), key=in_space.get)
     entry = table_entry(plan, bw, rtt)
     from partitioner.cost import Link
 
