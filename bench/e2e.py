@@ -1147,6 +1147,7 @@ def main(argv: list[str] | None = None) -> None:
     rtts = [float(v) / 1e3 for v in args.rtts.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     started = time.perf_counter()
+    code = _code_version()  # what was measured: read now, not when the file is written (the tree may move on)
     cells: list[dict] = []
     infos: dict[str, dict] = {}
     trace = startup = None
@@ -1203,7 +1204,7 @@ def main(argv: list[str] | None = None) -> None:
                       "method model",
             "bytes": "serialized request message per request (EdgeResult.bytes_sent / CloudResult.bytes_sent); "
                      "link probes of splitinfer are counted separately (cells[].splitinfer.probes)",
-            "models_info": infos, "quick": q, "profile_repeats": args.repeats, "code": _code_version(),
+            "models_info": infos, "quick": q, "profile_repeats": args.repeats, "code": code,
             "machine": os.uname().nodename, "cpus": os.cpu_count(),
         },
         "cells": cells,
