@@ -5,8 +5,11 @@ Commands (one JSON object per line; one JSON answer per line on stdout):
 
 * ``{"cmd": "profile", "repeats": R}``: profile the bundle's model here (1 thread) -> the profile dict
 * ``{"cmd": "connect", "address": "HOST:PORT"}``: (re)build the runtime against a server address
-* ``{"cmd": "set", "split": k, "codec": c, "exits": [...]}``: switch the operating point
-* ``{"cmd": "run", "n": N, "warmup": W}``: answer inputs ``0..N-1`` -> wall ms per request, latency parts, flags
+* ``{"cmd": "set", "split": k, "codec": c, "exits": [...], "thresholds": {boundary: t}}``: switch the operating
+  point; ``thresholds`` (optional) replace those exits' thresholds from the bundle's plan until the next ``set``
+  (``bench.joint`` runs each configuration with the thresholds its search assumed)
+* ``{"cmd": "run", "n": N, "warmup": W, "offset": O}``: answer inputs ``O..O+N-1`` (cycling; ``O`` 0 unless
+  given) -> wall ms per request, latency parts, flags
 * ``{"cmd": "overhead", "n": N}``: edge-only with every exit: the median over requests of wall time minus the
   profiled cost of the path the request took (stages up to where it was answered, plus the exits evaluated)
 * ``{"cmd": "quit"}``
@@ -136,6 +139,21 @@ class _Named:
         if self._thread is not None:
             self._thread.join(10)
         self.runtime.close()
+
+
+def with_thresholds(plan, thresholds: dict | None):
+    """The plan's exit policy with ``thresholds`` (boundary -> threshold; JSON keys are strings) replacing the
+    plan's for those exits; the plan's own policy when None. A boundary the plan has no exit at is refused."""
+    from splitinfer.head import ExitPolicy
+
+    base = ExitPolicy.from_plan(plan)
+    if not thresholds:
+        return base
+    given = {int(b): float(t) for b, t in thresholds.items()}
+    unknown = sorted(set(given) - set(base.thresholds))
+    if unknown:
+        raise ValueError(f"thresholds for exits {unknown} the bundle does not have ({sorted(base.thresholds)})")
+    return ExitPolicy({**base.thresholds, **given}, base.scores)
 
 
 def _record(named: _Named, res, t0: float, wall_ms: float, op_before: list) -> dict:
@@ -414,15 +432,17 @@ def main(argv: list[str] | None = None) -> None:
                 answer({"ok": True})
             elif cmd == "set":
                 runtime.set_operating_point(int(msg["split"]), msg.get("codec"), msg.get("exits"))
+                runtime.policy = with_thresholds(runtime.plan, msg.get("thresholds"))
                 answer({"ok": True})
             elif cmd == "run":
-                n, warmup = int(msg["n"]), int(msg.get("warmup", 2))
+                n, warmup, offset = int(msg["n"]), int(msg.get("warmup", 2)), int(msg.get("offset", 0))
                 for i in range(warmup):
                     runtime.infer(inputs[i : i + 1], "warmup")
                 walls, degraded = [], 0
                 for i in range(n):
+                    j = (offset + i) % len(inputs)
                     t0 = time.perf_counter()
-                    res = runtime.infer(inputs[i : i + 1], f"r{i}")
+                    res = runtime.infer(inputs[j : j + 1], f"r{i}")
                     walls.append((time.perf_counter() - t0) * 1e3)
                     degraded += bool(res.degraded)
                 answer({"ok": True, "wall_ms": walls, "degraded": degraded})

@@ -25,17 +25,23 @@ this machine's profile and its power model):
    bundle this run wrote: today's (fp32) and the joint plan's (its head variant). The edge is profiled in its
    worker first and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's fp32
    stage time / the planning profile's, plus the agent's measured per-request overhead, as ``bench.planner``
-   does: the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
+   does, and its per-exit overhead: edge-only without exits against every exit at a threshold none reaches,
+   interleaved, minus the profiled exit heads; the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
    bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does): the joint choice for the probed
    link, the 5 next-best feasible configurations the bundles can run, the sequential plan's and fp32 edge-only,
-   measured as ``bench.planner`` measures splits (34 requests each; an offloading configuration whose lower bound
-   exceeds the best mean is skipped), then the choice and those within 15 % of the best in 5 interleaved rounds
-   of 100 requests each (the order rotated every round), pooled: configurations a few percent apart at ~1 ms
-   need that many requests under the same conditions. A cell is
+   measured as ``bench.planner`` measures splits (20 discarded requests, then 34 measured; an offloading
+   configuration whose lower bound exceeds the best mean is skipped), then the choice and those within 2x of
+   the best in 8 interleaved rounds of 100 requests each (the order rotated every round), pooled:
+   configurations a few percent apart at ~1 ms need that many requests under the same conditions. The screening
+   pass and each round answer different test images (834 in all), the same ones for every configuration. A
+   cell is
    verified when the choice measures within 1.05x of the best measured configuration; a choice whose head
-   variant has no bundle here is reported unverified. A bundle carries the exit thresholds certified for its
-   plan's chosen configuration; other exit subsets run with those thresholds (not the search's share
-   thresholds).
+   variant has no bundle here is reported unverified. Every configuration runs with the exit thresholds the
+   search assumed for it (its share of epsilon; the edge worker's ``set`` takes them), so what is measured is
+   what was predicted; the bundle itself carries the thresholds certified for the deployed system, and the
+   choice also runs with those in the same rounds (``choice_deployed_ms``, reported beside, not a candidate).
+   Until stop 36 every configuration ran with the bundle's thresholds, so the search's ranking was checked
+   against configurations that exited differently from their prediction.
 
 Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~7 minutes).
 """
@@ -60,7 +66,13 @@ CELL_BANDWIDTHS = (0.5e6, 2e6, 10e6, 50e6, 200e6)  # as bench.planner
 CELL_RTTS = (0.005, 0.05, 0.15)
 VERIFY_OTHERS = 5  # per verified cell: the choice plus this many other feasible configurations, best predicted first
 VERIFY_MARGIN = 1.05  # a cell is verified when the choice measures within this factor of the best measured
-VERIFY_ROUNDS = 5  # interleaved rounds of bench.planner's REQUESTS per contender after the screening pass
+VERIFY_ROUNDS = 8  # interleaved rounds of bench.planner's REQUESTS per contender after the screening pass
+VERIFY_CONTENDER_MARGIN = 2.0  # screened configurations within this factor of the best go on to the rounds: 34
+# requests of ~1 ms are noisy (screens of 1.6-2.1 ms for configurations that measured ~1.1 ms over the rounds of
+# other cells), and a narrow margin let a noisy screen decide which configurations the choice is judged against
+VERIFY_WARMUP = 20  # discarded requests before a configuration's screening pass (its first requests run slow)
+VERIFY_INPUTS = 900  # test images per edge worker: the screening pass and every round answer different ones, and
+# every configuration the same ones (exit rates on 100 images differ from the search's by several points)
 
 
 def _log(msg: str) -> None:
@@ -238,16 +250,39 @@ def rejected_at(jr, link, objective, cons, eps: float):
 # ------------------------------------------------------------------------------- verification over the link
 
 
-def verification_search(jr, scale: float, overhead_ms: float):
+def exit_overhead(worker, n_stages: int, exit_ms: dict[int, float], rounds: int = VERIFY_ROUNDS) -> float:
+    """The edge agent's own work per exit evaluated, beyond the profiled exit head (worker milliseconds):
+    edge-only without exits against edge-only with every exit at a threshold none reaches (the same stages for
+    every request, every exit evaluated), in interleaved rounds; the difference per exit minus the exits'
+    profiled mean time."""
+    from bench.planner import REQUESTS, measure
+
+    exits = sorted(exit_ms)
+    never = {b: math.inf for b in exits}
+    bare: list[float] = []
+    every: list[float] = []
+    for r in range(rounds):
+        offset = r * REQUESTS["default"]
+        for which in ((bare, every) if r % 2 == 0 else (every, bare)):
+            which.extend(measure(worker, REQUESTS["default"], n_stages, None, [] if which is bare else exits,
+                                 None if which is bare else never, offset=offset))
+    per_exit = (statistics.fmean(every) - statistics.fmean(bare)) / len(exits)
+    return per_exit - statistics.fmean(exit_ms.values())
+
+
+def verification_search(jr, scale: float, overhead_ms: float, exit_overhead_ms: float = 0.0):
     """The joint search with the edge as measured in the edge worker: every planner's ``edge_slowdown`` set to the
     measured ratio of the worker's fp32 stage times to the planning profile's (the profiles were measured in this
-    process; the worker is this machine at 1 thread), and the agent's measured per-request overhead added (as
-    ``bench.planner`` does). The end-to-end judge (disagreement) is shared: it does not depend on latency."""
+    process; the worker is this machine at 1 thread), and the agent's measured overheads added, per request (as
+    ``bench.planner`` does) and per exit evaluated (:func:`exit_overhead`); worker milliseconds, so divided by
+    ``scale``, which the cost model multiplies every edge time by. The end-to-end judge (disagreement) is shared:
+    it does not depend on latency."""
     from partitioner.joint import JointSearch
 
     planners = {}
     for key, p in jr.search.planners.items():
-        codecs = [dataclasses.replace(c, edge=dataclasses.replace(c.edge, request_overhead_ms=overhead_ms))
+        codecs = [dataclasses.replace(c, edge=dataclasses.replace(c.edge, request_overhead_ms=overhead_ms / scale,
+                                                                  exit_overhead_ms=exit_overhead_ms / scale))
                   for c in p.codecs]
         planners[key] = dataclasses.replace(p, codecs=codecs, edge_slowdown=scale)
     return JointSearch(planners)
@@ -259,13 +294,19 @@ def _config(e) -> tuple:
 
 
 def verify_cell(search, workers: dict, bw: float, rtt: float, probed: dict, objective, cons, n_stages: int,
-                others: int = VERIFY_OTHERS) -> dict:
+                thresholds_of=lambda e: None, others: int = VERIFY_OTHERS) -> dict:
     """One cell through the link emulator: the joint choice for the probed link, and the ``others`` best other
     feasible configurations the workers can run (a bundle per head variant), plus the sequential plan's and
-    fp32's edge-only, each measured as ``bench.planner`` measures splits (``SCREEN`` requests; those within
-    15 % of the best, and the choice, ``REQUESTS`` more, pooled). An offloading configuration is skipped when a
-    lower bound of its mean (offloaded share x (transfer + RTT)) already exceeds the best measured mean."""
-    from bench.planner import CONTENDER_MARGIN, REQUESTS, SCREEN, measure
+    fp32's edge-only, each measured as ``bench.planner`` measures splits (``VERIFY_WARMUP`` discarded, then
+    ``SCREEN`` requests; those within 2x of the best, and the choice, ``VERIFY_ROUNDS`` x ``REQUESTS`` more,
+    pooled). An offloading configuration is skipped when a lower bound of its mean (offloaded share x (transfer
+    + RTT)) already exceeds the best measured mean.
+
+    Each configuration runs with the exit thresholds its search assumed (``thresholds_of(e)``; the bundle's
+    when None), so what is measured is what was predicted. The choice also runs, in the same rounds, with the
+    bundle's thresholds (certified for the deployed system): ``choice_deployed_ms``, reported beside, not a
+    candidate."""
+    from bench.planner import REQUESTS, SCREEN, measure
     from partitioner.cost import Link
     from partitioner.search import ranked
 
@@ -298,7 +339,10 @@ def verify_cell(search, workers: dict, bw: float, rtt: float, probed: dict, obje
                 skipped.append(describe(e))
                 continue
         try:
-            samples[key] = measure(workers[e.head], SCREEN["default"], e.split, e.codec, list(e.exits))
+            measure(workers[e.head], VERIFY_WARMUP, e.split, e.codec, list(e.exits), thresholds_of(e),
+                    offset=VERIFY_INPUTS - VERIFY_WARMUP)  # discarded: a configuration's first requests run slow
+            samples[key] = measure(workers[e.head], SCREEN["default"], e.split, e.codec, list(e.exits),
+                                   thresholds_of(e))
         except RuntimeError as exc:
             if key == _config(choice):
                 raise
@@ -307,17 +351,26 @@ def verify_cell(search, workers: dict, bw: float, rtt: float, probed: dict, obje
         best = min(best, statistics.fmean(samples[key]))
     # the contenders, and the choice, in interleaved rounds (the order rotated each round): configurations a few
     # percent apart at ~1 ms need hundreds of requests each, measured under the same conditions of the machine
-    contenders = [k for k, v in samples.items() if statistics.fmean(v) <= CONTENDER_MARGIN * best
+    contenders = [k for k, v in samples.items() if statistics.fmean(v) <= VERIFY_CONTENDER_MARGIN * best
                   or k == _config(choice)]
+    deployed = ("deployed", *_config(choice))
+    picked[deployed] = choice
+    contenders.append(deployed)
+    deployed_samples: list[float] = []
     for r in range(VERIFY_ROUNDS):
         for key in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
             e = picked[key]
-            samples[key] += measure(workers[e.head], REQUESTS["default"], e.split, e.codec, list(e.exits))
+            got = measure(workers[e.head], REQUESTS["default"], e.split, e.codec, list(e.exits),
+                          None if key == deployed else thresholds_of(e),
+                          offset=SCREEN["default"] + r * REQUESTS["default"])
+            (deployed_samples if key == deployed else samples[key]).extend(got)
+    del picked[deployed]
     means = {k: statistics.fmean(v) for k, v in samples.items()}
     oracle = min(means, key=means.get)
     ratio = means[_config(choice)] / means[oracle]
     cell.update({
-        "choice_measured_ms": round(means[_config(choice)], 3), "oracle": {**describe(picked[oracle]),
+        "choice_measured_ms": round(means[_config(choice)], 3),
+        "choice_deployed_ms": round(statistics.fmean(deployed_samples), 3), "oracle": {**describe(picked[oracle]),
                                                                           "measured_ms": round(means[oracle], 3)},
         "ratio": round(ratio, 4), "verified": ratio <= VERIFY_MARGIN,
         "measured": [{**describe(picked[k]), "measured_ms": round(means[k], 3), "n": len(samples[k]),
@@ -341,15 +394,25 @@ def verify(jr, bundles: dict[str, Path], workdir: Path, objective, cons, grid: l
     try:
         for head, path in bundles.items():
             servers[head], ports[head] = start_server(path, wd)
-            workers[head] = EdgeWorker(path, 200, wd / f"edge-{head}.log", limit)
+            workers[head] = EdgeWorker(path, VERIFY_INPUTS, wd / f"edge-{head}.log", limit)
         for head, worker in workers.items():  # every worker loaded before any profile: no start-up beside it
             worker.call(cmd="connect", address=f"127.0.0.1:{ports[head]}")
         fp32_edge = jr.evals[0].edge
         measured = Profile.from_dict(workers["fp32"].call(cmd="profile", repeats=repeats)["profile"])
         scale = sum(measured.stage_ms) / max(1e-9, sum(fp32_edge.stage_ms))
         overhead = float(workers["fp32"].call(cmd="overhead", n=30)["overhead_ms"])
-        search = verification_search(jr, scale, max(0.0, overhead))
-        _log(f"verification: edge worker x{scale:.3f} the planning profile, agent overhead {overhead:.3f} ms")
+        per_exit = exit_overhead(workers["fp32"], measured.num_stages, measured.exit_ms)
+        search = verification_search(jr, scale, max(0.0, overhead), max(0.0, per_exit))
+        evals = {ev.name: ev for ev in jr.evals}
+
+        def thresholds_of(e) -> dict[int, float] | None:  # the exit thresholds the search assumed for e
+            ev = evals.get(e.head)
+            if ev is None or e.exit_share is None or e.exit_share not in ev.calibrations or not e.exits:
+                return None
+            return {b: t for b, t in ev.thresholds(e.exit_share).items() if b in e.exits}
+
+        _log(f"verification: edge worker x{scale:.3f} the planning profile, agent overhead {overhead:.3f} ms per "
+             f"request, {per_exit:.3f} ms per exit evaluated")
         for bw, rtt in grid:
             emus, probed = {}, None
             t0 = time.perf_counter()
@@ -359,7 +422,7 @@ def verify(jr, bundles: dict[str, Path], workdir: Path, objective, cons, grid: l
                     workers[head].call(cmd="connect", address=f"127.0.0.1:{eport}")
                     probed = probed or probe_link(eport)  # one probe per cell: the links are alike
                 cell = verify_cell(search, workers, bw, rtt, probed, objective, cons,
-                                   jr.evals[0].variant.staged.num_stages)
+                                   jr.evals[0].variant.staged.num_stages, thresholds_of)
             finally:
                 for emu in emus.values():
                     emu.stop()
@@ -376,6 +439,7 @@ def verify(jr, bundles: dict[str, Path], workdir: Path, objective, cons, grid: l
             srv.stop()
         limit.close()
     return {"cells": cells, "edge_scale": round(scale, 4), "agent_overhead_ms": round(overhead, 4),
+            "agent_exit_overhead_ms": round(per_exit, 4),
             "bundles": {h: str(p) for h, p in bundles.items()}}
 
 

@@ -209,10 +209,13 @@ class EdgeWorker:
         self.log.close()
 
 
-def measure(worker: EdgeWorker, n: int, split: int, codec: str, exits: list[int]) -> list[float]:
-    """End-to-end latency (ms) of ``n`` requests at one operating point, after warm-up."""
-    worker.call(cmd="set", split=split, codec=codec, exits=exits)
-    out = worker.call(cmd="run", n=n, warmup=WARMUP)
+def measure(worker: EdgeWorker, n: int, split: int, codec: str, exits: list[int],
+            thresholds: dict[int, float] | None = None, offset: int = 0) -> list[float]:
+    """End-to-end latency (ms) of ``n`` requests at one operating point, after warm-up, on the worker's inputs
+    from ``offset``; ``thresholds`` replace the bundle's exit thresholds for those exits (the plan's own when
+    None)."""
+    worker.call(cmd="set", split=split, codec=codec, exits=exits, thresholds=thresholds)
+    out = worker.call(cmd="run", n=n, warmup=WARMUP, offset=offset)
     if out["degraded"]:
         raise RuntimeError(f"{out['degraded']} requests degraded at split {split} ({codec}): no server answer")
     return out["wall_ms"]

@@ -17,7 +17,9 @@ the server, and the downlink transfer of the response (the logits + overhead)::
   (no estimate when ``rho >= 1``: the server cannot keep up).
 
 Every request also pays the agent's own per-request work (``request_overhead_ms`` of the edge profile: input
-checks, scoring, metrics; the edge agent reports it as ``agent_overhead_ms`` in ``/v1/status``).
+checks, scoring, metrics; the edge agent reports it as ``agent_overhead_ms`` in ``/v1/status``), and every exit
+it evaluates the agent's work around the exit head (``exit_overhead_ms``: scoring, the decision, accounting; 0
+unless measured, as ``bench.joint``'s verification does).
 Edge compute times are scaled by ``edge_slowdown`` (1 when the edge profile was measured on the edge).
 """
 
@@ -166,7 +168,7 @@ def estimate_split(k: int, edge: Profile, server: Profile, exit_rates: dict[int,
     answered = 0.0
     compute_s = 0.0
     for b in active:
-        exits_ms += s * edge.exit_ms[b]
+        exits_ms += s * (edge.exit_ms[b] + edge.exit_overhead_ms)
         t = head_ms(b) + exits_ms
         expected += exit_rates[b] * t
         compute_s += exit_rates[b] * t / 1e3

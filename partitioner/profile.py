@@ -69,6 +69,7 @@ class Profile:
     torch_version: str = ""
     output_bytes: int = 0
     request_overhead_ms: float = 0.0  # the serving agent's own per-request work (set from the agent's figure)
+    exit_overhead_ms: float = 0.0  # the agent's own work per exit it evaluates, beyond the exit head (measured)
 
     @property
     def num_stages(self) -> int:
@@ -131,6 +132,7 @@ class Profile:
                 codec=str(d.get("codec", "")), cpu=str(d.get("cpu", "")),
                 torch_version=str(d.get("torch_version", "")), output_bytes=int(d.get("output_bytes", 0)),
                 request_overhead_ms=float(d.get("request_overhead_ms", 0.0)),
+                exit_overhead_ms=float(d.get("exit_overhead_ms", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed profile: {exc!r}") from exc

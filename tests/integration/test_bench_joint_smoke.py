@@ -44,6 +44,7 @@ def test_bench_joint_smoke(tmp_path):
         assert config(c["choice"]) in {config(m) for m in c["measured"]}
         assert all(m["measured_ms"] > 0 and m["n"] >= 34 for m in c["measured"])
         assert c["ratio"] >= 1.0 and c["verified"] == (c["ratio"] <= 1.05)
+        assert c["choice_deployed_ms"] > 0  # the choice with the bundle's certified thresholds, beside
     assert s["verified_measured_cells"] == sum("ratio" in c for c in ver["cells"])
     assert s["verified_cells"] == sum(c.get("verified", False) for c in ver["cells"])
     assert json.loads(out.read_text())["summary"] == s

@@ -93,3 +93,15 @@ def test_agent_overhead_is_paid_by_every_request_and_scaled_with_the_edge():
     for a, b in zip(slow, more, strict=True):
         assert b.expected_latency_ms - a.expected_latency_ms == pytest.approx(1.4, abs=1e-3)
     assert len(base) == len(more)
+
+
+def test_exit_overhead_is_paid_per_exit_evaluated_on_the_path():
+    p = _profile()
+    link = Link(8e6, 0.01)
+    base = {e.split: e for e in estimate_all(p, p, {2: 0.5}, link)}
+    p.exit_overhead_ms = 0.2
+    more = {e.split: e for e in estimate_all(p, p, {2: 0.5}, link)}
+    for k in (0, 1):  # exit 2 is not on the edge's path
+        assert more[k].expected_latency_ms == pytest.approx(base[k].expected_latency_ms)
+    for k in (2, 3, 4):  # every request evaluates exit 2 (half answer there, the rest go on): 0.2 ms more each
+        assert more[k].expected_latency_ms - base[k].expected_latency_ms == pytest.approx(0.2, abs=1e-6)
