@@ -20,28 +20,27 @@ this machine's profile and its power model):
    system is the one the planner chooses at that epsilon (from the same measurements), reported with the
    configurations it had to reject for it (their end-to-end bound above epsilon) and the part that costs most.
 
-4. **Verification through the link emulator** (``--verify-cells N``, default all 15): a cloud server (1 thread,
-   1 worker) and an edge worker (:mod:`bench.edge_worker`, the real edge runtime, this machine at 1 thread) per
-   bundle this run wrote: today's (fp32) and the joint plan's (its head variant). The edge is profiled in its
-   worker first and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's fp32
-   stage time / the planning profile's, plus the agent's measured per-request overhead, as ``bench.planner``
-   does, and its per-exit overhead: edge-only without exits against every exit at a threshold none reaches,
-   interleaved, minus the profiled exit heads; the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
-   bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does): the joint choice for the probed
-   link, the 5 next-best feasible configurations the bundles can run, the sequential plan's and fp32 edge-only,
-   measured as ``bench.planner`` measures splits (20 discarded requests, then 34 measured; an offloading
-   configuration whose lower bound exceeds the best mean is skipped), then the choice and those within 2x of
-   the best in 8 interleaved rounds of 100 requests each (the order rotated every round), pooled:
-   configurations a few percent apart at ~1 ms need that many requests under the same conditions. The screening
-   pass and each round answer different test images (834 in all), the same ones for every configuration. A
-   cell is
-   verified when the choice measures within 1.05x of the best measured configuration; a choice whose head
-   variant has no bundle here is reported unverified. Every configuration runs with the exit thresholds the
-   search assumed for it (its share of epsilon; the edge worker's ``set`` takes them), so what is measured is
-   what was predicted; the bundle itself carries the thresholds certified for the deployed system, and the
-   choice also runs with those in the same rounds (``choice_deployed_ms``, reported beside, not a candidate).
-   Until stop 36 every configuration ran with the bundle's thresholds, so the search's ranking was checked
-   against configurations that exited differently from their prediction.
+4. **Verification through the link emulator** (``--verify-cells N``, default all 15): a cloud server (1 thread, 1
+   worker) and an edge worker (:mod:`bench.edge_worker`, the real edge runtime, this machine at 1 thread) per bundle
+   this run wrote: today's (fp32) and the joint plan's (its head variant). The edge is profiled in its worker first
+   and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's fp32 stage time / the
+   planning profile's, plus the agent's measured per-request overhead, as ``bench.planner`` does, and its per-exit
+   overhead: edge-only without exits against every exit at a threshold none reaches, interleaved, minus the profiled
+   exit heads; the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
+   bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does): the joint choice for the probed link,
+   the 5 next-best feasible configurations the bundles can run, the sequential plan's and fp32 edge-only, measured
+   as ``bench.planner`` measures splits (20 discarded requests, then 34 measured; an offloading configuration whose
+   lower bound exceeds the best mean is skipped), then the choice and those within 2x of the best in 8 interleaved
+   rounds of 100 requests each (the order rotated every round), pooled: configurations a few percent apart at ~1 ms
+   need that many requests under the same conditions. The screening pass and each round answer different test images
+   (834 in all), the same ones for every configuration. A cell is verified when the choice measures within 1.05x of
+   the best measured configuration; a choice whose head variant has no bundle here is reported unverified. Every
+   configuration runs with the exit thresholds the search assumed for it (its share of epsilon; the edge worker's
+   ``set`` takes them), so what is measured is what was predicted; the bundle itself carries the thresholds
+   certified for the deployed system, and the choice also runs with those in the same rounds
+   (``choice_deployed_ms``, reported beside, not a candidate). Until stop 36 every configuration ran with the
+   bundle's thresholds, so the search's ranking was checked against configurations that exited differently from
+   their prediction.
 
 Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~7 minutes).
 """
