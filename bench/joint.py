@@ -257,6 +257,8 @@ def exit_overhead(worker, n_stages: int, exit_ms: dict[int, float], rounds: int 
     from bench.planner import REQUESTS, measure
 
     exits = sorted(exit_ms)
+    if not exits:
+        return 0.0
     never = {b: math.inf for b in exits}
     bare: list[float] = []
     every: list[float] = []
@@ -353,17 +355,15 @@ def verify_cell(search, workers: dict, bw: float, rtt: float, probed: dict, obje
     contenders = [k for k, v in samples.items() if statistics.fmean(v) <= VERIFY_CONTENDER_MARGIN * best
                   or k == _config(choice)]
     deployed = ("deployed", *_config(choice))
-    picked[deployed] = choice
     contenders.append(deployed)
     deployed_samples: list[float] = []
     for r in range(VERIFY_ROUNDS):
         for key in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
-            e = picked[key]
+            e = choice if key == deployed else picked[key]
             got = measure(workers[e.head], REQUESTS["default"], e.split, e.codec, list(e.exits),
                           None if key == deployed else thresholds_of(e),
                           offset=SCREEN["default"] + r * REQUESTS["default"])
             (deployed_samples if key == deployed else samples[key]).extend(got)
-    del picked[deployed]
     means = {k: statistics.fmean(v) for k, v in samples.items()}
     oracle = min(means, key=means.get)
     ratio = means[_config(choice)] / means[oracle]

@@ -209,11 +209,11 @@ class EdgeWorker:
         self.log.close()
 
 
-def measure(worker: EdgeWorker, n: int, split: int, codec: str, exits: list[int],
+def measure(worker: EdgeWorker, n: int, split: int, codec: str | None, exits: list[int],
             thresholds: dict[int, float] | None = None, offset: int = 0) -> list[float]:
     """End-to-end latency (ms) of ``n`` requests at one operating point, after warm-up, on the worker's inputs
-    from ``offset``; ``thresholds`` replace the bundle's exit thresholds for those exits (the plan's own when
-    None)."""
+    from ``offset``; ``codec`` None: the plan's where it applies; ``thresholds`` replace the bundle's exit
+    thresholds for those exits (the plan's own when None)."""
     worker.call(cmd="set", split=split, codec=codec, exits=exits, thresholds=thresholds)
     out = worker.call(cmd="run", n=n, warmup=WARMUP, offset=offset)
     if out["degraded"]:
