@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from partitioner.profile import Profile
+from partitioner.profile import Profile, StageTimes
 from partitioner.search import Constraints, Objective, Planner, choose_among, metric, pareto_front, ranked
 from splitinfer.bundle import SplitEstimate
 from splitinfer.calibration import (
@@ -252,29 +252,51 @@ def scaled_profile(given: Profile, fp32_here: Profile, variant_here: Profile) ->
                                batch_stage_ms={})
 
 
-def variant_profile(base: Profile, variant: HeadVariant, exits: dict, example: torch.Tensor, repeats: int) -> Profile:
-    """A variant's profile on this machine from fp32's (``base``, measured here): its stages and exits timed here
-    as :func:`partitioner.profile.profile_model` times them (batch 1, 1 thread, every exit evaluated between the
-    stages, ``repeats`` runs after 5 warm-up runs); the boundaries' shapes are fp32's, so the codec columns are
-    fp32's; its head's memory is its own."""
-    import dataclasses
+def variant_profile(base: Profile, variant: HeadVariant, exits: dict, times: StageTimes) -> Profile:
+    """A variant's profile on this machine from fp32's (``base``, measured here) and the variant's stage and exit
+    times (``times``: :func:`partitioner.profile.time_stages_interleaved`, batch 1, 1 thread, every exit evaluated
+    between the stages; their medians); the boundaries' shapes are fp32's, so the codec columns are fp32's; its
+    head's memory is its own."""
+    from partitioner.profile import head_peak_bytes
 
-    from partitioner.profile import LatencyStats, _time_stages, head_peak_bytes
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            stage_t, exit_t, _ = _time_stages(variant.staged, exits, example[:1], repeats, 5, None)
-    finally:
-        torch.set_num_threads(prev)
-    stats = [LatencyStats.of(t) for t in stage_t]
     st = variant.staged
-    return dataclasses.replace(base, stage_ms=[x.mean for x in stats], stage_ms_stats=stats, batch_stage_ms={},
-                               exit_ms={b: round(LatencyStats.of(v).mean, 5) for b, v in exit_t.items()},
+    return dataclasses.replace(base, stage_ms=[x.p50 for x in times.stages], stage_ms_stats=list(times.stages),
+                               batch_stage_ms={}, exit_ms={b: x.p50 for b, x in times.exits.items()},
                                stage_macs=[i.macs for i in st.stage_info],
                                stage_params=[i.params for i in st.stage_info],
                                head_peak_bytes=head_peak_bytes(st, exits), model=f"{base.model} ({variant.name})")
+
+
+def profile_variants(variants: Sequence[HeadVariant], edge: Profile, server: Profile, exits: dict,
+                     example: torch.Tensor, repeats: int, given: bool, fp32_here: Callable[[], Profile]
+                     ) -> dict[str, tuple[Profile, Profile]]:
+    """Every variant's (edge, server) profiles. fp32 (``variants[0]``) and the variants whose stage shapes differ
+    from fp32's are timed together, interleaved (:func:`partitioner.profile.time_stages_interleaved`, ``4 *
+    repeats`` walks each), so that their ranking does not hang on when each was timed; same-shape variants get
+    fp32's profiles. Profiles measured here (``given`` False) take those times directly, fp32's included;
+    profiles of another machine (``given``) are scaled stage by stage by the variant's / fp32's times here
+    (``fp32_here``: fp32's full profile here, for its other columns)."""
+    from partitioner.profile import time_stages_interleaved
+
+    fp32 = variants[0]
+    timed = [fp32, *(v for v in variants[1:] if not v.same_arch)]
+    out = {v.name: (edge, server) for v in variants}
+    if len(timed) == 1:
+        return out
+    times = time_stages_interleaved({v.name: v.staged for v in timed}, exits, example, 4 * repeats)
+    if not given:
+        here = variant_profile(edge, fp32, exits, times[fp32.name])
+        out = {v.name: (here, here) for v in variants}
+        for v in timed[1:]:
+            p = variant_profile(edge, v, exits, times[v.name])
+            out[v.name] = (p, p)
+        return out
+    base = fp32_here()
+    ref = variant_profile(base, fp32, exits, times[fp32.name])
+    for v in timed[1:]:
+        p = variant_profile(base, v, exits, times[v.name])
+        out[v.name] = (scaled_profile(edge, ref, p), scaled_profile(server, ref, p))
+    return out
 
 
 def measure_variant(variant: HeadVariant, exits: dict, x_screen: torch.Tensor, reference: np.ndarray, score: str,
@@ -636,19 +658,14 @@ def plan_joint(variants: Sequence[HeadVariant], inputs: JointInputs, candidates:
     edge, server = _profiles(fp32.staged, inputs.exits, inputs.codec, inputs.x_val[:1], opts, edge_profile,
                              server_profile, inputs.model)
     given = edge_profile is not None or server_profile is not None
-    here_fp32: list[Profile] = []
+    timed_profiles = profile_variants(
+        variants, edge, server, inputs.exits, inputs.x_val[:1], inputs.repeats, given,
+        lambda: profile_model(fp32.staged, inputs.exits, get_codec(inputs.codec), inputs.x_val[:1],
+                              repeats=inputs.repeats, threads=1, model_name=inputs.model))
+    edge, server = timed_profiles[fp32.name]
 
     def profiles(v: HeadVariant) -> tuple[Profile, Profile]:
-        if v is fp32 or v.same_arch:
-            return edge, server
-        if not given:
-            here = variant_profile(edge, v, inputs.exits, inputs.x_val[:1], inputs.repeats)
-            return here, here
-        if not here_fp32:
-            here_fp32.append(profile_model(fp32.staged, inputs.exits, get_codec(inputs.codec), inputs.x_val[:1],
-                                           repeats=inputs.repeats, threads=1, model_name=inputs.model))
-        here = variant_profile(here_fp32[0], v, inputs.exits, inputs.x_val[:1], inputs.repeats)
-        return scaled_profile(edge, here_fp32[0], here), scaled_profile(server, here_fp32[0], here)
+        return timed_profiles[v.name]
 
     # enough screening images for the search's exit calibration at its share of epsilon (half in its test part)
     need = 4 * min_calibration_samples(inputs.epsilon * min(SEARCH_SHARES), inputs.delta)

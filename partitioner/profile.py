@@ -241,6 +241,45 @@ def _time_stages(staged: StagedModel, exits: dict[int, ExitHead], x0: torch.Tens
     return stage_t, exit_t, tensors
 
 
+@dataclass
+class StageTimes:
+    """One model's batch-1 stage and exit times, as summaries (ms)."""
+
+    stages: list[LatencyStats]
+    exits: dict[int, LatencyStats]
+
+
+def time_stages_interleaved(models: dict[str, StagedModel], exits: dict[int, ExitHead], example: torch.Tensor,
+                            runs: int, rounds: int = 10, warmup: int = 5) -> dict[str, StageTimes]:
+    """Several models' stage and exit times measured under the same conditions: ``rounds`` rounds, each walking
+    every model ``ceil(runs / rounds)`` times in turn (after ``warmup`` untimed walks of each), at 1 thread.
+
+    Timing the models one after the other lets a slow spell of the machine (another process, a frequency step)
+    land on one of them only: here fp32 and a compressed variant measured 30 walks apart differed by up to 25 %
+    between calls, enough to flip which variant the planner picks. Interleaving spreads such spells over all of
+    them; compare their medians (``p50``), which one interrupted walk does not move."""
+    per_round = max(1, math.ceil(runs / rounds))
+    stage_t: dict[str, list[list[float]]] = {n: [[] for _ in range(m.num_stages)] for n, m in models.items()}
+    exit_t: dict[str, dict[int, list[float]]] = {n: {b: [] for b in exits} for n in models}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for m in models.values():
+                _time_stages(m, exits, example[:1], 0, warmup, None)
+            for _ in range(rounds):
+                for name, m in models.items():
+                    st, et, _ = _time_stages(m, exits, example[:1], per_round, 0, None)
+                    for i, t in enumerate(st):
+                        stage_t[name][i].extend(t)
+                    for b, t in et.items():
+                        exit_t[name][b].extend(t)
+    finally:
+        torch.set_num_threads(prev)
+    return {n: StageTimes([LatencyStats.of(t) for t in stage_t[n]], {b: LatencyStats.of(t) for b, t in
+                                                                    exit_t[n].items()}) for n in models}
+
+
 @torch.inference_mode()
 def profile_model(staged: StagedModel, exits: dict[int, ExitHead], codec: Codec, example: torch.Tensor,
                   repeats: int = 30, warmup: int = 5, threads: int = 1, batch_sizes: tuple[int, ...] = (),
