@@ -23,23 +23,23 @@ this machine's profile and its power model):
 4. **Verification through the link emulator** (``--verify-cells N``, default all 15): a cloud server (1 thread, 1
    worker) and an edge worker (:mod:`bench.edge_worker`, the real edge runtime, this machine at 1 thread) per bundle
    this run wrote: today's (fp32) and the joint plan's (its head variant). The edge is profiled in its worker first
-   and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's fp32 stage time / the
-   planning profile's, plus the agent's measured per-request overhead, as ``bench.planner`` does, and its per-exit
-   overhead: edge-only without exits against every exit at a threshold none reaches, interleaved, minus the profiled
-   exit heads; the Raspberry Pi 4 is a prediction, the worker is what runs). Per cell, behind ``python -m
-   bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does): the joint choice for the probed link,
-   the 5 next-best feasible configurations the bundles can run, the sequential plan's and fp32 edge-only, measured
-   as ``bench.planner`` measures splits (20 discarded requests, then 34 measured; an offloading configuration whose
-   lower bound exceeds the best mean is skipped), then the choice and those within 2x of the best in 8 interleaved
-   rounds of 100 requests each (the order rotated every round), pooled: configurations a few percent apart at ~1 ms
-   need that many requests under the same conditions. The screening pass and each round answer different test images
-   (834 in all), the same ones for every configuration. A cell is verified when the choice measures within 1.05x of
-   the best measured configuration; a choice whose head variant has no bundle here is reported unverified. Every
-   configuration runs with the exit thresholds the search assumed for it (its share of epsilon; the edge worker's
-   ``set`` takes them), so what is measured is what was predicted; the bundle itself carries the thresholds
-   certified for the deployed system, and the choice also runs with those in the same rounds
-   (``choice_deployed_ms``, reported beside, not a candidate). Until stop 36 every configuration ran with the
-   bundle's thresholds, so the search's ranking was checked against configurations that exited differently from
+   (``4 * --repeats`` walks) and the joint search re-planned for it (every planner's ``edge_slowdown`` = the worker's
+   fp32 stage time / the planning profile's, sums of stage medians, plus the agent's measured per-request overhead,
+   as ``bench.planner`` does, and its per-exit overhead: edge-only without exits against every exit at a threshold
+   none reaches, interleaved, minus the profiled exit heads; the Raspberry Pi 4 is a prediction, the worker is what
+   runs). Per cell, behind ``python -m bench.linkemu`` at the cell's rate and RTT (probed as ``plan probe`` does):
+   the joint choice for the probed link, the 5 next-best feasible configurations the bundles can run, the sequential
+   plan's and fp32 edge-only, measured as ``bench.planner`` measures splits (20 discarded requests, then 34 measured;
+   an offloading configuration whose lower bound exceeds the best mean is skipped), then the choice and those within
+   2x of the best in 8 interleaved rounds of 100 requests each (the order rotated every round), pooled:
+   configurations a few percent apart at ~1 ms need that many requests under the same conditions. The screening pass
+   and each round answer different test images (834 in all), the same ones for every configuration. A cell is
+   verified when the choice measures within 1.05x of the best measured configuration; a choice whose head variant has
+   no bundle here is reported unverified. Every configuration runs with the exit thresholds the search assumed for it
+   (its share of epsilon; the edge worker's ``set`` takes them), so what is measured is what was predicted; the
+   bundle itself carries the thresholds certified for the deployed system, and the choice also runs with those in the
+   same rounds (``choice_deployed_ms``, reported beside, not a candidate). Until stop 36 every configuration ran with
+   the bundle's thresholds, so the search's ranking was checked against configurations that exited differently from
    their prediction.
 
 Run: ``python -m bench.joint --out FILE.json [--png FILE.png] [--variants all] [--splits 100]`` (~7 minutes).
@@ -271,6 +271,17 @@ def exit_overhead(worker, n_stages: int, exit_ms: dict[int, float], rounds: int 
     return per_exit - statistics.fmean(exit_ms.values())
 
 
+def edge_scale(measured, planned) -> float:
+    """How many times slower the edge worker runs fp32's stages than the planning profile says: the ratio of
+    their stage medians' sums (the planning profile's stage times are medians of interleaved walks,
+    :func:`partitioner.joint.profile_variants`; a mean would let one slow spell in the worker's profile move
+    every prediction of the verification)."""
+    def total(p) -> float:
+        return sum(s.p50 for s in p.stage_ms_stats) if p.stage_ms_stats else sum(p.stage_ms)
+
+    return total(measured) / max(1e-9, total(planned))
+
+
 def verification_search(jr, scale: float, overhead_ms: float, exit_overhead_ms: float = 0.0):
     """The joint search with the edge as measured in the edge worker: every planner's ``edge_slowdown`` set to the
     measured ratio of the worker's fp32 stage times to the planning profile's (the profiles were measured in this
@@ -397,8 +408,8 @@ def verify(jr, bundles: dict[str, Path], workdir: Path, objective, cons, grid: l
         for head, worker in workers.items():  # every worker loaded before any profile: no start-up beside it
             worker.call(cmd="connect", address=f"127.0.0.1:{ports[head]}")
         fp32_edge = jr.evals[0].edge
-        measured = Profile.from_dict(workers["fp32"].call(cmd="profile", repeats=repeats)["profile"])
-        scale = sum(measured.stage_ms) / max(1e-9, sum(fp32_edge.stage_ms))
+        measured = Profile.from_dict(workers["fp32"].call(cmd="profile", repeats=4 * repeats)["profile"])
+        scale = edge_scale(measured, fp32_edge)
         overhead = float(workers["fp32"].call(cmd="overhead", n=30)["overhead_ms"])
         per_exit = exit_overhead(workers["fp32"], measured.num_stages, measured.exit_ms)
         search = verification_search(jr, scale, max(0.0, overhead), max(0.0, per_exit))
