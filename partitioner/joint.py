@@ -6,7 +6,8 @@ codec and the exit subset, and every configuration is judged on the system that 
   the whole model as compressed: the edge runs its head, the server its tail (the bundle ships its weights file).
   A variant whose stages hold the same parameter shapes as fp32 (weight-coded: Deep Compression, ternary, mixed
   precision) decodes to dense float32 tensors of the same shapes at load and runs the same kernels: its measured
-  profile is fp32's (not measured again). Others (low rank, pruned) are profiled like fp32.
+  profile is fp32's (not measured again). Others (low rank, pruned) are timed together with fp32, interleaved
+  (:func:`profile_variants`).
 * **Measured per variant** on the validation images: the exits' scores on the variant's own features, the
   variant's answers with every codec at every split it may use (each sample encoded alone, as the edge does:
   ``UInt8AffineCodec.roundtrip_each``, the learned codec's quantized latent, the image codec's files), and the
