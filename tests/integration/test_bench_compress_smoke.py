@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = ("deep_compression_ratio", "deep_compression_drop", "lowrank_mac_reduction", "lowrank_drop",
            "lowrank_head_speedup", "ternary_storage_ratio", "ternary_drop", "binary_drop",
            "mixed_precision_storage_ratio", "mixed_precision_drop", "auto_vs_uniform_drop_gain",
-           "resnet50_lowrank_head_speedup")
+           "resnet50_lowrank_head_speedup", "policy_model_auto_vs_uniform_drop_gain",
+           "policy_model_uniform_mac_fraction", "policy_model_auto_mac_fraction")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -37,5 +38,13 @@ def test_bench_compress_tiny(tmp_path):
         assert v["test_images"] == 200 and v["stored_bytes"] > 0
     assert s["deep_compression_ratio"] > 8  # coded weights are far smaller than fp32 whatever the accuracy
     assert d["resnet50"]["head_macs"] < d["resnet50"]["head_macs_fp32"]
+    # the second model's pair: the policy never gets more MACs than uniform kept (its budget is uniform's
+    # fraction as rounded to 4 decimals)
+    pm = d["policy_model"]
+    assert pm["model"] == s["policy_model"] == "mobilenet_v2_fmnist"
+    assert [v["name"] for v in pm["variants"]] == ["fp32", "uniform", "auto"]
+    assert s["policy_model_auto_mac_fraction"] <= s["policy_model_uniform_mac_fraction"] + 1e-4
+    assert s["policy_model_uniform_mac_fraction"] < 1
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "variant" in proc.stdout and "resnet50 head" in proc.stdout
+    assert "automated policy vs uniform on mobilenet_v2_fmnist" in proc.stdout
