@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--policy-val-images", type=int, default=250,
                     help="held-out images for the policy's sensitivities on that model")
     args = ap.parse_args(argv)
+    from splitinfer.models import EMBEDDED_MODELS
+
+    if args.policy_model != "none" and args.policy_model not in EMBEDDED_MODELS:
+        ap.error(f"--policy-model {args.policy_model!r}: choose none or one of {', '.join(EMBEDDED_MODELS)}")
     t_start = time.perf_counter()
     torch.manual_seed(0)
     net, _staged, x, y, x_val, x_test, y_test = training_data("default", train_limit=args.train_limit,
