@@ -26,9 +26,9 @@ default model is so over-parameterised for Fashion-MNIST that distillation recov
 low rank at 50 % of the MACs ends *above* fp32), which leaves a per-layer policy nothing to win. MobileNetV2
 (64x64, already compact: depthwise convolutions, narrow bottlenecks) is not: there the pair ``uniform`` (one rank
 rule for every layer at ``--mac-budget``) and ``auto`` (the automated policy at the MACs ``uniform`` actually
-kept, so never more) is fine-tuned alike for ``--policy-epochs`` epochs (default 0.5: ~6 minutes each here); the
-policy's sensitivities there use ``--policy-val-images`` held-out images (default 250: each of MobileNetV2's
-factorizable layers at each of 12 settings is one pass over them).
+kept, so never more) is fine-tuned alike for ``--policy-epochs`` epochs (default 0.5; uniform ~3 minutes here,
+auto ~7 with its sensitivities); those use ``--policy-val-images`` held-out images (default 250: each of
+MobileNetV2's factorizable layers at each of 12 settings is one pass over them).
 
 Sub-8-bit weights (ternary, binary, mixed) have no fast kernels in torch: their latency is fp32's and no
 speedup is claimed; their gain is storage, and the modelled energy of moving the weights (an over-the-air
