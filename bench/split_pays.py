@@ -20,7 +20,10 @@ Model: ``mobilenet_v2_fmnist`` (torchvision MobileNetV2, grey stem, trained here
    predicted latency); the agent is given each request's file (``--forward-files``), as its HTTP API is.
 3. **Sensitivity** (predicted by the same planner, not measured): how the interior split's gain over the
    better endpoint moves with the edge's speed (CPU share) and with the input size (stage times and feature
-   payloads scaled with the image area; the input files measured at each size).
+   payloads scaled with the image area; the input files measured at each size), each alone and both together
+   (``by_share_and_size``), and two bounds at the measured share and size: every learned codec's payload free
+   (``free_codec``: 0 bytes, no coding time; the most any codec at these boundaries could gain) and no early
+   exits anywhere (``no_exits``: what the certified exits take from the interior split).
 
 Summary: ``model``, ``boundaries_with_codec``, ``codec_min_ratio_vs_fp32``, ``codec_max_drop``,
 ``codec_bytes_below_input_file`` (every codec's mean bytes below the mean input file), ``cells``,
@@ -118,9 +121,17 @@ def _scaled(prof, factor: float, file_bytes: int | None):
     return p
 
 
+def _free_codec(prof):
+    """A copy of a learned codec's profile as if its payload were free: 0 bytes, no encode or decode time
+    (the protocol's own bytes and the RTT remain): the most any codec at these boundaries could gain."""
+    n = len(prof.payload_bytes)
+    return dataclasses.replace(prof, encode_ms=[0.0] * n, decode_ms=[0.0] * n, payload_bytes=[0] * n)
+
+
 def sensitivity(result, bandwidths: list[float], rtts: list[float], share: float) -> dict:
     """Predicted gain of the best interior learned-codec configuration over the better of edge-only and
-    cloud-only, per edge CPU share and per input size (see the module docstring, 3)."""
+    cloud-only, per edge CPU share, per input size, over both, and two bounds at the measured share and size
+    (see the module docstring, 3)."""
     from partitioner.cost import Link
     from partitioner.make import smaller_file
     from partitioner.search import CodecOption, Planner
@@ -147,27 +158,48 @@ def sensitivity(result, bandwidths: list[float], rtts: list[float], share: float
         return {"cells_interior_wins": len(wins), "cells_interior_gain_ge_1.15": sum(g >= BAR_GAIN for g in per_cell),
                 "max_gain": round(max(per_cell), 3), "median_gain": round(float(np.median(per_cell)), 3)}
 
-    by_share = {}
-    for s in SHARES:
-        q = dataclasses.replace(planner, edge_slowdown=planner.edge_slowdown * share / s)
-        by_share[f"{s:g}"] = gains(q)
-    by_size = {}
-    for side in SIZES:
+    def at_share(p: Planner, s: float) -> Planner:
+        return p if s == share else dataclasses.replace(p, edge_slowdown=planner.edge_slowdown * share / s)
+
+    files: dict[int, int] = {}
+
+    def at_size(side: int) -> Planner:
         factor = (side / base_side) ** 2
-        side_spec = spec.model_copy(update={"shape": [1, side, side]})
-        files = [len(smaller_file(side_spec, im)) for im in render(test.images[:200], side)]
-        fb = int(round(statistics.fmean(files)))
+        if side not in files:
+            side_spec = spec.model_copy(update={"shape": [1, side, side]})
+            sizes = [len(smaller_file(side_spec, im)) for im in render(test.images[:200], side)]
+            files[side] = int(round(statistics.fmean(sizes)))
+        fb = files[side]
         codecs = [CodecOption(c.name, _scaled(c.edge, factor, fb if c.name == "image" else None),
                               _scaled(c.server, factor, fb if c.name == "image" else None), c.boundaries,
                               c.drop_points, c.agreement) for c in planner.codecs]
-        q = dataclasses.replace(planner, codecs=codecs)
-        by_size[str(side)] = {"input_file_bytes_mean": fb, **gains(q)}
+        return dataclasses.replace(planner, codecs=codecs)
+
+    by_share = {f"{s:g}": gains(at_share(planner, s)) for s in SHARES}
+    by_size = {}
+    for side in SIZES:
+        sized = at_size(side)
+        by_size[str(side)] = {"input_file_bytes_mean": files[side], **gains(sized)}
+    grid = {f"{s:g}": {str(side): {k: v for k, v in gains(at_share(at_size(side), s)).items()
+                                   if k in ("max_gain", "cells_interior_gain_ge_1.15")} for side in SIZES}
+            for s in SHARES}
+    free = [CodecOption(c.name, _free_codec(c.edge), _free_codec(c.server), c.boundaries, 0.0, 1.0)
+            if c.name == LEARNED else c for c in planner.codecs]
+    bounds = {
+        "free_codec": {"definition": "every learned codec's payload free (0 bytes, no encode/decode time, no "
+                                     "accuracy drop): the most any codec at these boundaries could gain",
+                       **gains(dataclasses.replace(planner, codecs=free))},
+        "no_exits": {"definition": "no configuration has early exits (edge-only runs the whole model): what the "
+                                   "certified exits take from the interior split",
+                     **gains(dataclasses.replace(planner, exit_boundaries=()))},
+    }
     return {"definition": "predicted by the planner that made the bundle (its measured profiles; not measured "
                           "end to end): per cell of the grid, min(best edge-only, best cloud-only) / best interior "
                           "split with a learned codec; accuracy drop <= 1 point",
             "by_edge_cpu_share": by_share, "measured_share": share,
-            "by_input_size": by_size, "input_size_model": "stage, exit and codec times and feature payloads x "
-                                                          "(side / 64)^2; input files measured at each size"}
+            "by_input_size": by_size, "input_size_model": f"stage, exit and codec times and feature payloads x "
+                                                          f"(side / {base_side})^2; input files measured at each size",
+            "by_share_and_size": grid, "bounds_at_measured_share": bounds}
 
 
 def summarize(codecs: dict, cells: list[dict], n_stages: int) -> dict:

@@ -52,3 +52,16 @@ def test_bench_split_pays_quick(tmp_path):
     assert set(sens["by_input_size"]) == {"32", "64", "96", "128"}
     for row in [*sens["by_edge_cpu_share"].values(), *sens["by_input_size"].values()]:
         assert 0 <= row["cells_interior_wins"] <= 2
+    assert set(sens["by_share_and_size"]) == {"1", "0.5", "0.25", "0.125"}
+    for row in sens["by_share_and_size"].values():
+        assert set(row) == {"32", "64", "96", "128"}
+        assert all(0 <= v["cells_interior_gain_ge_1.15"] <= 2 and v["max_gain"] > 0 for v in row.values())
+    # the grid's column at the measured share is the per-size row (same planner, same scaling)
+    measured = f"{sens['measured_share']:g}"
+    if measured in sens["by_share_and_size"]:
+        for side, v in sens["by_share_and_size"][measured].items():
+            assert v["max_gain"] == sens["by_input_size"][side]["max_gain"]
+    bounds = sens["bounds_at_measured_share"]
+    # a free payload can only make the best interior configuration faster, never slower
+    assert bounds["free_codec"]["max_gain"] >= sens["by_input_size"]["64"]["max_gain"]
+    assert bounds["no_exits"]["max_gain"] > 0
