@@ -33,7 +33,7 @@ latency), ``max_ratio_vs_best_baseline`` (max over cells of splitinfer / min(edg
 best_fixed)), and the bars.
 
 Run: ``python -m bench.split_pays --out FILE.json [--quick] [--edge-cpu 0.25] [--workdir runs/bench_split_pays]``
-(~15-25 min; ``--quick``: 2 cells, few requests, 500 test images, no cgroup: the smoke test).
+(~7 min; ``--quick``: 2 cells, few requests, 500 test images, no cgroup: the smoke test).
 """
 
 from __future__ import annotations
