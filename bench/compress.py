@@ -137,9 +137,39 @@ def evaluate(name: str, base: torch.nn.Module, result: Compressed, x_test, y_tes
     return row
 
 
+def mac_fraction(row: dict) -> float:
+    """The exact share of the full model's MACs a variant kept (its report's counts, not the rounded
+    ``mac_reduction``): what a later budget must not exceed."""
+    rep = row["report"]
+    return rep["macs_after"] / rep["macs_before"]
+
+
+def fp32_row(net: torch.nn.Module, example, x_test, y_test, rounds: int) -> dict:
+    """The uncompressed model's row (every ratio 1: the noise floor of the latency figures)."""
+    macs = total_macs(net, example)
+    torch.set_num_threads(1)
+    fp32 = Compressed(model=net, method="fp32", report={"macs_before": macs, "macs_after": macs})
+    return evaluate("fp32", net, fp32, x_test, y_test, example, rounds)
+
+
+def run_variant(name: str, net: torch.nn.Module, example, method: str, data: Data, opts: Options, x_test, y_test,
+                args, label: str = "") -> dict:
+    """Compress ``net`` with ``method`` (``args.threads`` torch threads), then measure it (1 thread: batch-1
+    latency as on the edge) and print one line; its row."""
+    torch.set_num_threads(args.threads)
+    result = compress(net, example, method, data, opts)
+    torch.set_num_threads(1)
+    row = evaluate(name, net, result, x_test, y_test, example, args.rounds)
+    print(f"{label}{name}: acc {row['test_accuracy']:.4f} drop {row['drop_points']:+.2f}, stored "
+          f"{row['stored_bytes']:,} B (x{row['storage_ratio']:.1f}), MACs -{100 * row['mac_reduction']:.1f} %, head "
+          f"x{row['head_latency']['speedup']:.2f} ({result.report['seconds']:.0f} s)", flush=True)
+    return row
+
+
 def policy_pair(args) -> dict:
     """``uniform`` then ``auto`` low rank on ``args.policy_model`` (see the module docstring): ``auto``'s budget
-    is the MAC fraction ``uniform`` actually kept; both fine-tuned alike for ``args.policy_epochs`` epochs."""
+    is the MAC fraction ``uniform`` actually kept (exact); both fine-tuned alike for ``args.policy_epochs``
+    epochs."""
     from splitinfer.models import embedded_model
 
     torch.manual_seed(0)
@@ -150,19 +180,11 @@ def policy_pair(args) -> dict:
         x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     example = embedded_model(args.policy_model).example()
     data = Data.of(net, x, y, x_val)
-    full_macs = total_macs(net, example)
-    torch.set_num_threads(1)
-    rows = [evaluate("fp32", net, Compressed(model=net, method="fp32", report={"macs_before": full_macs,
-                                                                            "macs_after": full_macs}),
-                     x_test, y_test, example, args.rounds)]
+    rows = [fp32_row(net, example, x_test, y_test, args.rounds)]
     for name, method in (("uniform", "lowrank"), ("auto", "auto")):
-        budget = args.mac_budget if name == "uniform" else 1 - rows[1]["mac_reduction"]
-        torch.set_num_threads(args.threads)
-        result = compress(net, example, method, data, Options(epochs=args.policy_epochs, budget=budget))
-        torch.set_num_threads(1)
-        rows.append(evaluate(name, net, result, x_test, y_test, example, args.rounds))
-        print(f"{args.policy_model} {name}: acc {rows[-1]['test_accuracy']:.4f} drop {rows[-1]['drop_points']:+.2f}, "
-              f"MACs -{100 * rows[-1]['mac_reduction']:.1f} % ({result.report['seconds']:.0f} s)", flush=True)
+        budget = args.mac_budget if name == "uniform" else mac_fraction(rows[1])
+        rows.append(run_variant(name, net, example, method, data, Options(epochs=args.policy_epochs, budget=budget),
+                                x_test, y_test, args, label=f"{args.policy_model} "))
     uniform, auto = rows[1], rows[2]
     summary = {"policy_model": args.policy_model, "policy_model_epochs": args.policy_epochs,
                "policy_model_fp32_accuracy": rows[0]["test_accuracy"],
@@ -223,7 +245,6 @@ def main(argv: list[str] | None = None) -> dict:
     example = torch.zeros(1, 1, 28, 28)
     torch.set_num_threads(args.threads)
     data = Data.of(net, x, y, x_val)
-    full_macs = total_macs(net, example)
     opts = Options(epochs=args.epochs)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "auto-85" in wanted and "uniform" in wanted and wanted.index("uniform") > wanted.index("auto-85"):
@@ -245,23 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
     # the second model's pair first: its figures are known early in this long run
     policy = None if args.policy_model == "none" else policy_pair(args)
     torch.manual_seed(0)  # the default model's variants start from the same seed with or without the pair
-    rows: list[dict] = []
-    fp32 = Compressed(model=net, method="fp32", report={"macs_before": full_macs, "macs_after": full_macs})
-    torch.set_num_threads(1)
-    rows.append(evaluate("fp32", net, fp32, x_test, y_test, example, args.rounds))
+    rows: list[dict] = [fp32_row(net, example, x_test, y_test, args.rounds)]
     for name in wanted:
         method, o = plan[name]
         uniform_row = next((r for r in rows if r["name"] == "uniform"), None)
         if name == "auto-85" and uniform_row is not None:
-            o = Options(epochs=args.epochs, budget=0.85 * (1 - uniform_row["mac_reduction"]))
-        torch.set_num_threads(args.threads)
-        result = compress(net, example, method, data, o)
-        torch.set_num_threads(1)
-        row = evaluate(name, net, result, x_test, y_test, example, args.rounds)
-        rows.append(row)
-        print(f"{name}: acc {row['test_accuracy']:.4f} drop {row['drop_points']:+.2f}, stored {row['stored_bytes']:,} "
-              f"B (x{row['storage_ratio']:.1f}), MACs -{100 * row['mac_reduction']:.0f} %, head "
-              f"x{row['head_latency']['speedup']:.2f} ({result.report['seconds']:.0f} s)", flush=True)
+            o = Options(epochs=args.epochs, budget=0.85 * mac_fraction(uniform_row))
+        rows.append(run_variant(name, net, example, method, data, o, x_test, y_test, args))
     torch.set_num_threads(1)
     r50 = None if args.skip_resnet50 else resnet50_lowrank(args.resnet_keep, max(3, args.rounds // 2))
     by = {r["name"]: r for r in rows}
