@@ -784,7 +784,9 @@ def run_model(name: str, args, bandwidths: list[float], rtts: list[float], workd
     trace = None
     try:
         edge_prof = Profile.from_dict(worker.call(cmd="profile", repeats=args.repeats)["profile"])
-        overhead = worker.call(cmd="overhead", n=30 if name == "default" else 8)["overhead_ms"]
+        # 30 requests for every model: with 8, four repeats in one throttled worker gave -0.2..2.95 ms (25 % share)
+        # and 2.9..7.6 ms (12.5 %) on mobilenet_v2_fmnist; with 30, 2.8..3.7 and 3.8..5.5 ms
+        overhead = worker.call(cmd="overhead", n=30)["overhead_ms"]
         edge_prof.request_overhead_ms = max(0.0, overhead)
         server_prof = first.server_profile or first.profile
         if limit.path is not None:  # the table must be planned for this (slower) edge
