@@ -56,12 +56,12 @@ def test_bench_split_pays_quick(tmp_path):
     for row in sens["by_share_and_size"].values():
         assert set(row) == {"32", "64", "96", "128"}
         assert all(0 <= v["cells_interior_gain_ge_1.15"] <= 2 and v["max_gain"] > 0 for v in row.values())
-    # the grid's column at the measured share is the per-size row (same planner, same scaling)
+    # the grid's row at the measured share is the per-size table (same planner, same scaling)
     measured = f"{sens['measured_share']:g}"
-    if measured in sens["by_share_and_size"]:
-        for side, v in sens["by_share_and_size"][measured].items():
-            assert v["max_gain"] == sens["by_input_size"][side]["max_gain"]
+    assert measured in sens["by_share_and_size"]  # the quick run's share (1) is one of the grid's
+    for side, v in sens["by_share_and_size"][measured].items():
+        assert v["max_gain"] == sens["by_input_size"][side]["max_gain"]
     bounds = sens["bounds_at_measured_share"]
-    # a free payload can only make the best interior configuration faster, never slower
-    assert bounds["free_codec"]["max_gain"] >= sens["by_input_size"]["64"]["max_gain"]
+    # against the same planner, a free payload can only make the best interior configuration faster
+    assert bounds["free_codec"]["max_gain"] >= sens["by_edge_cpu_share"][measured]["max_gain"]
     assert bounds["no_exits"]["max_gain"] > 0
